@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# TORCH picks the PyTorch build: the default is the CPU wheel this environment provides;
+# point it elsewhere for your own machine, e.g.
+#   make demo TORCH="torch --index-url https://download.pytorch.org/whl/cpu"
+#   make demo TORCH=skip        # keep the torch already in $(PYTHON)'s venv
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-fast bench clean
+
+$(VENV)/.base: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if [ "$(TORCH)" != "skip" ]; then $(PIP) install $(TORCH); fi
+	$(PIP) install -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) install -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.base
+	$(VENV)/bin/phaselens demo
+
+test: $(VENV)/.test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Skips the slow end-to-end runs (they still run in `make test` and CI).
+test-fast: $(VENV)/.test
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: $(VENV)/.base
+	$(PY) benchmarks/telemetry_overhead.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,62 @@
+"""phaselens: mechanistic interpretability across training time.
+
+    import phaselens as pl
+    run = pl.open_run("runs/demo")
+    run.metrics(probe="attention", metric="entropy")
+
+Heavy modules (torch, TransformerLens) load on first use of the names that need them, so
+`import phaselens` and the command line start fast.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "open_run": "phaselens.run",
+    "Run": "phaselens.run",
+    "Telemetry": "phaselens.probes.live",
+    "Probe": "phaselens.probes.base",
+    "Measurement": "phaselens.probes.base",
+    "ProbeInputs": "phaselens.probes.base",
+    "register_probe": "phaselens.probes.base",
+    "measure_cache": "phaselens.probes.measure",
+    "ModelConfig": "phaselens.models.config",
+    "build_model": "phaselens.models",
+    "RunConfig": "phaselens.training.config",
+    "load_config": "phaselens.training.config",
+    "train": "phaselens.training.trainer",
+    "detect_transitions": "phaselens.analysis.transitions",
+    "write_report": "phaselens.report",
+    "TaskBatch": "phaselens.tasks.batch",
+    "InductionTask": "phaselens.tasks.induction",
+    "attention_entropy": "phaselens.probes.attention",
+    "attention_coherence": "phaselens.probes.attention",
+    "attention_specialization": "phaselens.probes.attention",
+    "attention_head_variance": "phaselens.probes.attention",
+    "head_score": "phaselens.probes.heads",
+    "detection_patterns": "phaselens.probes.heads",
+    "PhaselensError": "phaselens.errors",
+    "ConfigError": "phaselens.errors",
+    "CheckpointError": "phaselens.errors",
+    "RunError": "phaselens.errors",
+    "TrainingDiverged": "phaselens.errors",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'phaselens' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,124 @@
+"""Change-point analysis: find the phase transitions in every metric series.
+
+A transition is a sustained move of a series from one level to another. For each series we
+smooth it (rolling median, then mean), take the step of steepest change, extend outwards
+while the series keeps moving the same way, and read the levels before and after. It is
+reported when
+
+* the change is large against the noise: |after − before| > 3σ and > 10σ/√w, with σ the
+  robust (MAD) spread of the raw values around the smooth curve and w the smoothing window;
+* it is a transition, not a drift: the 10%–90% window spans at most 40% of the series.
+
+Each side of a found transition is searched again, so a bump (up, then down) gives two.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+COLUMNS = ["probe", "metric", "layer", "head", "step", "start", "end", "before", "after", "strength"]
+MIN_POINTS = 12
+MAX_PER_SERIES = 4
+MAX_WINDOW_FRACTION = 0.4
+
+
+@dataclass(frozen=True)
+class Transition:
+    step: int  # steepest change
+    start: int  # 10% of the change reached
+    end: int  # 90% of the change reached
+    before: float
+    after: float
+    strength: float  # |after − before| in units of the point noise σ
+
+
+def smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Rolling median (robust to spikes) then rolling mean, centred."""
+    series = pd.Series(values)
+    med = series.rolling(window, center=True, min_periods=1).median()
+    return med.rolling(window, center=True, min_periods=1).mean().to_numpy()
+
+
+def find_transitions(steps: np.ndarray, values: np.ndarray) -> list[Transition]:
+    """Transitions of one series (steps ascending), earliest first."""
+    steps = np.asarray(steps)
+    values = np.asarray(values, dtype=float)
+    keep = np.isfinite(values)
+    steps, values = steps[keep], values[keep]
+    n = len(values)
+    if n < MIN_POINTS:
+        return []
+    window = max(3, (n // 40) | 1)
+    smoothed = smooth(values, window)
+    sigma = 1.4826 * float(np.median(np.abs(values - smoothed)))
+    scale = max(1e-12, 1e-9 * float(np.max(np.abs(values))))
+    threshold = max(3 * sigma, 10 * sigma / np.sqrt(window), scale)
+    span = float(steps[-1] - steps[0]) or 1.0
+    found: list[Transition] = []
+
+    def search(lo: int, hi: int) -> None:
+        if hi - lo < 2 * window + 2 or len(found) >= MAX_PER_SERIES:
+            return
+        seg = smoothed[lo:hi]
+        h = max(1, window // 2)
+        diff = seg[2 * h:] - seg[: -2 * h]
+        if len(diff) == 0:
+            return
+        k = int(np.argmax(np.abs(diff)))
+        if abs(diff[k]) <= scale:
+            return
+        center = lo + k + h
+        direction = np.sign(diff[k])
+        z = direction * smoothed  # rises through the transition
+        tol = max(2 * sigma / np.sqrt(window), 0.05 * abs(diff[k]))
+        a, low = center, z[center]
+        for i in range(center - 1, lo - 1, -1):
+            if z[i] > low + tol:
+                break
+            if z[i] < low:
+                a, low = i, z[i]
+        b, high = center, z[center]
+        for j in range(center + 1, hi):
+            if z[j] < high - tol:
+                break
+            if z[j] > high:
+                b, high = j, z[j]
+        half = max(1, window // 2)
+        before = float(np.median(values[max(lo, a - window): a + half + 1]))
+        after = float(np.median(values[b - half: min(hi, b + window + 1)]))
+        change = after - before
+        if abs(change) > threshold and np.sign(change) == direction:
+            progress = direction * (smoothed[a: b + 1] - before) / abs(change)
+            i10 = a + int(np.argmax(progress >= 0.1))
+            i90 = a + int(np.argmax(progress >= 0.9)) if (progress >= 0.9).any() else b
+            if (steps[i90] - steps[i10]) <= MAX_WINDOW_FRACTION * span:
+                found.append(Transition(int(steps[center]), int(steps[i10]), int(steps[i90]), before, after,
+                                        abs(change) / max(sigma, scale)))
+        search(lo, a)
+        search(b + 1, hi)
+
+    search(0, n)
+    return sorted(found, key=lambda t: t.step)
+
+
+def detect_transitions(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Transitions of every (probe, metric, layer, head) series in a metrics frame.
+
+    Where a series has values from several sources (live and checkpoint), the densest is used.
+    """
+    rows = []
+    if len(metrics):
+        keys = ["probe", "metric", "layer", "head"]
+        frame = metrics.copy()
+        frame[["layer", "head"]] = frame[["layer", "head"]].astype("float").fillna(-1).astype(int)
+        for (probe, metric, layer, head), group in frame.groupby(keys, sort=True):
+            source = group["source"].value_counts().idxmax()
+            series = group[group["source"] == source].sort_values("step")
+            for t in find_transitions(series["step"].to_numpy(), series["value"].to_numpy()):
+                rows.append({"probe": probe, "metric": metric, "layer": None if layer < 0 else layer,
+                             "head": None if head < 0 else head, **asdict(t)})
+    out = pd.DataFrame(rows, columns=COLUMNS)
+    return out.astype({"layer": "Int64", "head": "Int64"})

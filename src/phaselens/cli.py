@@ -1,0 +1,145 @@
+"""The `phaselens` command line: it parses, calls the library, prints.
+
+Heavy imports happen inside the commands, so `phaselens --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    help="phaselens: mechanistic interpretability across training time.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn):
+    """Print phaselens errors as one line (no traceback) and exit with status 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from phaselens.errors import PhaselensError
+
+        try:
+            return fn(*args, **kwargs)
+        except PhaselensError as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+@app.command()
+@_guard
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory (a previous run there is replaced)."),
+    layers: int = typer.Option(2, help="Layers; 2 forms an induction head, 1 is the control that cannot."),
+    seed: int = typer.Option(0, help="Seed for initialisation and data."),
+    steps: int = typer.Option(3000, help="Training steps."),
+):
+    """Train the reference induction model with live telemetry, then write the report."""
+    from phaselens.analysis.induction import summarize_induction
+    from phaselens.report import write_report
+    from phaselens.run import open_run
+    from phaselens.store.run_dir import RunDir
+    from phaselens.training.config import load_config
+    from phaselens.training.trainer import train
+
+    overrides = [f"model.n_layers={layers}", f"train.seed={seed}", f"train.steps={steps}", f"name=demo-{layers}layer-seed{seed}"]
+    config = load_config("induction", overrides)
+    if RunDir(out).exists():
+        typer.echo(f"replacing the previous run in {out}")
+        shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        _fail(f"{out} exists and is not a phaselens run; choose another --out")
+    typer.echo(f"training a {layers}-layer attention-only transformer on the induction task ({steps} steps, telemetry every step)")
+    result = train(config, out)
+    typer.echo(f"trained {result.steps_done} steps in {result.seconds:.0f} s")
+    report = write_report(out)
+    summary = summarize_induction(open_run(out))
+    typer.echo("")
+    typer.secho(f"report: {report}", bold=True)
+    typer.echo(summary.text())
+
+
+@app.command("train")
+@_guard
+def train_command(
+    preset: str = typer.Argument(..., help="Preset name (e.g. induction) or a YAML config file."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.steps=600 model.n_layers=1."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed or interrupted run from its last checkpoint."),
+):
+    """Train a preset or YAML config with live telemetry and checkpoints."""
+    from phaselens.training.config import load_config
+    from phaselens.training.trainer import train
+
+    config = load_config(preset, overrides or [])
+    out = out or Path("runs") / config.name
+    result = train(config, out, resume=resume)
+    if result.status == "finished":
+        typer.echo(f"finished {result.steps_done} steps in {result.seconds:.0f} s: {out}")
+    else:
+        typer.echo(f"stopped at step {result.steps_done}; continue with: phaselens train {preset} {' '.join(overrides or [])} --out {out} --resume")
+        raise typer.Exit(130)
+
+
+@app.command()
+@_guard
+def report(run: Path = typer.Argument(..., help="Run directory.")):
+    """Write figures and report.md (with detected transitions) into RUN/report."""
+    from phaselens.report import write_report
+
+    path = write_report(run)
+    typer.echo(f"report: {path}")
+
+
+class ExportFormat(str, Enum):
+    csv = "csv"
+    parquet = "parquet"
+    json = "json"
+
+
+@app.command()
+@_guard
+def export(
+    run: Path = typer.Argument(..., help="Run directory."),
+    format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv, parquet or json."),
+    out: Optional[Path] = typer.Option(None, help="Output file (default: RUN/metrics.<format>)."),
+):
+    """Export every metric row of a run as CSV, Parquet or JSON (records)."""
+    from phaselens.run import open_run
+
+    frame = open_run(run).metrics()
+    out = out or run / f"metrics.{format.value}"
+    if format is ExportFormat.csv:
+        frame.to_csv(out, index=False)
+    elif format is ExportFormat.json:
+        frame.to_json(out, orient="records", indent=1)
+    else:
+        try:
+            frame.to_parquet(out, index=False)
+        except ImportError:
+            _fail("parquet export needs pyarrow: pip install 'phaselens[parquet]'")
+    typer.echo(f"wrote {len(frame)} rows to {out}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,33 @@
+"""Probes: metric formulas, the probe classes built on them, and live telemetry."""
+
+from phaselens.probes.attention import (
+    AttentionProbe,
+    attention_coherence,
+    attention_entropy,
+    attention_head_variance,
+    attention_specialization,
+)
+from phaselens.probes.base import Measurement, Probe, ProbeInputs, make_probe, probe_names, register_probe
+from phaselens.probes.heads import HeadsProbe, detection_patterns, head_score
+from phaselens.probes.loss import LossProbe, token_losses
+from phaselens.probes.measure import measure_cache
+
+__all__ = [
+    "AttentionProbe",
+    "HeadsProbe",
+    "LossProbe",
+    "Measurement",
+    "Probe",
+    "ProbeInputs",
+    "attention_coherence",
+    "attention_entropy",
+    "attention_head_variance",
+    "attention_specialization",
+    "detection_patterns",
+    "head_score",
+    "make_probe",
+    "measure_cache",
+    "probe_names",
+    "register_probe",
+    "token_losses",
+]

@@ -1,0 +1,113 @@
+"""The probe interface: one class per probe, run live inside training and post-hoc on checkpoints.
+
+A probe names the hook points it reads and turns those activations (on a task batch) into
+`Measurement`s: a metric name and a tensor of shape (), (n_layers,) or (n_layers, n_heads).
+Reductions stay on the model's device; turning them into rows is the caller's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from phaselens.tasks.batch import TaskBatch
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One metric's values: shape () per model, (L,) per layer, (L, H) per layer and head."""
+
+    metric: str
+    value: torch.Tensor
+
+
+@dataclass
+class ProbeInputs:
+    """What a probe sees: the activations it asked for, and the batch they came from."""
+
+    acts: Mapping[str, torch.Tensor]  # hook name -> activation, rows of `batch` only
+    batch: TaskBatch
+    model: torch.nn.Module
+    logits: torch.Tensor | None = None  # (B, T, vocab), when the probe sets needs_logits
+    n_layers: int = 0
+    n_heads: int = 0
+
+    def stack(self, template: str) -> torch.Tensor:
+        """Stack one hook over layers: `stack("blocks.{}.attn.hook_pattern")` -> (L, ...)."""
+        return torch.stack([self.acts[template.format(layer)] for layer in range(self.n_layers)])
+
+
+class Probe:
+    """Base class. Subclass, set `name`, list `hook_names`, implement `compute`, then `@register_probe`."""
+
+    name: ClassVar[str] = ""
+    needs_logits: ClassVar[bool] = False
+    options: dict[str, Any]
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def hook_names(self, n_layers: int) -> list[str]:
+        """The hook points whose activations `compute` reads."""
+        return []
+
+    def compute(self, inputs: ProbeInputs) -> list[Measurement]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options})" if self.options else f"{type(self).__name__}()"
+
+
+_REGISTRY: dict[str, type[Probe]] = {}
+
+
+def register_probe(cls: type[Probe]) -> type[Probe]:
+    """Class decorator: make a probe available by its `name` (to the trainer, CLI and config)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def probe_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make_probe(name: str | Probe, **options: Any) -> Probe:
+    """A probe instance from its registered name (or pass an instance through)."""
+    if isinstance(name, Probe):
+        return name
+    if name not in _REGISTRY:
+        from phaselens.errors import ConfigError
+
+        raise ConfigError(f"unknown probe {name!r}; registered probes: {', '.join(probe_names())}")
+    return _REGISTRY[name](**options)
+
+
+@dataclass
+class Layout:
+    """How a probe's flattened measurements map back to (probe, metric, layer, head) rows."""
+
+    keys: list[tuple[str, str, int | None, int | None]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, probe: str, measurements: list[Measurement]) -> "Layout":
+        keys = []
+        for m in measurements:
+            v = m.value
+            if v.dim() == 0:
+                keys.append((probe, m.metric, None, None))
+            elif v.dim() == 1:
+                keys += [(probe, m.metric, layer, None) for layer in range(v.shape[0])]
+            elif v.dim() == 2:
+                keys += [(probe, m.metric, layer, head) for layer in range(v.shape[0]) for head in range(v.shape[1])]
+            else:
+                raise ValueError(f"probe {probe!r} metric {m.metric!r}: value of shape {tuple(v.shape)}; use (), (L,) or (L, H)")
+        return cls(keys)
+
+
+def flatten(measurements: list[Measurement]) -> torch.Tensor:
+    """All values of a probe's measurements as one float32 vector (stays on device)."""
+    return torch.cat([m.value.detach().reshape(-1).float() for m in measurements])

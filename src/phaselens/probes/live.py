@@ -1,0 +1,228 @@
+"""Live telemetry: run probes on the activations of the training forward itself.
+
+Hooks keep references to the activations the probes need (no copies: autograd keeps them
+alive anyway), probes reduce them on the device right after the forward, and the small
+result vectors queue up on the device. Only `flush()` moves them to the CPU, in one
+transfer per layout, and hands rows to the sink, so no step waits on the device or the disk.
+
+    telemetry = pl.Telemetry(model, probes=["attention", "heads"], store="metrics.sqlite")
+    for step, batch in enumerate(loader):
+        with telemetry.step(step, batch):
+            loss = loss_fn(model(batch.tokens), batch)
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+    telemetry.close()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from phaselens.probes.base import Layout, Measurement, Probe, ProbeInputs, flatten, make_probe
+from phaselens.tasks.batch import TaskBatch
+
+
+class MemorySink:
+    """Keeps rows in memory; `Telemetry.dataframe()` reads them."""
+
+    def __init__(self):
+        self.rows: list[tuple] = []
+
+    def write(self, rows: Sequence[tuple]) -> None:
+        self.rows.extend(rows)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def model_shape(model: torch.nn.Module) -> tuple[int, int]:
+    """(n_layers, n_heads) of a TransformerLens-style model."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and hasattr(cfg, "n_layers"):
+        return int(cfg.n_layers), int(cfg.n_heads)
+    names = getattr(model, "hook_dict", {})
+    n_layers = len({n.split(".")[1] for n in names if n.startswith("blocks.") and n.endswith("attn.hook_pattern")})
+    return n_layers, 0
+
+
+def run_probes(probes: Sequence[Probe], inputs: ProbeInputs) -> list[tuple[str, list[Measurement]]]:
+    """Every probe's measurements on the same inputs (under no_grad)."""
+    with torch.no_grad():
+        return [(probe.name, probe.compute(inputs)) for probe in probes]
+
+
+class _HookRemover:
+    """Removes a permanent hook from a HookPoint, including its TransformerLens bookkeeping."""
+
+    def __init__(self, point: Any, lens: Any):
+        self.point, self.lens = point, lens
+
+    def remove(self) -> None:
+        self.lens.hook.remove()
+        if self.lens in self.point.fwd_hooks:
+            self.point.fwd_hooks.remove(self.lens)
+
+
+class Telemetry:
+    """Live probes for any TransformerLens-hooked model, one `with telemetry.step(...)` per step.
+
+    Args:
+        model: a `HookedRootModule` (phaselens models, TransformerLens models and bridges).
+        probes: probe names or instances (default: attention, heads, loss).
+        store: a metrics.sqlite path to write to (in a background thread); None keeps rows in memory.
+        every: measure every `every` steps; other steps cost nothing.
+        flush_every: move values to the CPU and the store every this many measured steps.
+        source: the `source` column of the rows.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        probes: Sequence[str | Probe] = ("attention", "heads", "loss"),
+        store: str | Path | Any | None = None,
+        every: int = 1,
+        flush_every: int = 100,
+        source: str = "live",
+    ):
+        import phaselens.probes  # noqa: F401  (registers the built-in probes)
+
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.model = model
+        self.probes = [make_probe(p) for p in probes]
+        self.every, self.flush_every, self.source = every, flush_every, source
+        self.n_layers, self.n_heads = model_shape(model)
+        if store is None:
+            self.sink: Any = MemorySink()
+        elif isinstance(store, (str, Path)):
+            from phaselens.store.metrics import MetricsWriter
+
+            self.sink = MetricsWriter(store)
+        else:
+            self.sink = store
+        self._active = False
+        self._acts: dict[str, torch.Tensor] = {}
+        self._logits: torch.Tensor | None = None
+        self._layouts: dict[tuple, Layout] = {}
+        self._pending: list[tuple[int, tuple, torch.Tensor]] = []
+        self._handles: list[Any] = []
+        self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        names = sorted({n for p in self.probes for n in p.hook_names(self.n_layers)})
+        hook_dict = self.model.hook_dict
+        missing = [n for n in names if n not in hook_dict]
+        if missing:
+            raise ValueError(f"the model has no hook point(s) {missing}; probes need them")
+
+        def keep(tensor: torch.Tensor, hook: Any) -> None:
+            if self._active:
+                self._acts[hook.name] = tensor
+
+        for name in names:
+            point = hook_dict[name]
+            lens = point.add_hook(keep, is_permanent=True)
+            self._handles.append(_HookRemover(point, lens))
+        if any(p.needs_logits for p in self.probes):
+
+            def keep_output(module: Any, args: Any, output: Any) -> None:
+                if self._active and isinstance(output, torch.Tensor):
+                    self._logits = output
+
+            self._handles.append(self.model.register_forward_hook(keep_output))
+
+    def is_due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    @contextlib.contextmanager
+    def step(self, step: int, batch: TaskBatch | torch.Tensor, rows: slice | None = None) -> Iterator[None]:
+        """Measure the forward pass run inside this block.
+
+        Args:
+            step: the step number the values are logged under.
+            batch: the batch (or just its tokens) whose forward runs in the block.
+            rows: the rows of the forward that belong to `batch`, when the forward runs on more
+                (the trainer appends the fixed probe batch to the training batch).
+        """
+        if not self.is_due(step):
+            yield
+            return
+        self._active, self._logits = True, None
+        self._acts.clear()
+        try:
+            yield
+        finally:
+            self._active = False
+        self._record(step, batch, rows)
+
+    def _record(self, step: int, batch: TaskBatch | torch.Tensor, rows: slice | None) -> None:
+        if isinstance(batch, torch.Tensor):
+            T = batch.shape[1]
+            batch = TaskBatch(tokens=batch, loss_mask=torch.ones(batch.shape[0], T - 1, dtype=torch.bool, device=batch.device))
+        index = rows if rows is not None else slice(None)
+        acts = {name: act[index].detach() for name, act in self._acts.items()}
+        logits = self._logits[index].detach() if self._logits is not None else None
+        inputs = ProbeInputs(acts=acts, batch=batch, model=self.model, logits=logits, n_layers=self.n_layers, n_heads=self.n_heads)
+        for name, measurements in run_probes(self.probes, inputs):
+            self.log(step, name, measurements)
+        self._acts.clear()
+        self._logits = None
+        if len(self._pending) >= self.flush_every * max(1, len(self.probes)):
+            self.flush()
+
+    def log(self, step: int, probe: str, measurements: list[Measurement]) -> None:
+        """Queue values computed elsewhere (the training loss, say) under `probe` at `step`."""
+        key = (probe,) + tuple((m.metric, tuple(m.value.shape)) for m in measurements)
+        if key not in self._layouts:
+            self._layouts[key] = Layout.of(probe, measurements)
+        self._pending.append((step, key, flatten(measurements)))
+
+    def flush(self) -> None:
+        """Move queued values to the CPU (one transfer per layout) and hand the rows to the sink."""
+        if not self._pending:
+            return
+        by_layout: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        for step, key, values in self._pending:
+            by_layout.setdefault(key, []).append((step, values))
+        self._pending = []
+        rows = []
+        for key, entries in by_layout.items():
+            keys = self._layouts[key].keys
+            values = torch.stack([v for _, v in entries]).cpu().tolist()  # (n_steps, n_values)
+            for (step, _), vector in zip(entries, values):
+                rows += [(step, probe, metric, layer, head, value, self.source)
+                         for (probe, metric, layer, head), value in zip(keys, vector)]
+        self.sink.write(rows)
+
+    def close(self) -> None:
+        """Flush, wait for the writes, and remove the hooks."""
+        self.flush()
+        if hasattr(self.sink, "close"):
+            self.sink.close()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def dataframe(self):
+        """Rows recorded in memory (when no store was given) as a DataFrame."""
+        import pandas as pd
+
+        from phaselens.store.metrics import COLUMNS
+
+        self.flush()
+        if not isinstance(self.sink, MemorySink):
+            raise RuntimeError("this Telemetry writes to a store; read it with pl.open_run(...).metrics()")
+        frame = pd.DataFrame(self.sink.rows, columns=COLUMNS)
+        return frame.astype({"layer": "Int64", "head": "Int64"})
+
+    def __enter__(self) -> "Telemetry":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

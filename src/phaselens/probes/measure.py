@@ -1,0 +1,62 @@
+"""The function API: probe values from an `ActivationCache` (or any dict of activations)."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from phaselens.probes.base import Layout, Probe, ProbeInputs, make_probe
+from phaselens.probes.live import model_shape, run_probes
+from phaselens.tasks.batch import TaskBatch
+
+
+def as_batch(batch: TaskBatch | torch.Tensor) -> TaskBatch:
+    """A `TaskBatch` from tokens alone (every position counts, no copy mask)."""
+    if isinstance(batch, TaskBatch):
+        return batch
+    B, T = batch.shape
+    return TaskBatch(tokens=batch, loss_mask=torch.ones(B, T - 1, dtype=torch.bool, device=batch.device))
+
+
+def measure_cache(
+    cache: Mapping[str, torch.Tensor],
+    batch: TaskBatch | torch.Tensor,
+    probes: Sequence[str | Probe] = ("attention", "heads"),
+    model: torch.nn.Module | None = None,
+    logits: torch.Tensor | None = None,
+    step: int = 0,
+    source: str = "cache",
+):
+    """Probe values from cached activations as a DataFrame (step, probe, metric, layer, head, value, source).
+
+    Args:
+        cache: an `ActivationCache` from `model.run_with_cache(tokens)`, or a dict hook name -> tensor.
+        batch: the tokens the cache was computed on (or a `TaskBatch` with task masks).
+        probes: probe names or instances; each must find its hook points in `cache`.
+        model: the model (needed for `n_layers` when the cache cannot tell, and by some probes).
+        logits: the model output, for probes that read logits (`loss`).
+    """
+    import pandas as pd
+
+    from phaselens.store.metrics import COLUMNS
+
+    probes = [make_probe(p) for p in probes]
+    if model is not None:
+        n_layers, n_heads = model_shape(model)
+    else:
+        n_layers = len({k.split(".")[1] for k in cache.keys() if k.startswith("blocks.") and k.endswith("hook_pattern")})
+        n_heads = 0
+    for probe in probes:
+        missing = [n for n in probe.hook_names(n_layers) if n not in cache]
+        if missing:
+            raise KeyError(f"probe {probe.name!r} needs {missing} in the cache; run_with_cache with those names")
+        if probe.needs_logits and logits is None:
+            raise ValueError(f"probe {probe.name!r} reads logits: pass logits=model output")
+    inputs = ProbeInputs(acts=cache, batch=as_batch(batch), model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
+    rows = []
+    for name, measurements in run_probes(probes, inputs):
+        values = torch.cat([m.value.detach().reshape(-1).float().cpu() for m in measurements]).tolist()
+        for (probe, metric, layer, head), value in zip(Layout.of(name, measurements).keys, values):
+            rows.append((step, probe, metric, layer, head, value, source))
+    return pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64", "head": "Int64"})

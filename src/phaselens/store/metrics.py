@@ -1,0 +1,154 @@
+"""metrics.sqlite: one row per value (step, probe, metric, layer, head, value, source).
+
+WAL mode lets a dashboard read while training writes. The store never imports torch: rows
+arrive as plain Python tuples. `MetricsWriter` moves the writes off the training thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+
+COLUMNS = ["step", "probe", "metric", "layer", "head", "value", "source"]
+Row = tuple  # (step, probe, metric, layer | None, head | None, value, source)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS metrics (
+    step   INTEGER NOT NULL,
+    probe  TEXT    NOT NULL,
+    metric TEXT    NOT NULL,
+    layer  INTEGER,
+    head   INTEGER,
+    value  REAL,
+    source TEXT    NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS metrics_key
+    ON metrics (probe, metric, source, step, ifnull(layer, -1), ifnull(head, -1));
+CREATE TABLE IF NOT EXISTS failures (
+    step   INTEGER NOT NULL,
+    probe  TEXT    NOT NULL,
+    reason TEXT    NOT NULL,
+    PRIMARY KEY (step, probe)
+);
+"""
+
+
+def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
+    """Open metrics.sqlite in WAL mode (readers never block the writer)."""
+    if readonly:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    else:
+        conn = sqlite3.connect(str(path), timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+    return conn
+
+
+class MetricsStore:
+    """Read and write access to one run's metrics.sqlite."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._conn = connect(self.path)
+
+    def write(self, rows: Iterable[Row]) -> None:
+        """Insert rows; a row with the same (probe, metric, source, step, layer, head) is replaced."""
+        with self._conn:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO metrics (step, probe, metric, layer, head, value, source) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+    def delete_from_step(self, step: int, source: str = "live") -> int:
+        """Drop rows at or after `step` (a resumed run rewrites them); returns how many went."""
+        with self._conn:
+            return self._conn.execute("DELETE FROM metrics WHERE step >= ? AND source = ?", (step, source)).rowcount
+
+    def read(
+        self,
+        probe: str | None = None,
+        metric: str | None = None,
+        source: str | None = None,
+        layer: int | None = None,
+        head: int | None = None,
+    ) -> pd.DataFrame:
+        """Rows matching every filter given, ordered by probe, metric, step, layer, head."""
+        where, args = [], []
+        for column, value in (("probe", probe), ("metric", metric), ("source", source), ("layer", layer), ("head", head)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = f"SELECT {', '.join(COLUMNS)} FROM metrics"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY probe, metric, source, step, layer, head"
+        frame = pd.read_sql_query(sql, self._conn, params=args)
+        for column in ("layer", "head"):
+            frame[column] = frame[column].astype("Int64")
+        return frame
+
+    def stored_pairs(self, source: str) -> set[tuple[int, str]]:
+        """The (step, probe) pairs that already have rows from `source` (to skip on resume)."""
+        cur = self._conn.execute("SELECT DISTINCT step, probe FROM metrics WHERE source = ?", (source,))
+        return {(int(s), p) for s, p in cur.fetchall()}
+
+    def record_failure(self, step: int, probe: str, reason: str) -> None:
+        with self._conn:
+            self._conn.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?)", (step, probe, reason))
+
+    def failures(self) -> pd.DataFrame:
+        return pd.read_sql_query("SELECT step, probe, reason FROM failures ORDER BY step, probe", self._conn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+class MetricsWriter:
+    """Writes rows to metrics.sqlite from a background thread, so training never waits on disk."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self._queue: queue.Queue[Sequence[Row] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        MetricsStore(self.path).close()  # create the schema before training starts
+        self._thread = threading.Thread(target=self._run, name="phaselens-metrics-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        store = MetricsStore(self.path)
+        try:
+            while True:
+                rows = self._queue.get()
+                try:
+                    if rows is None:
+                        return
+                    if self._error is None:
+                        store.write(rows)
+                except BaseException as exc:  # surfaced to the training thread on flush()
+                    self._error = exc
+                finally:
+                    self._queue.task_done()
+        finally:
+            store.close()
+
+    def write(self, rows: Sequence[Row]) -> None:
+        if rows:
+            self._queue.put(list(rows))
+
+    def flush(self) -> None:
+        """Block until every queued row is on disk; re-raise a write error from the thread."""
+        self._queue.join()
+        if self._error is not None:
+            raise RuntimeError(f"writing {self.path} failed: {self._error}") from self._error
+
+    def close(self) -> None:
+        self.flush()
+        self._queue.put(None)
+        self._thread.join()

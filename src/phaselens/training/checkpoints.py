@@ -1,0 +1,138 @@
+"""Checkpoints in safetensors, written atomically, with everything an exact resume needs.
+
+    step_00001000/model.safetensors     model weights
+    step_00001000/trainer.safetensors   optimizer tensors and RNG states (as uint8)
+    step_00001000/trainer.json          step, optimizer param groups, non-tensor state
+
+A checkpoint is written into a temporary sibling directory and renamed into place, so a
+reader never sees half of one. Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from phaselens.errors import CheckpointError
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    rng: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint directory atomically (temp dir + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    info: dict[str, Any] = dict(meta or {})
+    if optimizer is not None:
+        state = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, entry in state["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
+                else:
+                    scalars.setdefault(str(index), {})[key] = value
+        info["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars}
+    for name, value in (rng or {}).items():
+        tensors[f"rng.{name}"] = value.contiguous().cpu()
+    save_file(tensors, str(tmp / "trainer.safetensors"))
+    (tmp / "trainer.json").write_text(json.dumps(info, indent=2))
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    if path.exists():  # re-saving a step (a run resumed from it): move the old one aside first
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{file} is corrupt or truncated ({exc}); delete it or resume from an earlier step") from exc
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load `path/model.safetensors` into `model`, refusing missing, unexpected or mis-shaped tensors."""
+    file = Path(path) / "model.safetensors"
+    weights = _load_tensors(file)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    shapes = [
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        problems = []
+        if missing:
+            problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        if shapes:
+            problems.append("shape mismatch " + "; ".join(shapes[:5]))
+        raise CheckpointError(f"{file} does not match the model: " + ", ".join(problems))
+    model.load_state_dict(weights)
+
+
+def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Restore the optimizer from a checkpoint; returns (trainer.json contents, RNG states)."""
+    path = Path(path)
+    tensors = _load_tensors(path / "trainer.safetensors")
+    try:
+        info = json.loads((path / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / 'trainer.json'} is missing or corrupt ({exc})") from exc
+    saved = info.get("optimizer")
+    if saved is None:
+        raise CheckpointError(f"{path} has no optimizer state; it cannot be resumed from")
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, entries in saved["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    groups = saved["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: optimizer state does not match the model ({exc})") from exc
+    rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
+    return info, rng

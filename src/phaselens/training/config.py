@@ -1,0 +1,254 @@
+"""Run configuration: typed dataclasses, loaded from a preset or YAML file plus dotted overrides.
+
+Everything is checked before training starts: unknown keys, wrong types and impossible shapes
+raise `ConfigError` naming the key (and the file it came from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from phaselens.errors import ConfigError
+from phaselens.models.config import ModelConfig
+
+TASKS = ("induction",)
+SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class DataConfig:
+    """The task; sequences fill the model's context (`model.n_ctx`) over its vocabulary."""
+
+    task: str = "induction"
+    variant: str = "variable_offset"  # or "half_repeat" (solvable by a positional shortcut)
+    min_len: int = 8
+    max_len: int = 24
+    probe_size: int = 16  # fixed probe batch, measured at every telemetry step and checkpoint
+    eval_size: int = 128  # fixed held-out batch for the periodic eval loss
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    schedule: str = "constant"  # or "cosine": linear warmup then cosine decay to min_lr_ratio·lr
+    warmup: int = 0
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    seed: int = 0
+    checkpoint_every: int = 100
+    eval_every: int = 100
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+
+
+@dataclass
+class TelemetryConfig:
+    every: int = 1
+    probes: list[str] = field(default_factory=lambda: ["attention", "heads", "loss"])
+    flush_every: int = 100
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Refuse impossible settings before anything is built; messages name the key."""
+        self.model.validate()
+        t, d, tel = self.train, self.data, self.telemetry
+        positive = {
+            "train.steps": t.steps, "train.batch_size": t.batch_size, "train.checkpoint_every": t.checkpoint_every,
+            "train.eval_every": t.eval_every, "data.probe_size": d.probe_size, "data.eval_size": d.eval_size,
+            "telemetry.every": tel.every, "telemetry.flush_every": tel.flush_every,
+        }
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if not t.lr > 0:
+            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+        for key in ("weight_decay", "grad_clip", "warmup"):
+            if getattr(t, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+        if t.schedule not in SCHEDULES:
+            raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
+        if not 0 <= t.min_lr_ratio <= 1:
+            raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
+        if not (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps"):
+            raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
+        if d.task not in TASKS:
+            raise ConfigError(f"data.task must be one of {TASKS}, got {d.task!r}")
+        self.build_task().validate()
+        import phaselens.probes  # noqa: F401  (registers the built-in probes)
+        from phaselens.probes.base import probe_names
+
+        unknown = [p for p in tel.probes if p not in probe_names()]
+        if unknown:
+            raise ConfigError(f"telemetry.probes: unknown probe(s) {unknown}; registered: {probe_names()}")
+
+    def build_task(self):
+        """The task object for `data` (its sequences fill the model's context)."""
+        from phaselens.tasks.induction import InductionTask
+
+        d = self.data
+        return InductionTask(seq_len=self.model.n_ctx, vocab=self.model.d_vocab, min_len=d.min_len, max_len=d.max_len, variant=d.variant)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("phaselens.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_config(source: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """A validated `RunConfig` from a preset name or YAML path plus `key=value` overrides."""
+    path = Path(source)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        origin = str(path)
+        text = path.read_text()
+    elif str(source) in preset_names():
+        origin = f"preset {source!r}"
+        text = resources.files("phaselens.presets").joinpath(f"{source}.yaml").read_text()
+    else:
+        raise ConfigError(f"{source!r} is neither a preset ({', '.join(preset_names())}) nor a YAML file")
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem if origin == str(path) else str(source))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        set_dotted(raw, key, value)
+    config = from_dict(RunConfig, raw, origin=origin)
+    config.validate()
+    return config
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.lr=3e-4` -> ("train.lr", "3e-4"); values are typed later against the dataclass field."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=600)")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key, parsed
+
+
+def set_dotted(raw: dict, key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(cls: type, raw: Any, origin: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, refusing unknown keys and wrong types by name."""
+    where = prefix.rstrip(".") or "the top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: {where} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        keys = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"{origin}: unknown config key(s) {keys}; valid keys under {where}: {', '.join(sorted(names))}")
+    values = {}
+    for name, value in raw.items():
+        key = prefix + name
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = from_dict(kind, value, origin, key + ".")
+        else:
+            values[name] = coerce(value, kind, key, origin)
+    return cls(**values)
+
+
+def coerce(value: Any, kind: Any, key: str, origin: str) -> Any:
+    """Check (and gently convert: 1e-3 written as a string, 3 for 3.0) one value against its type."""
+    def fail() -> ConfigError:
+        return ConfigError(f"{origin}: {key} must be {type_name(kind)}, got {value!r} ({type(value).__name__})")
+
+    origin_kind = typing.get_origin(kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise fail()
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise fail()
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise fail() from None
+        raise fail()
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise fail()
+    if origin_kind is list:
+        (item_kind,) = typing.get_args(kind)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise fail()
+        return [coerce(v, item_kind, f"{key}[{i}]", origin) for i, v in enumerate(value)]
+    if origin_kind in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(kind):
+            return None
+        for option in typing.get_args(kind):
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, key, origin)
+            except ConfigError:
+                pass
+        raise fail()
+    return value
+
+
+def type_name(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        return f"a list of {type_name(typing.get_args(kind)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(kind, str(kind))

@@ -1,0 +1,334 @@
+"""The training loop with live telemetry, periodic eval, checkpoints and exact resume.
+
+Step numbers count optimizer updates: everything logged at step s (telemetry, eval) is
+measured on the weights after s updates, which is also what checkpoint `step_s` holds, so
+live values and post-hoc values on a checkpoint describe the same model.
+
+On telemetry steps the fixed probe batch rides along in the training forward as extra rows
+that the loss ignores: the probes read the activations of that one forward, and rows never
+interact in a transformer, so training is unchanged and no second forward is needed.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from phaselens.errors import CheckpointError, RunError, TrainingDiverged
+from phaselens.models import build_model
+from phaselens.probes.base import Measurement
+from phaselens.probes.live import Telemetry
+from phaselens.store.metrics import MetricsStore, MetricsWriter
+from phaselens.store.run_dir import RunDir
+from phaselens.tasks.batch import TaskBatch
+from phaselens.training.checkpoints import load_trainer_state, load_weights, save_checkpoint
+from phaselens.training.config import RunConfig
+
+PROBE_SEED_OFFSET = 1_000_003  # probe and eval batches use their own seeded streams
+EVAL_SEED_OFFSET = 2_000_003
+NAN_CHECK_EVERY = 50
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"train.device={name!r} but CUDA is not available; use train.device=auto or cpu")
+    return device
+
+
+def learning_rate(config: RunConfig, step: int) -> float:
+    """Learning rate at `step` (a pure function of the step, so resume needs no scheduler state)."""
+    t = config.train
+    if t.warmup and step < t.warmup:
+        return t.lr * (step + 1) / t.warmup
+    if t.schedule == "constant":
+        return t.lr
+    progress = min(1.0, (step - t.warmup) / max(1, t.steps - t.warmup))
+    floor = t.lr * t.min_lr_ratio
+    return floor + (t.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def task_loss(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """Mean next-token cross-entropy over the batch's loss mask: logits (B, T, V) -> ()."""
+    B, T, V = logits.shape
+    losses = F.cross_entropy(logits[:, :-1].reshape(-1, V), batch.tokens[:, 1:].reshape(-1), reduction="none")
+    mask = batch.loss_mask.reshape(-1).to(losses.dtype)
+    return (losses * mask).sum() / mask.sum()
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("phaselens", "torch", "transformer-lens", "safetensors"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "unknown"
+    return found
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps_done: int
+    status: str
+    seconds: float
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C into a request to checkpoint and stop at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.requested:  # a second Ctrl-C stops at once
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            self.requested = True
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class Trainer:
+    """Trains one run into `out`; `resume=True` continues from its last good checkpoint."""
+
+    def __init__(self, config: RunConfig, out: Path | str, resume: bool = False, progress: bool = True):
+        config.validate()
+        self.config = config
+        self.run = RunDir(out)
+        self.resume = resume
+        self.progress = progress
+        self.device = pick_device(config.train.device)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _prepare_directory(self) -> None:
+        run = self.run
+        if self.resume:
+            if not run.exists():
+                raise RunError(f"cannot resume: {run.path} has no run.json")
+            saved = run.read()["config"]
+            if saved != self.config.to_dict():
+                changed = sorted(k for k in set(saved) | set(self.config.to_dict()) if saved.get(k) != self.config.to_dict().get(k))
+                raise RunError(f"cannot resume {run.path}: its config differs in {changed}; resume with the same config")
+            return
+        if run.exists() or run.checkpoints.exists():
+            raise RunError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
+        run.path.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        run.write({
+            "name": cfg.name,
+            "status": "running",
+            "config": cfg.to_dict(),
+            "model": {"kind": "transformer", **cfg.to_dict()["model"]},
+            "task": {"name": cfg.data.task, **cfg.to_dict()["data"], "seq_len": cfg.model.n_ctx, "vocab": cfg.model.d_vocab},
+            "versions": versions(),
+            "device": str(self.device),
+            "steps_done": 0,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        })
+
+    def _build(self) -> None:
+        cfg = self.config
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.task = cfg.build_task()
+        self.data_rng = torch.Generator().manual_seed(cfg.train.seed)
+        if self.run.probe_batch.is_file():
+            probe = TaskBatch.load(self.run.probe_batch)
+        else:
+            probe = self.task.sample(cfg.data.probe_size, torch.Generator().manual_seed(cfg.train.seed + PROBE_SEED_OFFSET))
+            probe.save(self.run.probe_batch)
+        self.probe_batch = probe.to(self.device)
+        eval_rng = torch.Generator().manual_seed(cfg.train.seed + EVAL_SEED_OFFSET)
+        self.eval_batch = self.task.sample(cfg.data.eval_size, eval_rng).to(self.device)
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.beta1, t.beta2),
+        )
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"torch": torch.get_rng_state(), "data": self.data_rng.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _save(self, step: int) -> None:
+        save_checkpoint(self.run.checkpoint(step), self.model, self.optimizer, self._rng_state(), {"step": step})
+
+    def _restore(self) -> int:
+        """Load the newest checkpoint that reads cleanly; returns its step."""
+        steps = self.run.checkpoint_steps()
+        errors = []
+        for step in reversed(steps):
+            path = self.run.checkpoint(step)
+            try:
+                load_weights(self.model, path)
+                info, rng = load_trainer_state(path, self.optimizer)
+            except CheckpointError as exc:
+                errors.append(str(exc))
+                continue
+            torch.set_rng_state(rng["torch"])
+            self.data_rng.set_state(rng["data"])
+            if "cuda" in rng and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+            for line in errors:
+                print(f"skipped a bad checkpoint: {line}")
+            return int(info["step"])
+        raise RunError(f"cannot resume {self.run.path}: no readable checkpoint" + (f" ({'; '.join(errors)})" if errors else ""))
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> TrainResult:
+        started = time.time()
+        self._prepare_directory()
+        self._build()
+        start = 0
+        if self.resume:
+            start = self._restore()
+            store = MetricsStore(self.run.metrics_db)
+            store.delete_from_step(start, source="live")  # rows after the checkpoint are rewritten below
+            store.close()
+            self.run.update(status="running", stop_reason=None)
+        else:
+            self._save(0)
+        cfg = self.config
+        writer = MetricsWriter(self.run.metrics_db)
+        telemetry = Telemetry(self.model, cfg.telemetry.probes, store=writer, every=cfg.telemetry.every,
+                              flush_every=cfg.telemetry.flush_every)
+        stop = _StopFlag()
+        step = start
+        status, reason = "failed", None
+        try:
+            with stop.installed(), self._progress_bar(start) as advance:
+                recent: list[tuple[int, torch.Tensor]] = []
+                for step in range(start, cfg.train.steps):
+                    self._train_step(step, telemetry, recent)
+                    done = step + 1
+                    if len(recent) >= NAN_CHECK_EVERY or done % cfg.train.checkpoint_every == 0 or stop.requested:
+                        advance(done, self._check_finite(recent))
+                        recent = []
+                    if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
+                        self._save(done)
+                        self.run.update(steps_done=done)
+                    if stop.requested:
+                        step = done
+                        reason = f"interrupted at step {done}; continue with --resume"
+                        break
+                else:
+                    step = cfg.train.steps
+                    self._measure_final(step, telemetry)
+                    status = "finished"
+                advance(step, None)
+        except TrainingDiverged as exc:
+            reason = str(exc)
+            raise
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            raise
+        finally:
+            telemetry.close()
+            self.run.update(status=status, stop_reason=reason, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        return TrainResult(self.run.path, step, status, time.time() - started)
+
+    def _train_step(self, step: int, telemetry: Telemetry, recent: list) -> None:
+        cfg = self.config
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        if step % cfg.train.eval_every == 0:
+            self._evaluate(step, telemetry)
+        batch = self.task.sample(cfg.train.batch_size, self.data_rng).to(self.device)
+        n = len(batch)
+        measured = telemetry.is_due(step)
+        tokens = torch.cat([batch.tokens, self.probe_batch.tokens]) if measured else batch.tokens
+        with telemetry.step(step, self.probe_batch, rows=slice(n, None)):
+            logits = self.model(tokens)  # (B [+ probe rows], T, V)
+        loss = task_loss(logits[:n], batch)
+        if measured:
+            telemetry.log(step, "loss", [Measurement("train", loss.detach())])
+        recent.append((step, loss.detach()))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
+        self.optimizer.step()
+
+    @torch.no_grad()
+    def _evaluate(self, step: int, telemetry: Telemetry) -> None:
+        loss = task_loss(self.model(self.eval_batch.tokens), self.eval_batch)
+        telemetry.log(step, "loss", [Measurement("eval", loss)])
+
+    @torch.no_grad()
+    def _measure_final(self, step: int, telemetry: Telemetry) -> None:
+        """The last update has no forward after it: measure the final weights once more."""
+        self._evaluate(step, telemetry)
+        if telemetry.is_due(step):
+            with telemetry.step(step, self.probe_batch):
+                self.model(self.probe_batch.tokens)
+
+    def _check_finite(self, recent: list[tuple[int, torch.Tensor]]) -> float | None:
+        """One device sync per NAN_CHECK_EVERY steps: raise on NaN/inf, else the mean loss."""
+        if not recent:
+            return None
+        losses = torch.stack([loss for _, loss in recent]).float().cpu()
+        finite = torch.isfinite(losses)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            step, value = recent[first][0], float(losses[first])
+            good = [s for s in self.run.checkpoint_steps() if s <= step]
+            raise TrainingDiverged(
+                f"training loss became {value} at step {step} ({self.run.path}); lower train.lr "
+                f"(now {self.config.train.lr}) or set train.grad_clip; last good checkpoint: step {good[-1] if good else 'none'}"
+            )
+        return float(losses.mean())
+
+    @contextmanager
+    def _progress_bar(self, start: int):
+        total = self.config.train.steps
+        if not self.progress:
+            yield lambda done, loss: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = [TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(self.config.name, total=total, completed=start, loss="…")
+
+            def advance(done: int, loss: float | None) -> None:
+                fields = {"loss": f"{loss:.3f}"} if loss is not None else {}
+                bar.update(task, completed=done, **fields)
+
+            yield advance
+
+
+def train(config: RunConfig, out: Path | str, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train `config` into run directory `out` (see `Trainer`)."""
+    return Trainer(config, out, resume=resume, progress=progress).train()
