@@ -31,7 +31,9 @@ class ModelConfig:
         for key in ("n_layers", "n_heads", "d_model", "d_vocab", "n_ctx"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}.{key} must be >= 1, got {getattr(self, key)}")
-        if self.d_head < 1:
+        if self.d_head < 0:
+            raise ConfigError(f"{prefix}.d_head must be >= 1 (or 0 for d_model // n_heads), got {self.d_head}")
+        if self.d_head == 0:
             raise ConfigError(
                 f"{prefix}.d_head is unset and {prefix}.d_model={self.d_model} is not divisible by "
                 f"{prefix}.n_heads={self.n_heads}; set {prefix}.d_head explicitly"

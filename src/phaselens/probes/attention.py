@@ -22,9 +22,21 @@ def row_entropy(pattern: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(pattern, pattern).sum(-1)
 
 
+def entropy_from_rows(entropy_rows: torch.Tensor) -> torch.Tensor:
+    """Mean over batch and queries q >= 1 of row entropies: (..., B, H, Q) -> (..., H)."""
+    return entropy_rows[..., 1:].mean(dim=(-3, -1))
+
+
+def coherence_from_rows(entropy_rows: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """σ_p = 1 − H(q)/log n_keys(q) averaged like the entropy: (..., B, H, Q) -> (..., H)."""
+    Q = entropy_rows.shape[-1]
+    log_keys = allowed_keys(Q, n_keys, entropy_rows.device).to(entropy_rows.dtype).log()[1:]  # (Q-1,)
+    return (1 - entropy_rows[..., 1:] / log_keys).mean(dim=(-3, -1))
+
+
 def attention_entropy(pattern: torch.Tensor) -> torch.Tensor:
     """Mean row entropy per head over batch and query positions q >= 1: (..., B, H, Q, K) -> (..., H)."""
-    return row_entropy(pattern)[..., 1:].mean(dim=(-3, -1))
+    return entropy_from_rows(row_entropy(pattern))
 
 
 def attention_coherence(pattern: torch.Tensor) -> torch.Tensor:
@@ -32,16 +44,23 @@ def attention_coherence(pattern: torch.Tensor) -> torch.Tensor:
 
     (..., B, H, Q, K) -> (..., H). 1: every query attends to a single key; 0: uniform attention.
     """
-    Q, K = pattern.shape[-2:]
-    log_keys = allowed_keys(Q, K, pattern.device).to(pattern.dtype).log()  # (Q,)
-    coherence = 1 - row_entropy(pattern)[..., 1:] / log_keys[1:]  # (..., B, H, Q-1)
-    return coherence.mean(dim=(-3, -1))
+    return coherence_from_rows(row_entropy(pattern), pattern.shape[-1])
 
 
-def head_tv_from_mean(pattern: torch.Tensor) -> torch.Tensor:
-    """½‖P_h(q) − P̄(q)‖₁ with P̄ the mean row over heads: (..., B, H, Q, K) -> (..., B, H, Q)."""
-    mean_row = pattern.mean(dim=-3, keepdim=True)  # (..., B, 1, Q, K)
-    return 0.5 * (pattern - mean_row).abs().sum(-1)
+def deviation_from_mean_head(pattern: torch.Tensor) -> torch.Tensor:
+    """P_h(q) − P̄(q), with P̄ the mean row over heads: (..., B, H, Q, K) -> same shape."""
+    return pattern - pattern.mean(dim=-3, keepdim=True)
+
+
+def specialization_from_deviation(deviation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """½‖P_h − P̄‖₁ averaged over (batch, query): (..., B, H, Q, K) -> (per layer (...), per head (..., H))."""
+    per_head = (0.5 * deviation.abs().sum(-1)).mean(dim=(-3, -1))  # (..., H)
+    return per_head.mean(-1), per_head
+
+
+def variance_from_deviation(deviation: torch.Tensor) -> torch.Tensor:
+    """Mean over (batch, query, key) of the population variance across heads: (..., B, H, Q, K) -> (...)."""
+    return deviation.square().mean(dim=(-4, -3, -2, -1))
 
 
 def attention_specialization(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,18 +69,15 @@ def attention_specialization(pattern: torch.Tensor) -> tuple[torch.Tensor, torch
     (..., B, H, Q, K) -> (per layer (...), per head (..., H)). The per-layer value is the mean
     over (batch, query) of the mean over heads; per head, that head's mean over (batch, query).
     """
-    per_head = head_tv_from_mean(pattern).mean(dim=(-3, -1))  # (..., H)
-    return per_head.mean(-1), per_head
+    return specialization_from_deviation(deviation_from_mean_head(pattern))
 
 
 def attention_head_variance(pattern: torch.Tensor) -> torch.Tensor:
-    """Older σ_a: mean over (batch, query, key) of the population variance across heads.
+    """Older σ_a: mean over (batch, query, key) of the population variance of P across heads.
 
     (..., B, H, Q, K) -> (...).
     """
-    deviation = pattern - pattern.mean(dim=-3, keepdim=True)  # (..., B, H, Q, K)
-    # Written out: torch.var over a strided middle dim is ~50x slower on CPU.
-    return deviation.square().mean(dim=(-4, -3, -2, -1))
+    return variance_from_deviation(deviation_from_mean_head(pattern))
 
 
 @register_probe
@@ -75,11 +91,13 @@ class AttentionProbe(Probe):
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         patterns = inputs.stack("blocks.{}.attn.hook_pattern")  # (L, B, H, Q, K)
-        per_layer, per_head = attention_specialization(patterns)  # (L,), (L, H)
+        entropy_rows = row_entropy(patterns)  # (L, B, H, Q), shared by entropy and coherence
+        deviation = deviation_from_mean_head(patterns)  # shared by specialization and head variance
+        per_layer, per_head = specialization_from_deviation(deviation)  # (L,), (L, H)
         return [
-            Measurement("entropy", attention_entropy(patterns)),
-            Measurement("coherence", attention_coherence(patterns)),
+            Measurement("entropy", entropy_from_rows(entropy_rows)),
+            Measurement("coherence", coherence_from_rows(entropy_rows, patterns.shape[-1])),
             Measurement("specialization", per_layer),
             Measurement("specialization", per_head),
-            Measurement("head_variance", attention_head_variance(patterns)),
+            Measurement("head_variance", variance_from_deviation(deviation)),
         ]

@@ -35,11 +35,16 @@ def detection_patterns(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def head_score(pattern: torch.Tensor, detection: torch.Tensor) -> torch.Tensor:
     """Σ(A⊙D)/ΣA over rows where D has a target: pattern (..., B, H, Q, K), D (B, Q, K) -> (..., H)."""
-    rows = detection.any(-1).to(pattern.dtype)  # (B, Q)
-    d = detection.to(pattern.dtype)[:, None]  # (B, 1, Q, K)
-    hit = (pattern * d).sum(-1)  # (..., B, H, Q)
-    total = pattern.sum(-1) * rows[:, None]  # (..., B, H, Q)
-    return hit.sum(dim=(-3, -1)) / total.sum(dim=(-3, -1)).clamp_min(torch.finfo(pattern.dtype).tiny)
+    return head_scores(pattern, detection[None])[..., 0]
+
+
+def head_scores(pattern: torch.Tensor, detections: torch.Tensor) -> torch.Tensor:
+    """Several head scores in one contraction: pattern (..., B, H, Q, K), D (S, B, Q, K) -> (..., H, S)."""
+    d = detections.to(pattern.dtype)  # (S, B, Q, K)
+    rows = detections.any(-1).to(pattern.dtype)  # (S, B, Q): rows with a target
+    hit = torch.einsum("...bhqk,sbqk->...hs", pattern, d)
+    total = torch.einsum("...bhq,sbq->...hs", pattern.sum(-1), rows)
+    return hit / total.clamp_min(torch.finfo(pattern.dtype).tiny)
 
 
 @register_probe
@@ -50,20 +55,24 @@ class HeadsProbe(Probe):
 
     def __init__(self, **options):
         super().__init__(**options)
-        self._cached_tokens: torch.Tensor | None = None
-        self._cached_patterns: dict[str, torch.Tensor] = {}
+        self._cached_key: tuple | None = None
+        self._cached_patterns: torch.Tensor | None = None
 
     def hook_names(self, n_layers: int) -> list[str]:
         return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
 
-    def _detection(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        # The probe batch is fixed for a run: build its detection patterns once.
-        if self._cached_tokens is None or self._cached_tokens is not tokens:
-            self._cached_tokens = tokens
-            self._cached_patterns = detection_patterns(tokens)
+    def _detection(self, tokens: torch.Tensor) -> torch.Tensor:
+        # A fixed probe batch is measured at every checkpoint: build its patterns once.
+        # The key includes the version counter, so a buffer refilled in place is not mistaken for it.
+        key = (tokens.data_ptr(), tokens._version, tuple(tokens.shape), tokens.device)
+        if self._cached_key != key:
+            patterns = detection_patterns(tokens)
+            self._cached_key = key
+            self._cached_patterns = torch.stack([patterns[name] for name in HEAD_SCORES])  # (S, B, Q, K)
         return self._cached_patterns
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         patterns = inputs.stack("blocks.{}.attn.hook_pattern")  # (L, B, H, Q, K)
         detection = self._detection(inputs.batch.tokens)
-        return [Measurement(name, head_score(patterns, detection[name])) for name in HEAD_SCORES]
+        scores = head_scores(patterns, detection)  # (L, H, S)
+        return [Measurement(name, scores[..., i]) for i, name in enumerate(HEAD_SCORES)]

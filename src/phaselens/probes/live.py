@@ -69,6 +69,42 @@ class _HookRemover:
             self.point.fwd_hooks.remove(self.lens)
 
 
+class ValueQueue:
+    """Probe values waiting on the device; `flush()` turns them into rows in one transfer per layout."""
+
+    def __init__(self, sink: Any, source: str):
+        self.sink, self.source = sink, source
+        self._layouts: dict[tuple, Layout] = {}
+        self._pending: list[tuple[int, tuple, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def log(self, step: int, probe: str, measurements: list[Measurement]) -> None:
+        if not measurements:
+            return
+        key = (probe,) + tuple((m.metric, tuple(m.value.shape)) for m in measurements)
+        if key not in self._layouts:
+            self._layouts[key] = Layout.of(probe, measurements)
+        self._pending.append((step, key, flatten(measurements)))
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        by_layout: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        for step, key, values in self._pending:
+            by_layout.setdefault(key, []).append((step, values))
+        self._pending = []
+        rows = []
+        for key, entries in by_layout.items():
+            keys = self._layouts[key].keys
+            values = torch.stack([v for _, v in entries]).cpu().tolist()  # (n_steps, n_values)
+            for (step, _), vector in zip(entries, values):
+                rows += [(step, probe, metric, layer, head, value, self.source)
+                         for (probe, metric, layer, head), value in zip(keys, vector)]
+        self.sink.write(rows)
+
+
 class Telemetry:
     """Live probes for any TransformerLens-hooked model, one `with telemetry.step(...)` per step.
 
@@ -109,8 +145,7 @@ class Telemetry:
         self._active = False
         self._acts: dict[str, torch.Tensor] = {}
         self._logits: torch.Tensor | None = None
-        self._layouts: dict[tuple, Layout] = {}
-        self._pending: list[tuple[int, tuple, torch.Tensor]] = []
+        self.values = ValueQueue(self.sink, source)
         self._handles: list[Any] = []
         self._install_hooks()
 
@@ -147,8 +182,7 @@ class Telemetry:
         Args:
             step: the step number the values are logged under.
             batch: the batch (or just its tokens) whose forward runs in the block.
-            rows: the rows of the forward that belong to `batch`, when the forward runs on more
-                (the trainer appends the fixed probe batch to the training batch).
+            rows: the rows of the forward that belong to `batch`, when the forward runs on more.
         """
         if not self.is_due(step):
             yield
@@ -173,32 +207,16 @@ class Telemetry:
             self.log(step, name, measurements)
         self._acts.clear()
         self._logits = None
-        if len(self._pending) >= self.flush_every * max(1, len(self.probes)):
+        if len(self.values) >= self.flush_every * max(1, len(self.probes)):
             self.flush()
 
     def log(self, step: int, probe: str, measurements: list[Measurement]) -> None:
         """Queue values computed elsewhere (the training loss, say) under `probe` at `step`."""
-        key = (probe,) + tuple((m.metric, tuple(m.value.shape)) for m in measurements)
-        if key not in self._layouts:
-            self._layouts[key] = Layout.of(probe, measurements)
-        self._pending.append((step, key, flatten(measurements)))
+        self.values.log(step, probe, measurements)
 
     def flush(self) -> None:
         """Move queued values to the CPU (one transfer per layout) and hand the rows to the sink."""
-        if not self._pending:
-            return
-        by_layout: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
-        for step, key, values in self._pending:
-            by_layout.setdefault(key, []).append((step, values))
-        self._pending = []
-        rows = []
-        for key, entries in by_layout.items():
-            keys = self._layouts[key].keys
-            values = torch.stack([v for _, v in entries]).cpu().tolist()  # (n_steps, n_values)
-            for (step, _), vector in zip(entries, values):
-                rows += [(step, probe, metric, layer, head, value, self.source)
-                         for (probe, metric, layer, head), value in zip(keys, vector)]
-        self.sink.write(rows)
+        self.values.flush()
 
     def close(self) -> None:
         """Flush, wait for the writes, and remove the hooks."""

@@ -24,7 +24,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @register_probe
 class LossProbe(Probe):
-    """`copy` and `non_copy` loss on the probe batch (the trainer adds `train` and `eval`)."""
+    """Loss of the measured batch: `all` positions, and `copy` / `non_copy` where the task marks copies.
+
+    The trainer adds `train` (the full training batch) and `eval` (the held-out batch).
+    """
 
     name = "loss"
     needs_logits = True
@@ -32,7 +35,7 @@ class LossProbe(Probe):
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         batch = inputs.batch
         losses = token_losses(inputs.logits, batch.tokens)  # (B, T-1)
-        out = []
+        out = [Measurement("all", masked_mean(losses, batch.loss_mask))]
         if batch.copy_mask is not None:
             out.append(Measurement("copy", masked_mean(losses, batch.copy_mask & batch.loss_mask)))
             out.append(Measurement("non_copy", masked_mean(losses, ~batch.copy_mask & batch.loss_mask)))

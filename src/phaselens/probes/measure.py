@@ -56,7 +56,28 @@ def measure_cache(
     inputs = ProbeInputs(acts=cache, batch=as_batch(batch), model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
     rows = []
     for name, measurements in run_probes(probes, inputs):
+        if not measurements:
+            continue
         values = torch.cat([m.value.detach().reshape(-1).float().cpu() for m in measurements]).tolist()
         for (probe, metric, layer, head), value in zip(Layout.of(name, measurements).keys, values):
             rows.append((step, probe, metric, layer, head, value, source))
     return pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64", "head": "Int64"})
+
+
+def measure_model(model: torch.nn.Module, batch: TaskBatch, probes: Sequence[Probe]) -> list[tuple[str, list]]:
+    """Run `probes` on one no-grad forward of `batch`, caching only the hook points they read.
+
+    This is how a checkpoint is measured, during training and post-hoc alike, so both give
+    the same numbers for the same weights and batch.
+    """
+    n_layers, n_heads = model_shape(model)
+    names = sorted({n for p in probes for n in p.hook_names(n_layers)})
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(batch.tokens, names_filter=names)
+    finally:
+        model.train(was_training)
+    inputs = ProbeInputs(acts=cache, batch=batch, model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
+    return run_probes(probes, inputs)

@@ -149,6 +149,9 @@ class MetricsWriter:
             raise RuntimeError(f"writing {self.path} failed: {self._error}") from self._error
 
     def close(self) -> None:
-        self.flush()
-        self._queue.put(None)
-        self._thread.join()
+        """Write what is queued and stop the thread (re-raising a write error after it stopped)."""
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join()

@@ -7,6 +7,7 @@ raise `ConfigError` naming the key (and the file it came from).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class TrainConfig:
 class TelemetryConfig:
     every: int = 1
     probes: list[str] = field(default_factory=lambda: ["attention", "heads", "loss"])
+    rows: int = 8  # live probes read this many sequences of each training batch (0: all)
     flush_every: int = 100
 
 
@@ -83,8 +85,10 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
-        if not t.lr > 0:
-            raise ConfigError(f"train.lr must be > 0, got {t.lr}")
+        if tel.rows < 0:
+            raise ConfigError(f"telemetry.rows must be >= 0 (0 = the whole batch), got {tel.rows}")
+        if not (t.lr > 0 and math.isfinite(t.lr)):
+            raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
         for key in ("weight_decay", "grad_clip", "warmup"):
             if getattr(t, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
@@ -211,6 +215,11 @@ def coerce(value: Any, kind: Any, key: str, origin: str) -> Any:
     if kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str):  # "1e3" (YAML reads exponents without a dot as text)
+            try:
+                value = float(value)
+            except ValueError:
+                raise fail() from None
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise fail()

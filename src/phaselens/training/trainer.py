@@ -4,9 +4,12 @@ Step numbers count optimizer updates: everything logged at step s (telemetry, ev
 measured on the weights after s updates, which is also what checkpoint `step_s` holds, so
 live values and post-hoc values on a checkpoint describe the same model.
 
-On telemetry steps the fixed probe batch rides along in the training forward as extra rows
-that the loss ignores: the probes read the activations of that one forward, and rows never
-interact in a transformer, so training is unchanged and no second forward is needed.
+Two sources of values, one set of probes:
+
+* `live`: every `telemetry.every` steps the probes read the activations of the training
+  forward itself (the training batch), so telemetry costs no extra forward pass.
+* `checkpoint`: whenever a checkpoint is saved, the probes also measure the run's fixed probe
+  batch on those weights: exactly what `phaselens probe` computes post-hoc on the checkpoint.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import torch.nn.functional as F
 from phaselens.errors import CheckpointError, RunError, TrainingDiverged
 from phaselens.models import build_model
 from phaselens.probes.base import Measurement
-from phaselens.probes.live import Telemetry
+from phaselens.probes.live import Telemetry, ValueQueue
+from phaselens.probes.measure import measure_model
 from phaselens.store.metrics import MetricsStore, MetricsWriter
 from phaselens.store.run_dir import RunDir
 from phaselens.tasks.batch import TaskBatch
@@ -182,6 +186,7 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         save_checkpoint(self.run.checkpoint(step), self.model, self.optimizer, self._rng_state(), {"step": step})
+        self._measure_checkpoint(step)
 
     def _restore(self) -> int:
         """Load the newest checkpoint that reads cleanly; returns its step."""
@@ -206,23 +211,33 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def train(self) -> TrainResult:
-        started = time.time()
+    def setup(self) -> int:
+        """Create or reopen the run directory, build everything, and return the first step to train."""
         self._prepare_directory()
         self._build()
         start = 0
         if self.resume:
             start = self._restore()
             store = MetricsStore(self.run.metrics_db)
-            store.delete_from_step(start, source="live")  # rows after the checkpoint are rewritten below
+            for source in ("live", "checkpoint"):  # rows from the checkpoint on are rewritten below
+                store.delete_from_step(start, source=source)
             store.close()
             self.run.update(status="running", stop_reason=None)
+        tel = self.config.telemetry
+        writer = MetricsWriter(self.run.metrics_db)
+        self.telemetry = Telemetry(self.model, tel.probes, store=writer, every=tel.every, flush_every=tel.flush_every)
+        # Shares the writer; closing the live telemetry closes it.
+        self.checkpoint_values = ValueQueue(writer, source="checkpoint")
+        if self.resume:
+            self._measure_checkpoint(start)
         else:
             self._save(0)
+        return start
+
+    def train(self) -> TrainResult:
+        started = time.time()
+        start = self.setup()
         cfg = self.config
-        writer = MetricsWriter(self.run.metrics_db)
-        telemetry = Telemetry(self.model, cfg.telemetry.probes, store=writer, every=cfg.telemetry.every,
-                              flush_every=cfg.telemetry.flush_every)
         stop = _StopFlag()
         step = start
         status, reason = "failed", None
@@ -230,7 +245,7 @@ class Trainer:
             with stop.installed(), self._progress_bar(start) as advance:
                 recent: list[tuple[int, torch.Tensor]] = []
                 for step in range(start, cfg.train.steps):
-                    self._train_step(step, telemetry, recent)
+                    recent.append((step, self.step(step)))
                     done = step + 1
                     if len(recent) >= NAN_CHECK_EVERY or done % cfg.train.checkpoint_every == 0 or stop.requested:
                         advance(done, self._check_finite(recent))
@@ -244,54 +259,58 @@ class Trainer:
                         break
                 else:
                     step = cfg.train.steps
-                    self._measure_final(step, telemetry)
+                    self._measure_final(step)
                     status = "finished"
                 advance(step, None)
-        except TrainingDiverged as exc:
-            reason = str(exc)
-            raise
         except BaseException as exc:
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            reason = str(exc) if isinstance(exc, TrainingDiverged) else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             raise
         finally:
-            telemetry.close()
+            self.checkpoint_values.flush()
+            self.telemetry.close()
             self.run.update(status=status, stop_reason=reason, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         return TrainResult(self.run.path, step, status, time.time() - started)
 
-    def _train_step(self, step: int, telemetry: Telemetry, recent: list) -> None:
-        cfg = self.config
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer update (with eval and telemetry when due); returns the detached training loss."""
+        cfg, telemetry = self.config, self.telemetry
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         if step % cfg.train.eval_every == 0:
-            self._evaluate(step, telemetry)
-        batch = self.task.sample(cfg.train.batch_size, self.data_rng).to(self.device)
-        n = len(batch)
-        measured = telemetry.is_due(step)
-        tokens = torch.cat([batch.tokens, self.probe_batch.tokens]) if measured else batch.tokens
-        with telemetry.step(step, self.probe_batch, rows=slice(n, None)):
-            logits = self.model(tokens)  # (B [+ probe rows], T, V)
-        loss = task_loss(logits[:n], batch)
-        if measured:
+            self._evaluate(step)
+        batch = self.last_batch = self.task.sample(cfg.train.batch_size, self.data_rng).to(self.device)
+        # Live probes read a few rows of the training forward: averages over 8 sequences are
+        # steady, and the cost of the reductions stays a small fraction of the step.
+        rows = slice(0, cfg.telemetry.rows or None)
+        with telemetry.step(step, batch.rows(rows), rows=rows):
+            logits = self.model(batch.tokens)  # (B, T, V)
+        loss = task_loss(logits, batch)
+        if telemetry.is_due(step):
             telemetry.log(step, "loss", [Measurement("train", loss.detach())])
-        recent.append((step, loss.detach()))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.grad_clip)
         self.optimizer.step()
+        return loss.detach()
 
     @torch.no_grad()
-    def _evaluate(self, step: int, telemetry: Telemetry) -> None:
+    def _evaluate(self, step: int) -> None:
         loss = task_loss(self.model(self.eval_batch.tokens), self.eval_batch)
-        telemetry.log(step, "loss", [Measurement("eval", loss)])
+        self.telemetry.log(step, "loss", [Measurement("eval", loss)])
 
     @torch.no_grad()
-    def _measure_final(self, step: int, telemetry: Telemetry) -> None:
-        """The last update has no forward after it: measure the final weights once more."""
-        self._evaluate(step, telemetry)
-        if telemetry.is_due(step):
-            with telemetry.step(step, self.probe_batch):
-                self.model(self.probe_batch.tokens)
+    def _measure_final(self, step: int) -> None:
+        """The last update has no training forward after it: evaluate the final weights once more."""
+        self._evaluate(step)
+
+    def _measure_checkpoint(self, step: int) -> None:
+        """Probe values on the fixed probe batch for the weights saved at `step` (source 'checkpoint')."""
+        if not self.telemetry.probes:
+            return
+        for name, measurements in measure_model(self.model, self.probe_batch, self.telemetry.probes):
+            self.checkpoint_values.log(step, name, measurements)
+        self.checkpoint_values.flush()
 
     def _check_finite(self, recent: list[tuple[int, torch.Tensor]]) -> float | None:
         """One device sync per NAN_CHECK_EVERY steps: raise on NaN/inf, else the mean loss."""

@@ -1,0 +1,87 @@
+"""Cost of live telemetry on the demo model, measured side by side in one process.
+
+Three trainers of the demo configuration step in interleaved blocks:
+  off    training only (the loss is logged, no probes)
+  live   phaselens live telemetry every step (attention, heads, loss probes)
+  naive  training, then an extra unfiltered `run_with_cache` forward on the same batch per
+         step, the same metrics computed from that cache, and rows written at once
+The last line is JSON: ratio = live/off, naive_ratio = naive/off (time per step).
+
+    .venv/bin/python benchmarks/telemetry_overhead.py [--steps 600] [--block 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from phaselens.probes.measure import measure_cache
+from phaselens.store.metrics import MetricsStore
+from phaselens.training.config import load_config
+from phaselens.training.trainer import Trainer
+
+PROBES = ["attention", "heads", "loss"]
+
+
+def make_trainer(root: Path, mode: str, steps: int) -> Trainer:
+    probes = PROBES if mode == "live" else []
+    overrides = [f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.eval_every={10 * steps}",
+                 f"telemetry.probes={','.join(probes) or '[]'}"]
+    trainer = Trainer(load_config("induction", overrides), root / mode, progress=False)
+    trainer.setup()
+    return trainer
+
+
+def naive_step(trainer: Trainer, store: MetricsStore, step: int) -> None:
+    """What a researcher writes by hand: a second forward with everything cached, metrics, a write."""
+    trainer.step(step)
+    batch = trainer.last_batch
+    with torch.no_grad():
+        logits, cache = trainer.model.run_with_cache(batch.tokens)
+    frame = measure_cache(cache, batch, PROBES, model=trainer.model, logits=logits, step=step, source="live")
+    rows = frame.astype(object).where(frame.notna(), None).itertuples(index=False, name=None)
+    store.write([(int(s), p, m, l, h, float(v), src) for s, p, m, l, h, v, src in rows])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=600, help="steps per mode")
+    parser.add_argument("--block", type=int, default=50, help="steps per interleaved block")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        trainers = {mode: make_trainer(root, mode, args.steps) for mode in ("off", "live", "naive")}
+        naive_store = MetricsStore(root / "naive.sqlite")
+        times: dict[str, list[float]] = {mode: [] for mode in trainers}
+        for start in range(0, args.steps, args.block):
+            for mode, trainer in trainers.items():
+                began = time.perf_counter()
+                for step in range(start, min(args.steps, start + args.block)):
+                    if mode == "naive":
+                        naive_step(trainer, naive_store, step)
+                    else:
+                        trainer.step(step)
+                trainer.telemetry.flush()
+                times[mode].append(time.perf_counter() - began)
+        for trainer in trainers.values():
+            trainer.telemetry.close()
+        naive_store.close()
+    # Per-block ratios, so a slow patch of the machine hits all modes alike.
+    ratio = statistics.median(l / o for l, o in zip(times["live"], times["off"]))
+    naive_ratio = statistics.median(n / o for n, o in zip(times["naive"], times["off"]))
+    ms = {mode: 1000 * sum(t) / args.steps for mode, t in times.items()}
+    print(f"ms/step  off {ms['off']:.2f}  live {ms['live']:.2f}  naive {ms['naive']:.2f}")
+    print(f"live telemetry costs {100 * (ratio - 1):+.1f}% per step; the naive way {100 * (naive_ratio - 1):+.1f}%")
+    print(json.dumps({"benchmark": "telemetry_overhead", "ratio": round(ratio, 4), "naive_ratio": round(naive_ratio, 4),
+                      "steps": args.steps, "block": args.block, "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
+                      "threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""The report's figures, drawn from a run's metrics frame (no torch, no model).
+
+Each `plot_*` function takes the metrics rows it needs and writes one PNG. Panels whose
+metrics a run did not record are left out, and their names come back in `Figure.missing`,
+so the report can say what is absent instead of crashing on a run with only some probes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: the report also runs on machines without a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+DPI = 110
+SCORES = ("induction", "prev_token", "duplicate")
+SCORE_TITLES = {"induction": "induction score", "prev_token": "previous-token score", "duplicate": "duplicate-token score"}
+TRANSITION_COLOR = "#b03030"
+
+
+@dataclass
+class Figure:
+    """One written PNG (path None when nothing could be drawn) and what it had to leave out."""
+
+    path: Path | None
+    missing: list[str] = field(default_factory=list)
+
+
+def head_label(layer: int, head: int) -> str:
+    return f"L{int(layer)}H{int(head)}"
+
+
+def _series(metrics: pd.DataFrame, probe: str, metric: str) -> pd.DataFrame:
+    return metrics[(metrics["probe"] == probe) & (metrics["metric"] == metric)].sort_values("step")
+
+
+def _per_head(frame: pd.DataFrame) -> pd.DataFrame:
+    """A step × (layer, head) table of a per-head metric."""
+    heads = frame[frame["layer"].notna() & frame["head"].notna()]
+    return heads.pivot_table(index="step", columns=["layer", "head"], values="value").sort_index()
+
+
+def _final(values: pd.Series) -> float:
+    """The level a series ends at: the median of its last 5% (one noisy step does not decide)."""
+    values = values.dropna()
+    return float(values.tail(max(1, len(values) // 20)).median()) if len(values) else float("-inf")
+
+
+def _mark_transition(ax, transition: dict | None) -> None:
+    """The copy-loss transition: a line at its steepest step over a shaded 10–90% window."""
+    if transition is None:
+        return
+    ax.axvspan(transition["start"], transition["end"], color=TRANSITION_COLOR, alpha=0.1, lw=0)
+    ax.axvline(transition["step"], color=TRANSITION_COLOR, ls="--", lw=1)
+
+
+def _transition_legend(fig, transition: dict | None) -> None:
+    """One legend for the markers every panel shares, top right beside the title."""
+    if transition is None:
+        return
+    handles = [
+        Line2D([], [], color=TRANSITION_COLOR, ls="--", lw=1, label=f"copy-loss transition (step {transition['step']})"),
+        Patch(color=TRANSITION_COLOR, alpha=0.1, lw=0, label=f"10–90% window ({transition['start']}–{transition['end']})"),
+    ]
+    fig.legend(handles=handles, loc="upper right", ncol=2, fontsize=8, frameon=False)
+
+
+LOSS_STYLES = {  # drawn in this order: the faint batch loss underneath, eval on top
+    "train": dict(color="0.55", lw=0.5, alpha=0.5, label="train (batch)"),
+    "non_copy": dict(color="tab:orange", lw=1.2, label="non-copy positions"),
+    "copy": dict(color="tab:blue", lw=1.4, label="copy positions"),
+    "eval": dict(color="black", marker="o", ls="", ms=3.5, label="eval"),
+}
+
+
+def _draw_loss(ax, losses: dict[str, pd.DataFrame], vocab: int) -> None:
+    for name, style in LOSS_STYLES.items():
+        if len(losses[name]):
+            ax.plot(losses[name]["step"], losses[name]["value"], **style)
+    chance = math.log(vocab)
+    ax.axhline(chance, color="0.3", ls=":", lw=1.2)
+    # below the line at the right: after training the curves there sit above (non-copy) or far below it
+    ax.annotate(f"chance: ln {vocab} = {chance:.2f}", (0.99, chance), xycoords=("axes fraction", "data"),
+                xytext=(0, -4), textcoords="offset points", ha="right", va="top", fontsize=8, color="0.3")
+    top = max([chance] + [float(frame["value"].max()) for frame in losses.values() if len(frame)])
+    ax.set_ylim(0, 1.12 * top)  # headroom, so a run that never leaves chance keeps its curves off the frame
+    ax.set_title("(a) loss on the probe batch")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.legend(fontsize=8, loc="best", framealpha=0.9)
+
+
+def _top_heads(metrics: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """The head with the highest final induction score and the one with the highest previous-token score."""
+    out = []
+    for score in ("induction", "prev_token"):
+        table = _per_head(_series(metrics, "heads", score))
+        if not table.empty:
+            layer, head = max(table.columns, key=lambda col: _final(table[col]))
+            out.append((f"{head_label(layer, head)} {score}", table[(layer, head)]))
+    return out
+
+
+def _draw_top_heads(ax, top: list[tuple[str, pd.Series]]) -> None:
+    for (label, series), color in zip(top, ("tab:green", "tab:purple")):
+        ax.plot(series.index, series, color=color, lw=1.2, label=label)
+    ax.set_title("(b) top induction and previous-token heads")
+    ax.set_ylabel("score (attention on the pattern)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _draw_per_layer(ax, table: pd.DataFrame, title: str, ylabel: str) -> None:
+    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.8, max(2, table.shape[1])))
+    for color, layer in zip(colors, table.columns):
+        ax.plot(table.index, table[layer], color=color, lw=1.2, label=f"layer {int(layer)}")
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def plot_dashboard(metrics: pd.DataFrame, transition: dict | None, vocab: int, path: Path) -> Figure:
+    """Loss, top heads, coherence and specialization over steps, with the transition marked on each."""
+    losses = {name: _series(metrics, "loss", name) for name in LOSS_STYLES}
+    top = _top_heads(metrics)
+    coherence = _series(metrics, "attention", "coherence")
+    coherence = coherence[coherence["head"].notna()].pivot_table(index="step", columns="layer", values="value")
+    specialization = _series(metrics, "attention", "specialization")
+    specialization = specialization[specialization["head"].isna() & specialization["layer"].notna()]
+    specialization = specialization.pivot_table(index="step", columns="layer", values="value")
+    panels = [  # (name, what it needs, recorded, draw)
+        ("(a) loss", "probe `loss`", any(len(frame) for frame in losses.values()),
+         lambda ax: _draw_loss(ax, losses, vocab)),
+        ("(b) top heads", "probe `heads`, metrics `induction`, `prev_token`", bool(top),
+         lambda ax: _draw_top_heads(ax, top)),
+        ("(c) coherence per layer", "probe `attention`, metric `coherence`", not coherence.empty,
+         lambda ax: _draw_per_layer(ax, coherence, "(c) coherence σ_p per layer (mean over heads)", "σ_p = 1 − H / ln(keys)")),
+        ("(d) specialization per layer", "probe `attention`, metric `specialization`", not specialization.empty,
+         lambda ax: _draw_per_layer(ax, specialization, "(d) specialization σ_a per layer", "σ_a (total variation, 0–1)")),
+    ]
+    missing = [f"{name} — {what}" for name, what, recorded, _ in panels if not recorded]
+    drawn = [draw for _, _, recorded, draw in panels if recorded]
+    if not drawn:
+        return Figure(None, missing)
+
+    rows, cols = (1, len(drawn)) if len(drawn) <= 2 else (2, 2)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols + (1 if cols == 1 else 0), 4 * rows + 0.4), sharex=True, squeeze=False)
+    axes = axes.ravel()
+    for ax, draw in zip(axes, drawn):
+        _mark_transition(ax, transition)
+        draw(ax)
+        ax.set_xlabel("step")
+        ax.tick_params(labelbottom=True)
+    for ax in axes[len(drawn):]:
+        ax.remove()
+    fig.suptitle("Training dashboard", fontsize=13)
+    _transition_legend(fig, transition)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return Figure(path, missing)
+
+def plot_entropy_heatmap(metrics: pd.DataFrame, transition: dict | None, path: Path) -> Figure:
+    """Attention entropy of every head (rows) at every step (columns)."""
+    table = _per_head(_series(metrics, "attention", "entropy"))
+    if table.empty:
+        return Figure(None, ["attention entropy — probe `attention`, metric `entropy`"])
+    labels = [head_label(layer, head) for layer, head in table.columns]
+    values = table.to_numpy().T  # (layer·head, step)
+    fig, ax = plt.subplots(figsize=(12, 1.6 + 0.45 * len(labels)), layout="constrained")
+    # "nearest" shading centres each cell on its step, so uneven telemetry intervals stay honest
+    mesh = ax.pcolormesh(table.index.to_numpy(), np.arange(len(labels)), values, shading="nearest", cmap="magma", rasterized=True)
+    ax.set_yticks(np.arange(len(labels)), labels)
+    ax.invert_yaxis()  # L0H0 on top, as heads are read
+    layers = [layer for layer, _ in table.columns]
+    for row in range(1, len(layers)):
+        if layers[row] != layers[row - 1]:
+            ax.axhline(row - 0.5, color="white", lw=1.5)
+    if transition is not None:
+        ax.axvline(transition["step"], color="white", ls="--", lw=1.2)
+        ax.annotate(f"transition (step {transition['step']})", (transition["step"], 0), xytext=(4, 0),
+                    textcoords="offset points", color="white", fontsize=8, va="center")
+    fig.colorbar(mesh, ax=ax, label="entropy (nats)", pad=0.01)
+    ax.set_xlabel("step")
+    ax.set_ylabel("head")
+    ax.set_title("Attention entropy per head over training (low = focused, high = spread out)")
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return Figure(path)
+
+
+def plot_head_scores(metrics: pd.DataFrame, transition: dict | None, path: Path) -> Figure:
+    """One panel per head score, one line per head."""
+    tables = {score: _per_head(_series(metrics, "heads", score)) for score in SCORES}
+    present = [score for score in SCORES if not tables[score].empty]
+    missing = [f"{SCORE_TITLES[score]} — probe `heads`, metric `{score}`" for score in SCORES if score not in present]
+    if not present:
+        return Figure(None, missing)
+    heads = sorted({col for score in present for col in tables[score].columns})
+    colors = dict(zip(heads, plt.get_cmap("tab10" if len(heads) <= 10 else "tab20").colors))
+    fig, axes = plt.subplots(1, len(present), figsize=(4.6 * len(present), 4.2), sharey=True, squeeze=False)
+    for ax, score in zip(axes[0], present):
+        table = tables[score]
+        for col in table.columns:
+            ax.plot(table.index, table[col], color=colors[col], lw=1.1, label=head_label(*col))
+        _mark_transition(ax, transition)
+        ax.set_title(SCORE_TITLES[score])
+        ax.set_xlabel("step")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("score (attention on the pattern)")
+    axes[0][-1].legend(fontsize=8, title="head", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.suptitle("Head scores on the probe batch", fontsize=12)
+    _transition_legend(fig, transition)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return Figure(path, missing)

@@ -1,0 +1,31 @@
+"""Shared fixtures: one short real training run, trained once per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def induction_run(tmp_path_factory) -> Path:
+    """The induction preset trained for 20 steps: checkpoints at 0, 10, 20, telemetry every 5 steps.
+
+    Shared by many tests: treat it as read-only (copy it with `run_copy` before changing files).
+    """
+    from phaselens.training.config import load_config
+    from phaselens.training.trainer import train
+
+    config = load_config("induction", ["train.steps=20", "train.checkpoint_every=10", "telemetry.every=5"])
+    path = tmp_path_factory.mktemp("induction") / "run"
+    train(config, path, progress=False)
+    return path
+
+
+@pytest.fixture
+def run_copy(induction_run, tmp_path) -> Path:
+    """A private copy of `induction_run` that a test may corrupt or write into."""
+    copy = tmp_path / "run"
+    shutil.copytree(induction_run, copy)
+    return copy
