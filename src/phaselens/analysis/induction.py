@@ -30,8 +30,9 @@ class InductionSummary:
 
     vocab: int
     steps: int
-    transition: dict | None  # copy-loss transition: step, start, end, before, after
+    transition: dict | None  # the steepest copy-loss drop: step, start, end, before, after
     copy_loss_final: float
+    copy_loss_initial: float
     induction_head: HeadChange | None
     prev_token_head: HeadChange | None
     settle_steps: dict[int, int] = field(default_factory=dict)  # layer -> step its attention settled
@@ -41,7 +42,7 @@ class InductionSummary:
         """A copy-loss transition to below 1.0 with an induction head above 0.5 afterwards."""
         return (
             self.transition is not None
-            and self.transition["after"] < COPY_LOSS_SOLVED
+            and self.copy_loss_final < COPY_LOSS_SOLVED
             and self.induction_head is not None
             and self.induction_head.after > INDUCTION_FORMED
         )
@@ -52,6 +53,8 @@ class InductionSummary:
 
     def text(self) -> str:
         ln_v = math.log(self.vocab)
+        if math.isnan(self.copy_loss_final):
+            return "No copy-position loss was recorded, so there is nothing to say about induction."
         if not self.found:
             return (
                 f"No induction transition in {self.steps} steps: the copy-position loss ends at "
@@ -61,16 +64,20 @@ class InductionSummary:
             )
         t, ih = self.transition, self.induction_head
         lines = [
-            f"Induction transition at step {t['step']} (10–90% window {t['start']}–{t['end']}): "
-            f"copy-position loss {t['before']:.2f} → {t['after']:.2f} (chance: ln {self.vocab} = {ln_v:.2f}).",
+            f"Induction transition at step {t['step']}: the copy-position loss falls from {self.copy_loss_initial:.2f} "
+            f"(chance: ln {self.vocab} = {ln_v:.2f}) to {self.copy_loss_final:.2f}; its steepest drop, "
+            f"{t['before']:.2f} → {t['after']:.2f}, spans steps {t['start']}–{t['end']} (10–90%).",
             f"Induction head L{ih.layer}H{ih.head}: induction score {ih.before:.2f} → {ih.after:.2f}.",
         ]
         if self.prev_token_head is not None:
             ph = self.prev_token_head
             lines.append(f"Previous-token head L{ph.layer}H{ph.head}: previous-token score {ph.before:.2f} → {ph.after:.2f}.")
-        if self.first_settled_layer is not None:
-            order = ", ".join(f"layer {layer} at step {step}" for layer, step in sorted(self.settle_steps.items(), key=lambda kv: kv[1]))
-            lines.append(f"Layer {self.first_settled_layer} settled first (attention coherence stable from: {order}).")
+        if len(self.settle_steps) > 1:
+            order = ", ".join(f"layer {layer} from step {step}" for layer, step in sorted(self.settle_steps.items(), key=lambda kv: kv[1]))
+            if len(set(self.settle_steps.values())) == 1:
+                lines.append(f"All layers settled together (attention coherence stable {order}).")
+            else:
+                lines.append(f"Layer {self.first_settled_layer} settled first (attention coherence stable: {order}).")
         return "\n".join(lines)
 
 
@@ -80,24 +87,25 @@ def _level(frame: pd.DataFrame, steps: range | np.ndarray) -> float:
 
 
 def _head_change(scores: pd.DataFrame, score: str, window: tuple[int, int], layer: int | None) -> HeadChange | None:
-    """The head of `layer` (any layer if None) whose `score` rose most across the window."""
+    """The head of `layer` (any layer if None) with the highest `score` after the window, and its level before."""
     sub = scores[scores["metric"] == score]
     if layer is not None:
         sub = sub[sub["layer"] == layer]
     if sub.empty:
         return None
     start, end = window
+    lead = max(1, end - start)  # stay clear of the rise itself when reading the level before
     best = None
     for (lay, head), group in sub.groupby(["layer", "head"]):
         group = group.sort_values("step")
-        before = _level(group, group["step"][group["step"] <= start].tail(20).to_numpy())
+        before = _level(group, group["step"][group["step"] <= start - lead].tail(50).to_numpy())
         after = _level(group, group["step"][group["step"] >= end].tail(max(20, len(group) // 10)).to_numpy())
         if math.isnan(before):
             before = float(group["value"].iloc[0])
         if math.isnan(after):
             after = float(group["value"].iloc[-1])
         change = HeadChange(int(lay), int(head), score, before, after)
-        if best is None or (change.after - change.before) > (best.after - best.before):
+        if best is None or change.after > best.after:
             best = change
     return best
 
@@ -135,10 +143,11 @@ def summarize_induction(run) -> InductionSummary:
         best = drops.loc[(drops["before"] - drops["after"]).idxmax()]
         transition = {k: (int(best[k]) if k in ("step", "start", "end") else float(best[k])) for k in ("step", "start", "end", "before", "after")}
     final = float(copy["value"].tail(max(1, len(copy) // 20)).median()) if len(copy) else float("nan")
+    initial = float(copy["value"].head(max(1, len(copy) // 20)).median()) if len(copy) else float("nan")
     heads = metrics[metrics["probe"] == "heads"]
     n_layers = int(run.config["model"]["n_layers"])
     window = (transition["start"], transition["end"]) if transition else (0, steps)
     induction = _head_change(heads, "induction", window, None)
     prev = _head_change(heads, "prev_token", window, 0 if n_layers > 1 else None)
     attention = metrics[metrics["probe"] == "attention"]
-    return InductionSummary(vocab, steps, transition, final, induction, prev, settle_steps(attention))
+    return InductionSummary(vocab, steps, transition, final, initial, induction, prev, settle_steps(attention))

@@ -2,8 +2,8 @@
 
 A transition is a sustained move of a series from one level to another. For each series we
 smooth it (rolling median, then mean), take the step of steepest change, extend outwards
-while the series keeps moving the same way, and read the levels before and after. It is
-reported when
+while the slope stays above a tenth of that peak slope (so a plateau ends it), and read the
+levels before and after. It is reported when
 
 * the change is large against the noise: |after − before| > 3σ and > 10σ/√w, with σ the
   robust (MAD) spread of the raw values around the smooth curve and w the smoothing window;
@@ -57,6 +57,7 @@ def find_transitions(steps: np.ndarray, values: np.ndarray) -> list[Transition]:
     scale = max(1e-12, 1e-9 * float(np.max(np.abs(values))))
     threshold = max(3 * sigma, 10 * sigma / np.sqrt(window), scale)
     span = float(steps[-1] - steps[0]) or 1.0
+    rate = np.gradient(smoothed)  # change per point of the smooth curve
     found: list[Transition] = []
 
     def search(lo: int, hi: int) -> None:
@@ -72,20 +73,23 @@ def find_transitions(steps: np.ndarray, values: np.ndarray) -> list[Transition]:
             return
         center = lo + k + h
         direction = np.sign(diff[k])
-        z = direction * smoothed  # rises through the transition
-        tol = max(2 * sigma / np.sqrt(window), 0.05 * abs(diff[k]))
-        a, low = center, z[center]
-        for i in range(center - 1, lo - 1, -1):
-            if z[i] > low + tol:
+        slope = direction * rate[lo:hi]  # positive through the transition
+        peak = slope[center - lo]
+        a = b = center
+        quiet = 0
+        for i in range(center - 1, lo - 1, -1):  # back to where the climb began
+            quiet = 0 if slope[i - lo] >= 0.1 * peak else quiet + 1
+            if quiet > window:
                 break
-            if z[i] < low:
-                a, low = i, z[i]
-        b, high = center, z[center]
-        for j in range(center + 1, hi):
-            if z[j] < high - tol:
+            if quiet == 0:
+                a = i
+        quiet = 0
+        for j in range(center + 1, hi):  # on to where it levels off
+            quiet = 0 if slope[j - lo] >= 0.1 * peak else quiet + 1
+            if quiet > window:
                 break
-            if z[j] > high:
-                b, high = j, z[j]
+            if quiet == 0:
+                b = j
         half = max(1, window // 2)
         before = float(np.median(values[max(lo, a - window): a + half + 1]))
         after = float(np.median(values[b - half: min(hi, b + window + 1)]))

@@ -52,6 +52,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     eval_every: int = 100
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # CPU threads for torch (0: torch's default); tiny models run best on 1
 
 
 @dataclass
@@ -85,6 +86,8 @@ class RunConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        if t.threads < 0:
+            raise ConfigError(f"train.threads must be >= 0 (0 = torch's default), got {t.threads}")
         if tel.rows < 0:
             raise ConfigError(f"telemetry.rows must be >= 0 (0 = the whole batch), got {tel.rows}")
         if not (t.lr > 0 and math.isfinite(t.lr)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import platform
+import shutil
 import signal
 import threading
 import time
@@ -185,11 +186,16 @@ class Trainer:
         return state
 
     def _save(self, step: int) -> None:
+        # Rows before a checkpoint must be on disk once it exists: a resume rewrites only those after it.
+        self.telemetry.flush()
+        self.telemetry.sink.flush()
         save_checkpoint(self.run.checkpoint(step), self.model, self.optimizer, self._rng_state(), {"step": step})
         self._measure_checkpoint(step)
 
     def _restore(self) -> int:
         """Load the newest checkpoint that reads cleanly; returns its step."""
+        for stale in self.run.checkpoints.glob(".step_*"):  # half-written by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
         steps = self.run.checkpoint_steps()
         errors = []
         for step in reversed(steps):
@@ -235,6 +241,15 @@ class Trainer:
         return start
 
     def train(self) -> TrainResult:
+        threads = torch.get_num_threads()
+        if self.config.train.threads:
+            torch.set_num_threads(self.config.train.threads)
+        try:
+            return self._train()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train(self) -> TrainResult:
         started = time.time()
         start = self.setup()
         cfg = self.config
