@@ -1,0 +1,43 @@
+"""The main job, end to end: `phaselens demo` finds the induction transition, and the 1-layer control does not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import phaselens as pl
+from phaselens.analysis.induction import summarize_induction
+
+pytestmark = pytest.mark.slow
+
+
+def run_demo(out, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "phaselens.cli", "demo", "--out", str(out), *args],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_demo_reports_the_induction_transition_of_the_two_layer_model(tmp_path):
+    output = run_demo(tmp_path / "demo")
+    assert f"report: {tmp_path / 'demo' / 'report' / 'report.md'}" in output
+    assert "Induction transition at step" in output
+    summary = summarize_induction(pl.open_run(tmp_path / "demo"))
+    assert summary.found
+    assert summary.copy_loss_initial == pytest.approx(4.16, abs=0.1)  # chance: ln 64
+    assert summary.copy_loss_final < 1.0
+    assert summary.induction_head.layer == 1 and summary.induction_head.after > 0.5
+    assert summary.prev_token_head.layer == 0 and summary.prev_token_head.after > 0.25
+    for figure in ("dashboard.png", "entropy_heatmap.png", "head_scores.png"):
+        assert (tmp_path / "demo" / "report" / figure).stat().st_size > 10_000
+    assert "Induction transition" in (tmp_path / "demo" / "report" / "report.md").read_text()
+
+
+def test_one_layer_control_reports_no_induction_transition(tmp_path):
+    output = run_demo(tmp_path / "control", "--layers", "1")
+    assert "No induction transition" in output
+    summary = summarize_induction(pl.open_run(tmp_path / "control"))
+    assert not summary.found
+    assert summary.copy_loss_final > 2.0
