@@ -107,6 +107,66 @@ def report(run: Path = typer.Argument(..., help="Run directory.")):
     typer.echo(f"report: {path}")
 
 
+class Backend(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+def _parse_steps(text: str | None) -> list[int] | None:
+    """'100,200,300' or '100-500' (checkpoints in that range) -> steps; None for all."""
+    if not text:
+        return None
+    steps: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                steps.append(-int(lo) - 1)  # a range marker, resolved against the checkpoints below
+                steps.append(-int(hi) - 1)
+            else:
+                steps.append(int(part))
+    except ValueError:
+        _fail(f"--steps {text!r}: use a comma list (100,200) or a range (100-500)")
+    return steps
+
+
+@app.command()
+@_guard
+def probe(
+    run: Path = typer.Argument(..., help="Run directory."),
+    probes: Optional[str] = typer.Option(None, help="Comma-separated probe names (default: the standard post-hoc set)."),
+    steps: Optional[str] = typer.Option(None, help="Checkpoint steps: 100,200 or a range 100-500 (default: all)."),
+    backend: Backend = typer.Option(Backend.local, help="local (processes) or ray (a task per checkpoint)."),
+    workers: int = typer.Option(1, help="Worker processes (local) or CPUs of a local Ray cluster."),
+    address: Optional[str] = typer.Option(None, help="Address of a running Ray cluster."),
+):
+    """Run probes post-hoc over every checkpoint (resumable: stored values are skipped)."""
+    from phaselens.posthoc.runner import failures_text, run_probes
+    from phaselens.store.run_dir import RunDir
+
+    wanted = _parse_steps(steps)
+    if wanted and any(s < 0 for s in wanted):
+        available = RunDir(run).checkpoint_steps()
+        resolved: list[int] = []
+        i = 0
+        while i < len(wanted):
+            if wanted[i] < 0:
+                lo, hi = -wanted[i] - 1, -wanted[i + 1] - 1
+                resolved += [s for s in available if lo <= s <= hi]
+                i += 2
+            else:
+                resolved.append(wanted[i])
+                i += 1
+        wanted = resolved
+    names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
+    result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address)
+    typer.echo(f"measured {len(result.measured)} checkpoint(s), {result.rows} rows; "
+               f"{result.skipped} (step, probe) pairs were already stored; {result.seconds:.1f} s")
+    if result.failures:
+        typer.secho(f"{len(result.failures)} checkpoint(s) failed:\n{failures_text(result)}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
 class ExportFormat(str, Enum):
     csv = "csv"
     parquet = "parquet"

@@ -10,9 +10,18 @@ from phaselens.probes.attention import (
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, make_probe, probe_names, register_probe
 from phaselens.probes.heads import HeadsProbe, detection_patterns, head_score
 from phaselens.probes.loss import LossProbe, token_losses
+from phaselens.probes.logit_lens import LogitLensProbe, logit_lens_stats
+from phaselens.probes.attention_to import AttentionToProbe, attention_mass
+from phaselens.probes.patching import PatchingProbe, patching_effects
 from phaselens.probes.measure import measure_cache
 
 __all__ = [
+    "AttentionToProbe",
+    "LogitLensProbe",
+    "PatchingProbe",
+    "attention_mass",
+    "logit_lens_stats",
+    "patching_effects",
     "AttentionProbe",
     "HeadsProbe",
     "LossProbe",

@@ -93,7 +93,7 @@ def _draw_loss(ax, losses: dict[str, pd.DataFrame], vocab: int) -> None:
                 xytext=(0, -4), textcoords="offset points", ha="right", va="top", fontsize=8, color="0.3")
     top = max([chance] + [float(frame["value"].max()) for frame in losses.values() if len(frame)])
     ax.set_ylim(0, 1.12 * top)  # headroom, so a run that never leaves chance keeps its curves off the frame
-    ax.set_title("(a) loss on the probe batch")
+    ax.set_title("(a) loss (live, training batch)")
     ax.set_ylabel("cross-entropy (nats)")
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
 
@@ -217,7 +217,7 @@ def plot_head_scores(metrics: pd.DataFrame, transition: dict | None, path: Path)
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("score (attention on the pattern)")
     axes[0][-1].legend(fontsize=8, title="head", loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle("Head scores on the probe batch", fontsize=12)
+    fig.suptitle("Head scores (live, training batch)", fontsize=12)
     _transition_legend(fig, transition)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)

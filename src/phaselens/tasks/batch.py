@@ -18,6 +18,7 @@ class TaskBatch:
     tokens: torch.Tensor  # (B, T) long
     loss_mask: torch.Tensor  # (B, T-1) bool: positions the training loss counts
     copy_mask: torch.Tensor | None = None  # (B, T-1) bool: predictions an induction head can make
+    source_mask: torch.Tensor | None = None  # (B, T) bool: token positions the copies come from
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

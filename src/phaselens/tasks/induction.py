@@ -53,7 +53,9 @@ class InductionTask:
         # Position t predicts token t+1; it is a copy when t and t+1 both lie in the repeat.
         pred = pos[:-1]  # (T-1,)
         copy_mask = (pred >= second[:, None]) & (pred < (second + length - 1)[:, None])  # (B, T-1)
-        return TaskBatch(tokens=tokens, loss_mask=torch.ones(B, T - 1, dtype=torch.bool), copy_mask=copy_mask)
+        source_mask = (pos >= first[:, None]) & (pos < (first + length)[:, None])  # (B, T): the first occurrence
+        return TaskBatch(tokens=tokens, loss_mask=torch.ones(B, T - 1, dtype=torch.bool), copy_mask=copy_mask,
+                         source_mask=source_mask)
 
     def validate(self) -> None:
         from phaselens.errors import ConfigError

@@ -113,6 +113,11 @@ class RunConfig:
         unknown = [p for p in tel.probes if p not in probe_names()]
         if unknown:
             raise ConfigError(f"telemetry.probes: unknown probe(s) {unknown}; registered: {probe_names()}")
+        from phaselens.probes.base import make_probe
+
+        post_hoc = [p for p in tel.probes if not getattr(make_probe(p), "live", True)]
+        if post_hoc:
+            raise ConfigError(f"telemetry.probes: {post_hoc} run on checkpoints only (phaselens probe RUN --probes ...)")
 
     def build_task(self):
         """The task object for `data` (its sequences fill the model's context)."""

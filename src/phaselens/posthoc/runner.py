@@ -1,0 +1,224 @@
+"""Post-hoc probes over a run's checkpoints: plan what is missing, measure it, store it.
+
+Each task is one checkpoint: the worker loads it once, runs the run's probe batch once with
+only the hook points the requested probes read, and computes every probe from that cache.
+Only the driver writes metrics.sqlite, so backends (local processes, Ray) just return rows.
+Rows go in as each checkpoint finishes, which makes a killed sweep resumable: (step, probe)
+pairs already stored with source `checkpoint` are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from phaselens.errors import PhaselensError
+from phaselens.store.atomic import write_json
+from phaselens.store.metrics import MetricsStore
+from phaselens.store.run_dir import RunDir
+
+SOURCE = "checkpoint"
+DEFAULT_PROBES = ("attention", "heads", "loss", "logit_lens", "attention_to", "patching")
+
+
+@dataclass
+class TaskResult:
+    """What a worker sends back for one checkpoint."""
+
+    step: int
+    probes: list[str]
+    rows: list[tuple] = field(default_factory=list)
+    artifacts: dict[str, Any] = field(default_factory=dict)  # probe -> JSON-able
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class SweepResult:
+    run: Path
+    measured: list[int]
+    skipped: int
+    failures: list[tuple[int, str]]
+    rows: int
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+# ---------------------------------------------------------------------------- worker side
+
+_WORKER_CACHE: dict[str, Any] = {}
+
+
+def _worker_state(run_path: str):
+    """Model skeleton, probe batch and device for a run, built once per worker process."""
+    state = _WORKER_CACHE.get(run_path)
+    if state is None:
+        import torch
+
+        from phaselens.models import build_model
+        from phaselens.run import open_run
+
+        run = open_run(run_path)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = build_model(run.run_config().model).to(device)
+        state = _WORKER_CACHE[run_path] = (model, run.probe_batch().to(device))
+    return state
+
+
+def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], options: dict | None = None) -> TaskResult:
+    """Measure `probe_names` on checkpoint `step` of the run at `run_path` (runs in a worker)."""
+    began = time.perf_counter()
+    result = TaskResult(step=step, probes=list(probe_names))
+    try:
+        import phaselens.probes  # noqa: F401  (registers the built-in probes)
+        from phaselens.errors import CheckpointError
+        from phaselens.probes.base import Layout, make_probe
+        from phaselens.probes.measure import measure_model
+        from phaselens.training.checkpoints import load_weights
+
+        model, batch = _worker_state(run_path)
+        try:
+            load_weights(model, RunDir(run_path).checkpoint(step))
+        except CheckpointError as exc:
+            result.error = str(exc)
+            return result
+        probes = [make_probe(name, **(options or {}).get(name, {})) for name in probe_names]
+        for name, measurements in measure_model(model, batch, probes):
+            values = [v for m in measurements for v in m.value.detach().reshape(-1).float().cpu().tolist()]
+            keys = Layout.of(name, measurements).keys
+            result.rows += [(step, p, metric, layer, head, value, SOURCE) for (p, metric, layer, head), value in zip(keys, values)]
+        for probe in probes:
+            artifact = probe.artifacts() if hasattr(probe, "artifacts") else None
+            if artifact:
+                result.artifacts[probe.name] = artifact
+    except Exception as exc:  # a sweep records the failure and goes on
+        result.error = f"{type(exc).__name__}: {exc}"
+    finally:
+        result.seconds = time.perf_counter() - began
+    return result
+
+
+# ---------------------------------------------------------------------------- driver side
+
+
+def plan(run_dir: RunDir, store: MetricsStore, probes: Sequence[str], steps: Sequence[int] | None) -> tuple[list[tuple[int, list[str]]], int]:
+    """Tasks (step, probes still missing there) and the number of (step, probe) pairs already stored."""
+    available = run_dir.checkpoint_steps()
+    if steps:
+        missing = sorted(set(steps) - set(available))
+        if missing:
+            raise PhaselensError(f"{run_dir.path} has no checkpoint at step(s) {missing}")
+        available = sorted(set(steps))
+    stored = store.stored_pairs(SOURCE)
+    tasks, skipped = [], 0
+    for step in available:
+        todo = [p for p in probes if (step, p) not in stored]
+        skipped += len(probes) - len(todo)
+        if todo:
+            tasks.append((step, todo))
+    return tasks, skipped
+
+
+def resolve_probes(names: Sequence[str] | None) -> list[str]:
+    import phaselens.probes  # noqa: F401
+    from phaselens.errors import ConfigError
+    from phaselens.probes.base import probe_names
+
+    registered = probe_names()
+    if not names:
+        return [p for p in DEFAULT_PROBES if p in registered]
+    unknown = [n for n in names if n not in registered]
+    if unknown:
+        raise ConfigError(f"unknown probe(s) {unknown}; registered probes: {', '.join(registered)}")
+    return list(dict.fromkeys(names))
+
+
+def run_probes(
+    run: str | Path,
+    probes: Sequence[str] | None = None,
+    steps: Sequence[int] | None = None,
+    backend: str = "local",
+    workers: int = 1,
+    address: str | None = None,
+    progress: bool = True,
+) -> SweepResult:
+    """Measure `probes` (default: the standard post-hoc set) on every checkpoint of `run` not yet measured.
+
+    Args:
+        run: the run directory.
+        probes: probe names; default attention, heads, loss, logit_lens, attention_to, patching.
+        steps: only these checkpoint steps (default: all).
+        backend: "local" (in this process, or `workers` processes) or "ray" (a Ray task per checkpoint).
+        workers: local worker processes, or the CPUs of a local Ray cluster.
+        address: a Ray cluster to connect to (default: start a local one).
+    """
+    from phaselens.posthoc.backends import get_backend
+
+    began = time.time()
+    run_dir = RunDir(run)
+    run_dir.read()  # a clear error when this is not a run
+    names = resolve_probes(probes)
+    store = MetricsStore(run_dir.metrics_db)
+    tasks, skipped = plan(run_dir, store, names, steps)
+    execute = get_backend(backend)
+    measured, failures, n_rows = [], [], 0
+    try:
+        with _progress(progress, len(tasks), f"probe {run_dir.path.name}") as advance:
+            results: Iterator[TaskResult] = execute(str(run_dir.path), tasks, workers=workers, address=address) if tasks else iter(())
+            for result in results:
+                if result.error:
+                    failures.append((result.step, result.error))
+                    for probe in result.probes:
+                        store.record_failure(result.step, probe, result.error)
+                else:
+                    store.write(result.rows)
+                    store.clear_failures(result.step)
+                    _write_artifacts(run_dir, result)
+                    measured.append(result.step)
+                    n_rows += len(result.rows)
+                advance()
+    finally:
+        store.close()
+    return SweepResult(run_dir.path, sorted(measured), skipped, sorted(failures), n_rows, time.time() - began)
+
+
+def _write_artifacts(run_dir: RunDir, result: TaskResult) -> None:
+    for probe, artifact in result.artifacts.items():
+        write_json(run_dir.artifacts / probe / f"step_{result.step:08d}.json", artifact)
+
+
+class _progress:
+    """A Rich progress bar with ETA over checkpoints (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.label = enabled, total, label
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("checkpoints"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+        self.bar.__enter__()
+        task = self.bar.add_task(self.label, total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+def failures_text(result: SweepResult) -> str:
+    return "\n".join(f"  step {step}: {reason}" for step, reason in result.failures)
+
+
+def summary_json(result: SweepResult) -> str:
+    return json.dumps({"measured": len(result.measured), "skipped_pairs": result.skipped,
+                       "failures": len(result.failures), "rows": result.rows, "seconds": round(result.seconds, 2)})

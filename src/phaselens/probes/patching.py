@@ -1,0 +1,92 @@
+"""Activation patching of the residual stream between paired inputs, layer by layer.
+
+A pair is a corrupted input (example 1) and a clean one (example 2) that differ at a few
+positions. For each layer ℓ we run the corrupted input with its residual stream at those
+positions replaced by the clean one's and measure
+
+    e_ℓ = p_patched(target₂) − p_corrupted(target₂)
+
+at the positions that predict the clean target. `z_dependence` = mean over pairs of max_ℓ e_ℓ:
+how much the prediction depends on the information at the patched positions, wherever it is.
+Layer ℓ patches `blocks.{ℓ}.hook_resid_pre` (ℓ = 0 is the embeddings); ℓ = L patches
+`blocks.{L−1}.hook_resid_post`.
+
+For the induction task the corrupted input is the same sequence with the first copy of the
+segment replaced by random tokens, and the targets are the copy positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.tasks.batch import TaskBatch
+
+
+def residual_hooks(n_layers: int) -> list[str]:
+    return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+
+
+def corrupt_sources(batch: TaskBatch, vocab: int, seed: int) -> torch.Tensor:
+    """Tokens with every source position replaced by a random token (fixed seed): (B, T)."""
+    rng = torch.Generator().manual_seed(seed)
+    noise = torch.randint(0, vocab, batch.tokens.shape, generator=rng).to(batch.tokens.device)
+    return torch.where(batch.source_mask, noise, batch.tokens)
+
+
+def target_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """p(next token) at every prediction position: logits (B, T, V), tokens (B, T) -> (B, T-1)."""
+    return logits[:, :-1].float().softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+
+
+def patching_effects(
+    model: torch.nn.Module,
+    clean: dict[str, torch.Tensor],
+    corrupted_tokens: torch.Tensor,
+    clean_tokens: torch.Tensor,
+    positions: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """e_ℓ per pair: (n_layers + 1, B).
+
+    Args:
+        clean: residual streams of the clean run, hook name -> (B, T, d_model).
+        corrupted_tokens, clean_tokens: (B, T).
+        positions: (B, T) bool, where the residual stream is patched.
+        targets: (B, T-1) bool, the predictions whose clean target probability is read.
+    """
+    weights = targets.float()
+    per_pair = lambda p: (p * weights).sum(-1) / weights.sum(-1).clamp_min(1)  # (B,)
+    baseline = per_pair(target_probability(model(corrupted_tokens), clean_tokens))
+    effects = []
+    for name, resid in clean.items():
+        def patch(activation: torch.Tensor, hook, resid=resid) -> torch.Tensor:
+            return torch.where(positions[..., None], resid, activation)
+
+        patched = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, patch)])
+        effects.append(per_pair(target_probability(patched, clean_tokens)) - baseline)
+    return torch.stack(effects)
+
+
+@register_probe
+class PatchingProbe(Probe):
+    """`effect` per layer and `z_dependence` (mean over pairs of the largest per-layer effect)."""
+
+    name = "patching"
+    live = False  # n_layers + 2 extra forwards: measure it on checkpoints
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed=seed)
+
+    def hook_names(self, n_layers: int) -> list[str]:
+        return residual_hooks(n_layers)
+
+    def compute(self, inputs: ProbeInputs) -> list[Measurement]:
+        batch = inputs.batch
+        if batch.source_mask is None or batch.copy_mask is None:
+            return []  # the task has no defined pairs
+        clean = {name: inputs.acts[name] for name in residual_hooks(inputs.n_layers)}
+        vocab = int(inputs.model.W_U.shape[-1])
+        corrupted = corrupt_sources(batch, vocab, self.options["seed"])
+        effects = patching_effects(inputs.model, clean, corrupted, batch.tokens, batch.source_mask, batch.copy_mask & batch.loss_mask)
+        return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]
