@@ -1,0 +1,157 @@
+"""`phaselens probe`: post-hoc probes over checkpoints, resumable, with local and Ray backends."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+import phaselens as pl
+from phaselens.cli import app
+from phaselens.posthoc.runner import run_probes
+from phaselens.store.metrics import MetricsStore
+from phaselens.training.config import load_config
+from phaselens.training.trainer import train
+
+PROBES = ["attention", "heads", "loss", "logit_lens", "attention_to", "patching"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A short induction run whose checkpoints carry the trainer's own probe-batch values."""
+    path = tmp_path_factory.mktemp("sweep") / "run"
+    train(load_config("induction", ["train.steps=80", "train.checkpoint_every=20", "train.eval_every=40"]), path, progress=False)
+    return path
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    path = tmp_path / "run"
+    shutil.copytree(trained, path)
+    return path
+
+
+def checkpoint_rows(path, probes=None) -> pd.DataFrame:
+    frame = pl.open_run(path).metrics(source="checkpoint")
+    if probes:
+        frame = frame[frame["probe"].isin(probes)]
+    return frame.sort_values(["probe", "metric", "step", "layer", "head"]).reset_index(drop=True)
+
+
+def drop_checkpoint_rows(path) -> None:
+    store = MetricsStore(path / "metrics.sqlite")
+    with store._conn:
+        store._conn.execute("DELETE FROM metrics WHERE source = 'checkpoint'")
+    store.close()
+
+
+def test_post_hoc_values_equal_the_values_logged_during_training(run_copy):
+    logged = checkpoint_rows(run_copy, ["attention", "heads", "loss"])
+    assert len(logged) and sorted(logged["step"].unique()) == [0, 20, 40, 60, 80]
+    drop_checkpoint_rows(run_copy)
+    result = run_probes(run_copy, ["attention", "heads", "loss"], progress=False)
+    assert result.ok and result.measured == [0, 20, 40, 60, 80]
+    again = checkpoint_rows(run_copy)
+    pd.testing.assert_frame_equal(logged.drop(columns="value"), again.drop(columns="value"))
+    assert (logged["value"] - again["value"]).abs().max() < 1e-5
+
+
+def test_a_second_sweep_skips_what_is_stored(run_copy):
+    first = run_probes(run_copy, PROBES, progress=False)
+    assert first.ok and first.measured == [0, 20, 40, 60, 80]
+    before = checkpoint_rows(run_copy)
+    second = run_probes(run_copy, PROBES, progress=False)
+    assert second.measured == [] and second.skipped == 5 * len(PROBES)
+    pd.testing.assert_frame_equal(before, checkpoint_rows(run_copy))
+
+
+def test_only_the_hooks_the_probes_need_are_cached(run_copy, monkeypatch):
+    from phaselens.probes import measure
+
+    seen = []
+    original = measure.measure_model
+
+    def spy(model, batch, probes):
+        real = model.run_with_cache
+
+        def run_with_cache(*args, names_filter=None, **kwargs):
+            seen.append(sorted(names_filter))
+            return real(*args, names_filter=names_filter, **kwargs)
+
+        monkeypatch.setattr(model, "run_with_cache", run_with_cache)
+        return original(model, batch, probes)
+
+    monkeypatch.setattr("phaselens.probes.measure.measure_model", spy)
+    drop_checkpoint_rows(run_copy)
+    run_probes(run_copy, ["attention"], steps=[20], progress=False)
+    assert seen == [["blocks.0.attn.hook_pattern", "blocks.1.attn.hook_pattern"]]
+
+
+def test_a_corrupt_checkpoint_is_recorded_as_failed_and_the_sweep_goes_on(run_copy):
+    drop_checkpoint_rows(run_copy)
+    weights = run_copy / "checkpoints" / "step_00000040" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = CliRunner().invoke(app, ["probe", str(run_copy), "--probes", "attention,heads"])
+    assert result.exit_code == 1
+    assert "step 40" in result.output and "model.safetensors" in result.output
+    assert sorted(checkpoint_rows(run_copy)["step"].unique()) == [0, 20, 60, 80]
+    failures = MetricsStore(run_copy / "metrics.sqlite").failures()
+    assert set(failures["step"]) == {40} and "corrupt" in failures["reason"].iloc[0]
+
+
+def test_local_workers_and_ray_produce_identical_tables(run_copy, tmp_path):
+    pytest.importorskip("ray")
+    other = tmp_path / "other"
+    shutil.copytree(run_copy, other)
+    drop_checkpoint_rows(run_copy)
+    drop_checkpoint_rows(other)
+    local = run_probes(run_copy, PROBES, backend="local", workers=2, progress=False)
+    remote = run_probes(other, PROBES, backend="ray", workers=2, progress=False)
+    assert local.ok and remote.ok
+    a, b = checkpoint_rows(run_copy), checkpoint_rows(other)
+    assert len(a) == len(b) > 0
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=0, atol=1e-6)
+
+
+def test_killing_a_sweep_and_running_it_again_completes_it(run_copy):
+    drop_checkpoint_rows(run_copy)
+    command = [sys.executable, "-m", "phaselens.cli", "probe", str(run_copy), "--probes", ",".join(PROBES)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until some, not all, checkpoints are stored
+        done = MetricsStore(run_copy / "metrics.sqlite").stored_pairs("checkpoint")
+        if len({step for step, _ in done}) >= 1:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stored = MetricsStore(run_copy / "metrics.sqlite").stored_pairs("checkpoint")
+    complete = {step for step in (0, 20, 40, 60, 80) if all((step, p) in stored for p in PROBES)}
+    assert complete and stored == {(step, p) for step in complete for p in PROBES}  # a checkpoint lands whole
+    result = run_probes(run_copy, PROBES, progress=False)
+    assert result.ok
+    assert result.measured == sorted({0, 20, 40, 60, 80} - complete)  # nothing stored is measured again
+    rows = checkpoint_rows(run_copy)
+    assert not rows.duplicated(["probe", "metric", "step", "layer", "head"]).any()
+    assert set(rows["step"]) == {0, 20, 40, 60, 80}
+
+
+def test_ray_backend_without_ray_says_how_to_install(run_copy, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    drop_checkpoint_rows(run_copy)
+    result = CliRunner().invoke(app, ["probe", str(run_copy), "--backend", "ray"])
+    assert result.exit_code == 2
+    assert "pip install 'phaselens[ray]'" in result.output
+
+
+def test_unknown_probe_and_missing_step_are_refused(run_copy):
+    result = CliRunner().invoke(app, ["probe", str(run_copy), "--probes", "attention,nonsense"])
+    assert result.exit_code == 2 and "nonsense" in result.output
+    result = CliRunner().invoke(app, ["probe", str(run_copy), "--steps", "30"])
+    assert result.exit_code == 2 and "30" in result.output
