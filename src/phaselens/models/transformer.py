@@ -77,6 +77,11 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()  # (B, T, H, dh)
         self.hook_result = HookPoint()  # (B, T, H, d_model); only computed when hooked
 
+    def _fused_ok(self) -> bool:
+        """Use the fused kernel only when nobody reads scores or pattern, and only without autograd:
+        training always takes the explicit path, so its numbers never depend on telemetry settings."""
+        return not (torch.is_grad_enabled() or self.hook_attn_scores._forward_hooks or self.hook_pattern._forward_hooks)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         H, dh = self.W_Q.shape[0], self.W_Q.shape[2]
@@ -85,11 +90,15 @@ class Attention(nn.Module):
         b_qkv = torch.cat([self.b_Q, self.b_K, self.b_V], 0).reshape(3 * H * dh)
         q, k, v = (x @ w_qkv + b_qkv).view(B, T, 3, H, dh).unbind(2)  # each (B, T, H, dh)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.scale  # (B, H, T, T)
-        scores = scores.masked_fill(~self.mask[:T, :T], float("-inf"))
-        scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(scores.softmax(-1))  # (B, H, T, T)
-        z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))  # (B, T, H, dh)
+        if self._fused_ok():
+            z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            z = self.hook_z(z.transpose(1, 2))  # (B, T, H, dh)
+        else:
+            scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.scale  # (B, H, T, T)
+            scores = scores.masked_fill(~self.mask[:T, :T], float("-inf"))
+            scores = self.hook_attn_scores(scores)
+            pattern = self.hook_pattern(scores.softmax(-1))  # (B, H, T, T)
+            z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))  # (B, T, H, dh)
         if self.hook_result._forward_hooks:
             # Per-head outputs cost an extra (B, T, H, d_model) tensor: only when asked for.
             result = self.hook_result(torch.einsum("bqhe,hed->bqhd", z, self.W_O))

@@ -23,14 +23,22 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def _context():
+    """fork (workers start at once, torch already imported) unless CUDA is live, which fork would break."""
+    import torch
+
+    if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
 def local(run_path: str, tasks: Tasks, workers: int = 1, address: str | None = None) -> Iterator[TaskResult]:
     """Sequential in this process (workers <= 1), or a pool of `workers` spawned processes."""
     if workers <= 1:
         for step, probes in tasks:
             yield measure_checkpoint(run_path, step, probes)
         return
-    context = multiprocessing.get_context("spawn")  # fork after torch has started threads is unsafe
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_one_thread) as pool:
         futures = [pool.submit(measure_checkpoint, run_path, step, probes) for step, probes in tasks]
         for future in as_completed(futures):
             yield future.result()

@@ -55,17 +55,24 @@ def patching_effects(
         positions: (B, T) bool, where the residual stream is patched.
         targets: (B, T-1) bool, the predictions whose clean target probability is read.
     """
-    weights = targets.float()
-    per_pair = lambda p: (p * weights).sum(-1) / weights.sum(-1).clamp_min(1)  # (B,)
-    baseline = per_pair(target_probability(model(corrupted_tokens), clean_tokens))
-    effects = []
-    for name, resid in clean.items():
-        def patch(activation: torch.Tensor, hook, resid=resid) -> torch.Tensor:
-            return torch.where(positions[..., None], resid, activation)
+    B = corrupted_tokens.shape[0]
+    n = len(clean)
+    # One forward for all layers: row group g patches site g, the last group is the unpatched baseline.
+    tokens = corrupted_tokens.repeat(n + 1, 1)  # ((n+1)·B, T)
 
-        patched = model.run_with_hooks(corrupted_tokens, fwd_hooks=[(name, patch)])
-        effects.append(per_pair(target_probability(patched, clean_tokens)) - baseline)
-    return torch.stack(effects)
+    def patcher(group: int, resid: torch.Tensor):
+        def patch(activation: torch.Tensor, hook) -> torch.Tensor:
+            rows = slice(group * B, (group + 1) * B)
+            activation[rows] = torch.where(positions[..., None], resid, activation[rows])
+            return activation
+        return patch
+
+    hooks = [(name, patcher(group, resid)) for group, (name, resid) in enumerate(clean.items())]
+    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)  # ((n+1)·B, T, V)
+    p = target_probability(logits, clean_tokens.repeat(n + 1, 1)).view(n + 1, B, -1)  # (n+1, B, T-1)
+    weights = targets.float()
+    per_pair = (p * weights).sum(-1) / weights.sum(-1).clamp_min(1)  # (n+1, B)
+    return per_pair[:n] - per_pair[n]
 
 
 @register_probe

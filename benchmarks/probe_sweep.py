@@ -1,0 +1,136 @@
+"""Post-hoc probes over a run's checkpoints: phaselens against the naive way, side by side.
+
+  phaselens  `run_probes` with the default probe set: each checkpoint loaded once into a model
+             built once per worker, the probe batch run once with only the needed hooks cached,
+             every metric computed on the device in one pass over layers and heads
+  naive      per checkpoint: build the model, load the weights, an unfiltered `run_with_cache`,
+             then the same metrics head by head and layer by layer in Python, each value
+             pulled to the CPU and written on its own
+and phaselens with 1 and 2 local worker processes. The last line is JSON.
+
+    .venv/bin/python benchmarks/probe_sweep.py [--run runs/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import phaselens as pl
+from phaselens.models import build_model
+from phaselens.posthoc.runner import run_probes, resolve_probes
+from phaselens.probes.attention import attention_coherence, attention_entropy, attention_head_variance, attention_specialization
+from phaselens.probes.attention_to import attention_mass
+from phaselens.probes.heads import detection_patterns, head_score
+from phaselens.probes.logit_lens import logit_lens_stats
+from phaselens.probes.loss import masked_mean, token_losses
+from phaselens.probes.patching import corrupt_sources, residual_hooks, target_probability
+from phaselens.store.metrics import MetricsStore
+from phaselens.training.checkpoints import load_weights
+from phaselens.training.config import load_config
+from phaselens.training.trainer import train
+
+
+def fresh_copy(run: Path, root: Path, name: str) -> Path:
+    """A copy of the run without checkpoint-source rows, so every checkpoint is measured."""
+    path = root / name
+    shutil.copytree(run, path, ignore=shutil.ignore_patterns("report", "artifacts"))
+    store = MetricsStore(path / "metrics.sqlite")
+    with store._conn:
+        store._conn.execute("DELETE FROM metrics WHERE source = 'checkpoint'")
+    store.close()
+    return path
+
+
+def naive_sweep(path: Path) -> int:
+    """What a researcher writes by hand for the same metrics."""
+    run = pl.open_run(path)
+    batch = run.probe_batch()
+    store = MetricsStore(path / "metrics.sqlite")
+    n_rows = 0
+    for step in run.checkpoint_steps():
+        model = build_model(run.run_config().model)
+        load_weights(model, run.dir.checkpoint(step))
+        with torch.no_grad():
+            logits, cache = model.run_with_cache(batch.tokens)
+            rows = []
+            L, H = model.cfg.n_layers, model.cfg.n_heads
+            detection = detection_patterns(batch.tokens)
+            for layer in range(L):
+                pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+                for head in range(H):
+                    single = pattern[:, head : head + 1]
+                    rows.append((step, "attention", "entropy", layer, head, attention_entropy(single).item()))
+                    rows.append((step, "attention", "coherence", layer, head, attention_coherence(single).item()))
+                    rows.append((step, "attention", "specialization", layer, head, attention_specialization(pattern)[1][head].item()))
+                    for name, d in detection.items():
+                        rows.append((step, "heads", name, layer, head, head_score(single, d).item()))
+                    queries = torch.cat([batch.copy_mask, torch.zeros_like(batch.copy_mask[:, :1])], 1)
+                    rows.append((step, "attention_to", "mass", layer, head, attention_mass(single, queries, batch.source_mask).item()))
+                rows.append((step, "attention", "specialization", layer, None, attention_specialization(pattern)[0].item()))
+                rows.append((step, "attention", "head_variance", layer, None, attention_head_variance(pattern).item()))
+            losses = token_losses(logits, batch.tokens)
+            rows.append((step, "loss", "all", None, None, masked_mean(losses, batch.loss_mask).item()))
+            rows.append((step, "loss", "copy", None, None, masked_mean(losses, batch.copy_mask).item()))
+            rows.append((step, "loss", "non_copy", None, None, masked_mean(losses, ~batch.copy_mask).item()))
+            names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]
+            for layer, name in enumerate(names):
+                stats = logit_lens_stats(cache[name][None], model, batch.tokens, batch.loss_mask)
+                rows += [(step, "logit_lens", metric, layer, None, value.item()) for metric, value in stats.items()]
+            corrupted = corrupt_sources(batch, model.cfg.d_vocab, 0)
+            weights = batch.copy_mask.float()
+            baseline = (target_probability(model(corrupted), batch.tokens) * weights).sum(-1) / weights.sum(-1)
+            effects = []
+            for layer, name in enumerate(residual_hooks(L)):  # one patched forward per layer
+                def patch(activation, hook, clean=cache[name]):
+                    return torch.where(batch.source_mask[..., None], clean, activation)
+                patched = model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])
+                effect = (target_probability(patched, batch.tokens) * weights).sum(-1) / weights.sum(-1) - baseline
+                effects.append(effect)
+                rows.append((step, "patching", "effect", layer, None, effect.mean().item()))
+            rows.append((step, "patching", "z_dependence", None, None, torch.stack(effects).max(0).values.mean().item()))
+        for row in rows:  # one insert per value
+            store.write([(*row, "checkpoint")])
+        n_rows += len(rows)
+    store.close()
+    return n_rows
+
+
+def timed(fn) -> tuple[float, object]:
+    began = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - began, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, help="a run directory (default: train a 1,000-step induction run)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        run = args.run
+        if run is None:
+            run = root / "source"
+            train(load_config("induction", ["train.steps=1000", "train.checkpoint_every=50"]), run, progress=False)
+        probes = resolve_probes(None)
+        n_ckpt = len(pl.open_run(run).checkpoint_steps())
+        t_naive, naive_rows = timed(lambda: naive_sweep(fresh_copy(run, root, "naive")))
+        t_one, one = timed(lambda: run_probes(fresh_copy(run, root, "one"), probes, workers=1, progress=False))
+        t_two, two = timed(lambda: run_probes(fresh_copy(run, root, "two"), probes, workers=2, progress=False))
+    assert one.ok and two.ok, (one.failures, two.failures)
+    print(f"{n_ckpt} checkpoints, probes {','.join(probes)}")
+    print(f"naive {t_naive:.1f} s ({naive_rows} rows)  phaselens 1 worker {t_one:.1f} s ({one.rows} rows)  2 workers {t_two:.1f} s")
+    print(json.dumps({"benchmark": "probe_sweep", "ratio_vs_naive": round(t_naive / t_one, 3),
+                      "speedup_2_workers": round(t_one / t_two, 3), "checkpoints": n_ckpt,
+                      "seconds": {"naive": round(t_naive, 2), "workers_1": round(t_one, 2), "workers_2": round(t_two, 2)}}))
+
+
+if __name__ == "__main__":
+    main()
