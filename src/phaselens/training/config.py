@@ -32,7 +32,7 @@ class DataConfig:
     variant: str = "variable_offset"  # or "half_repeat" (solvable by a positional shortcut)
     min_len: int = 8
     max_len: int = 24
-    probe_size: int = 16  # fixed probe batch, measured at every telemetry step and checkpoint
+    probe_size: int = 64  # fixed probe batch, measured at every checkpoint (during training and post-hoc)
     eval_size: int = 128  # fixed held-out batch for the periodic eval loss
 
 
