@@ -13,6 +13,7 @@ from phaselens.analysis.transitions import detect_transitions, smooth
 COPY_LOSS_SOLVED = 1.0  # copy loss below this after the drop: the model copies
 INDUCTION_FORMED = 0.5  # a head's induction score above this afterwards
 PREV_TOKEN_FORMED = 0.25
+MIN_COPY_DROP = 0.5  # nats: a smaller move of the copy loss is not the induction transition
 
 
 @dataclass
@@ -56,12 +57,18 @@ class InductionSummary:
         if math.isnan(self.copy_loss_final):
             return "No copy-position loss was recorded, so there is nothing to say about induction."
         if not self.found:
-            return (
-                f"No induction transition in {self.steps} steps: the copy-position loss ends at "
-                f"{self.copy_loss_final:.2f} (chance: ln {self.vocab} = {ln_v:.2f}), and no head's induction "
-                f"score exceeds {INDUCTION_FORMED}"
-                + (f" (best {self.induction_head.after:.2f})." if self.induction_head else ".")
-            )
+            best = f"the best head's induction score is {self.induction_head.after:.2f}" if self.induction_head else "no head scores were recorded"
+            chance = f"(chance: ln {self.vocab} = {ln_v:.2f})"
+            if self.transition is None:
+                return (f"No induction transition in {self.steps} steps: the copy-position loss ends at "
+                        f"{self.copy_loss_final:.2f} {chance}, with no sharp drop; {best}.")
+            t = self.transition
+            if self.copy_loss_final >= COPY_LOSS_SOLVED:
+                return (f"Induction has begun but is not complete after {self.steps} steps: the copy-position loss "
+                        f"dropped {t['before']:.2f} → {t['after']:.2f} at step {t['step']} {chance} and ends at "
+                        f"{self.copy_loss_final:.2f}, above {COPY_LOSS_SOLVED}; {best}.")
+            return (f"No induction head: the copy-position loss ends at {self.copy_loss_final:.2f} {chance}, "
+                    f"but {best}, below {INDUCTION_FORMED}.")
         t, ih = self.transition, self.induction_head
         lines = [
             f"Induction transition at step {t['step']}: the copy-position loss falls from {self.copy_loss_initial:.2f} "
@@ -137,7 +144,7 @@ def summarize_induction(run) -> InductionSummary:
     vocab = int(run.config["model"]["d_vocab"])
     steps = int(metrics["step"].max()) if len(metrics) else 0
     transitions = detect_transitions(copy)
-    drops = transitions[transitions["after"] < transitions["before"]]
+    drops = transitions[transitions["before"] - transitions["after"] >= MIN_COPY_DROP]
     transition = None
     if len(drops):
         best = drops.loc[(drops["before"] - drops["after"]).idxmax()]

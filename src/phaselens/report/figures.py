@@ -223,3 +223,146 @@ def plot_head_scores(metrics: pd.DataFrame, transition: dict | None, path: Path)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return Figure(path, missing)
+
+
+# ---------------------------------------------------------------------------- post-hoc probes (checkpoints)
+
+
+def stream_label(layer: int, n_layers: int) -> str:
+    """Residual stream ℓ of the logit lens and of patching: 0 = embeddings, ℓ = after block ℓ−1."""
+    if layer == 0:
+        return "0: embeddings"
+    return f"{layer}: after block {layer - 1}" + (" (output)" if layer == n_layers else "")
+
+
+def _per_layer(frame: pd.DataFrame) -> pd.DataFrame:
+    """A step × layer table of a per-layer metric."""
+    rows = frame[frame["layer"].notna() & frame["head"].isna()]
+    return rows.pivot_table(index="step", columns="layer", values="value").sort_index()
+
+
+MIN_EFFECT_SCALE = 0.05  # patching effects (Δ p) smaller than this are drawn as nothing, not stretched to fill the axes
+MAX_ANNOTATED_CHECKPOINTS = 24  # beyond this the numbers in the cells no longer fit
+
+
+def _cell_edges(steps: np.ndarray) -> np.ndarray:
+    """Cell boundaries centred on each checkpoint (uneven intervals stay honest); a lone checkpoint gets a cell too."""
+    steps = steps.astype(float)
+    if len(steps) == 1:
+        half = max(1.0, 0.05 * abs(steps[0]))
+        return np.array([steps[0] - half, steps[0] + half])
+    mids = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[2 * steps[0] - mids[0]], mids, [2 * steps[-1] - mids[-1]]])
+
+
+def _layer_heatmap(ax, table: pd.DataFrame, transition: dict | None, marker: str, fmt: str, **style):
+    """Layers (rows, embeddings on top) × checkpoint steps (columns), with the transition as a vertical line."""
+    n_layers = int(max(table.columns))
+    values = table.to_numpy().T  # (layer, step)
+    mesh = ax.pcolormesh(_cell_edges(table.index.to_numpy()), np.arange(len(table.columns) + 1) - 0.5, values, **style)
+    ax.set_yticks(np.arange(len(table.columns)), [stream_label(int(layer), n_layers) for layer in table.columns])
+    ax.invert_yaxis()  # the embeddings on top, the output at the bottom: the order the stream flows
+    if values.shape[1] <= MAX_ANNOTATED_CHECKPOINTS:  # few checkpoints: print the numbers, colour alone hides small ones
+        for (row, col), value in np.ndenumerate(values):
+            if np.isfinite(value):
+                r, g, b, _ = mesh.cmap(mesh.norm(value))
+                text = format(value, fmt)
+                text = text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.00"
+                ax.text(table.index[col], row, text, ha="center", va="center", fontsize=7,
+                        color="black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white")
+    ax.set_xlabel("checkpoint step")
+    if transition is not None:  # said in the axis label: text inside the cells would cover their numbers
+        ax.axvline(transition["step"], color=marker, ls="--", lw=1.2)
+        ax.set_xlabel(f"checkpoint step (dashed: copy-loss transition, step {transition['step']})")
+    ax.set_ylabel("residual stream")
+    return mesh
+
+
+def _layer_lines(ax, table: pd.DataFrame) -> None:
+    n_layers = int(max(table.columns))
+    colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(2, table.shape[1])))
+    for color, layer in zip(colors, table.columns):
+        ax.plot(table.index, table[layer], color=color, lw=1.4, marker="o", ms=3, label=stream_label(int(layer), n_layers))
+
+
+def _finish(fig, transition: dict | None, title: str, path: Path) -> None:
+    # left-aligned: constrained layout keeps no room for the transition legend at the top right beside a centred title
+    fig.suptitle(title, fontsize=12, x=0.01, ha="left")
+    _transition_legend(fig, transition)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def plot_logit_lens(metrics: pd.DataFrame, transition: dict | None, vocab: int, path: Path) -> Figure:
+    """Logit-lens p(correct next token) per residual stream × checkpoint, as a heatmap and as lines."""
+    table = _per_layer(_series(metrics, "logit_lens", "p_correct"))
+    if table.empty:
+        return Figure(None, ["logit lens — post-hoc probe `logit_lens`, metric `p_correct`"])
+    fig = plt.figure(figsize=(12, 2.4 + 0.45 * table.shape[1] + 3.2), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.2 + 0.45 * table.shape[1], 3.2])
+    ax = top.subplots()
+    # an absolute scale from 0: a stream that never predicts stays dark instead of being stretched over noise
+    top_value = max(float(np.nanmax(table.to_numpy())), 2 / vocab)
+    mesh = _layer_heatmap(ax, table, transition, "white", ".3f", cmap="viridis", vmin=0, vmax=top_value, rasterized=True)
+    top.colorbar(mesh, ax=ax, label="p(correct next token)", pad=0.01)
+    ax.set_title("(a) logit lens: each residual stream read through the final norm and unembedding")
+    ax_line = bottom.subplots()
+    _mark_transition(ax_line, transition)
+    _layer_lines(ax_line, table)
+    ax_line.axhline(1 / vocab, color="0.3", ls=":", lw=1.2)
+    ax_line.annotate(f"chance: 1/{vocab}", (0.99, 1 / vocab), xycoords=("axes fraction", "data"), xytext=(0, 3),
+                     textcoords="offset points", ha="right", va="bottom", fontsize=8, color="0.3")
+    ax_line.set_xlim(ax.get_xlim())
+    # headroom above chance, so a run that never leaves it keeps its lines (and the chance label) off the frame
+    ax_line.set_ylim(0, 1.15 * top_value)
+    ax_line.set_title("(b) p(correct next token) per residual stream")
+    ax_line.set_xlabel("checkpoint step")
+    ax_line.set_ylabel("mean p(correct)")
+    ax_line.legend(fontsize=8, loc="upper left", title="residual stream", title_fontsize=8)
+    _finish(fig, transition, "Logit lens over checkpoints (post-hoc, probe batch)", path)
+    return Figure(path)
+
+
+def plot_patching(metrics: pd.DataFrame, transition: dict | None, path: Path) -> Figure:
+    """Patching effect per residual stream × checkpoint, z_dependence, and (if measured) attention to the source."""
+    effect = _per_layer(_series(metrics, "patching", "effect"))
+    if effect.empty:
+        return Figure(None, ["activation patching — post-hoc probe `patching`, metric `effect`"])
+    z = _series(metrics, "patching", "z_dependence")
+    z = z[z["layer"].isna()]
+    mass = _per_head(_series(metrics, "attention_to", "mass"))
+    missing = [] if len(mass) else ["(c) attention to the source — post-hoc probe `attention_to`, metric `mass`"]
+    fig = plt.figure(figsize=(12, 2.4 + 0.45 * effect.shape[1] + 3.4), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.2 + 0.45 * effect.shape[1], 3.4])
+    ax = top.subplots()
+    # diverging around 0: white = patching changes nothing, red = restoring the stream restores the copy
+    limit = max(float(np.nanmax(np.abs(effect.to_numpy()))), MIN_EFFECT_SCALE)
+    mesh = _layer_heatmap(ax, effect, transition, "black", ".2f", cmap="RdBu_r", vmin=-limit, vmax=limit, rasterized=True)
+    top.colorbar(mesh, ax=ax, label="effect e_ℓ (Δ p)", pad=0.01)
+    ax.set_title("(a) effect of restoring the clean residual stream at the source segment")
+    axes = bottom.subplots(1, 2 if len(mass) else 1, squeeze=False)[0]
+    ax_z = axes[0]
+    _mark_transition(ax_z, transition)
+    ax_z.plot(z["step"], z["value"], color="tab:red", lw=1.4, marker="o", ms=3)
+    ax_z.axhline(0, color="0.3", lw=0.8)
+    ax_z.set_xlim(ax.get_xlim())
+    # the same floor as the heatmap: effects of 1e-4 must look like the nothing they are
+    ax_z.set_ylim(min(0.0, 1.1 * float(z["value"].min())) if len(z) else 0.0,
+                  max(MIN_EFFECT_SCALE, 1.1 * float(z["value"].max())) if len(z) else MIN_EFFECT_SCALE)
+    ax_z.set_title("(b) z_dependence (mean over sequences of max_ℓ e_ℓ)")
+    ax_z.set_xlabel("checkpoint step")
+    ax_z.set_ylabel("Δ p(correct copy)")
+    if len(mass):
+        ax_mass = axes[1]
+        _mark_transition(ax_mass, transition)
+        palette = plt.get_cmap("tab10" if mass.shape[1] <= 10 else "tab20").colors
+        for i, col in enumerate(mass.columns):
+            ax_mass.plot(mass.index, mass[col], color=palette[i % len(palette)], lw=1.2, marker="o", ms=3, label=head_label(*col))
+        ax_mass.set_xlim(ax.get_xlim())
+        ax_mass.set_ylim(0, 1)
+        ax_mass.set_title("(c) attention from copy positions to the source")
+        ax_mass.set_xlabel("checkpoint step")
+        ax_mass.set_ylabel("attention mass")
+        ax_mass.legend(fontsize=8, title="head", title_fontsize=8, loc="upper left", ncol=2)
+    _finish(fig, transition, "Activation patching over checkpoints (post-hoc, probe batch)", path)
+    return Figure(path, missing)
