@@ -9,17 +9,21 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 PYTEST_ARGS ?=
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# This environment's pip config lists index folders that may not exist; hide those warnings only.
+QUIET  := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
 .PHONY: demo test test-fast bench clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	if [ "$(TORCH)" != "skip" ]; then $(PIP) install $(TORCH); fi
-	$(PIP) install -e .
+	if [ "$(TORCH)" != "skip" ]; then $(PIP) install $(TORCH) $(QUIET); fi
+	$(PIP) install -e . $(QUIET)
 	touch $@
 
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test]" $(QUIET)
 	touch $@
 
 demo: $(VENV)/.base
