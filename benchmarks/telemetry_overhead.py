@@ -7,7 +7,7 @@ Three trainers of the demo configuration step in interleaved blocks:
          step, the same metrics computed from that cache, and rows written at once
 The last line is JSON: ratio = live/off, naive_ratio = naive/off (time per step).
 
-    .venv/bin/python benchmarks/telemetry_overhead.py [--steps 600] [--block 50]
+    .venv/bin/python benchmarks/telemetry_overhead.py [--steps 600] [--block 50] [--threads 1]
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from phaselens.training.trainer import Trainer
 PROBES = ["attention", "heads", "loss"]
 
 
-def make_trainer(root: Path, mode: str, steps: int) -> Trainer:
+def make_trainer(root: Path, mode: str, steps: int, extra: list[str]) -> Trainer:
     probes = PROBES if mode == "live" else []
     overrides = [f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.eval_every={10 * steps}",
-                 f"telemetry.probes={','.join(probes) or '[]'}"]
+                 f"telemetry.probes={','.join(probes) or '[]'}", *extra]
     trainer = Trainer(load_config("induction", overrides), root / mode, progress=False)
     trainer.setup()
     return trainer
@@ -53,10 +53,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=600, help="steps per mode")
     parser.add_argument("--block", type=int, default=50, help="steps per interleaved block")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the demo preset uses 1)")
+    parser.add_argument("override", nargs="*", help="config overrides for all three, e.g. telemetry.rows=4")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        trainers = {mode: make_trainer(root, mode, args.steps) for mode in ("off", "live", "naive")}
+        trainers = {mode: make_trainer(root, mode, args.steps, args.override) for mode in ("off", "live", "naive")}
         naive_store = MetricsStore(root / "naive.sqlite")
         times: dict[str, list[float]] = {mode: [] for mode in trainers}
         for start in range(0, args.steps, args.block):
@@ -69,6 +72,7 @@ def main() -> None:
                         trainer.step(step)
                 trainer.telemetry.flush()
                 times[mode].append(time.perf_counter() - began)
+        rows = trainers["live"].config.telemetry.rows
         for trainer in trainers.values():
             trainer.telemetry.close()
         naive_store.close()
@@ -79,7 +83,7 @@ def main() -> None:
     print(f"ms/step  off {ms['off']:.2f}  live {ms['live']:.2f}  naive {ms['naive']:.2f}")
     print(f"live telemetry costs {100 * (ratio - 1):+.1f}% per step; the naive way {100 * (naive_ratio - 1):+.1f}%")
     print(json.dumps({"benchmark": "telemetry_overhead", "ratio": round(ratio, 4), "naive_ratio": round(naive_ratio, 4),
-                      "steps": args.steps, "block": args.block, "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
+                      "steps": args.steps, "block": args.block, "rows": rows, "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
                       "threads": torch.get_num_threads()}))
 
 

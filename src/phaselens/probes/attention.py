@@ -2,9 +2,14 @@
 
 Each formula lives here once and serves live telemetry, post-hoc sweeps and the function API.
 Patterns are (..., Q, K) softmax rows of a causal model, so query q may attend to keys 0..q.
+Live telemetry runs these every training step, so the formulas that share a pass over the
+pattern share a function (entropy and coherence; specialization and head variance) and use
+few, batched tensor operations: each costs about as much in dispatch as in arithmetic here.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -17,26 +22,33 @@ def allowed_keys(n_queries: int, n_keys: int, device: torch.device | None = None
     return torch.arange(1, n_queries + 1, device=device) + offset
 
 
-def row_entropy(pattern: torch.Tensor) -> torch.Tensor:
-    """H = −Σ_k p log p per attention row (nats): (..., Q, K) -> (..., Q). Masked keys have p = 0."""
-    return -torch.special.xlogy(pattern, pattern).sum(-1)
+@functools.lru_cache(maxsize=32)
+def _entropy_weights(n_batch: int, n_queries: int, n_keys: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(Q, 2) weights taking Σ_k p log p of each row to its share of [mean H, mean H/log n_keys(q)]."""
+    with torch.inference_mode(False):  # cached across calls: must stay usable outside inference mode
+        log_keys = allowed_keys(n_queries, n_keys, device).to(dtype).log()  # (Q,)
+        weights = torch.stack([torch.ones_like(log_keys), 1 / log_keys], dim=-1)  # (Q, 2)
+        weights[0] = 0  # query 0 has a single allowed key and is left out of both means
+        return weights / -(n_batch * (n_queries - 1))  # H = −Σ p log p, averaged over (b, q >= 1)
 
 
-def entropy_from_rows(entropy_rows: torch.Tensor) -> torch.Tensor:
-    """Mean over batch and queries q >= 1 of row entropies: (..., B, H, Q) -> (..., H)."""
-    return entropy_rows[..., 1:].mean(dim=(-3, -1))
+def entropy_and_coherence(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean row entropy H (nats) and σ_p = 1 − H(q)/log n_keys(q) per head, over batch and queries q >= 1.
 
-
-def coherence_from_rows(entropy_rows: torch.Tensor, n_keys: int) -> torch.Tensor:
-    """σ_p = 1 − H(q)/log n_keys(q) averaged like the entropy: (..., B, H, Q) -> (..., H)."""
-    Q = entropy_rows.shape[-1]
-    log_keys = allowed_keys(Q, n_keys, entropy_rows.device).to(entropy_rows.dtype).log()[1:]  # (Q-1,)
-    return (1 - entropy_rows[..., 1:] / log_keys).mean(dim=(-3, -1))
+    (..., B, H, Q, K) -> ((..., H), (..., H)). Each row is normalised by its own number of allowed
+    keys (not by T). Coherence 1: every query attends to a single key; 0: uniform attention.
+    """
+    B, Q, K = pattern.shape[-4], pattern.shape[-2], pattern.shape[-1]
+    # p·log(max(p, tiny)) is exactly 0 where p = 0, and 3x faster than torch.special.xlogy on CPU.
+    plogp = pattern.clamp_min(torch.finfo(pattern.dtype).tiny).log_().mul_(pattern)  # one temporary, in place
+    weights = _entropy_weights(B, Q, K, pattern.device, pattern.dtype)  # (Q, 2)
+    entropy, normalised = (plogp.sum(-1) @ weights).sum(-3).unbind(-1)  # (..., H) each, averaged over (b, q >= 1)
+    return entropy, 1 - normalised
 
 
 def attention_entropy(pattern: torch.Tensor) -> torch.Tensor:
     """Mean row entropy per head over batch and query positions q >= 1: (..., B, H, Q, K) -> (..., H)."""
-    return entropy_from_rows(row_entropy(pattern))
+    return entropy_and_coherence(pattern)[0]
 
 
 def attention_coherence(pattern: torch.Tensor) -> torch.Tensor:
@@ -44,23 +56,42 @@ def attention_coherence(pattern: torch.Tensor) -> torch.Tensor:
 
     (..., B, H, Q, K) -> (..., H). 1: every query attends to a single key; 0: uniform attention.
     """
-    return coherence_from_rows(row_entropy(pattern), pattern.shape[-1])
+    return entropy_and_coherence(pattern)[1]
+
+
+@functools.lru_cache(maxsize=32)
+def _centering(n_heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(H, H) = I − 1/H: applied to the heads of a row, it subtracts their mean."""
+    with torch.inference_mode(False):  # cached across calls: must stay usable outside inference mode
+        return torch.eye(n_heads, device=device, dtype=dtype) - 1 / n_heads
 
 
 def deviation_from_mean_head(pattern: torch.Tensor) -> torch.Tensor:
     """P_h(q) − P̄(q), with P̄ the mean row over heads: (..., B, H, Q, K) -> same shape."""
-    return pattern - pattern.mean(dim=-3, keepdim=True)
+    H, Q, K = pattern.shape[-3:]
+    rows = pattern.reshape(-1, H, Q * K)  # (N, H, Q·K)
+    # One batched (H, H) @ (H, Q·K) product reads the pattern once; mean-then-subtract reads it twice.
+    centering = _centering(H, pattern.device, pattern.dtype).expand(rows.shape[0], H, H)
+    return torch.bmm(centering, rows).view(pattern.shape)
 
 
-def specialization_from_deviation(deviation: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """½‖P_h − P̄‖₁ averaged over (batch, query): (..., B, H, Q, K) -> (per layer (...), per head (..., H))."""
-    per_head = (0.5 * deviation.abs().sum(-1)).mean(dim=(-3, -1))  # (..., H)
-    return per_head.mean(-1), per_head
+def specialization_and_variance(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """σ_a per layer and per head, and the head variance, from one pass of deviations from the mean head.
 
-
-def variance_from_deviation(deviation: torch.Tensor) -> torch.Tensor:
-    """Mean over (batch, query, key) of the population variance across heads: (..., B, H, Q, K) -> (...)."""
-    return deviation.square().mean(dim=(-4, -3, -2, -1))
+    (..., B, H, Q, K) -> (per layer (...), per head (..., H), head variance (...)).
+    σ_a per head: mean over (batch, query) of the total-variation distance ½‖P_h(q) − P̄(q)‖₁, in
+    [0, 1]; per layer: the mean over heads. Head variance: mean over (batch, query, key) of the
+    population variance of P across heads.
+    """
+    B, H, Q, K = pattern.shape[-4:]
+    deviation = deviation_from_mean_head(pattern)
+    rows = deviation.view(-1, H, Q * K)  # (N, H, Q·K)
+    # Σ_h Σ_(q,k) (P_h − P̄)² is the trace of each (H, H) Gram matrix: one read, no temporary.
+    squares = torch.bmm(rows, rows.transpose(1, 2)).diagonal(dim1=-2, dim2=-1).sum(-1)  # (N,) = (..., B) flattened
+    variance = squares.view(*pattern.shape[:-4], B).sum(-1) / (B * H * Q * K)  # (...)
+    magnitude = deviation.abs() if deviation.requires_grad else deviation.abs_()  # the Gram product saved it for autograd
+    per_head = magnitude.view(*pattern.shape[:-2], Q * K).sum((-3, -1)) * (0.5 / (B * Q))  # (..., H)
+    return per_head.sum(-1) / H, per_head, variance
 
 
 def attention_specialization(pattern: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +100,8 @@ def attention_specialization(pattern: torch.Tensor) -> tuple[torch.Tensor, torch
     (..., B, H, Q, K) -> (per layer (...), per head (..., H)). The per-layer value is the mean
     over (batch, query) of the mean over heads; per head, that head's mean over (batch, query).
     """
-    return specialization_from_deviation(deviation_from_mean_head(pattern))
+    per_layer, per_head, _ = specialization_and_variance(pattern)
+    return per_layer, per_head
 
 
 def attention_head_variance(pattern: torch.Tensor) -> torch.Tensor:
@@ -77,7 +109,7 @@ def attention_head_variance(pattern: torch.Tensor) -> torch.Tensor:
 
     (..., B, H, Q, K) -> (...).
     """
-    return variance_from_deviation(deviation_from_mean_head(pattern))
+    return specialization_and_variance(pattern)[2]
 
 
 @register_probe
@@ -91,13 +123,12 @@ class AttentionProbe(Probe):
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         patterns = inputs.stack("blocks.{}.attn.hook_pattern")  # (L, B, H, Q, K)
-        entropy_rows = row_entropy(patterns)  # (L, B, H, Q), shared by entropy and coherence
-        deviation = deviation_from_mean_head(patterns)  # shared by specialization and head variance
-        per_layer, per_head = specialization_from_deviation(deviation)  # (L,), (L, H)
+        entropy, coherence = entropy_and_coherence(patterns)  # (L, H) each
+        per_layer, per_head, variance = specialization_and_variance(patterns)  # (L,), (L, H), (L,)
         return [
-            Measurement("entropy", entropy_from_rows(entropy_rows)),
-            Measurement("coherence", coherence_from_rows(entropy_rows, patterns.shape[-1])),
+            Measurement("entropy", entropy),
+            Measurement("coherence", coherence),
             Measurement("specialization", per_layer),
             Measurement("specialization", per_head),
-            Measurement("head_variance", variance_from_deviation(deviation)),
+            Measurement("head_variance", variance),
         ]

@@ -33,10 +33,16 @@ class ProbeInputs:
     logits: torch.Tensor | None = None  # (B, T, vocab), when the probe sets needs_logits
     n_layers: int = 0
     n_heads: int = 0
+    _stacked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def stack(self, template: str) -> torch.Tensor:
-        """Stack one hook over layers: `stack("blocks.{}.attn.hook_pattern")` -> (L, ...)."""
-        return torch.stack([self.acts[template.format(layer)] for layer in range(self.n_layers)])
+        """Stack one hook over layers: `stack("blocks.{}.attn.hook_pattern")` -> (L, ...).
+
+        Computed once per inputs and shared by the probes that ask for the same hook.
+        """
+        if template not in self._stacked:
+            self._stacked[template] = torch.stack([self.acts[template.format(layer)] for layer in range(self.n_layers)])
+        return self._stacked[template]
 
 
 class Probe:
@@ -109,5 +115,5 @@ class Layout:
 
 
 def flatten(measurements: list[Measurement]) -> torch.Tensor:
-    """All values of a probe's measurements as one float32 vector (stays on device)."""
-    return torch.cat([m.value.detach().reshape(-1).float() for m in measurements])
+    """All values of a probe's measurements as one float32 vector (stays on device; always a copy)."""
+    return torch.cat([m.value if m.value.dim() == 1 else m.value.reshape(-1) for m in measurements]).detach().float()

@@ -52,8 +52,8 @@ def model_shape(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def run_probes(probes: Sequence[Probe], inputs: ProbeInputs) -> list[tuple[str, list[Measurement]]]:
-    """Every probe's measurements on the same inputs (under no_grad)."""
-    with torch.no_grad():
+    """Every probe's measurements on the same inputs (in inference mode: no autograd bookkeeping at all)."""
+    with torch.inference_mode():
         return [(probe.name, probe.compute(inputs)) for probe in probes]
 
 
@@ -81,12 +81,17 @@ class ValueQueue:
         return len(self._pending)
 
     def log(self, step: int, probe: str, measurements: list[Measurement]) -> None:
-        if not measurements:
+        self.log_many(step, [(probe, measurements)])
+
+    def log_many(self, step: int, results: list[tuple[str, list[Measurement]]]) -> None:
+        """Queue several probes' values for one step as a single vector (one copy on the device)."""
+        results = [(probe, ms) for probe, ms in results if ms]
+        if not results:
             return
-        key = (probe,) + tuple((m.metric, tuple(m.value.shape)) for m in measurements)
+        key = tuple((probe, m.metric, tuple(m.value.shape)) for probe, ms in results for m in ms)
         if key not in self._layouts:
-            self._layouts[key] = Layout.of(probe, measurements)
-        self._pending.append((step, key, flatten(measurements)))
+            self._layouts[key] = Layout([k for probe, ms in results for k in Layout.of(probe, ms).keys])
+        self._pending.append((step, key, flatten([m for _, ms in results for m in ms])))
 
     def flush(self) -> None:
         if not self._pending:
@@ -145,6 +150,7 @@ class Telemetry:
         self._active = False
         self._acts: dict[str, torch.Tensor] = {}
         self._logits: torch.Tensor | None = None
+        self._unflushed = 0  # measured steps since the last flush
         self.values = ValueQueue(self.sink, source)
         self._handles: list[Any] = []
         self._install_hooks()
@@ -200,14 +206,15 @@ class Telemetry:
             T = batch.shape[1]
             batch = TaskBatch(tokens=batch, loss_mask=torch.ones(batch.shape[0], T - 1, dtype=torch.bool, device=batch.device))
         index = rows if rows is not None else slice(None)
-        acts = {name: act[index].detach() for name, act in self._acts.items()}
-        logits = self._logits[index].detach() if self._logits is not None else None
+        # No detach: the probes run in inference mode, and `flatten` detaches what they return.
+        acts = {name: act[index] for name, act in self._acts.items()}
+        logits = self._logits[index] if self._logits is not None else None
         inputs = ProbeInputs(acts=acts, batch=batch, model=self.model, logits=logits, n_layers=self.n_layers, n_heads=self.n_heads)
-        for name, measurements in run_probes(self.probes, inputs):
-            self.log(step, name, measurements)
+        self.values.log_many(step, run_probes(self.probes, inputs))
         self._acts.clear()
         self._logits = None
-        if len(self.values) >= self.flush_every * max(1, len(self.probes)):
+        self._unflushed += 1
+        if self._unflushed >= self.flush_every:
             self.flush()
 
     def log(self, step: int, probe: str, measurements: list[Measurement]) -> None:
@@ -216,6 +223,7 @@ class Telemetry:
 
     def flush(self) -> None:
         """Move queued values to the CPU (one transfer per layout) and hand the rows to the sink."""
+        self._unflushed = 0
         self.values.flush()
 
     def close(self) -> None:

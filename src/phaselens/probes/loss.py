@@ -18,8 +18,13 @@ def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `values` where `mask` is set (NaN when it is set nowhere)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum()
+    return masked_means(values, mask[None])[0]
+
+
+def masked_means(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Means of `values` (...) under each of S masks (S, ...), bool or 0/1, in one matmul: -> (S,)."""
+    weights = masks.reshape(masks.shape[0], -1).to(values.dtype)  # (S, N)
+    return (weights @ values.reshape(-1, 1)).view(-1) / weights.sum(-1)
 
 
 @register_probe
@@ -35,8 +40,10 @@ class LossProbe(Probe):
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         batch = inputs.batch
         losses = token_losses(inputs.logits, batch.tokens)  # (B, T-1)
-        out = [Measurement("all", masked_mean(losses, batch.loss_mask))]
-        if batch.copy_mask is not None:
-            out.append(Measurement("copy", masked_mean(losses, batch.copy_mask & batch.loss_mask)))
-            out.append(Measurement("non_copy", masked_mean(losses, ~batch.copy_mask & batch.loss_mask)))
-        return out
+        if batch.copy_mask is None:
+            return [Measurement("all", masked_means(losses, batch.loss_mask[None])[0])]
+        # The three masks as 0/1 rows of one tensor: counted, counted ∧ copy, counted ∧ ¬copy.
+        counted = batch.loss_mask.to(losses.dtype)  # (B, T-1)
+        copies = batch.copy_mask.to(losses.dtype).mul_(counted)
+        means = masked_means(losses, torch.cat((counted, copies, counted - copies)).view(3, *losses.shape))  # (3,)
+        return [Measurement(name, mean) for name, mean in zip(("all", "copy", "non_copy"), means.unbind())]
