@@ -10,6 +10,7 @@ import time
 
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import phaselens as pl
@@ -62,6 +63,18 @@ def test_post_hoc_values_equal_the_values_logged_during_training(run_copy):
     assert (logged["value"] - again["value"]).abs().max() < 1e-5
 
 
+def test_sweep_writes_each_checkpoints_attention_pattern_artifact(run_copy):
+    import json
+
+    drop_checkpoint_rows(run_copy)
+    run_probes(run_copy, ["attention"], steps=[40], progress=False)
+    artifact = json.loads((run_copy / "artifacts" / "attention" / "step_00000040.json").read_text())
+    patterns = torch.tensor(artifact["patterns"])  # (L, H, T, T)
+    assert patterns.shape == (2, 2, 64, 64) and len(artifact["tokens"]) == 64
+    assert torch.allclose(patterns.sum(-1), torch.ones(2, 2, 64), atol=1e-2)  # rows of a softmax
+    assert (patterns.triu(1) == 0).all()  # causal
+
+
 def test_a_second_sweep_skips_what_is_stored(run_copy):
     first = run_probes(run_copy, PROBES, progress=False)
     assert first.ok and first.measured == [0, 20, 40, 60, 80]
@@ -77,7 +90,7 @@ def test_only_the_hooks_the_probes_need_are_cached(run_copy, monkeypatch):
     seen = []
     original = measure.measure_model
 
-    def spy(model, batch, probes):
+    def spy(model, batch, probes, **kwargs):
         real = model.run_with_cache
 
         def run_with_cache(*args, names_filter=None, **kwargs):
@@ -85,7 +98,7 @@ def test_only_the_hooks_the_probes_need_are_cached(run_copy, monkeypatch):
             return real(*args, names_filter=names_filter, **kwargs)
 
         monkeypatch.setattr(model, "run_with_cache", run_with_cache)
-        return original(model, batch, probes)
+        return original(model, batch, probes, **kwargs)
 
     monkeypatch.setattr("phaselens.probes.measure.measure_model", spy)
     drop_checkpoint_rows(run_copy)

@@ -89,14 +89,10 @@ def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], opt
             result.error = str(exc)
             return result
         probes = [make_probe(name, **(options or {}).get(name, {})) for name in probe_names]
-        for name, measurements in measure_model(model, batch, probes):
+        for name, measurements in measure_model(model, batch, probes, artifacts=result.artifacts):
             values = [v for m in measurements for v in m.value.detach().reshape(-1).float().cpu().tolist()]
             keys = Layout.of(name, measurements).keys
             result.rows += [(step, p, metric, layer, head, value, SOURCE) for (p, metric, layer, head), value in zip(keys, values)]
-        for probe in probes:
-            artifact = probe.artifacts() if hasattr(probe, "artifacts") else None
-            if artifact:
-                result.artifacts[probe.name] = artifact
     except Exception as exc:  # a sweep records the failure and goes on
         result.error = f"{type(exc).__name__}: {exc}"
     finally:

@@ -121,6 +121,14 @@ class AttentionProbe(Probe):
     def hook_names(self, n_layers: int) -> list[str]:
         return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
 
+    def artifact(self, inputs: ProbeInputs) -> dict:
+        """The attention pattern of the first probe sequence, per layer and head (4 decimals), with its tokens."""
+        patterns = inputs.stack("blocks.{}.attn.hook_pattern")[:, 0]  # (L, H, Q, K)
+        return {
+            "tokens": inputs.batch.tokens[0].tolist(),
+            "patterns": (patterns.float() * 1e4).round().div(1e4).tolist(),  # [layer][head][query][key]
+        }
+
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         patterns = inputs.stack("blocks.{}.attn.hook_pattern")  # (L, B, H, Q, K)
         entropy, coherence = entropy_and_coherence(patterns)  # (L, H) each

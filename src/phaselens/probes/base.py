@@ -62,6 +62,10 @@ class Probe:
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         raise NotImplementedError
 
+    def artifact(self, inputs: ProbeInputs) -> dict[str, Any] | None:
+        """Optional non-scalar result (JSON-able), written to artifacts/<probe>/ by post-hoc sweeps."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.options})" if self.options else f"{type(self).__name__}()"
 

@@ -64,11 +64,14 @@ def measure_cache(
     return pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64", "head": "Int64"})
 
 
-def measure_model(model: torch.nn.Module, batch: TaskBatch, probes: Sequence[Probe]) -> list[tuple[str, list]]:
+def measure_model(
+    model: torch.nn.Module, batch: TaskBatch, probes: Sequence[Probe], artifacts: dict | None = None
+) -> list[tuple[str, list]]:
     """Run `probes` on one no-grad forward of `batch`, caching only the hook points they read.
 
     This is how a checkpoint is measured, during training and post-hoc alike, so both give
-    the same numbers for the same weights and batch.
+    the same numbers for the same weights and batch. Pass a dict as `artifacts` to collect
+    each probe's optional JSON artifact too.
     """
     n_layers, n_heads = model_shape(model)
     names = sorted({n for p in probes for n in p.hook_names(n_layers)})
@@ -80,4 +83,11 @@ def measure_model(model: torch.nn.Module, batch: TaskBatch, probes: Sequence[Pro
     finally:
         model.train(was_training)
     inputs = ProbeInputs(acts=cache, batch=batch, model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
-    return run_probes(probes, inputs)
+    results = run_probes(probes, inputs)
+    if artifacts is not None:
+        with torch.no_grad():
+            for probe in probes:
+                value = probe.artifact(inputs)
+                if value is not None:
+                    artifacts[probe.name] = value
+    return results
