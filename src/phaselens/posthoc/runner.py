@@ -78,7 +78,7 @@ def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], opt
     try:
         import phaselens.probes  # noqa: F401  (registers the built-in probes)
         from phaselens.errors import CheckpointError
-        from phaselens.probes.base import Layout, make_probe
+        from phaselens.probes.base import make_probe, to_rows
         from phaselens.probes.measure import measure_model
         from phaselens.training.checkpoints import load_weights
 
@@ -89,10 +89,7 @@ def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], opt
             result.error = str(exc)
             return result
         probes = [make_probe(name, **(options or {}).get(name, {})) for name in probe_names]
-        for name, measurements in measure_model(model, batch, probes, artifacts=result.artifacts):
-            values = [v for m in measurements for v in m.value.detach().reshape(-1).float().cpu().tolist()]
-            keys = Layout.of(name, measurements).keys
-            result.rows += [(step, p, metric, layer, head, value, SOURCE) for (p, metric, layer, head), value in zip(keys, values)]
+        result.rows = to_rows(step, SOURCE, measure_model(model, batch, probes, artifacts=result.artifacts))
     except Exception as exc:  # a sweep records the failure and goes on
         result.error = f"{type(exc).__name__}: {exc}"
     finally:

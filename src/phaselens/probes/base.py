@@ -118,6 +118,16 @@ class Layout:
         return cls(keys)
 
 
+def to_rows(step: int, source: str, results: list[tuple[str, list[Measurement]]]) -> list[tuple]:
+    """Rows (step, probe, metric, layer, head, value, source) from probes' measurements (one CPU copy)."""
+    results = [(probe, ms) for probe, ms in results if ms]
+    if not results:
+        return []
+    values = flatten([m for _, ms in results for m in ms]).cpu().tolist()
+    keys = [k for probe, ms in results for k in Layout.of(probe, ms).keys]
+    return [(step, probe, metric, layer, head, value, source) for (probe, metric, layer, head), value in zip(keys, values)]
+
+
 def flatten(measurements: list[Measurement]) -> torch.Tensor:
     """All values of a probe's measurements as one float32 vector (stays on device; always a copy)."""
     return torch.cat([m.value if m.value.dim() == 1 else m.value.reshape(-1) for m in measurements]).detach().float()

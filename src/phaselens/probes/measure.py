@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from phaselens.probes.base import Layout, Probe, ProbeInputs, make_probe
+from phaselens.probes.base import Probe, ProbeInputs, make_probe, to_rows
 from phaselens.probes.live import model_shape, run_probes
 from phaselens.tasks.batch import TaskBatch
 
@@ -54,13 +54,7 @@ def measure_cache(
         if probe.needs_logits and logits is None:
             raise ValueError(f"probe {probe.name!r} reads logits: pass logits=model output")
     inputs = ProbeInputs(acts=cache, batch=as_batch(batch), model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
-    rows = []
-    for name, measurements in run_probes(probes, inputs):
-        if not measurements:
-            continue
-        values = torch.cat([m.value.detach().reshape(-1).float().cpu() for m in measurements]).tolist()
-        for (probe, metric, layer, head), value in zip(Layout.of(name, measurements).keys, values):
-            rows.append((step, probe, metric, layer, head, value, source))
+    rows = to_rows(step, source, run_probes(probes, inputs))
     return pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64", "head": "Int64"})
 
 
