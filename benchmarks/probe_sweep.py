@@ -42,8 +42,7 @@ def fresh_copy(run: Path, root: Path, name: str) -> Path:
     path = root / name
     shutil.copytree(run, path, ignore=shutil.ignore_patterns("report", "artifacts"))
     store = MetricsStore(path / "metrics.sqlite")
-    with store._conn:
-        store._conn.execute("DELETE FROM metrics WHERE source = 'checkpoint'")
+    store.delete_from_step(0, source="checkpoint")
     store.close()
     return path
 

@@ -47,8 +47,7 @@ def checkpoint_rows(path, probes=None) -> pd.DataFrame:
 
 def drop_checkpoint_rows(path) -> None:
     store = MetricsStore(path / "metrics.sqlite")
-    with store._conn:
-        store._conn.execute("DELETE FROM metrics WHERE source = 'checkpoint'")
+    store.delete_from_step(0, source="checkpoint")
     store.close()
 
 
@@ -168,3 +167,12 @@ def test_unknown_probe_and_missing_step_are_refused(run_copy):
     assert result.exit_code == 2 and "nonsense" in result.output
     result = CliRunner().invoke(app, ["probe", str(run_copy), "--steps", "30"])
     assert result.exit_code == 2 and "30" in result.output
+
+
+def test_steps_range_selects_the_checkpoints_in_it_and_an_empty_range_is_refused(run_copy):
+    drop_checkpoint_rows(run_copy)
+    result = CliRunner().invoke(app, ["probe", str(run_copy), "--probes", "attention", "--steps", "20-45,80"])
+    assert result.exit_code == 0, result.output
+    assert sorted(checkpoint_rows(run_copy)["step"].unique()) == [20, 40, 80]
+    result = CliRunner().invoke(app, ["probe", str(run_copy), "--steps", "41-59"])
+    assert result.exit_code == 2 and "no checkpoint in that range" in result.output

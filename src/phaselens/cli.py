@@ -112,21 +112,24 @@ class Backend(str, Enum):
     ray = "ray"
 
 
-def _parse_steps(text: str | None) -> list[int] | None:
-    """'100,200,300' or '100-500' (checkpoints in that range) -> steps; None for all."""
+def _parse_steps(text: str | None, run: Path) -> list[int] | None:
+    """'100,200' or '100-500' (the run's checkpoints in that range) -> steps; None for all."""
     if not text:
         return None
+    from phaselens.store.run_dir import RunDir
+
     steps: list[int] = []
     try:
         for part in text.split(","):
             if "-" in part:
-                lo, hi = part.split("-", 1)
-                steps.append(-int(lo) - 1)  # a range marker, resolved against the checkpoints below
-                steps.append(-int(hi) - 1)
+                lo, hi = (int(v) for v in part.split("-", 1))
+                steps += [s for s in RunDir(run).checkpoint_steps() if lo <= s <= hi]
             else:
                 steps.append(int(part))
     except ValueError:
         _fail(f"--steps {text!r}: use a comma list (100,200) or a range (100-500)")
+    if not steps:
+        _fail(f"--steps {text!r}: {run} has no checkpoint in that range")
     return steps
 
 
@@ -142,22 +145,8 @@ def probe(
 ):
     """Run probes post-hoc over every checkpoint (resumable: stored values are skipped)."""
     from phaselens.posthoc.runner import failures_text, run_probes
-    from phaselens.store.run_dir import RunDir
 
-    wanted = _parse_steps(steps)
-    if wanted and any(s < 0 for s in wanted):
-        available = RunDir(run).checkpoint_steps()
-        resolved: list[int] = []
-        i = 0
-        while i < len(wanted):
-            if wanted[i] < 0:
-                lo, hi = -wanted[i] - 1, -wanted[i + 1] - 1
-                resolved += [s for s in available if lo <= s <= hi]
-                i += 2
-            else:
-                resolved.append(wanted[i])
-                i += 1
-        wanted = resolved
+    wanted = _parse_steps(steps, run)
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
     result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address)
     typer.echo(f"measured {len(result.measured)} checkpoint(s), {result.rows} rows; "

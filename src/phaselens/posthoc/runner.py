@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from phaselens.errors import PhaselensError
+from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
 from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir
@@ -162,7 +163,7 @@ def run_probes(
     execute = get_backend(backend)
     measured, failures, n_rows = [], [], 0
     try:
-        with _progress(progress, len(tasks), f"probe {run_dir.path.name}") as advance:
+        with progress_bar(f"probe {run_dir.path.name}", len(tasks), unit="checkpoints", enabled=progress) as update:
             results: Iterator[TaskResult] = execute(str(run_dir.path), tasks, workers=workers, address=address) if tasks else iter(())
             for result in results:
                 if result.error:
@@ -175,7 +176,7 @@ def run_probes(
                     _write_artifacts(run_dir, result)
                     measured.append(result.step)
                     n_rows += len(result.rows)
-                advance()
+                update(advance=1)
     finally:
         store.close()
     return SweepResult(run_dir.path, sorted(measured), skipped, sorted(failures), n_rows, time.time() - began)
@@ -184,28 +185,6 @@ def run_probes(
 def _write_artifacts(run_dir: RunDir, result: TaskResult) -> None:
     for probe, artifact in result.artifacts.items():
         write_json(run_dir.artifacts / probe / f"step_{result.step:08d}.json", artifact)
-
-
-class _progress:
-    """A Rich progress bar with ETA over checkpoints (or nothing when disabled)."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled, total, label
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("checkpoints"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-        self.bar.__enter__()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.bar.__exit__(*exc)
 
 
 def failures_text(result: SweepResult) -> str:

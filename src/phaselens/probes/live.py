@@ -202,9 +202,7 @@ class Telemetry:
         self._record(step, batch, rows)
 
     def _record(self, step: int, batch: TaskBatch | torch.Tensor, rows: slice | None) -> None:
-        if isinstance(batch, torch.Tensor):
-            T = batch.shape[1]
-            batch = TaskBatch(tokens=batch, loss_mask=torch.ones(batch.shape[0], T - 1, dtype=torch.bool, device=batch.device))
+        batch = TaskBatch.coerce(batch)
         index = rows if rows is not None else slice(None)
         # No detach: the probes run in inference mode, and `flatten` detaches what they return.
         acts = {name: act[index] for name, act in self._acts.items()}

@@ -11,14 +11,6 @@ from phaselens.probes.live import model_shape, run_probes
 from phaselens.tasks.batch import TaskBatch
 
 
-def as_batch(batch: TaskBatch | torch.Tensor) -> TaskBatch:
-    """A `TaskBatch` from tokens alone (every position counts, no copy mask)."""
-    if isinstance(batch, TaskBatch):
-        return batch
-    B, T = batch.shape
-    return TaskBatch(tokens=batch, loss_mask=torch.ones(B, T - 1, dtype=torch.bool, device=batch.device))
-
-
 def measure_cache(
     cache: Mapping[str, torch.Tensor],
     batch: TaskBatch | torch.Tensor,
@@ -53,7 +45,7 @@ def measure_cache(
             raise KeyError(f"probe {probe.name!r} needs {missing} in the cache; run_with_cache with those names")
         if probe.needs_logits and logits is None:
             raise ValueError(f"probe {probe.name!r} reads logits: pass logits=model output")
-    inputs = ProbeInputs(acts=cache, batch=as_batch(batch), model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
+    inputs = ProbeInputs(acts=cache, batch=TaskBatch.coerce(batch), model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
     rows = to_rows(step, source, run_probes(probes, inputs))
     return pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64", "head": "Int64"})
 

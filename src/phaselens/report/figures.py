@@ -63,6 +63,19 @@ def _mark_transition(ax, transition: dict | None) -> None:
     ax.axvline(transition["step"], color=TRANSITION_COLOR, ls="--", lw=1)
 
 
+def _save(fig, path: Path) -> None:
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def _finish_tight(fig, transition: dict | None, title: str, path: Path, fontsize: int = 12) -> None:
+    """Centred title, the shared transition legend, tight layout, saved and closed."""
+    fig.suptitle(title, fontsize=fontsize)
+    _transition_legend(fig, transition)
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _transition_legend(fig, transition: dict | None) -> None:
     """One legend for the markers every panel shares, top right beside the title."""
     if transition is None:
@@ -161,11 +174,7 @@ def plot_dashboard(metrics: pd.DataFrame, transition: dict | None, vocab: int, p
         ax.tick_params(labelbottom=True)
     for ax in axes[len(drawn):]:
         ax.remove()
-    fig.suptitle("Training dashboard", fontsize=13)
-    _transition_legend(fig, transition)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _finish_tight(fig, transition, "Training dashboard", path, fontsize=13)
     return Figure(path, missing)
 
 def plot_entropy_heatmap(metrics: pd.DataFrame, transition: dict | None, path: Path) -> Figure:
@@ -192,8 +201,7 @@ def plot_entropy_heatmap(metrics: pd.DataFrame, transition: dict | None, path: P
     ax.set_xlabel("step")
     ax.set_ylabel("head")
     ax.set_title("Attention entropy per head over training (low = focused, high = spread out)")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
     return Figure(path)
 
 
@@ -217,11 +225,7 @@ def plot_head_scores(metrics: pd.DataFrame, transition: dict | None, path: Path)
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("score (attention on the pattern)")
     axes[0][-1].legend(fontsize=8, title="head", loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.suptitle("Head scores (live, training batch)", fontsize=12)
-    _transition_legend(fig, transition)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _finish_tight(fig, transition, "Head scores (live, training batch)", path)
     return Figure(path, missing)
 
 
@@ -289,8 +293,7 @@ def _finish(fig, transition: dict | None, title: str, path: Path) -> None:
     # left-aligned: constrained layout keeps no room for the transition legend at the top right beside a centred title
     fig.suptitle(title, fontsize=12, x=0.01, ha="left")
     _transition_legend(fig, transition)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_logit_lens(metrics: pd.DataFrame, transition: dict | None, vocab: int, path: Path) -> Figure:

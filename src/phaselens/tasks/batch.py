@@ -20,6 +20,14 @@ class TaskBatch:
     copy_mask: torch.Tensor | None = None  # (B, T-1) bool: predictions an induction head can make
     source_mask: torch.Tensor | None = None  # (B, T) bool: token positions the copies come from
 
+    @classmethod
+    def coerce(cls, batch: "TaskBatch | torch.Tensor") -> "TaskBatch":
+        """A batch from tokens alone (every position counts, no task masks); a TaskBatch passes through."""
+        if isinstance(batch, TaskBatch):
+            return batch
+        B, T = batch.shape
+        return cls(tokens=batch, loss_mask=torch.ones(B, T - 1, dtype=torch.bool, device=batch.device))
+
     def __len__(self) -> int:
         return self.tokens.shape[0]
 

@@ -20,20 +20,21 @@ import shutil
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from phaselens.errors import CheckpointError, RunError, TrainingDiverged
 from phaselens.models import build_model
 from phaselens.probes.base import Measurement
 from phaselens.probes.live import Telemetry, ValueQueue
+from phaselens.probes.loss import token_losses
 from phaselens.probes.measure import measure_model
+from phaselens.progress import progress_bar
 from phaselens.store.metrics import MetricsStore, MetricsWriter
 from phaselens.store.run_dir import RunDir
 from phaselens.tasks.batch import TaskBatch
@@ -68,9 +69,8 @@ def learning_rate(config: RunConfig, step: int) -> float:
 
 def task_loss(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     """Mean next-token cross-entropy over the batch's loss mask: logits (B, T, V) -> ()."""
-    B, T, V = logits.shape
-    losses = F.cross_entropy(logits[:, :-1].reshape(-1, V), batch.tokens[:, 1:].reshape(-1), reduction="none")
-    mask = batch.loss_mask.reshape(-1).to(losses.dtype)
+    losses = token_losses(logits, batch.tokens)  # (B, T-1)
+    mask = batch.loss_mask.to(losses.dtype)
     return (losses * mask).sum() / mask.sum()
 
 
@@ -257,13 +257,15 @@ class Trainer:
         step = start
         status, reason = "failed", None
         try:
-            with stop.installed(), self._progress_bar(start) as advance:
+            bar = progress_bar(f"train {cfg.name}", cfg.train.steps, completed=start, enabled=self.progress, field="loss")
+            with stop.installed(), bar as update:
                 recent: list[tuple[int, torch.Tensor]] = []
                 for step in range(start, cfg.train.steps):
                     recent.append((step, self.step(step)))
                     done = step + 1
                     if len(recent) >= NAN_CHECK_EVERY or done % cfg.train.checkpoint_every == 0 or stop.requested:
-                        advance(done, self._check_finite(recent))
+                        loss = self._check_finite(recent)
+                        update(completed=done, value=None if loss is None else f"{loss:.3f}")
                         recent = []
                     if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
                         self._save(done)
@@ -276,7 +278,7 @@ class Trainer:
                     step = cfg.train.steps
                     self._measure_final(step)
                     status = "finished"
-                advance(step, None)
+                update(completed=step)
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, TrainingDiverged) else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             raise
@@ -342,25 +344,6 @@ class Trainer:
                 f"(now {self.config.train.lr}) or set train.grad_clip; last good checkpoint: step {good[-1] if good else 'none'}"
             )
         return float(losses.mean())
-
-    @contextmanager
-    def _progress_bar(self, start: int):
-        total = self.config.train.steps
-        if not self.progress:
-            yield lambda done, loss: None
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        columns = [TextColumn("[bold]train[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-        with Progress(*columns, transient=False) as bar:
-            task = bar.add_task(self.config.name, total=total, completed=start, loss="…")
-
-            def advance(done: int, loss: float | None) -> None:
-                fields = {"loss": f"{loss:.3f}"} if loss is not None else {}
-                bar.update(task, completed=done, **fields)
-
-            yield advance
 
 
 def train(config: RunConfig, out: Path | str, resume: bool = False, progress: bool = True) -> TrainResult:
