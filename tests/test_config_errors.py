@@ -157,3 +157,19 @@ def test_yaml_file_with_overrides_on_top(tmp_path):
     assert (config.model.n_layers, config.model.d_model, config.model.d_head) == (1, 32, 16)
     assert config.train.steps == 60
     assert config.name == "small"
+
+
+# ---------------------------------------------------------------------------- tasks and model kinds
+
+
+def test_unknown_task_and_model_kind_list_the_registered_ones():
+    message = config_error("induction", ["data.task=sorting"])
+    assert "data.task" in message and "induction" in message
+    message = config_error("induction", ["model.kind=lstm"])
+    assert "model.kind" in message and "transformer" in message
+
+
+def test_options_are_checked_against_the_chosen_task():
+    # `variant` is an induction option; a key no task of this name has is refused by name
+    assert "data.k" in config_error("induction", ["data.k=10"])
+    assert load_config("induction", ["data.variant=half_repeat"]).data.variant == "half_repeat"

@@ -1,12 +1,10 @@
-"""Hookable models. `Transformer` is imported lazily: it pulls in TransformerLens."""
+"""Hookable models, built lazily by kind (importing one pulls in torch and TransformerLens)."""
 
-from phaselens.models.config import ModelConfig
+from phaselens.models.config import ModelConfig, ModelSpec, model_class, register_model
 
-__all__ = ["ModelConfig", "build_model"]
+__all__ = ["ModelConfig", "ModelSpec", "build_model", "register_model"]
 
 
-def build_model(cfg: ModelConfig):
-    """A fresh `Transformer` for `cfg` (imports torch and TransformerLens on first use)."""
-    from phaselens.models.transformer import Transformer
-
-    return Transformer(cfg)
+def build_model(cfg: ModelSpec):
+    """A fresh model for `cfg` (its `kind` picks the architecture)."""
+    return model_class(cfg.kind)(cfg)

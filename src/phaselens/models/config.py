@@ -1,14 +1,71 @@
-"""Model configuration; torch-free so configs can be validated before anything heavy loads."""
+"""Model configurations and their registry; torch-free so configs validate before anything heavy loads.
+
+`model.kind` picks the architecture: each kind registers its config class and the import path
+of its `nn.Module` (built lazily). Every config exposes `n_ctx` and `d_vocab`, which tasks use.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import import_module
+from typing import Any, Callable
 
 from phaselens.errors import ConfigError
 
+_KINDS: dict[str, tuple[type, str]] = {}
+
+
+def register_model(kind: str, module_class: str) -> Callable[[type], type]:
+    """Class decorator: `model.kind=<kind>` selects this config; `module_class` is "package.module:Class"."""
+
+    def add(cls: type) -> type:
+        _KINDS[kind] = (cls, module_class)
+        return cls
+
+    return add
+
+
+def model_kinds() -> list[str]:
+    _load_builtin()
+    return sorted(_KINDS)
+
+
+def model_config_class(kind: str) -> type:
+    _load_builtin()
+    if kind not in _KINDS:
+        raise ConfigError(f"model.kind must be one of {sorted(_KINDS)}, got {kind!r}")
+    return _KINDS[kind][0]
+
+
+def model_class(kind: str) -> type:
+    """The `nn.Module` class of `kind` (imports torch and the model's module)."""
+    model_config_class(kind)
+    module, name = _KINDS[kind][1].split(":")
+    return getattr(import_module(module), name)
+
+
+def _load_builtin() -> None:
+    pass  # the transformer registers below; other kinds add an import here
+
 
 @dataclass
-class ModelConfig:
+class ModelSpec:
+    """What every model config has: its kind (the registry key)."""
+
+    kind: str = "transformer"
+
+    @classmethod
+    def resolve(cls, raw: dict[str, Any]) -> type:
+        """The registered config class for `raw['kind']` (the config loader calls this)."""
+        return model_config_class(raw.get("kind", "transformer"))
+
+    def validate(self, prefix: str = "model") -> None:
+        """Refuse impossible shapes, naming the key at fault (each kind checks its own)."""
+
+
+@register_model("transformer", "phaselens.models.transformer:Transformer")
+@dataclass
+class ModelConfig(ModelSpec):
     """Shape of a decoder-only transformer; `d_mlp=0` means attention-only."""
 
     n_layers: int = 2

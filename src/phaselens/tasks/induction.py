@@ -32,8 +32,11 @@ class InductionTask:
 
     name = "induction"
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
-        """Draw `batch_size` sequences with the copy mask over next-token prediction positions."""
+    def sample(self, batch_size: int, generator: torch.Generator, split: str = "train") -> TaskBatch:
+        """Draw `batch_size` sequences with the copy mask over next-token prediction positions.
+
+        Every split draws from the same distribution (the generator keeps them apart).
+        """
         B, T = batch_size, self.seq_len
         tokens = torch.randint(0, self.vocab, (B, T), generator=generator)  # (B, T)
         if self.variant == "half_repeat":

@@ -18,22 +18,11 @@ from typing import Any
 import yaml
 
 from phaselens.errors import ConfigError
-from phaselens.models.config import ModelConfig
+from phaselens.models.config import ModelConfig, ModelSpec
+from phaselens.tasks.config import DataConfig
+from phaselens.tasks.induction_config import InductionData
 
-TASKS = ("induction",)
 SCHEDULES = ("constant", "cosine")
-
-
-@dataclass
-class DataConfig:
-    """The task; sequences fill the model's context (`model.n_ctx`) over its vocabulary."""
-
-    task: str = "induction"
-    variant: str = "variable_offset"  # or "half_repeat" (solvable by a positional shortcut)
-    min_len: int = 8
-    max_len: int = 24
-    probe_size: int = 64  # fixed probe batch, measured at every checkpoint (during training and post-hoc)
-    eval_size: int = 128  # fixed held-out batch for the periodic eval loss
 
 
 @dataclass
@@ -66,8 +55,8 @@ class TelemetryConfig:
 @dataclass
 class RunConfig:
     name: str = "run"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelSpec = field(default_factory=ModelConfig)  # `model.kind` picks the architecture
+    data: DataConfig = field(default_factory=InductionData)  # `data.task` picks the task and its options
     train: TrainConfig = field(default_factory=TrainConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
@@ -80,8 +69,7 @@ class RunConfig:
         t, d, tel = self.train, self.data, self.telemetry
         positive = {
             "train.steps": t.steps, "train.batch_size": t.batch_size, "train.checkpoint_every": t.checkpoint_every,
-            "train.eval_every": t.eval_every, "data.probe_size": d.probe_size, "data.eval_size": d.eval_size,
-            "telemetry.every": tel.every, "telemetry.flush_every": tel.flush_every,
+            "train.eval_every": t.eval_every, "telemetry.every": tel.every, "telemetry.flush_every": tel.flush_every,
         }
         for key, value in positive.items():
             if value < 1:
@@ -104,9 +92,7 @@ class RunConfig:
                 raise ConfigError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
         if not (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps"):
             raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
-        if d.task not in TASKS:
-            raise ConfigError(f"data.task must be one of {TASKS}, got {d.task!r}")
-        self.build_task().validate()
+        d.validate(self.model)
         import phaselens.probes  # noqa: F401  (registers the built-in probes)
         from phaselens.probes.base import probe_names
 
@@ -121,10 +107,7 @@ class RunConfig:
 
     def build_task(self):
         """The task object for `data` (its sequences fill the model's context)."""
-        from phaselens.tasks.induction import InductionTask
-
-        d = self.data
-        return InductionTask(seq_len=self.model.n_ctx, vocab=self.model.d_vocab, min_len=d.min_len, max_len=d.max_len, variant=d.variant)
+        return self.data.build(self.model)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -193,6 +176,8 @@ def from_dict(cls: type, raw: Any, origin: str, prefix: str = "") -> Any:
     where = prefix.rstrip(".") or "the top level"
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: {where} must be a mapping, got {raw!r}")
+    if hasattr(cls, "resolve"):  # a section whose class depends on a key in it (`model.kind`, `data.task`)
+        cls = cls.resolve(raw)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)

@@ -149,7 +149,7 @@ class Trainer:
             "name": cfg.name,
             "status": "running",
             "config": cfg.to_dict(),
-            "model": {"kind": "transformer", **cfg.to_dict()["model"]},
+            "model": cfg.to_dict()["model"],
             "task": {"name": cfg.data.task, **cfg.to_dict()["data"], "seq_len": cfg.model.n_ctx, "vocab": cfg.model.d_vocab},
             "versions": versions(),
             "device": str(self.device),
@@ -166,11 +166,11 @@ class Trainer:
         if self.run.probe_batch.is_file():
             probe = TaskBatch.load(self.run.probe_batch)
         else:
-            probe = self.task.sample(cfg.data.probe_size, torch.Generator().manual_seed(cfg.train.seed + PROBE_SEED_OFFSET))
+            probe = self.task.sample(cfg.data.probe_size, torch.Generator().manual_seed(cfg.train.seed + PROBE_SEED_OFFSET), split="probe")
             probe.save(self.run.probe_batch)
         self.probe_batch = probe.to(self.device)
         eval_rng = torch.Generator().manual_seed(cfg.train.seed + EVAL_SEED_OFFSET)
-        self.eval_batch = self.task.sample(cfg.data.eval_size, eval_rng).to(self.device)
+        self.eval_batch = self.task.sample(cfg.data.eval_size, eval_rng, split="eval").to(self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
         no_decay = [p for p in self.model.parameters() if p.dim() < 2]
         t = cfg.train
