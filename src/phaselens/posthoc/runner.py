@@ -184,7 +184,7 @@ def run_probes(
 
 def _write_artifacts(run_dir: RunDir, result: TaskResult) -> None:
     for probe, artifact in result.artifacts.items():
-        write_json(run_dir.artifacts / probe / f"step_{result.step:08d}.json", artifact)
+        write_json(run_dir.artifacts / probe / f"step_{result.step:08d}.json", artifact, compact=True)
 
 
 def failures_text(result: SweepResult) -> str:

@@ -27,7 +27,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically, so a reader never sees half a file."""
+def write_json(path: Path, data: Any, compact: bool = False) -> None:
+    """Write JSON atomically, so a reader never sees half a file.
+
+    `compact` drops the indentation: json's fast C encoder only runs without it, which matters
+    for large arrays such as attention patterns (about 10x quicker).
+    """
+    text = json.dumps(data, separators=(",", ":")) if compact else json.dumps(data, indent=2)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(text + "\n")
