@@ -161,7 +161,7 @@ def test_phases_are_cut_at_the_critical_points_of_both_curves():
     ie = np.where(steps < 300, 1.2 + steps / 300, 2.2 - (steps - 300) / 1000)  # rises to step 300, then eases off
     phases, points = geometry_phases(steps, ie, kl)
     (kl_turn,), (ie_turn,) = points["kl"], points["ie"]
-    assert abs(kl_turn - 600) <= 20 and abs(ie_turn - 300) <= 20  # smoothing may move a kink by a checkpoint or two
+    assert abs(kl_turn - 600) <= 50 and abs(ie_turn - 300) <= 50  # smoothing (9 checkpoints here) may shift a kink
     assert [(p.start, p.end) for p in phases] == [(0, ie_turn), (ie_turn, kl_turn), (kl_turn, 990)]
     assert [p.description() for p in phases] == [
         "KL falling while IE rises", "KL and IE both falling", "KL rising while IE falls"]

@@ -114,8 +114,8 @@ def geometry_section(run: Run, out: Path) -> str | None:
     phases, points = geometry_phases(steps.to_numpy(), mean_ie(ie).loc[steps].to_numpy(), kl["kl_unigram"].loc[steps].to_numpy())
     boundaries = sorted({*points["ie"], *points["kl"]})
     figure = plot_geometry(ie, kl, boundaries, out / "geometry.png")
-    caption = ("IE per residual stream (top) and KL of the model's predictions to the run's unigram distribution (`unigram.json`: "
-               "its training data's token counts) (bottom) against step; dotted lines: critical points of the smoothed IE (mean over streams ≥ 1) and "
+    caption = ("IE per residual stream (top) and KL of the model's predictions to the run's unigram distribution (the token "
+               "counts in `unigram.json`) (bottom) against step; dotted lines: critical points of the smoothed IE (mean over streams ≥ 1) and "
                "KL curves, which bound the phases below.")
     lines = [f"- {p.description()}: steps {p.start}–{p.end}" for p in phases]
     critical = (f"Critical points: KL at steps {', '.join(map(str, points['kl'])) or 'none'}; "
