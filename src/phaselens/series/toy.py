@@ -46,8 +46,10 @@ def save_toy_series(
         d_vocab: the embedding size (0: the tokenizer's size; larger pads it, as Pythia does).
     """
     import torch
+    import transformers
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()
     model_dir = Path(model_dir)
     tokenizer = toy_tokenizer(text)
     vocab = max(d_vocab, len(tokenizer))
