@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -134,7 +135,7 @@ def test_trained_run_logs_geometry_live_every_n_steps_and_at_checkpoints(tmp_pat
                                        "model.n_ctx=32", "data.max_len=12", "data.probe_size=8", "train.threads=1"])
     train(config, tmp_path / "run", progress=False)
     run = pl.open_run(tmp_path / "run")
-    counts = __import__("json").loads((run.path / "unigram.json").read_text())["counts"]
+    counts = json.loads((run.path / "unigram.json").read_text())["counts"]
     assert len(counts) == 64 and sum(counts) == 64 * 32 * 32  # 64 sampled training batches of 32 × 32 tokens
     live = run.metrics(probe="geometry", source="live")
     assert sorted(live["step"].unique()) == [0, 4, 8]
@@ -146,6 +147,19 @@ def test_trained_run_logs_geometry_live_every_n_steps_and_at_checkpoints(tmp_pat
     ((_, measurements),) = measure_model(run.load_model(6), run.probe_batch(), [GeometryProbe(unigram=run.path / "unigram.json")])
     kl = {m.metric: m.value for m in measurements}["kl_unigram"].item()
     assert kl == pytest.approx(checkpoint.set_index("step").loc[6, "value"], rel=1e-4)
+    report = pl.write_report(run)
+    assert "## Residual-stream geometry" in report.read_text() and (report.parent / "geometry.png").is_file()
+
+
+def test_post_hoc_geometry_on_a_run_without_counts_counts_its_training_data_first(run_copy):
+    from phaselens.posthoc.runner import run_probes
+
+    (run_copy / "unigram.json").unlink()  # a run trained before runs kept their token counts
+    result = run_probes(run_copy, probes=["geometry"], progress=False)
+    assert result.ok and result.measured == [0, 10, 20]
+    assert "sampled training batches" in json.loads((run_copy / "unigram.json").read_text())["source"]
+    kl = pl.open_run(run_copy).metrics(probe="geometry", metric="kl_unigram", source="checkpoint")
+    assert len(kl) == 3 and (kl["value"] > 0).all()
 
 
 def test_critical_points_ignore_wiggles_smaller_than_the_tolerance():
@@ -165,3 +179,11 @@ def test_phases_are_cut_at_the_critical_points_of_both_curves():
     assert [(p.start, p.end) for p in phases] == [(0, ie_turn), (ie_turn, kl_turn), (kl_turn, 990)]
     assert [p.description() for p in phases] == [
         "KL falling while IE rises", "KL and IE both falling", "KL rising while IE falls"]
+
+
+def test_geometry_figure_uses_a_log_step_axis_for_log_spaced_checkpoints():
+    from phaselens.report.geometry import log_spaced
+    from phaselens.series import pythia_schedule, revision_step
+
+    assert log_spaced([revision_step(r) for r in pythia_schedule(every=10)])
+    assert not log_spaced(range(0, 3001, 100))
