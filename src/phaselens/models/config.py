@@ -45,7 +45,8 @@ def model_class(kind: str) -> type:
 
 
 def _load_builtin() -> None:
-    pass  # the transformer registers below; other kinds add an import here
+    # the transformer registers below; other kinds add an import here
+    import phaselens.models.hf_config  # noqa: F401
 
 
 @dataclass

@@ -9,6 +9,7 @@ pairs already stored with source `checkpoint` are skipped.
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -57,7 +58,7 @@ _WORKER_CACHE: dict[str, Any] = {}
 
 
 def _worker_state(run_path: str):
-    """Model skeleton, probe batch and device for a run, built once per worker process."""
+    """Model skeleton (None for an imported series), probe batch and device for a run, built once per worker."""
     state = _WORKER_CACHE.get(run_path)
     if state is None:
         import torch
@@ -67,33 +68,50 @@ def _worker_state(run_path: str):
 
         run = open_run(run_path)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = build_model(run.run_config().model).to(device)
-        state = _WORKER_CACHE[run_path] = (model, run.probe_batch().to(device))
+        model = None if run.imported else build_model(run.run_config().model).to(device)
+        state = _WORKER_CACHE[run_path] = (model, run.probe_batch().to(device), device)
     return state
+
+
+def _checkpoint_model(run_path: str, step: int):
+    """The model at `step`: the worker's skeleton with the checkpoint's weights, or a booted revision."""
+    from phaselens.models.hf import boot_reference
+    from phaselens.training.checkpoints import load_weights
+
+    model, _, device = _worker_state(run_path)
+    if model is None:  # one revision at a time, dropped after measuring: memory stays flat over a series
+        return boot_reference(RunDir(run_path).checkpoint(step), device)
+    load_weights(model, RunDir(run_path).checkpoint(step))
+    return model
 
 
 def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], options: dict | None = None) -> TaskResult:
     """Measure `probe_names` on checkpoint `step` of the run at `run_path` (runs in a worker)."""
     began = time.perf_counter()
     result = TaskResult(step=step, probes=list(probe_names))
+    model = None
     try:
         import phaselens.probes  # noqa: F401  (registers the built-in probes)
         from phaselens.errors import CheckpointError
         from phaselens.probes.base import make_probe, to_rows
         from phaselens.probes.measure import measure_model
-        from phaselens.training.checkpoints import load_weights
 
-        model, batch = _worker_state(run_path)
+        _, batch, _ = _worker_state(run_path)
         try:
-            load_weights(model, RunDir(run_path).checkpoint(step))
+            model = _checkpoint_model(run_path, step)
         except CheckpointError as exc:
             result.error = str(exc)
             return result
         probes = [make_probe(name, **(options or {}).get(name, {})) for name in probe_names]
+        for probe in probes:
+            probe.bind_run(run_path)
         result.rows = to_rows(step, SOURCE, measure_model(model, batch, probes, artifacts=result.artifacts))
     except Exception as exc:  # a sweep records the failure and goes on
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
+        if model is not None and _worker_state(run_path)[0] is None:
+            del model  # a booted revision: free it before the next one loads
+            gc.collect()
         result.seconds = time.perf_counter() - began
     return result
 
@@ -119,18 +137,39 @@ def plan(run_dir: RunDir, store: MetricsStore, probes: Sequence[str], steps: Seq
     return tasks, skipped
 
 
-def resolve_probes(names: Sequence[str] | None) -> list[str]:
+def resolve_probes(names: Sequence[str] | None, task: str | None = None) -> list[str]:
+    """The probes to measure: `names`, or the default set for the run's `task`; refuses probes the task cannot feed."""
     import phaselens.probes  # noqa: F401
     from phaselens.errors import ConfigError
     from phaselens.probes.base import probe_names
+    from phaselens.tasks.config import task_config_class
 
     registered = probe_names()
+    task_class = task_config_class(task) if task else None
+    inapplicable: dict[str, str] = getattr(task_class, "inapplicable_probes", {})
     if not names:
-        return [p for p in DEFAULT_PROBES if p in registered]
+        defaults = getattr(task_class, "default_probes", DEFAULT_PROBES)
+        return [p for p in defaults if p in registered]
     unknown = [n for n in names if n not in registered]
     if unknown:
         raise ConfigError(f"unknown probe(s) {unknown}; registered probes: {', '.join(registered)}")
+    refused = [n for n in names if n in inapplicable]
+    if refused:
+        reasons = "; ".join(f"{n}: {inapplicable[n]}" for n in refused)
+        usable = [p for p in registered if p not in inapplicable]
+        raise ConfigError(f"probe(s) {refused} do not apply to a {task!r} run ({reasons}); usable probes: {', '.join(usable)}")
     return list(dict.fromkeys(names))
+
+
+def ensure_unigram(run_dir: RunDir) -> None:
+    """Write the training data's token counts for a run trained before runs kept them (`geometry` reads them)."""
+    from phaselens.store.unigram import unigram_path
+
+    if not unigram_path(run_dir.path).is_file():
+        from phaselens.run import open_run
+        from phaselens.tasks.unigram import write_training_unigram
+
+        write_training_unigram(open_run(run_dir.path).run_config(), unigram_path(run_dir.path))
 
 
 def run_probes(
@@ -146,7 +185,8 @@ def run_probes(
 
     Args:
         run: the run directory.
-        probes: probe names; default attention, heads, loss, logit_lens, attention_to, patching.
+        probes: probe names; default attention, heads, loss, logit_lens, attention_to, patching
+            (an imported series: attention, loss, logit_lens, geometry).
         steps: only these checkpoint steps (default: all).
         backend: "local" (in this process, or `workers` processes) or "ray" (a Ray task per checkpoint).
         workers: local worker processes, or the CPUs of a local Ray cluster.
@@ -156,8 +196,10 @@ def run_probes(
 
     began = time.time()
     run_dir = RunDir(run)
-    run_dir.read()  # a clear error when this is not a run
-    names = resolve_probes(probes)
+    info = run_dir.read()  # a clear error when this is not a run
+    names = resolve_probes(probes, (info["config"].get("data") or {}).get("task"))
+    if "geometry" in names:
+        ensure_unigram(run_dir)
     store = MetricsStore(run_dir.metrics_db)
     tasks, skipped = plan(run_dir, store, names, steps)
     execute = get_backend(backend)

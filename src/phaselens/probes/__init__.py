@@ -13,10 +13,14 @@ from phaselens.probes.loss import LossProbe, token_losses
 from phaselens.probes.logit_lens import LogitLensProbe, logit_lens_stats
 from phaselens.probes.attention_to import AttentionToProbe, attention_mass
 from phaselens.probes.patching import PatchingProbe, patching_effects
+from phaselens.probes.geometry import GeometryProbe, interaction_energy, kl_to_unigram
 from phaselens.probes.measure import measure_cache
 
 __all__ = [
     "AttentionToProbe",
+    "GeometryProbe",
+    "interaction_energy",
+    "kl_to_unigram",
     "LogitLensProbe",
     "PatchingProbe",
     "attention_mass",

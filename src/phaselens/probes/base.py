@@ -50,6 +50,7 @@ class Probe:
 
     name: ClassVar[str] = ""
     needs_logits: ClassVar[bool] = False
+    every: int = 1  # live telemetry measures this probe only at steps that are a multiple of it
     options: dict[str, Any]
 
     def __init__(self, **options: Any):
@@ -61,6 +62,9 @@ class Probe:
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         raise NotImplementedError
+
+    def bind_run(self, run_dir: Any) -> None:
+        """Read run-level data the probe needs (e.g. token counts) before it measures that run."""
 
     def artifact(self, inputs: ProbeInputs) -> dict[str, Any] | None:
         """Optional non-scalar result (JSON-able), written to artifacts/<probe>/ by post-hoc sweeps."""

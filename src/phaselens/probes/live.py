@@ -208,7 +208,8 @@ class Telemetry:
         acts = {name: act[index] for name, act in self._acts.items()}
         logits = self._logits[index] if self._logits is not None else None
         inputs = ProbeInputs(acts=acts, batch=batch, model=self.model, logits=logits, n_layers=self.n_layers, n_heads=self.n_heads)
-        self.values.log_many(step, run_probes(self.probes, inputs))
+        due = [p for p in self.probes if step % p.every == 0]
+        self.values.log_many(step, run_probes(due, inputs))
         self._acts.clear()
         self._logits = None
         self._unflushed += 1

