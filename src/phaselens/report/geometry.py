@@ -1,5 +1,5 @@
 """Report parts for residual-stream geometry: the `geometry` section (any run that measured it),
-and the study of an imported checkpoint series (task `text`).
+and the study of an imported checkpoint series (task `tokenized_text`).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def geometry_section(run: Run, out: Path) -> str | None:
             + "\n\n### Phases\n\n" + critical + "\n\n" + "\n".join(lines) + "\n\n" + _phase_table(phases))
 
 
-@register_study("text")
+@register_study("tokenized_text")
 def imported_series_study(run: Run, out: Path) -> StudyReport:
     """An imported checkpoint series: what was imported, and what has been measured on it."""
     imported = run.info.get("imported", {})

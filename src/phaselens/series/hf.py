@@ -86,7 +86,7 @@ def import_hf(
 
     from phaselens.models.hf import REFERENCE_FILE, boot_revision
     from phaselens.models.hf_config import HFModelConfig
-    from phaselens.tasks.text_config import TextData
+    from phaselens.tasks.tokenized_text_config import TokenizedTextData
     from phaselens.training.trainer import versions
 
     if bool(revisions) == bool(pythia):
@@ -122,7 +122,7 @@ def import_hf(
     text_path = Path(text) if text else default_text()
     if not text_path.is_file():
         raise ConfigError(f"--text {text_path}: no such file")
-    data = TextData(path=str(text_path.resolve()), tokenizer=str(Path(source) / first) if local else source,
+    data = TokenizedTextData(path=str(text_path.resolve()), tokenizer=str(Path(source) / first) if local else source,
                     tokenizer_revision="" if local else first, seq_len=seq_len, probe_size=sequences)
     task = data.build(model, tokenizer=tokenizer)
     probe_batch = task.sample(sequences, torch.Generator().manual_seed(seed), split="probe")
@@ -146,7 +146,7 @@ def import_hf(
         "imported": {"source": source, "local": local, "revisions": {str(s): r for s, r in sorted(steps.items())}},
         "config": config,
         "model": config["model"],
-        "task": {"name": "text", **config["data"]},
+        "task": {"name": "tokenized_text", **config["data"]},
         "versions": versions(),
         "steps_done": max(steps),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

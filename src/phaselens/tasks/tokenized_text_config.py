@@ -1,4 +1,4 @@
-"""The `data` section of the text task: fixed-length crops of a local text file (torch-free).
+"""The `data` section of the tokenized_text task: fixed-length crops of a local text file (torch-free).
 
 An imported checkpoint series measures its probes on such crops, tokenised with the model's
 own tokenizer. The task has no copy or source masks, so the probes that need them are refused.
@@ -14,12 +14,12 @@ from phaselens.errors import ConfigError
 from phaselens.tasks.config import DataConfig, register_task
 
 
-@register_task("text")
+@register_task("tokenized_text")
 @dataclass
-class TextData(DataConfig):
+class TokenizedTextData(DataConfig):
     """Crops of `seq_len` tokens from `path`, tokenised with `tokenizer` (a model folder or hub name)."""
 
-    task: str = "text"
+    task: str = "tokenized_text"
     path: str = ""
     tokenizer: str = ""
     tokenizer_revision: str = ""
@@ -35,7 +35,7 @@ class TextData(DataConfig):
 
     def build(self, model: Any, tokenizer: Any = None):
         """The task; pass `tokenizer` when it is already loaded (else it loads from `self.tokenizer`)."""
-        from phaselens.tasks.text import TextTask
+        from phaselens.tasks.tokenized_text import TokenizedTextTask
 
         if not Path(self.path).is_file():
             raise ConfigError(f"data.path: text file {self.path!r} does not exist")
@@ -44,4 +44,4 @@ class TextData(DataConfig):
         n_ctx = getattr(model, "n_ctx", 0)
         if n_ctx and self.seq_len > n_ctx:
             raise ConfigError(f"data.seq_len={self.seq_len} exceeds the model's context ({n_ctx})")
-        return TextTask(path=self.path, tokenizer=tokenizer or self.tokenizer, revision=self.tokenizer_revision, seq_len=self.seq_len)
+        return TokenizedTextTask(path=self.path, tokenizer=tokenizer or self.tokenizer, revision=self.tokenizer_revision, seq_len=self.seq_len)

@@ -1,4 +1,4 @@
-"""Text task: seeded random crops of a tokenised local text file."""
+"""Tokenized text task: seeded random crops of a tokenised local text file."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from phaselens.errors import ConfigError
 from phaselens.tasks.batch import TaskBatch
 
 
-class TextTask:
+class TokenizedTextTask:
     """Crops of `seq_len` tokens of the file at `path`; `tokenizer` is a model folder, hub name or tokenizer object."""
 
-    name = "text"
+    name = "tokenized_text"
 
     def __init__(self, path: str | Path, tokenizer: Any, seq_len: int, revision: str = ""):
         self.path, self.seq_len = Path(path), seq_len
