@@ -49,7 +49,8 @@ def runs_router(session: Session) -> APIRouter:
                    if k in (config.get(section) or {})}
             checkpoints = run.checkpoint_steps()
             trained = run.metrics(probe="loss", metric="train")["step"]
-            last = int(trained.max()) if len(trained) else (checkpoints[-1] if checkpoints else None)
+            known = [int(trained.max())] if len(trained) else []
+            last = max(known + checkpoints[-1:]) if known or checkpoints else None
             runs.append(s.RunSummary(name=name, status=run.status, last_step=last, checkpoints=checkpoints,
                                      kernel_model=session.model_run == name, config=key))
         if session.model_run == KERNEL:

@@ -121,7 +121,7 @@ export async function drawHead(state) {
     post("/api/model/weights", ref),
   ]);
   const axis = attention.labels.map((t, i) => `${i}:${t}`);
-  await Plotly.react("attention-plot", [{ type: "heatmap", z: attention.pattern, x: axis, y: axis, colorscale: "Blues",
+  await Plotly.react("attention-plot", [{ type: "heatmap", z: attention.pattern, x: axis, y: axis, colorscale: "Blues", reversescale: true,
     hovertemplate: "query %{y} → key %{x}: %{z:.3f}<extra></extra>" }],
     { title: { text: "attention on the text (query ↓, key →)", font: { size: 12 } }, margin: { t: 30, r: 10, b: 60, l: 60 },
       yaxis: { autorange: "reversed", tickfont: { size: 8 } }, xaxis: { tickfont: { size: 8 } } }, PLOT);
