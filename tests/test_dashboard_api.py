@@ -195,3 +195,21 @@ def test_a_model_from_the_notebook_is_shared_by_reference_and_refresh_reaches_op
         assert '<iframe src="http://127.0.0.1:' in handle._repr_html_()
     finally:
         handle.stop()
+
+
+@pytest.mark.slow
+def test_ablating_the_strongest_induction_head_after_the_transition_raises_its_copy_loss_by_over_a_nat(induced_run):
+    run = pl.open_run(induced_run)
+    scores = run.metrics(probe="heads", metric="induction", source="checkpoint")
+    last = scores[scores["step"] == 1600]
+    strongest = last.loc[last["value"].idxmax()]
+    assert strongest["layer"] == 1 and strongest["value"] > 0.5
+    node = {"layer": int(strongest["layer"]), "head": int(strongest["head"])}
+    app, _ = build([induced_run])
+    with TestClient(app) as client:
+        text = client.get(f"/api/runs/{induced_run.name}/sample").json()["text"]
+        after = client.post("/api/model/ablate", json={"run": induced_run.name, "step": 1600, "text": text, "nodes": [node], "mode": "mean"}).json()
+        before = client.post("/api/model/ablate", json={"run": induced_run.name, "step": 400, "text": text, "nodes": [node], "mode": "mean"}).json()
+    assert after["clean"]["copy_loss"] < 1.5 < math.log(64) - 0.5 < before["clean"]["copy_loss"]
+    assert after["copy_loss_change"] > 1.0  # the head formed: removing it costs the copies
+    assert abs(before["copy_loss_change"]) < 0.3  # before the transition the same head did not copy

@@ -81,7 +81,8 @@ def serve(run: Any = None, model: Any = None, host: str = "127.0.0.1", port: int
     import uvicorn
 
     app, token = build(_paths(run), model=model, host=host, token=token)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="phaselens-dashboard", daemon=True)
     thread.start()

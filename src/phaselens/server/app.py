@@ -178,13 +178,17 @@ def create_app(session: Session, token: str | None = None) -> FastAPI:
         queue: asyncio.Queue = asyncio.Queue()
         hub.queues.add(queue)
         seen = routes.runs_signature(session)
+        closed = asyncio.ensure_future(_until_closed(socket))  # noticing a closed page lets shutdown finish
         try:
             await socket.send_json({"type": "hello", "runs": session.names(), "model_version": session.model_version})
-            while True:
-                try:
-                    message = await asyncio.wait_for(queue.get(), timeout=POLL_SECONDS)
-                    await socket.send_json(message)
-                except asyncio.TimeoutError:
+            while not closed.done():
+                pushed = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({pushed, closed}, timeout=POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+                if pushed in done:
+                    await socket.send_json(pushed.result())
+                    continue
+                pushed.cancel()
+                if not closed.done():
                     now = await asyncio.to_thread(routes.runs_signature, session)
                     if now != seen:
                         seen = now
@@ -192,6 +196,13 @@ def create_app(session: Session, token: str | None = None) -> FastAPI:
         except (WebSocketDisconnect, RuntimeError):
             pass
         finally:
+            closed.cancel()
             hub.queues.discard(queue)
 
     return app
+
+
+async def _until_closed(socket: WebSocket) -> None:
+    """Read (and ignore) what the page sends until it goes away."""
+    while (await socket.receive())["type"] != "websocket.disconnect":
+        pass
