@@ -213,3 +213,24 @@ def test_ablating_the_strongest_induction_head_after_the_transition_raises_its_c
     assert after["clean"]["copy_loss"] < 1.5 < math.log(64) - 0.5 < before["clean"]["copy_loss"]
     assert after["copy_loss_change"] > 1.0  # the head formed: removing it costs the copies
     assert abs(before["copy_loss_change"]) < 0.3  # before the transition the same head did not copy
+
+
+def test_neuron_reports_are_read_defensively_and_only_from_inside_the_run(run_copy, tmp_path):
+    app, _ = build([run_copy])
+    with TestClient(app) as client:
+        assert client.get(f"/api/runs/{run_copy.name}/neurons").json() == {"available": False, "files": [], "layers": [], "neurons": []}
+        folder = run_copy / "artifacts" / "neurons"
+        folder.mkdir(parents=True)
+        (folder / "step_00000020.json").write_text(json.dumps({
+            "layers": [{"hook": "blocks.0.mlp.hook_post", "firing_rate": [0.1, 0.0, 0.02], "selectivity": [3.0, 0.0, 9.5]}],
+            "top_contexts": [{"layer": "blocks.0.mlp.hook_post", "neuron": 2, "contexts": [{"text": "ROMEO:", "value": 4.5}, ["JULIET:", 3.9]]}],
+        }))
+        (folder / "broken.json").write_text("{not json")
+        outside = tmp_path / "secret.json"
+        outside.write_text(json.dumps({"firing_rate": [0.5, 0.5]}))
+        (folder / "link.json").symlink_to(outside)
+        report = client.get(f"/api/runs/{run_copy.name}/neurons").json()
+    assert report["available"] and "artifacts/neurons/link.json" not in report["files"]
+    assert report["layers"] == [{"name": "blocks.0.mlp.hook_post", "values": {"firing_rate": [0.1, 0.0, 0.02], "selectivity": [3.0, 0.0, 9.5]}}]
+    assert report["neurons"] == [{"layer": "blocks.0.mlp.hook_post", "neuron": 2,
+                                  "contexts": [{"text": "ROMEO:", "value": 4.5}, {"text": "JULIET:", "value": 3.9}]}]
