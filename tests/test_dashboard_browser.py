@@ -46,15 +46,19 @@ def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, 
     page.wait_for_function("window.phaselens.run === 'induced' && document.querySelector('#timeline-plot .main-svg') !== null")
     assert page.locator("#runs-table tr.selected td").first.inner_text() == "induced"
     steps = pl.open_run(induced_run).checkpoint_steps()
-    target = steps.index(1200)  # after the transition (near step 1,100)
-    page.evaluate(f"""() => {{ const s = document.getElementById('step-slider');
-        s.value = {target}; s.dispatchEvent(new Event('input')); }}""")
-    page.wait_for_function("document.getElementById('model-source').textContent.includes('step 1200')")
-    page.wait_for_function("document.querySelector('#arch [data-node=\"L1H0\"]').dataset.induction !== ''")
+
+    def scrub_to(step: int) -> list:
+        page.evaluate(f"""() => {{ const s = document.getElementById('step-slider');
+            s.value = {steps.index(step)}; s.dispatchEvent(new Event('input')); }}""")
+        page.wait_for_function(f"document.getElementById('arch').dataset.step === '{step}'")
+        # The page colours heads by their induction score at the scrubbed step.
+        return page.eval_on_selector_all("#arch .node[data-layer='1']", "nodes => nodes.map(n => [n.dataset.node, Number(n.dataset.induction)])")
+
+    early = scrub_to(400)  # before the transition (near step 1,100): no induction head yet
+    assert max(score for _, score in early) < 0.3, early
+    scores = scrub_to(1600)  # after it
     page.screenshot(path=str(SCREENSHOTS / "dashboard_timeline.png"), full_page=True)
 
-    # The page colours heads by their induction score at the scrubbed step: click the strongest of layer 1.
-    scores = page.eval_on_selector_all("#arch .node[data-layer='1']", "nodes => nodes.map(n => [n.dataset.node, Number(n.dataset.induction)])")
     node, score = max(scores, key=lambda pair: pair[1])
     assert score > 0.5, scores
     page.click(f"#arch [data-node='{node}']")

@@ -43,6 +43,7 @@ export async function loadHeadScores(state) {
 export function drawArchitecture(state, arch, scores, onSelect) {
   const svg = document.getElementById("arch");
   svg.innerHTML = "";
+  svg.dataset.step = state.useKernel ? "kernel" : String(state.step);  // which model the map shows
   const rowH = 64, top = 40, width = 260;
   const height = top + arch.n_layers * rowH + 60;
   svg.setAttribute("height", height);
