@@ -29,3 +29,20 @@ def run_copy(induction_run, tmp_path) -> Path:
     copy = tmp_path / "run"
     shutil.copytree(induction_run, copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def induced_run(tmp_path_factory) -> Path:
+    """The induction preset trained through its transition: 1,600 steps (seed 0), checkpoints every 400.
+
+    The copy-position loss drops near step 1,100 and layer 1 holds induction heads afterwards.
+    About a minute on one thread: tests that use it are marked slow. Read-only, like `induction_run`.
+    """
+    from phaselens.training.config import load_config
+    from phaselens.training.trainer import train
+
+    config = load_config("induction", ["train.steps=1600", "train.checkpoint_every=400", "train.eval_every=400",
+                                       "telemetry.every=20", "name=induced"])
+    path = tmp_path_factory.mktemp("induced") / "induced"
+    train(config, path, progress=False)
+    return path

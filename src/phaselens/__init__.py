@@ -31,6 +31,7 @@ _LAZY = {
     "train": "phaselens.training.trainer",
     "detect_transitions": "phaselens.analysis.transitions",
     "write_report": "phaselens.report",
+    "serve": "phaselens.server",
     "TaskBatch": "phaselens.tasks.batch",
     "InductionTask": "phaselens.tasks.induction",
     "attention_entropy": "phaselens.probes.attention",

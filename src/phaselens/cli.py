@@ -213,6 +213,19 @@ def export(
     typer.echo(f"wrote {len(frame)} rows to {out}")
 
 
+@app.command()
+@_guard
+def serve(
+    runs: Optional[List[Path]] = typer.Argument(None, help="Run directories to serve (only these are readable)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind; anything but localhost requires the printed token."),
+    port: int = typer.Option(8050, help="Port."),
+):
+    """Open the interactive dashboard on runs: timeline, model view, ablate / freeze / patch."""
+    from phaselens.server import run_forever
+
+    run_forever(runs or [], host=host, port=port, announce=typer.echo)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

@@ -1,0 +1,189 @@
+"""What the model view computes: per-token loss, attention, ablation, freezing, patching, gradients.
+
+Every function takes a hookable model and token ids. Hooks are registered on the model's
+`HookPoint`s for the length of one call and removed by their own handles, so hooks a user added
+in a notebook stay in place and run too (TransformerLens' `run_with_hooks` would reset them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from phaselens.probes.heads import detection_patterns
+from phaselens.probes.loss import masked_mean, token_losses
+
+Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+@contextlib.contextmanager
+def temporary_hooks(model: torch.nn.Module, hooks: Sequence[tuple[str, Hook]]) -> Iterator[None]:
+    """Forward hooks `fn(activation) -> replacement or None` on named hook points, for one block."""
+    points = model.hook_dict
+    handles = []
+    try:
+        for name, fn in hooks:
+            if name not in points:
+                raise KeyError(f"the model has no hook point {name!r}")
+            handles.append(points[name].register_forward_hook(lambda module, args, out, fn=fn: fn(out)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_caching(model: torch.nn.Module, tokens: torch.Tensor, names: Sequence[str],
+                hooks: Sequence[tuple[str, Hook]] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Logits (B, T, V) and the activations at `names`, with optional intervening hooks."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str) -> Hook:
+        def keep(x: torch.Tensor) -> None:
+            cache[name] = x.detach()
+        return keep
+
+    with temporary_hooks(model, [*hooks, *((n, keeper(n)) for n in names)]):
+        logits = model(tokens)
+    return logits, cache
+
+
+def copy_positions(tokens: torch.Tensor) -> torch.Tensor:
+    """Predictions an induction head can make: tokens (T,) -> (T-1,) bool.
+
+    Position t predicts token t+1; it counts when some earlier occurrence of tokens[t] was
+    followed by tokens[t+1] (the induction detection pattern, read at the target).
+    """
+    induction = detection_patterns(tokens[None])["induction"][0]  # (Q, K): key j follows an earlier copy of tok_q
+    follows = tokens[None, :] == tokens[1:, None]  # (T-1, K): token j is the next token of query t
+    return (induction[:-1] & follows).any(-1)
+
+
+def loss_view(logits: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """Per-position loss of one sequence, its mean, and its mean on the copy positions."""
+    losses = token_losses(logits, tokens[None])[0]  # (T-1,)
+    copies = copy_positions(tokens)
+    copy_loss = float(masked_mean(losses, copies)) if bool(copies.any()) else None
+    return {"loss": losses.tolist(), "copy_positions": copies.tolist(), "mean_loss": float(losses.mean()), "copy_loss": copy_loss}
+
+
+def attention_pattern(model: torch.nn.Module, tokens: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+    """One head's attention on one sequence: (T,) -> (Tq, Tk)."""
+    name = f"blocks.{layer}.attn.hook_pattern"
+    with torch.no_grad():
+        _, cache = run_caching(model, tokens[None], [name])
+    return cache[name][0, head]
+
+
+def node_hook_name(layer: int, head: int | None) -> str:
+    """Heads are cut at their mixed values (hook_z), so the head adds nothing through W_O; MLPs at their output."""
+    return f"blocks.{layer}.attn.hook_z" if head is not None else f"blocks.{layer}.hook_mlp_out"
+
+
+def node_values(model: torch.nn.Module, tokens: torch.Tensor, nodes: Sequence[tuple[int, int | None]]) -> dict:
+    """Each node's activation on `tokens` (B, T): {(layer, head): (B, T, dh) or (B, T, d_model)}."""
+    names = sorted({node_hook_name(layer, head) for layer, head in nodes})
+    with torch.no_grad():
+        _, cache = run_caching(model, tokens, names)
+    return {(layer, head): cache[node_hook_name(layer, head)][:, :, head] if head is not None
+            else cache[node_hook_name(layer, head)] for layer, head in nodes}
+
+
+def ablation_hooks(nodes: Sequence[tuple[int, int | None]], replacements: dict | None) -> list[tuple[str, Hook]]:
+    """Hooks that replace each node's activation: by zeros, or by `replacements[node]` (broadcast to (B, T, ·))."""
+    hooks = []
+    for layer, head in nodes:
+        value = None if replacements is None else replacements[(layer, head)]
+
+        def replace(x: torch.Tensor, head=head, value=value) -> torch.Tensor:
+            x = x.clone()
+            target = x[:, :, head] if head is not None else x  # (B, T, dh) or (B, T, d_model)
+            if value is None:
+                target.zero_()
+            else:
+                target.copy_(value[..., : x.shape[1], :].expand_as(target))
+            return x
+
+        hooks.append((node_hook_name(layer, head), replace))
+    return hooks
+
+
+def ablated_logits(model: torch.nn.Module, tokens: torch.Tensor, hooks: Sequence[tuple[str, Hook]]) -> torch.Tensor:
+    with torch.no_grad(), temporary_hooks(model, hooks):
+        return model(tokens[None])
+
+
+def mean_values(model: torch.nn.Module, tokens: torch.Tensor, nodes: Sequence[tuple[int, int | None]]) -> dict:
+    """Each node's activation averaged over the batch and positions of `tokens` (B, T): {node: (1, 1, ·)}."""
+    return {node: value.mean((0, 1), keepdim=True) for node, value in node_values(model, tokens, nodes).items()}
+
+
+def logit_diff(logits: torch.Tensor, answer: int, wrong: int) -> float:
+    """logit(answer) − logit(wrong) at the last position of one sequence: logits (1, T, V)."""
+    last = logits[0, -1].float()
+    return float(last[answer] - last[wrong])
+
+
+def patch_logit_diff(model: torch.nn.Module, clean: torch.Tensor, corrupted: torch.Tensor, hook_name: str,
+                     head: int | None, position: int | None, answer: int | None, wrong: int | None) -> dict:
+    """Run the corrupted prompt with one node taken from the clean run; logit differences at the last position."""
+    with torch.no_grad():
+        clean_logits, cache = run_caching(model, clean[None], [hook_name])
+        corrupted_logits = model(corrupted[None])
+        answer = int(clean_logits[0, -1].argmax()) if answer is None else answer
+        if wrong is None:  # the corrupted run's favourite, or the clean run's runner-up when they agree
+            ranked = corrupted_logits[0, -1].argsort(descending=True).tolist()
+            wrong = ranked[0] if ranked[0] != answer else clean_logits[0, -1].argsort(descending=True)[1].item()
+        source = cache[hook_name]
+
+        def patch(x: torch.Tensor) -> torch.Tensor:
+            x = x.clone()
+            rows = slice(None) if position is None else slice(position, position + 1)
+            if head is None:
+                x[:, rows] = source[:, rows]
+            else:
+                x[:, rows, head] = source[:, rows, head]
+            return x
+
+        with temporary_hooks(model, [(hook_name, patch)]):
+            patched_logits = model(corrupted[None])
+    diffs = [logit_diff(lg, answer, wrong) for lg in (clean_logits, corrupted_logits, patched_logits)]
+    span = diffs[0] - diffs[1]
+    return {
+        "hook_name": hook_name, "answer": answer, "wrong": wrong,
+        "clean_logit_diff": diffs[0], "corrupted_logit_diff": diffs[1], "patched_logit_diff": diffs[2],
+        "recovered": (diffs[2] - diffs[1]) / span if abs(span) > 1e-6 else None,
+    }
+
+
+def embedding_gradients(model: torch.nn.Module, tokens: torch.Tensor, position: int | None) -> tuple[torch.Tensor, float]:
+    """‖∂loss/∂embedding_t‖ per token (T,), for the mean loss or the loss of one prediction."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def track(x: torch.Tensor) -> torch.Tensor:
+        x = x.detach().requires_grad_(True)
+        captured["embed"] = x
+        return x
+
+    with torch.enable_grad(), temporary_hooks(model, [("hook_embed", track)]):
+        logits = model(tokens[None])
+        losses = token_losses(logits, tokens[None])[0]  # (T-1,)
+        loss = losses.mean() if position is None else losses[position]
+        (grad,) = torch.autograd.grad(loss, captured["embed"])
+    return grad[0].norm(dim=-1), float(loss.detach())  # (T,)
+
+
+def circuit_matrices(model: torch.nn.Module, layer: int, head: int, max_vocab: int = 256) -> dict:
+    """A head's QK and OV circuits: in token space when the vocabulary is small, else in the residual space."""
+    attn = model.blocks[layer].attn
+    W_Q, W_K, W_V, W_O = (w[head].detach() for w in (attn.W_Q, attn.W_K, attn.W_V, attn.W_O))  # (d, dh) x3, (dh, d)
+    with torch.no_grad():
+        if model.W_E.shape[0] <= max_vocab:
+            W_E, W_U = model.W_E.detach(), model.W_U.detach()  # (V, d), (d, V)
+            qk = (W_E @ W_Q) @ (W_E @ W_K).T  # (V, V): query token x key token
+            ov = W_E @ W_V @ W_O @ W_U  # (V, V): attended token x promoted logit
+            return {"space": "token", "labels": [str(i) for i in range(W_E.shape[0])], "qk": qk, "ov": ov}
+        qk = W_Q @ W_K.T  # (d, d)
+        ov = W_V @ W_O  # (d, d)
+        return {"space": "residual", "labels": [str(i) for i in range(qk.shape[0])], "qk": qk, "ov": ov}

@@ -1,0 +1,218 @@
+"""The dashboard's JSON API: request and response bodies, the contract the page and the tests share.
+
+Tokens travel as lists of ids; text the user types is turned into ids by `session.tokenize`.
+A model is named by a run and a checkpoint step; `step=None` means the model the server was
+given in-process (`pl.serve(model=...)`), or the run's last checkpoint when there is none.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_TEXT_CHARS = 4000
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------- runs and metrics
+
+
+class RunSummary(BaseModel):
+    name: str
+    status: str
+    last_step: Optional[int] = None
+    checkpoints: list[int] = []
+    kernel_model: bool = False  # a model handed over in-process is attached to this entry
+    config: dict[str, object] = {}  # a few key settings: layers, heads, d_model, task, lr, steps
+
+
+class RunList(BaseModel):
+    runs: list[RunSummary]
+
+
+class SeriesKey(BaseModel):
+    probe: str
+    metric: str
+    per: Literal["model", "layer", "head"]
+    rows: int
+
+
+class SeriesList(BaseModel):
+    run: str
+    series: list[SeriesKey]
+
+
+class MetricRows(BaseModel):
+    """Metric rows as columns (compact to send, direct to plot)."""
+
+    run: str
+    step: list[int]
+    probe: list[str]
+    metric: list[str]
+    layer: list[Optional[int]]
+    head: list[Optional[int]]
+    value: list[Optional[float]]
+    source: list[str]
+
+
+class TransitionRow(BaseModel):
+    probe: str
+    metric: str
+    layer: Optional[int]
+    head: Optional[int]
+    step: int
+    start: int
+    end: int
+    before: float
+    after: float
+    strength: float
+
+
+class TransitionList(BaseModel):
+    run: str
+    transitions: list[TransitionRow]
+
+
+# ---------------------------------------------------------------------------- the model view
+
+
+class ModelRef(Strict):
+    run: str
+    step: Optional[int] = None
+
+
+class TextRequest(ModelRef):
+    text: str = Field("", max_length=MAX_TEXT_CHARS, description="token ids separated by spaces, or text for byte-level models")
+
+
+class Architecture(BaseModel):
+    """What the architecture map draws: embeddings, per layer heads and MLP, unembedding."""
+
+    run: str
+    step: Optional[int]
+    source: Literal["checkpoint", "kernel"]
+    n_layers: int
+    n_heads: int
+    has_mlp: bool
+    d_model: int
+    d_vocab: int
+    n_ctx: int
+
+
+class Sample(BaseModel):
+    run: str
+    text: str
+    tokens: list[int]
+
+
+class AttentionRequest(TextRequest):
+    layer: int = Field(ge=0)
+    head: int = Field(ge=0)
+
+
+class AttentionResponse(BaseModel):
+    tokens: list[int]
+    labels: list[str]
+    pattern: list[list[float]]  # [query][key]
+
+
+class Node(Strict):
+    """A component: a head (`head` set) or a layer's MLP (`head` None)."""
+
+    layer: int = Field(ge=0)
+    head: Optional[int] = Field(None, ge=0)
+
+
+class LossResponse(BaseModel):
+    tokens: list[int]
+    labels: list[str]
+    loss: list[float]  # per prediction position t (predicting token t+1)
+    copy_positions: list[bool]  # predictions an induction head can make (the token followed an earlier copy)
+    mean_loss: float
+    copy_loss: Optional[float]  # None when the text repeats nothing
+
+
+class AblateRequest(TextRequest):
+    nodes: list[Node] = Field(min_length=1, max_length=64)
+    mode: Literal["zero", "mean", "freeze"] = "zero"
+    reference_text: str = Field("", max_length=MAX_TEXT_CHARS, description="for freeze: the text whose values are held")
+
+
+class AblateResponse(BaseModel):
+    clean: LossResponse
+    ablated: LossResponse
+    delta: list[float]  # ablated − clean loss per position
+    copy_loss_change: Optional[float]
+
+
+class PatchRequest(ModelRef):
+    clean_text: str = Field(max_length=MAX_TEXT_CHARS)
+    corrupted_text: str = Field(max_length=MAX_TEXT_CHARS)
+    hook: Literal["resid_pre", "attn_out", "mlp_out", "resid_post", "head"] = "resid_pre"
+    layer: int = Field(0, ge=0)
+    head: Optional[int] = Field(None, ge=0)
+    position: Optional[int] = Field(None, ge=0, description="None patches every position")
+    answer: Optional[int] = Field(None, ge=0, description="correct token (default: the clean run's top prediction)")
+    wrong: Optional[int] = Field(None, ge=0, description="wrong token (default: the corrupted run's top prediction)")
+
+
+class PatchResponse(BaseModel):
+    hook_name: str
+    answer: int
+    wrong: int
+    clean_logit_diff: float
+    corrupted_logit_diff: float
+    patched_logit_diff: float
+    recovered: Optional[float]  # (patched − corrupted) / (clean − corrupted)
+
+
+class GradientRequest(TextRequest):
+    position: Optional[int] = Field(None, ge=0, description="the prediction whose loss is attributed (None: mean loss)")
+
+
+class GradientResponse(BaseModel):
+    tokens: list[int]
+    labels: list[str]
+    grad_norm: list[float]  # ‖∂loss/∂embedding‖ per token
+    loss: float
+
+
+class WeightsRequest(ModelRef):
+    layer: int = Field(ge=0)
+    head: int = Field(ge=0)
+
+
+class WeightsResponse(BaseModel):
+    space: Literal["token", "residual"]
+    labels: list[str]
+    qk: list[list[float]]  # (W_E W_Q)(W_E W_K)ᵀ in token space, or W_Q W_Kᵀ in the residual space
+    ov: list[list[float]]  # W_E W_V W_O W_U in token space, or W_V W_O
+
+
+# ---------------------------------------------------------------------------- neurons
+
+
+class NeuronLayer(BaseModel):
+    name: str
+    values: dict[str, list[float]]  # metric -> one value per neuron
+
+
+class NeuronContexts(BaseModel):
+    layer: str
+    neuron: int
+    contexts: list[dict[str, object]]  # each: text, value
+
+
+class NeuronsResponse(BaseModel):
+    available: bool
+    files: list[str] = []
+    layers: list[NeuronLayer] = []
+    neurons: list[NeuronContexts] = []
+
+
+class ErrorBody(BaseModel):
+    error: str

@@ -1,0 +1,220 @@
+"""The runs a server was given and the models it has loaded.
+
+Runs are addressed by name only: the server never opens a path that came from a request. A
+model handed over in-process (`pl.serve(model=...)`) is kept by reference, so weight edits and
+hooks made in the notebook are what the next request computes with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from phaselens.errors import PhaselensError
+from phaselens.run import Run, open_run
+
+KERNEL = "kernel"  # the entry of a model given without a run
+MODEL_CACHE_SIZE = 4
+MAX_NEURON_FILE_BYTES = 20_000_000
+
+
+class NotFound(PhaselensError):
+    """A run, checkpoint or file the server does not serve."""
+
+
+class BadInput(PhaselensError):
+    """A request the server refuses: text too long, an unknown token, a layer out of range."""
+
+
+class Session:
+    """Runs by name, a small cache of loaded checkpoints, and the in-process model if any."""
+
+    def __init__(self, runs: list[Path | str] = (), model: Any = None, model_run: str | None = None):
+        self.runs: dict[str, Path] = {}
+        for path in runs:
+            path = Path(path).resolve()
+            open_run(path)  # refuse a directory that is not a run before serving anything
+            name = path.name
+            suffix = 1
+            while name in self.runs or name == KERNEL:
+                suffix += 1
+                name = f"{path.name}-{suffix}"
+            self.runs[name] = path
+        self.model = model
+        if model is not None and model_run is None:
+            model_run = next(iter(self.runs), KERNEL)
+        self.model_run = model_run if model is not None else None
+        self.lock = threading.RLock()  # one computation on a model at a time: hooks are per call
+        self._models: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._means: dict[tuple, Any] = {}
+        self.model_version = 0
+
+    # -------------------------------------------------------------------- runs
+
+    def names(self) -> list[str]:
+        names = list(self.runs)
+        if self.model_run == KERNEL:
+            names.append(KERNEL)
+        return names
+
+    def run(self, name: str) -> Run:
+        """A fresh `Run` for each request: its SQLite connection then lives in the request's thread."""
+        if name not in self.runs:
+            raise NotFound(f"no run named {name!r} is served here; served: {', '.join(self.names()) or 'none'}")
+        return open_run(self.runs[name])
+
+    def has_run(self, name: str) -> bool:
+        return name in self.runs
+
+    # -------------------------------------------------------------------- models
+
+    def model_for(self, run: str, step: int | None) -> tuple[Any, str]:
+        """The model of `run` at `step` and where it came from ('kernel' or 'checkpoint')."""
+        if step is None and self.model is not None and run == self.model_run:
+            return self.model, "kernel"
+        if run == KERNEL and self.model_run == KERNEL:
+            raise NotFound("the in-process model has no checkpoints; leave step empty")
+        handle = self.run(run)
+        steps = handle.checkpoint_steps()
+        if not steps:
+            raise NotFound(f"run {run!r} has no checkpoints yet")
+        step = steps[-1] if step is None else step
+        if step not in steps:
+            raise NotFound(f"run {run!r} has no checkpoint at step {step}")
+        key = (run, step)
+        if key not in self._models:
+            self._models[key] = handle.load_model(step)
+            while len(self._models) > MODEL_CACHE_SIZE:
+                self._models.popitem(last=False)
+        self._models.move_to_end(key)
+        return self._models[key], "checkpoint"
+
+    def mean_values(self, run: str, step: int | None, source: str, model: Any, nodes: list, tokens: Any) -> dict:
+        """Mean activation of each node over the run's probe batch (over `tokens` when the run has none), cached."""
+        from phaselens.server.interventions import mean_values
+
+        key = (source, run, id(model), self.model_version if source == "kernel" else None)
+        cached = self._means.setdefault(key, {})
+        missing = [node for node in nodes if node not in cached]
+        if missing:
+            reference = None
+            if run in self.runs:
+                try:
+                    reference = self.run(run).probe_batch().tokens.to(tokens.device)  # (B, T)
+                except OSError:
+                    pass  # an imported series has no probe batch
+            if reference is None:
+                reference = tokens[None]
+                cached = {}  # means of this text alone: not worth keeping
+            cached.update(mean_values(model, reference, missing))
+        return {node: cached[node] for node in nodes}
+
+    def model_changed(self) -> None:
+        """The in-process model was edited: forget cached values derived from it."""
+        self.model_version += 1
+        self._means = {k: v for k, v in self._means.items() if k[0] != "kernel"}  # keyed (source, run, model, version)
+
+    # -------------------------------------------------------------------- neurons
+
+    def neuron_files(self, run: str) -> list[Path]:
+        """JSON files under RUN/artifacts/neurons/ (never following a link out of the run)."""
+        folder = self.runs[run] / "artifacts" / "neurons" if run in self.runs else None
+        if folder is None or not folder.is_dir():
+            return []
+        root = self.runs[run].resolve()
+        files = []
+        for path in sorted(folder.rglob("*.json")):
+            resolved = path.resolve()
+            if resolved.is_relative_to(root) and resolved.is_file() and resolved.stat().st_size <= MAX_NEURON_FILE_BYTES:
+                files.append(resolved)
+        return files
+
+
+def tokenize(text: str, vocab: int, n_ctx: int) -> list[int]:
+    """Token ids from what the user typed: ids separated by spaces or commas, or bytes for byte-level models."""
+    text = text.strip()
+    if not text:
+        raise BadInput("the text is empty: type token ids separated by spaces (e.g. 5 17 42 5 17)")
+    parts = [p for p in re.split(r"[\s,]+", text) if p]
+    if all(re.fullmatch(r"\d+", p) for p in parts):
+        ids = [int(p) for p in parts]
+        bad = [i for i in ids if i >= vocab]
+        if bad:
+            raise BadInput(f"token ids must be below the vocabulary size {vocab}; got {bad[:5]}")
+    elif vocab >= 256:
+        ids = list(text.encode("utf-8"))
+    else:
+        raise BadInput(f"this model has {vocab} tokens: type token ids (0–{vocab - 1}) separated by spaces")
+    if len(ids) < 2:
+        raise BadInput("the text needs at least 2 tokens (a loss needs a next token)")
+    if len(ids) > n_ctx:
+        raise BadInput(f"the text has {len(ids)} tokens; the model's context holds {n_ctx}")
+    return ids
+
+
+def token_labels(ids: list[int], vocab: int) -> list[str]:
+    """How tokens are shown: ids, or characters for byte-level models."""
+    if vocab == 256:
+        return [chr(i) if 32 <= i < 127 else f"\\x{i:02x}" for i in ids]
+    return [str(i) for i in ids]
+
+
+def read_neuron_reports(files: list[Path], root: Path) -> dict:
+    """Per-layer value lists and top contexts from neuron reports, whatever their exact layout.
+
+    Reads defensively: any list of numbers under a key naming a per-neuron statistic becomes a
+    histogram, and any object with a neuron index and a list of contexts becomes a context list.
+    """
+    layers: dict[str, dict[str, list[float]]] = {}
+    neurons: list[dict] = []
+
+    def numbers(value: Any) -> list[float] | None:
+        if isinstance(value, list) and len(value) >= 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return [float(v) for v in value]
+        return None
+
+    def layer_name(obj: dict, fallback: str) -> str:
+        for key in ("hook", "layer_name", "name", "layer"):
+            if key in obj and isinstance(obj[key], (str, int)):
+                return str(obj[key])
+        return fallback
+
+    def walk(obj: Any, where: str) -> None:
+        if isinstance(obj, dict):
+            contexts = next((obj[k] for k in ("contexts", "top_contexts", "top") if isinstance(obj.get(k), list)), None)
+            if contexts is not None and isinstance(obj.get("neuron"), int):
+                neurons.append({"layer": layer_name(obj, where), "neuron": obj["neuron"],
+                                "contexts": [_context(c) for c in contexts[:50]]})
+                return
+            for key, value in obj.items():
+                values = numbers(value)
+                if values is not None and key not in ("tokens", "shape"):
+                    layers.setdefault(layer_name(obj, where), {})[str(key)] = values
+                elif isinstance(value, (dict, list)):
+                    walk(value, f"{where}/{key}" if not (isinstance(value, dict) and layer_name(value, "")) else layer_name(value, key))
+        elif isinstance(obj, list):
+            for i, item in enumerate(obj[:10_000]):
+                walk(item, f"{where}[{i}]")
+
+    for path in files:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a half-written or foreign file: skip it
+        walk(data, path.relative_to(root).stem)
+    return {"layers": [{"name": k, "values": v} for k, v in layers.items()], "neurons": neurons}
+
+
+def _context(item: Any) -> dict:
+    if isinstance(item, dict):
+        text = item.get("text", item.get("context", item.get("tokens", "")))
+        value = item.get("value", item.get("activation", item.get("act")))
+        return {"text": text if isinstance(text, str) else " ".join(map(str, text)) if isinstance(text, list) else str(text),
+                "value": float(value) if isinstance(value, (int, float)) else None}
+    if isinstance(item, (list, tuple)) and len(item) == 2:
+        return {"text": str(item[0]), "value": float(item[1]) if isinstance(item[1], (int, float)) else None}
+    return {"text": str(item), "value": None}

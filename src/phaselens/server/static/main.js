@@ -1,0 +1,163 @@
+// The dashboard page: state, wiring between views, and the WebSocket that pushes changes.
+import { get, post, enc, guarded } from "./api.js";
+import { drawTimeline, drawHeatmap, moveStepLine } from "./timeline.js";
+import { loadHeadScores, drawArchitecture, runText, drawHead, ablate, patch, gradients } from "./modelview.js";
+import { loadNeurons } from "./neurons.js";
+
+const state = {
+  runs: [], run: null, compare: "", steps: [], step: null, useKernel: false,
+  metric: null, heatmap: null, transitions: [], text: "", selected: null, headRows: null,
+};
+window.phaselens = state;  // for the console, tests and benchmarks
+
+const $ = (id) => document.getElementById(id);
+
+async function loadRuns() {
+  const { runs } = await get("/api/runs");
+  state.runs = runs;
+  const options = runs.map((r) => `<option value="${r.name}">${r.name}</option>`).join("");
+  const keep = state.run;
+  $("run-select").innerHTML = options;
+  $("compare-select").innerHTML = `<option value="">(none)</option>` + options;
+  $("compare-select").value = state.compare;
+  if (keep && runs.some((r) => r.name === keep)) $("run-select").value = keep;
+  const body = $("runs-table").querySelector("tbody");
+  body.innerHTML = "";
+  for (const r of runs) {
+    const row = document.createElement("tr");
+    row.dataset.run = r.name;
+    if (r.name === state.run) row.classList.add("selected");
+    const config = Object.entries(r.config).map(([k, v]) => `${k.split(".")[1]}=${v}`).join(" ");
+    for (const text of [r.name, r.status + (r.kernel_model ? " (+ notebook model)" : ""), r.last_step ?? "–", r.checkpoints.length, config]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.appendChild(cell);
+    }
+    row.addEventListener("click", () => guarded(() => selectRun(r.name)));
+    body.appendChild(row);
+  }
+  $("live-status").textContent = runs.filter((r) => r.status === "running").length ? "a run is training: live" : "";
+}
+
+async function selectRun(name) {
+  state.run = name;
+  $("run-select").value = name;
+  for (const row of $("runs-table").querySelectorAll("tbody tr")) row.classList.toggle("selected", row.dataset.run === name);
+  const info = state.runs.find((r) => r.name === name);
+  state.steps = info.checkpoints;
+  state.useKernel = info.kernel_model;
+  $("kernel-toggle").hidden = !info.kernel_model;
+  $("use-kernel").checked = info.kernel_model;
+  state.headRows = null;
+  state.selected = null;
+  const slider = $("step-slider");
+  slider.max = Math.max(0, state.steps.length - 1);
+  slider.value = slider.max;
+  state.step = state.steps.length ? state.steps[state.steps.length - 1] : null;
+  updateStepLabel();
+  const sample = await get(`/api/runs/${enc(name)}/sample`);
+  state.text = sample.text;
+  $("text-input").value = sample.text;
+  if (!$("patch-clean").value) {
+    $("patch-clean").value = sample.text;
+    $("patch-corrupted").value = sample.tokens.map((t, i) => (i < sample.tokens.length / 2 ? (t + 1) % 64 : t)).join(" ");
+  }
+  await loadSeries();
+  await Promise.all([guarded(refreshTimeline), guarded(refreshModel), guarded(() => loadNeurons(state))]);
+}
+
+async function loadSeries() {
+  const [{ series }, { transitions }] = await Promise.all([
+    get(`/api/runs/${enc(state.run)}/series`), get(`/api/runs/${enc(state.run)}/transitions`)]);
+  state.transitions = transitions;
+  const names = series.map((s) => `${s.probe}/${s.metric}`);
+  const heat = series.filter((s) => s.per === "head").map((s) => `${s.probe}/${s.metric}`);
+  $("metric-select").innerHTML = names.map((n) => `<option>${n}</option>`).join("");
+  $("heatmap-select").innerHTML = heat.map((n) => `<option>${n}</option>`).join("");
+  state.metric = names.includes(state.metric) ? state.metric : (names.includes("loss/copy") ? "loss/copy" : names[0] || null);
+  state.heatmap = heat.includes(state.heatmap) ? state.heatmap : (heat.includes("attention/entropy") ? "attention/entropy" : heat[0] || null);
+  $("metric-select").value = state.metric || "";
+  $("heatmap-select").value = state.heatmap || "";
+}
+
+async function refreshTimeline() {
+  if (!state.metric) { Plotly.purge("timeline-plot"); Plotly.purge("heatmap-plot"); return; }
+  await Promise.all([drawTimeline(state), drawHeatmap(state)]);
+}
+
+async function refreshModel() {
+  const arch = await guarded(() => post("/api/model/architecture", { run: state.run, step: state.useKernel ? null : state.step }));
+  if (!arch) return;
+  $("model-source").textContent = arch.source === "kernel" ? "(the notebook's model)" : `(checkpoint at step ${state.step})`;
+  const scores = await loadHeadScores(state);
+  drawArchitecture(state, arch, scores, (node) => guarded(() => selectNode(node, arch, scores)));
+  await guarded(() => runText(state));
+  await guarded(() => drawHead(state));
+}
+
+async function selectNode(node, arch, scores) {
+  state.selected = node;
+  drawArchitecture(state, arch, scores, (n) => guarded(() => selectNode(n, arch, scores)));
+  await drawHead(state);
+}
+
+function updateStepLabel() {
+  $("step-label").textContent = state.step === null ? "no checkpoints" : `step ${state.step}`;
+}
+
+let scrubTimer = null;
+function wire() {
+  $("run-select").addEventListener("change", (e) => guarded(() => selectRun(e.target.value)));
+  $("compare-select").addEventListener("change", (e) => { state.compare = e.target.value; guarded(refreshTimeline); });
+  $("metric-select").addEventListener("change", (e) => { state.metric = e.target.value; guarded(() => drawTimeline(state)); });
+  $("heatmap-select").addEventListener("change", (e) => { state.heatmap = e.target.value; guarded(() => drawHeatmap(state)); });
+  $("step-slider").addEventListener("input", (e) => {
+    state.step = state.steps[Number(e.target.value)] ?? null;
+    updateStepLabel();
+    moveStepLine(state);
+    clearTimeout(scrubTimer);
+    scrubTimer = setTimeout(() => { if (state.useKernel) return; guarded(refreshModel); }, 120);
+  });
+  $("use-kernel").addEventListener("change", (e) => { state.useKernel = e.target.checked; guarded(refreshModel); });
+  $("text-input").addEventListener("change", (e) => { state.text = e.target.value; });
+  $("run-text").addEventListener("click", () => { state.text = $("text-input").value; guarded(async () => { await runText(state); await drawHead(state); }); });
+  $("ablate-btn").addEventListener("click", () => { state.text = $("text-input").value; guarded(() => ablate(state)); });
+  $("patch-btn").addEventListener("click", () => guarded(() => patch(state)));
+  $("grad-btn").addEventListener("click", () => { state.text = $("text-input").value; guarded(() => gradients(state)); });
+}
+
+function listen() {
+  const url = new URL("/api/events", location.href);
+  url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+  const token = new URLSearchParams(location.search).get("token");
+  if (token) url.searchParams.set("token", token);
+  const socket = new WebSocket(url);
+  socket.onmessage = (event) => {
+    const message = JSON.parse(event.data);
+    if (message.type === "model_changed" && state.useKernel) guarded(refreshModel);
+    if (message.type === "runs_changed") guarded(async () => {
+      await loadRuns();
+      const info = state.runs.find((r) => r.name === state.run);
+      if (info && info.checkpoints.length !== state.steps.length) {
+        const atEnd = Number($("step-slider").value) === state.steps.length - 1;
+        state.steps = info.checkpoints;
+        $("step-slider").max = Math.max(0, state.steps.length - 1);
+        if (atEnd) { $("step-slider").value = $("step-slider").max; state.step = state.steps[state.steps.length - 1]; updateStepLabel(); }
+      }
+      await loadSeries();
+      await refreshTimeline();
+    });
+  };
+  socket.onclose = () => setTimeout(listen, 2000);
+  state.socket = socket;
+}
+
+async function start() {
+  wire();
+  await guarded(loadRuns);
+  if (state.runs.length) await selectRun(state.runs[0].name);
+  listen();
+  document.body.dataset.ready = "1";
+}
+
+start();

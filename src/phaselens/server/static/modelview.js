@@ -1,0 +1,193 @@
+// Model view at the scrubbed checkpoint: architecture map, per-token loss, a head's attention,
+// scores and circuits, ablate / freeze, patching and gradient attribution.
+import { post, get, enc, guarded } from "./api.js";
+import { toSeries } from "./timeline.js";
+
+const SVG = "http://www.w3.org/2000/svg";
+const PLOT = { displaylogo: false, responsive: true };
+
+function modelRef(state) {
+  return { run: state.run, step: state.useKernel ? null : state.step };
+}
+
+function el(tag, attrs, parent) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+  if (parent) parent.appendChild(node);
+  return node;
+}
+
+// Head scores of the run at the latest recorded step <= `step`: {"L1H0": {induction: .7, ...}}.
+export async function loadHeadScores(state) {
+  if (!state.headRows) {
+    state.headRows = await get(`/api/runs/${enc(state.run)}/metrics?probe=heads`).catch(() => null);
+  }
+  const rows = state.headRows;
+  const scores = {};
+  if (!rows || state.step === null) return scores;
+  const best = {};
+  for (let i = 0; i < rows.step.length; i++) {
+    if (rows.head[i] === null || rows.step[i] > state.step) continue;
+    const key = `L${rows.layer[i]}H${rows.head[i]}/${rows.metric[i]}`;
+    if (!(key in best) || rows.step[i] > best[key].step || (rows.step[i] === best[key].step && rows.source[i] === "checkpoint")) {
+      best[key] = { step: rows.step[i], value: rows.value[i] };
+    }
+  }
+  for (const [key, v] of Object.entries(best)) {
+    const [node, metric] = key.split("/");
+    (scores[node] ||= {})[metric] = v.value;
+  }
+  return scores;
+}
+
+export function drawArchitecture(state, arch, scores, onSelect) {
+  const svg = document.getElementById("arch");
+  svg.innerHTML = "";
+  svg.dataset.step = state.useKernel ? "kernel" : String(state.step);  // which model the map shows
+  const rowH = 64, top = 40, width = 260;
+  const height = top + arch.n_layers * rowH + 60;
+  svg.setAttribute("height", height);
+  const spine = 24;
+  el("line", { x1: spine, y1: 18, x2: spine, y2: height - 18, stroke: "#889", "stroke-width": 4 }, svg);
+  const box = (y, text) => {
+    el("rect", { x: 4, y: y - 11, width: 120, height: 22, fill: "#dde6f0", rx: 4 }, svg);
+    el("text", { x: 10, y: y + 4 }, svg).textContent = text;
+  };
+  box(height - 22, "embed + pos");
+  box(22, "unembed");
+  for (let layer = 0; layer < arch.n_layers; layer++) {
+    const y = height - 60 - layer * rowH - rowH / 2;
+    el("text", { x: spine + 6, y: y - 20, fill: "#555" }, svg).textContent = `layer ${layer}`;
+    const nodes = [];
+    for (let head = 0; head < arch.n_heads; head++) nodes.push({ layer, head, label: `H${head}` });
+    if (arch.has_mlp) nodes.push({ layer, head: null, label: "MLP" });
+    const w = Math.min(44, (width - spine - 30) / nodes.length - 6);
+    nodes.forEach((n, i) => {
+      const x = spine + 20 + i * (w + 6);
+      const name = n.head === null ? `L${layer}MLP` : `L${layer}H${n.head}`;
+      const s = scores[name] || {};
+      const ind = s.induction ?? 0;
+      const g = el("g", { class: "node", "data-node": name, "data-layer": layer, "data-head": n.head ?? "",
+        "data-induction": s.induction ?? "", "data-prev-token": s.prev_token ?? "" }, svg);
+      el("line", { x1: spine, y1: y, x2: x, y2: y, stroke: "#bbb" }, g);
+      const fill = n.head === null ? "#f4e2c7" : `rgba(214, 60, 50, ${0.1 + 0.85 * Math.max(0, Math.min(1, ind))})`;
+      el("rect", { x, y: y - 13, width: w, height: 26, rx: 4, fill }, g);
+      el("text", { x: x + 5, y: y + 4 }, g).textContent = n.label;
+      const title = el("title", {}, g);
+      title.textContent = n.head === null ? `layer ${layer} MLP` :
+        `L${layer}H${n.head}: induction ${fmt(s.induction)}, previous-token ${fmt(s.prev_token)}, duplicate ${fmt(s.duplicate)}`;
+      if (state.selected && state.selected.layer === layer && state.selected.head === n.head) g.classList.add("selected");
+      g.addEventListener("click", () => onSelect({ layer, head: n.head }));
+    });
+  }
+}
+
+function fmt(v) { return v === undefined || v === null ? "–" : Number(v).toFixed(2); }
+
+function positionLabels(labels) { return labels.slice(0, -1).map((t, i) => `${i}:${t}→${labels[i + 1]}`); }
+
+export async function drawLoss(state, result, ablated) {
+  const x = positionLabels(result.labels);
+  const traces = [{ type: "bar", name: ablated ? "clean" : "loss", x, y: result.loss,
+    marker: { color: result.copy_positions.map((c) => (c ? "#1f77b4" : "#aac")) } }];
+  if (ablated) traces.push({ type: "bar", name: "ablated", x, y: ablated.loss, marker: { color: "#d62728" }, opacity: 0.7 });
+  const layout = { barmode: "group", margin: { t: 25, r: 10, b: 40, l: 40 }, title: { text: "loss per prediction (dark: copy positions)", font: { size: 12 } },
+    xaxis: { showticklabels: false }, yaxis: { title: { text: "nats" } }, showlegend: !!ablated };
+  await Plotly.react("loss-plot", traces, layout, PLOT);
+  const copy = document.getElementById("copy-loss");
+  copy.textContent = result.copy_loss === null ? "no repeats" : result.copy_loss.toFixed(3);
+  copy.dataset.value = result.copy_loss ?? "";
+  document.getElementById("mean-loss").textContent = result.mean_loss.toFixed(3);
+}
+
+export async function runText(state) {
+  const result = await post("/api/model/loss", { ...modelRef(state), text: state.text });
+  state.lastLoss = result;
+  await drawLoss(state, result, null);
+  document.getElementById("ablate-result").textContent = "–";
+  return result;
+}
+
+export async function drawHead(state) {
+  const node = state.selected;
+  const panel = document.getElementById("head-panel");
+  panel.hidden = !node;
+  if (!node) return;
+  document.getElementById("head-title").textContent = node.head === null ? `Layer ${node.layer} MLP` : `Head L${node.layer}H${node.head}`;
+  for (const id of ["attention-plot", "head-scores-plot", "qk-plot", "ov-plot"]) document.getElementById(id).hidden = node.head === null;
+  if (node.head === null) return;
+  const ref = { ...modelRef(state), layer: node.layer, head: node.head };
+  const [attention, weights] = await Promise.all([
+    post("/api/model/attention", { ...ref, text: state.text }),
+    post("/api/model/weights", ref),
+  ]);
+  const axis = attention.labels.map((t, i) => `${i}:${t}`);
+  await Plotly.react("attention-plot", [{ type: "heatmap", z: attention.pattern, x: axis, y: axis, colorscale: "Blues", reversescale: true,
+    hovertemplate: "query %{y} → key %{x}: %{z:.3f}<extra></extra>" }],
+    { title: { text: "attention on the text (query ↓, key →)", font: { size: 12 } }, margin: { t: 30, r: 10, b: 60, l: 60 },
+      yaxis: { autorange: "reversed", tickfont: { size: 8 } }, xaxis: { tickfont: { size: 8 } } }, PLOT);
+  const circuit = (id, z, title) => Plotly.react(id, [{ type: "heatmap", z, x: weights.labels, y: weights.labels, colorscale: "RdBu", zmid: 0 }],
+    { title: { text: title, font: { size: 12 } }, margin: { t: 30, r: 10, b: 40, l: 40 }, yaxis: { autorange: "reversed" } }, PLOT);
+  const space = weights.space === "token" ? "token" : "residual";
+  await circuit("qk-plot", weights.qk, `QK circuit (${space}: query ↓, key →)`);
+  await circuit("ov-plot", weights.ov, `OV circuit (${space}: source ↓, logit →)`);
+  const rows = state.headRows;
+  if (rows) {
+    const traces = [];
+    for (const metric of ["induction", "prev_token", "duplicate"]) {
+      const pick = { step: [], probe: [], metric: [], layer: [], head: [], value: [], source: [] };
+      for (let i = 0; i < rows.step.length; i++) {
+        if (rows.metric[i] === metric && rows.layer[i] === node.layer && rows.head[i] === node.head) {
+          for (const k of Object.keys(pick)) pick[k].push(rows[k][i]);
+        }
+      }
+      for (const s of toSeries(pick)) traces.push({ type: "scatter", mode: "lines", name: metric, x: s.x, y: s.y });
+    }
+    await Plotly.react("head-scores-plot", traces, { title: { text: "head scores over training", font: { size: 12 } },
+      margin: { t: 30, r: 10, b: 35, l: 40 }, yaxis: { range: [0, 1] },
+      shapes: [{ type: "line", xref: "x", yref: "paper", x0: state.step ?? 0, x1: state.step ?? 0, y0: 0, y1: 1, line: { color: "#d33" } }] }, PLOT);
+  }
+}
+
+export async function ablate(state) {
+  const node = state.selected;
+  if (!node) throw new Error("click a head or an MLP first");
+  const started = performance.now();
+  const mode = document.getElementById("ablate-mode").value;
+  const result = await post("/api/model/ablate", { ...modelRef(state), text: state.text, nodes: [node], mode,
+    reference_text: document.getElementById("reference-text").value });
+  await drawLoss(state, result.clean, result.ablated);
+  const out = document.getElementById("ablate-result");
+  const before = result.clean.copy_loss, after = result.ablated.copy_loss;
+  out.dataset.before = before ?? "";
+  out.dataset.after = after ?? "";
+  out.textContent = before === null ? `mean loss ${result.clean.mean_loss.toFixed(3)} → ${result.ablated.mean_loss.toFixed(3)}`
+    : `copy-position loss ${before.toFixed(3)} → ${after.toFixed(3)} (${after >= before ? "+" : ""}${(after - before).toFixed(3)} nats)`;
+  out.dataset.seq = String(Number(out.dataset.seq || 0) + 1);
+  document.dispatchEvent(new CustomEvent("phaselens:ablated", { detail: { ms: performance.now() - started } }));
+  return result;
+}
+
+export async function patch(state) {
+  const value = (id) => document.getElementById(id).value;
+  const position = value("patch-position");
+  const result = await post("/api/model/patch", { ...modelRef(state), clean_text: value("patch-clean"), corrupted_text: value("patch-corrupted"),
+    hook: value("patch-hook"), layer: Number(value("patch-layer")), head: value("patch-hook") === "head" ? Number(value("patch-head")) : null,
+    position: position === "" ? null : Number(position) });
+  document.getElementById("patch-result").textContent =
+    `${result.hook_name}: logit(${result.answer}) − logit(${result.wrong}) clean ${result.clean_logit_diff.toFixed(3)}, ` +
+    `corrupted ${result.corrupted_logit_diff.toFixed(3)}, patched ${result.patched_logit_diff.toFixed(3)}` +
+    (result.recovered === null ? "" : ` (recovered ${(100 * result.recovered).toFixed(1)}%)`);
+  return result;
+}
+
+export async function gradients(state) {
+  const position = document.getElementById("grad-position").value;
+  const result = await post("/api/model/gradients", { ...modelRef(state), text: state.text, position: position === "" ? null : Number(position) });
+  await Plotly.react("grad-plot", [{ type: "bar", x: result.labels.map((t, i) => `${i}:${t}`), y: result.grad_norm, marker: { color: "#2ca02c" } }],
+    { title: { text: `‖∂loss/∂embedding‖ per token (loss ${result.loss.toFixed(3)})`, font: { size: 12 } }, margin: { t: 30, r: 10, b: 40, l: 45 },
+      xaxis: { showticklabels: false } }, PLOT);
+  return result;
+}
+
+export { guarded };

@@ -1,0 +1,44 @@
+// Neurons view: shown only when the run has neuron reports (RUN/artifacts/neurons/*.json).
+import { get, enc } from "./api.js";
+
+export async function loadNeurons(state) {
+  const section = document.getElementById("neurons-view");
+  const report = await get(`/api/runs/${enc(state.run)}/neurons`).catch(() => ({ available: false }));
+  section.hidden = !report.available;
+  if (!report.available) return;
+  const layerSelect = document.getElementById("neuron-layer");
+  const statSelect = document.getElementById("neuron-stat");
+  const neuronSelect = document.getElementById("neuron-select");
+  const layers = report.layers;
+  layerSelect.innerHTML = layers.map((l, i) => `<option value="${i}">${escape(l.name)}</option>`).join("");
+  const drawHistogram = () => {
+    const layer = layers[Number(layerSelect.value)];
+    if (!layer) { Plotly.purge("neuron-hist"); return; }
+    const stats = Object.keys(layer.values);
+    if (!stats.includes(statSelect.value)) statSelect.innerHTML = stats.map((s) => `<option>${escape(s)}</option>`).join("");
+    const values = layer.values[statSelect.value] || [];
+    Plotly.react("neuron-hist", [{ type: "histogram", x: values, nbinsx: 50, marker: { color: "#9467bd" } }],
+      { title: { text: `${layer.name}: ${statSelect.value} over ${values.length} neurons`, font: { size: 12 } },
+        margin: { t: 30, r: 10, b: 35, l: 45 }, yaxis: { type: "log" } }, { displaylogo: false, responsive: true });
+  };
+  neuronSelect.innerHTML = report.neurons.map((n, i) => `<option value="${i}">${escape(n.layer)} #${n.neuron}</option>`).join("");
+  const drawContexts = () => {
+    const neuron = report.neurons[Number(neuronSelect.value)];
+    const list = document.getElementById("neuron-contexts");
+    list.innerHTML = "";
+    for (const c of neuron ? neuron.contexts : []) {
+      const item = document.createElement("li");
+      item.textContent = `${c.value === null ? "" : Number(c.value).toFixed(3) + "  "}${c.text}`;
+      list.appendChild(item);
+    }
+  };
+  layerSelect.onchange = drawHistogram;
+  statSelect.onchange = drawHistogram;
+  neuronSelect.onchange = drawContexts;
+  drawHistogram();
+  drawContexts();
+}
+
+function escape(text) {
+  return String(text).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+}

@@ -1,0 +1,77 @@
+// Timeline: metric curves with transition markers and windows, layer x head heatmaps, a scrubber line.
+import { get, enc } from "./api.js";
+
+const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
+
+function label(layer, head) {
+  if (layer === null) return "model";
+  return head === null ? `L${layer}` : `L${layer}H${head}`;
+}
+
+// Rows of one metric, grouped into series (one per layer/head), from the source with most rows.
+export function toSeries(rows) {
+  const counts = {};
+  rows.source.forEach((s) => { counts[s] = (counts[s] || 0) + 1; });
+  const source = Object.keys(counts).sort((a, b) => counts[b] - counts[a])[0];
+  const series = new Map();
+  for (let i = 0; i < rows.step.length; i++) {
+    if (rows.source[i] !== source) continue;
+    const key = label(rows.layer[i], rows.head[i]);
+    if (!series.has(key)) series.set(key, { name: key, layer: rows.layer[i], head: rows.head[i], x: [], y: [] });
+    const s = series.get(key);
+    s.x.push(rows.step[i]);
+    s.y.push(rows.value[i]);
+  }
+  return [...series.values()];
+}
+
+export async function loadMetric(run, probe, metric) {
+  return toSeries(await get(`/api/runs/${enc(run)}/metrics?probe=${enc(probe)}&metric=${enc(metric)}`));
+}
+
+function stepLine(step) {
+  return { type: "line", xref: "x", yref: "paper", x0: step, x1: step, y0: 0, y1: 1, line: { color: "#d33", width: 2 }, name: "step" };
+}
+
+export async function drawTimeline(state) {
+  const [probe, metric] = state.metric.split("/");
+  const own = await loadMetric(state.run, probe, metric);
+  const traces = own.map((s, i) => ({ ...s, type: "scatter", mode: "lines", line: { color: COLORS[i % COLORS.length], width: 1.5 } }));
+  if (state.compare) {
+    const other = await loadMetric(state.compare, probe, metric).catch(() => []);
+    other.forEach((s, i) => traces.push({ ...s, name: `${state.compare}: ${s.name}`, type: "scatter", mode: "lines",
+      line: { color: COLORS[i % COLORS.length], width: 1.5, dash: "dot" } }));
+  }
+  const marks = state.transitions.filter((t) => t.probe === probe && t.metric === metric);
+  const shapes = [];
+  for (const t of marks) {
+    shapes.push({ type: "rect", xref: "x", yref: "paper", x0: t.start, x1: t.end, y0: 0, y1: 1, fillcolor: "#999", opacity: 0.12, line: { width: 0 } });
+    shapes.push({ type: "line", xref: "x", yref: "paper", x0: t.step, x1: t.step, y0: 0, y1: 1, line: { color: "#555", dash: "dot", width: 1 } });
+  }
+  state.timelineShapes = shapes;
+  const layout = { title: { text: `${probe} / ${metric}`, font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 45 },
+    xaxis: { title: { text: "step" } }, shapes: [...shapes, stepLine(state.step ?? 0)], legend: { font: { size: 10 } } };
+  await Plotly.react("timeline-plot", traces, layout, { displaylogo: false, responsive: true });
+}
+
+export async function drawHeatmap(state) {
+  if (!state.heatmap) { Plotly.purge("heatmap-plot"); return; }
+  const [probe, metric] = state.heatmap.split("/");
+  const series = (await loadMetric(state.run, probe, metric)).filter((s) => s.head !== null);
+  const steps = [...new Set(series.flatMap((s) => s.x))].sort((a, b) => a - b);
+  const index = new Map(steps.map((s, i) => [s, i]));
+  const z = series.map((s) => { const row = new Array(steps.length).fill(null); s.x.forEach((x, i) => { row[index.get(x)] = s.y[i]; }); return row; });
+  const trace = { type: "heatmap", x: steps, y: series.map((s) => s.name), z, colorscale: "Viridis", hovertemplate: "%{y} step %{x}: %{z:.3f}<extra></extra>" };
+  const layout = { title: { text: `${probe} / ${metric} (layer x head over steps)`, font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 55 },
+    xaxis: { title: { text: "step" } }, shapes: [stepLine(state.step ?? 0)] };
+  await Plotly.react("heatmap-plot", [trace], layout, { displaylogo: false, responsive: true });
+}
+
+// Move the scrubber line on both plots without redrawing their data.
+export function moveStepLine(state) {
+  const step = state.step ?? 0;
+  for (const [id, base] of [["timeline-plot", state.timelineShapes || []], ["heatmap-plot", []]]) {
+    const el = document.getElementById(id);
+    if (el && el.data) Plotly.relayout(el, { shapes: [...base, stepLine(step)] });
+  }
+}

@@ -1,0 +1,91 @@
+"""The dashboard in a real browser (Debian's headless Chromium driven by Playwright): pick the run,
+scrub to a checkpoint after the transition, click the layer-1 induction head, ablate it, and see
+the copy-position loss rise. Screenshots go to test-output/ (CI keeps that folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import phaselens as pl
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-output"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed"),
+]
+
+
+@pytest.fixture(scope="module")
+def page(induced_run, induction_run):
+    from playwright.sync_api import sync_playwright
+
+    handle = pl.serve(run=[induction_run, induced_run])
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(handle.url)
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+            page.errors = errors
+            yield page
+            browser.close()
+    finally:
+        handle.stop()
+
+
+def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, induced_run):
+    SCREENSHOTS.mkdir(exist_ok=True)
+    page.select_option("#run-select", induced_run.name)
+    page.wait_for_function("window.phaselens.run === 'induced' && document.querySelector('#timeline-plot .main-svg') !== null")
+    assert page.locator("#runs-table tr.selected td").first.inner_text() == "induced"
+    steps = pl.open_run(induced_run).checkpoint_steps()
+
+    def scrub_to(step: int) -> list:
+        page.evaluate(f"""() => {{ const s = document.getElementById('step-slider');
+            s.value = {steps.index(step)}; s.dispatchEvent(new Event('input')); }}""")
+        page.wait_for_function(f"document.getElementById('arch').dataset.step === '{step}'")
+        # The page colours heads by their induction score at the scrubbed step.
+        return page.eval_on_selector_all("#arch .node[data-layer='1']", "nodes => nodes.map(n => [n.dataset.node, Number(n.dataset.induction)])")
+
+    early = scrub_to(400)  # before the transition (near step 1,100): no induction head yet
+    assert max(score for _, score in early) < 0.3, early
+    scores = scrub_to(1600)  # after it
+    page.screenshot(path=str(SCREENSHOTS / "dashboard_timeline.png"), full_page=True)
+
+    node, score = max(scores, key=lambda pair: pair[1])
+    assert score > 0.5, scores
+    page.click(f"#arch [data-node='{node}']")
+    page.wait_for_selector("#attention-plot .main-svg")
+    assert page.inner_text("#head-title") == f"Head {node}"
+
+    page.select_option("#ablate-mode", "mean")
+    page.click("#ablate-btn")
+    page.wait_for_function("document.getElementById('ablate-result').dataset.seq === '1'")
+    result = page.locator("#ablate-result")
+    before, after = float(result.get_attribute("data-before")), float(result.get_attribute("data-after"))
+    assert after - before > 1.0, (before, after)
+    assert "copy-position loss" in result.inner_text()
+    assert page.locator("#loss-plot .legendtext").all_text_contents() == ["clean", "ablated"]
+    page.locator("#model-view").screenshot(path=str(SCREENSHOTS / "dashboard_model_view.png"))
+    assert page.locator("#error-bar").is_hidden() and not page.errors
+
+
+def test_patching_and_gradients_render_and_bad_input_shows_a_message(page, induced_run):
+    page.select_option("#run-select", induced_run.name)
+    page.wait_for_function("window.phaselens.run === 'induced' && document.getElementById('text-input').value !== ''")
+    page.click("#patch-btn")
+    page.wait_for_function("document.getElementById('patch-result').textContent.includes('recovered')")
+    page.click("#grad-btn")
+    page.wait_for_selector("#grad-plot .main-svg")
+    page.fill("#text-input", "1 2 999")
+    page.click("#run-text")
+    page.wait_for_selector("#error-bar:not([hidden])")
+    assert "vocabulary size 64" in page.inner_text("#error-bar")
+    assert not page.errors
