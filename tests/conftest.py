@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,17 +34,20 @@ def run_copy(induction_run, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def induced_run(tmp_path_factory) -> Path:
-    """The induction preset trained through its transition: 1,600 steps (seed 0), checkpoints every 400.
+def demo_run(tmp_path_factory) -> tuple[Path, str]:
+    """`phaselens demo` run as a user runs it (3,000 steps, seed 0), and what it printed.
 
-    The copy-position loss drops near step 1,100 and layer 1 holds induction heads afterwards.
-    About a minute on one thread: tests that use it are marked slow. Read-only, like `induction_run`.
+    The copy-position loss drops near step 1,100, and layer 1 holds induction heads afterwards.
+    About a minute on one thread: tests that use it are marked slow. Read-only.
     """
-    from phaselens.training.config import load_config
-    from phaselens.training.trainer import train
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    proc = subprocess.run([sys.executable, "-m", "phaselens.cli", "demo", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
 
-    config = load_config("induction", ["train.steps=1600", "train.checkpoint_every=400", "train.eval_every=400",
-                                       "telemetry.every=20", "name=induced"])
-    path = tmp_path_factory.mktemp("induced") / "induced"
-    train(config, path, progress=False)
-    return path
+
+@pytest.fixture(scope="session")
+def induced_run(demo_run) -> Path:
+    """A run trained through its induction transition (the demo run; checkpoints every 100 steps)."""
+    return demo_run[0]

@@ -43,8 +43,8 @@ def page(induced_run, induction_run):
 def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, induced_run):
     SCREENSHOTS.mkdir(exist_ok=True)
     page.select_option("#run-select", induced_run.name)
-    page.wait_for_function("window.phaselens.run === 'induced' && document.querySelector('#timeline-plot .main-svg') !== null")
-    assert page.locator("#runs-table tr.selected td").first.inner_text() == "induced"
+    page.wait_for_function(f"window.phaselens.run === '{induced_run.name}' && document.querySelector('#timeline-plot .main-svg') !== null")
+    assert page.locator("#runs-table tr.selected td").first.inner_text() == induced_run.name
     steps = pl.open_run(induced_run).checkpoint_steps()
 
     def scrub_to(step: int) -> list:
@@ -79,7 +79,7 @@ def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, 
 
 def test_patching_and_gradients_render_and_bad_input_shows_a_message(page, induced_run):
     page.select_option("#run-select", induced_run.name)
-    page.wait_for_function("window.phaselens.run === 'induced' && document.getElementById('text-input').value !== ''")
+    page.wait_for_function(f"window.phaselens.run === '{induced_run.name}' && document.getElementById('text-input').value !== ''")
     page.click("#patch-btn")
     page.wait_for_function("document.getElementById('patch-result').textContent.includes('recovered')")
     page.click("#grad-btn")

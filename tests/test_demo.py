@@ -20,19 +20,19 @@ def run_demo(out, *args: str) -> str:
     return proc.stdout
 
 
-def test_demo_reports_the_induction_transition_of_the_two_layer_model(tmp_path):
-    output = run_demo(tmp_path / "demo")
-    assert f"report: {tmp_path / 'demo' / 'report' / 'report.md'}" in output
+def test_demo_reports_the_induction_transition_of_the_two_layer_model(demo_run):
+    path, output = demo_run
+    assert f"report: {path / 'report' / 'report.md'}" in output
     assert "Induction transition at step" in output
-    summary = summarize_induction(pl.open_run(tmp_path / "demo"))
+    summary = summarize_induction(pl.open_run(path))
     assert summary.found
     assert summary.copy_loss_initial == pytest.approx(4.16, abs=0.1)  # chance: ln 64
     assert summary.copy_loss_final < 1.0
     assert summary.induction_head.layer == 1 and summary.induction_head.after > 0.5
     assert summary.prev_token_head.layer == 0 and summary.prev_token_head.after > 0.25
     for figure in ("dashboard.png", "entropy_heatmap.png", "head_scores.png"):
-        assert (tmp_path / "demo" / "report" / figure).stat().st_size > 10_000
-    assert "Induction transition" in (tmp_path / "demo" / "report" / "report.md").read_text()
+        assert (path / "report" / figure).stat().st_size > 10_000
+    assert "Induction transition" in (path / "report" / "report.md").read_text()
 
 
 def test_one_layer_control_reports_no_induction_transition(tmp_path):

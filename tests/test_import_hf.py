@@ -114,3 +114,18 @@ def test_import_refuses_missing_revisions_and_an_existing_run(series, tmp_path):
     import_hf(model_dir, tmp_path / "c", revisions=["step0"], text=text, seq_len=16, sequences=2)
     with pytest.raises(pl.RunError, match="already holds a run"):
         import_hf(model_dir, tmp_path / "c", revisions=["step0"], text=text)
+
+
+def test_dashboard_serves_an_imported_series_timeline_and_explains_its_model_view(series, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from phaselens.server import build
+
+    model_dir, text = series
+    out = import_hf(model_dir, tmp_path / "run", revisions=["step0"], text=text, seq_len=16, sequences=4)
+    app, _ = build([out])
+    with TestClient(app) as client:
+        assert client.get("/api/runs").status_code == 200
+        refused = client.post("/api/model/architecture", json={"run": out.name, "step": 0})
+    assert refused.status_code == 400
+    assert "phaselens transformers only" in refused.json()["error"]

@@ -79,6 +79,10 @@ class Session:
         if run == KERNEL and self.model_run == KERNEL:
             raise NotFound("the in-process model has no checkpoints; leave step empty")
         handle = self.run(run)
+        kind = (handle.config.get("model") or {}).get("kind", "transformer")
+        if kind != "transformer":  # the model view reads our transformer's weights and hook layout
+            raise BadInput(f"run {run!r} is a {kind!r} model: the model view shows phaselens transformers only; "
+                           "its timeline and metrics are available")
         steps = handle.checkpoint_steps()
         if not steps:
             raise NotFound(f"run {run!r} has no checkpoints yet")
