@@ -23,6 +23,7 @@ from phaselens.store.run_dir import RunDir
 
 SOURCE = "checkpoint"
 DEFAULT_PROBES = ("attention", "heads", "loss", "logit_lens", "attention_to", "patching")
+TASK_PROBES = {"bz_to_a": ("random_z",), "az_to_b": ("random_z",)}  # added to the default set for runs of these tasks
 
 
 @dataclass
@@ -119,14 +120,14 @@ def plan(run_dir: RunDir, store: MetricsStore, probes: Sequence[str], steps: Seq
     return tasks, skipped
 
 
-def resolve_probes(names: Sequence[str] | None) -> list[str]:
+def resolve_probes(names: Sequence[str] | None, task: str | None = None) -> list[str]:
     import phaselens.probes  # noqa: F401
     from phaselens.errors import ConfigError
     from phaselens.probes.base import probe_names
 
     registered = probe_names()
     if not names:
-        return [p for p in DEFAULT_PROBES if p in registered]
+        return [p for p in DEFAULT_PROBES + TASK_PROBES.get(task, ()) if p in registered]
     unknown = [n for n in names if n not in registered]
     if unknown:
         raise ConfigError(f"unknown probe(s) {unknown}; registered probes: {', '.join(registered)}")
@@ -146,7 +147,8 @@ def run_probes(
 
     Args:
         run: the run directory.
-        probes: probe names; default attention, heads, loss, logit_lens, attention_to, patching.
+        probes: probe names; default attention, heads, loss, logit_lens, attention_to, patching (and random_z
+            for tasks with a selector).
         steps: only these checkpoint steps (default: all).
         backend: "local" (in this process, or `workers` processes) or "ray" (a Ray task per checkpoint).
         workers: local worker processes, or the CPUs of a local Ray cluster.
@@ -156,8 +158,8 @@ def run_probes(
 
     began = time.time()
     run_dir = RunDir(run)
-    run_dir.read()  # a clear error when this is not a run
-    names = resolve_probes(probes)
+    info = run_dir.read()  # a clear error when this is not a run
+    names = resolve_probes(probes, (info["config"].get("data") or {}).get("task"))
     store = MetricsStore(run_dir.metrics_db)
     tasks, skipped = plan(run_dir, store, names, steps)
     execute = get_backend(backend)

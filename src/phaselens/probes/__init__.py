@@ -13,12 +13,15 @@ from phaselens.probes.loss import LossProbe, token_losses
 from phaselens.probes.logit_lens import LogitLensProbe, logit_lens_stats
 from phaselens.probes.attention_to import AttentionToProbe, attention_mass
 from phaselens.probes.patching import PatchingProbe, patching_effects
+from phaselens.probes.random_z import RandomZProbe, selector_swap_effect
 from phaselens.probes.measure import measure_cache
 
 __all__ = [
     "AttentionToProbe",
     "LogitLensProbe",
     "PatchingProbe",
+    "RandomZProbe",
+    "selector_swap_effect",
     "attention_mass",
     "logit_lens_stats",
     "patching_effects",
