@@ -73,6 +73,11 @@ def test_sweep_grid_is_the_cross_product_of_the_axes_with_readable_names():
     assert points == [{"train.lr": "1e-3", "train.batch_size": "32"}, {"train.lr": "1e-3", "train.batch_size": "64"},
                       {"train.lr": "3e-3", "train.batch_size": "32"}, {"train.lr": "3e-3", "train.batch_size": "64"}]
     assert point_name(points[1]) == "lr=1e-3_batch_size=64"
+    linked = grid_points(parse_grid(["data.k,data.n_unique_b=2:500,10:100", "train.lr=1e-3"]))
+    assert linked == [{"data.k": "2", "data.n_unique_b": "500", "train.lr": "1e-3"},
+                      {"data.k": "10", "data.n_unique_b": "100", "train.lr": "1e-3"}]
+    with pytest.raises(ConfigError, match="data.k,data.n_unique_b"):
+        parse_grid(["data.k,data.n_unique_b=2:500,10"])
     with pytest.raises(ConfigError, match="train.lr"):
         parse_grid(["train.lr=1e-3", "train.lr=3e-3"])
     with pytest.raises(ConfigError, match="key=v1,v2"):

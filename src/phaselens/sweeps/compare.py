@@ -76,7 +76,9 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, object]:
 
 def _swept_keys(configs: list[dict[str, object]], sweep_file: Path | None) -> list[str]:
     if sweep_file is not None and sweep_file.is_file():
-        return [key for key, _ in json.loads(sweep_file.read_text())["axes"]]
+        from phaselens.sweeps.grid import axis_keys
+
+        return axis_keys([tuple(axis) for axis in json.loads(sweep_file.read_text())["axes"]])
     keys = sorted(set().union(*configs)) if configs else []
     return [k for k in keys if k not in IGNORED_KEYS and len({str(c.get(k)) for c in configs}) > 1]
 
