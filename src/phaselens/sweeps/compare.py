@@ -34,7 +34,8 @@ class Fit:
     n: int
 
     def text(self) -> str:
-        return f"τ ∝ {self.key}^{self.slope:.2f} (log–log slope {self.slope:.3f}, R² {self.r2:.3f}, {self.n} runs)"
+        base = f"({self.key})" if "/" in self.key else self.key
+        return f"τ ∝ {base}^{self.slope:.2f} (log–log slope {self.slope:.3f}, R² {self.r2:.3f}, {self.n} runs)"
 
 
 @dataclass
@@ -78,7 +79,7 @@ def _swept_keys(configs: list[dict[str, object]], sweep_file: Path | None) -> li
     if sweep_file is not None and sweep_file.is_file():
         from phaselens.sweeps.grid import axis_keys
 
-        return axis_keys([tuple(axis) for axis in json.loads(sweep_file.read_text())["axes"]])
+        return axis_keys([tuple(axis) for axis in json.loads(sweep_file.read_text())["axes"] if len(axis[1]) > 1])
     keys = sorted(set().union(*configs)) if configs else []
     return [k for k in keys if k not in IGNORED_KEYS and len({str(c.get(k)) for c in configs}) > 1]
 

@@ -20,7 +20,7 @@ from phaselens.errors import ConfigError, PhaselensError
 from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
 from phaselens.store.run_dir import RunDir
-from phaselens.sweeps.grid import grid_points, parse_grid, point_name
+from phaselens.sweeps.grid import axis_keys, grid_points, parse_grid, point_name
 
 SWEEP_FILE = "sweep.json"
 
@@ -131,9 +131,10 @@ def plan_sweep(preset: str, axes: list[str], fixed: list[str] | None = None) -> 
     from phaselens.training.config import load_config
 
     parsed = parse_grid(axes)
+    varied = set(axis_keys([axis for axis in parsed if len(axis[1]) > 1]))  # single values fix a key for every run
     points = []
     for point in grid_points(parsed):
-        name = point_name(point)
+        name = point_name({key: value for key, value in point.items() if key in varied})
         overrides = list(fixed or []) + [f"{key}={value}" for key, value in point.items()] + [f"name={name}"]
         load_config(preset, overrides)  # a bad key or value fails now, naming it, not after hours of training
         points.append((name, overrides))
