@@ -111,6 +111,10 @@ def _normalised(series: pd.Series) -> pd.Series:
     return (series - lo) / (hi - lo) if abs(hi - lo) > 1e-12 else series * 0
 
 
+def _series_key(layer, head) -> str:
+    return "model" if pd.isna(layer) else f"L{int(layer)}" + ("" if pd.isna(head) else f"H{int(head)}")
+
+
 def timeline(metrics: pd.DataFrame) -> dict[str, pd.Series]:
     """Every diagnostic as one series by step (per-layer/head metrics: the series that changes most)."""
     out = {}
@@ -118,10 +122,12 @@ def timeline(metrics: pd.DataFrame) -> dict[str, pd.Series]:
         frame = _live_or_checkpoint(_series(metrics, probe, metric))
         if frame.empty:
             continue
-        frame = frame.assign(key=frame["layer"].astype(str) + "/" + frame["head"].astype(str))
+        frame = frame.assign(key=[_series_key(layer, head) for layer, head in zip(frame["layer"], frame["head"])])
         table = frame.pivot_table(index="step", columns="key", values="value").sort_index()
-        change = (table.iloc[-max(1, len(table) // 20):].median() - table.iloc[: max(1, len(table) // 20)].median()).abs()
-        out[label] = table[change.idxmax()].dropna()
+        edge = max(1, len(table) // 20)
+        change = (table.iloc[-edge:].median() - table.iloc[:edge].median()).abs().dropna()
+        if len(change):
+            out[label] = table[change.idxmax()].dropna()
     return out
 
 
@@ -143,7 +149,7 @@ def plot_disamb_dashboard(metrics: pd.DataFrame, k: int, tau: int | None, transi
         ax.set_ylim(bottom=0)
         ax.set_ylabel("cross-entropy (nats)")
         ax.set_title("(a) losses")
-        ax.legend(fontsize=7, loc="upper right")
+        ax.legend(fontsize=7, loc="lower left")
 
     def draw_gap(ax):
         ax.plot(gap["step"], gap["value"], color="tab:purple", lw=1.2)
