@@ -109,3 +109,6 @@ def test_b_to_a_with_unique_first_characters_ends_near_log_k(tmp_path):
     final = first_target_series(run.metrics()).iloc[-5:].median()
     assert abs(final - LOG10) < 0.1 * LOG10
     assert run.metrics(probe="loss", metric="z_shuffled").empty  # no selector, no shuffle
+    text = write_report(run).read_text()
+    assert "No selector (b_to_a)" in text and "log K = log 10 = 2.30" in text
+    assert (path / "report" / "dashboard.png").is_file()
