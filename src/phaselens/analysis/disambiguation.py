@@ -123,8 +123,6 @@ def alignment(metrics: pd.DataFrame, transitions: pd.DataFrame | None = None) ->
         if not measured:
             continue
         rows = transitions[(transitions["probe"] == probe) & (transitions["metric"] == metric)]
-        if probe == "loss":  # the loss falls once; a later wiggle of a tiny loss is no mechanism
-            rows = rows.sort_values("strength", ascending=False)
         row = {"diagnostic": label, "probe": probe, "metric": metric, "series": None, "step": None,
                "start": None, "end": None, "overlaps": None}
         if len(rows):

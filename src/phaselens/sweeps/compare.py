@@ -96,7 +96,9 @@ def run_row(path: Path, swept: list[str]) -> dict[str, object]:
     row: dict[str, object] = {"run": run.name, "path": str(path), "status": run.status}
     row.update({key: flat.get(key) for key in swept})
     found_plateau = plateau(metrics, k)
-    row.update({"data.k": k, "tau": tau(metrics, k), "plateau_level": found_plateau.level if found_plateau else None})
+    row.update({"data.k": k, "tau": tau(metrics, k),
+                "plateau_steps": found_plateau.steps if found_plateau else None,
+                "plateau_level": found_plateau.level if found_plateau else None})
     steps = {r["metric"] if r["probe"] == "loss" else r["probe"]: r["step"] for r in alignment(metrics).rows}
     for _, probe, metric in DIAGNOSTICS:
         name = metric if probe == "loss" else probe

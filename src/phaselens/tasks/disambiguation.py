@@ -139,8 +139,8 @@ class DisambiguationTask:
         by_base: dict[int, list[int]] = {}
         for e in pool.tolist():
             by_base.setdefault(e // k, []).append(e)
-        first = self.targets[:, 0]
-        eligible = [b for b, members in by_base.items() if len({int(first[e]) for e in members}) >= 2]
+        first = self.targets[:, 0].tolist()  # the first target character of every example
+        eligible = [b for b, members in by_base.items() if len({first[e] for e in members}) >= 2]
         if not eligible:  # K = 1, or held-out examples that never share a base: no pairs
             return pool[torch.randint(0, len(pool), (n,), generator=generator)], torch.full((n,), -1, dtype=torch.long)
         examples, partner = [], []
