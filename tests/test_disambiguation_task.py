@@ -193,9 +193,10 @@ def test_attention_to_and_logit_lens_default_to_z_and_the_first_target_on_disamb
     with torch.no_grad():
         _, cache = model.run_with_cache(batch.tokens)
     inputs = ProbeInputs(acts=cache, batch=batch, model=model, n_layers=1, n_heads=4)
-    (mass,) = AttentionToProbe().compute(inputs)
+    with torch.no_grad():
+        (mass,) = AttentionToProbe().compute(inputs)
+        lens = {m.metric: m.value for m in LogitLensProbe().compute(inputs)}
     pattern = cache["blocks.0.attn.hook_pattern"]  # (B, H, Q, K)
     assert mass.value[0].tolist() == pytest.approx(pattern[:, :, 10, 8:10].sum(-1).mean(0).tolist(), abs=1e-5)
-    lens = {m.metric: m.value for m in LogitLensProbe().compute(inputs)}
     p_output = first_target_probability(model, batch.tokens, batch.first_target_mask).mean()
     assert float(lens["p_correct"][-1]) == pytest.approx(float(p_output), abs=1e-5)

@@ -45,7 +45,8 @@ def disambiguation_study(run: Run, out: Path) -> StudyReport:
                       f"final norm and unembedding; 1/K = {1 / max(k, 1):.2f} is what B alone allows.",
         "z_dependence": "Patching z of a pair partner (same B, other z) into each probe sequence: e_ℓ per residual "
                         "stream, z_dependence = mean of max_ℓ e_ℓ; and the random-z evaluation (probability drop and "
-                        "argmax change when z is swapped).",
+                        "argmax change when z is swapped). On the plateau the K candidates are nearly tied, so the "
+                        "argmax flips with tiny changes: read the probability drop there.",
     }
     text = summary.text()
     return StudyReport(
