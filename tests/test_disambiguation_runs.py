@@ -112,3 +112,19 @@ def test_b_to_a_with_unique_first_characters_ends_near_log_k(tmp_path):
     text = write_report(run).read_text()
     assert "No selector (b_to_a)" in text and "log K = log 10 = 2.30" in text
     assert (path / "report" / "dashboard.png").is_file()
+
+
+@pytest.mark.parametrize("task", ["az_to_b", "a_to_b"])
+def test_reversed_variants_train_probe_and_report_end_to_end(tmp_path, task):
+    path = tmp_path / task
+    train(load_config("disamb_small", [f"data.task={task}", "data.k=4", "data.n_unique_b=20", "train.steps=20",
+                                       "train.checkpoint_every=10"]), path, progress=False)
+    result = run_probes(path, progress=False)
+    assert result.ok, result.failures
+    run = open_run(path)
+    has_selector = task == "az_to_b"
+    assert (not run.metrics(probe="patching", metric="z_dependence").empty) == has_selector
+    assert (not run.metrics(probe="random_z", metric="p_drop").empty) == has_selector
+    assert not run.metrics(probe="logit_lens", metric="p_correct").empty
+    text = write_report(run).read_text()
+    assert f"task `{task}`" in text and "## Alignment of the diagnostics" in text
