@@ -181,6 +181,46 @@ def import_hf_command(
     steps = open_run(path).checkpoint_steps()
     typer.echo(f"imported {len(steps)} revisions of {model} (steps {steps[0]}–{steps[-1]}) into {path}; "
                f"measure them with: phaselens probe {path}")
+@app.command()
+@_guard
+def sweep(
+    preset: str = typer.Argument(..., help="Preset name (e.g. disamb_small) or a YAML config file."),
+    axes: List[str] = typer.Argument(..., help="Grid axes key=v1,v2 (e.g. train.lr=1e-3,3e-3 data.k=2,10); a single value fixes a key."),
+    out: Optional[Path] = typer.Option(None, help="Sweep directory (default: runs/sweep-<preset>)."),
+    backend: Backend = typer.Option(Backend.local, help="local (one run after another, or --workers processes) or ray (a task per run)."),
+    workers: int = typer.Option(1, help="Local worker processes, or CPUs of a local Ray cluster."),
+    address: Optional[str] = typer.Option(None, help="Address of a running Ray cluster (it must see --out)."),
+):
+    """Train every point of a grid, one run directory each under the sweep directory (resumable)."""
+    from phaselens.sweeps.runner import run_sweep
+
+    out = out or Path("runs") / f"sweep-{Path(preset).stem}"
+    result = run_sweep(preset, axes, out, backend=backend.value, workers=workers, address=address)
+    for point in result.points:
+        typer.echo(f"  {point.status:8s} {point.name}" + (f": {point.error}" if point.error else ""))
+    typer.echo(f"{len(result.points)} run(s) in {out} ({result.seconds:.0f} s); compare them with: phaselens compare {out}")
+    if result.failures:
+        typer.secho(f"{len(result.failures)} run(s) failed; run the same command again to resume", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def compare(
+    runs: List[Path] = typer.Argument(..., help="Run directories, or one sweep directory."),
+    out: Optional[Path] = typer.Option(None, help="Where compare.csv, compare.md and tau_fit.png go (default: the sweep directory, or ./compare)."),
+):
+    """Table of hyperparameters and transition steps (τ and each diagnostic) with a log–log fit of τ."""
+    from phaselens.sweeps.compare import compare_runs
+
+    result = compare_runs(runs, out)
+    typer.echo(result.markdown())
+    typer.echo("")
+    for fit in result.fits:
+        typer.echo(fit.text())
+    if not result.fits:
+        typer.echo("no log–log fit: fewer than two runs with different values of a swept hyperparameter reached τ")
+    typer.echo("wrote " + ", ".join(str(path) for path in result.files.values()))
 
 
 class ExportFormat(str, Enum):

@@ -24,6 +24,7 @@ from phaselens.store.run_dir import RunDir
 
 SOURCE = "checkpoint"
 DEFAULT_PROBES = ("attention", "heads", "loss", "logit_lens", "attention_to", "patching")
+TASK_PROBES = {"bz_to_a": ("random_z",), "az_to_b": ("random_z",)}  # added to the default set for runs of these tasks
 
 
 @dataclass
@@ -149,7 +150,7 @@ def resolve_probes(names: Sequence[str] | None, task: str | None = None) -> list
     inapplicable: dict[str, str] = getattr(task_class, "inapplicable_probes", {})
     if not names:
         defaults = getattr(task_class, "default_probes", DEFAULT_PROBES)
-        return [p for p in defaults if p in registered]
+        return [p for p in (*defaults, *TASK_PROBES.get(task, ())) if p in registered]
     unknown = [n for n in names if n not in registered]
     if unknown:
         raise ConfigError(f"unknown probe(s) {unknown}; registered probes: {', '.join(registered)}")
@@ -185,8 +186,8 @@ def run_probes(
 
     Args:
         run: the run directory.
-        probes: probe names; default attention, heads, loss, logit_lens, attention_to, patching
-            (an imported series: attention, loss, logit_lens, geometry).
+        probes: probe names; default attention, heads, loss, logit_lens, attention_to, patching (and random_z
+            for tasks with a selector; an imported series: attention, loss, logit_lens, geometry).
         steps: only these checkpoint steps (default: all).
         backend: "local" (in this process, or `workers` processes) or "ray" (a Ray task per checkpoint).
         workers: local worker processes, or the CPUs of a local Ray cluster.

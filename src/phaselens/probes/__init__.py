@@ -14,6 +14,7 @@ from phaselens.probes.logit_lens import LogitLensProbe, logit_lens_stats
 from phaselens.probes.attention_to import AttentionToProbe, attention_mass
 from phaselens.probes.patching import PatchingProbe, patching_effects
 from phaselens.probes.geometry import GeometryProbe, interaction_energy, kl_to_unigram
+from phaselens.probes.random_z import RandomZProbe, selector_swap_effect
 from phaselens.probes.measure import measure_cache
 
 __all__ = [
@@ -23,6 +24,8 @@ __all__ = [
     "kl_to_unigram",
     "LogitLensProbe",
     "PatchingProbe",
+    "RandomZProbe",
+    "selector_swap_effect",
     "attention_mass",
     "logit_lens_stats",
     "patching_effects",

@@ -42,7 +42,11 @@ def position_mask(batch: TaskBatch, spec: str | Sequence[int], what: str) -> tor
 
 @register_probe
 class AttentionToProbe(Probe):
-    """`mass` per head from `query` positions to `key` positions (task masks by name, or position lists)."""
+    """`mass` per head from `query` positions to `key` positions (task masks by name, or position lists).
+
+    By default it follows the task: copy → source for induction, first_target → selector (the prediction
+    of the first target token attending to z) for late disambiguation.
+    """
 
     name = "attention_to"
     live = False
@@ -55,9 +59,12 @@ class AttentionToProbe(Probe):
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         batch = inputs.batch
-        if self.options["query"] == "copy" and self.options["key"] == "source" and batch.source_mask is None:
-            return []  # a task without segment metadata: nothing to measure by default
-        queries = position_mask(batch, self.options["query"], "query")
-        keys = position_mask(batch, self.options["key"], "key")
+        query, key = self.options["query"], self.options["key"]
+        if query == "copy" and key == "source" and batch.source_mask is None:
+            if batch.first_target_mask is None or batch.selector_mask is None:
+                return []  # a task without segment or selector metadata: nothing to measure by default
+            query, key = "first_target", "selector"
+        queries = position_mask(batch, query, "query")
+        keys = position_mask(batch, key, "key")
         patterns = inputs.stack("blocks.{}.attn.hook_pattern")  # (L, B, H, Q, K)
         return [Measurement("mass", attention_mass(patterns, queries, keys))]

@@ -11,7 +11,7 @@ import torch
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
 from phaselens.tasks.batch import TaskBatch
 
-POSITIONS = ("loss", "copy")
+POSITIONS = ("loss", "copy", "first_target")
 
 
 def lens_positions(batch: TaskBatch, positions: str, first_token_only: bool) -> torch.Tensor:
@@ -20,6 +20,10 @@ def lens_positions(batch: TaskBatch, positions: str, first_token_only: bool) -> 
         if batch.copy_mask is None:
             raise ValueError("logit_lens positions='copy' needs a task with a copy mask")
         mask = batch.copy_mask & batch.loss_mask
+    elif positions == "first_target":
+        if batch.first_target_mask is None:
+            raise ValueError("logit_lens positions='first_target' needs a task with a first-target mask")
+        mask = batch.first_target_mask & batch.loss_mask
     else:
         mask = batch.loss_mask
     if first_token_only:  # the first position of each sequence's mask: e.g. the first target token
@@ -48,13 +52,17 @@ def logit_lens_stats(resid: torch.Tensor, model: torch.nn.Module, tokens: torch.
 
 @register_probe
 class LogitLensProbe(Probe):
-    """`p_correct`, `top1`, `entropy` per layer. Options: positions='loss'|'copy', first_token_only."""
+    """`p_correct`, `top1`, `entropy` per layer. Options: positions='loss'|'copy'|'first_target', first_token_only.
+
+    On a batch with a first-target mask (late disambiguation) the default reads only the first target
+    token, the one that needs z; pass positions='loss' explicitly for every target position.
+    """
 
     name = "logit_lens"
     live = False  # an unembedding per layer: measure it on checkpoints
 
-    def __init__(self, positions: str = "loss", first_token_only: bool = False):
-        if positions not in POSITIONS:
+    def __init__(self, positions: str | None = None, first_token_only: bool = False):
+        if positions is not None and positions not in POSITIONS:
             raise ValueError(f"logit_lens positions must be one of {POSITIONS}, got {positions!r}")
         super().__init__(positions=positions, first_token_only=first_token_only)
 
@@ -64,6 +72,7 @@ class LogitLensProbe(Probe):
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         names = self.hook_names(inputs.n_layers)
         resid = torch.stack([inputs.acts[name] for name in names])  # (L+1, B, T, d_model)
-        mask = lens_positions(inputs.batch, self.options["positions"], self.options["first_token_only"])
+        positions = self.options["positions"] or ("first_target" if inputs.batch.first_target_mask is not None else "loss")
+        mask = lens_positions(inputs.batch, positions, self.options["first_token_only"])
         stats = logit_lens_stats(resid, inputs.model, inputs.batch.tokens, mask)
         return [Measurement(name, value) for name, value in stats.items()]

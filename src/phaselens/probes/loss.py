@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.tasks.batch import TaskBatch
+from phaselens.tasks.disambiguation import roll_selectors
 
 
 def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -27,9 +29,25 @@ def masked_means(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (weights @ values.reshape(-1, 1)).view(-1) / weights.sum(-1)
 
 
+def first_target_losses(model: torch.nn.Module, losses: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
+    """`first_target`, `z_shuffled` and `z_shuffle_gap` of a disambiguation batch: (3,), or (1,) without selectors.
+
+    `z_shuffled` is the first-target loss when every row's z is replaced by the next row's (a derangement of
+    the rows), measured with one extra no-grad forward; the gap is how much the model relies on z.
+    `losses` (B, T-1) are the clean run's per-position losses.
+    """
+    clean = masked_mean(losses, batch.first_target_mask)
+    if batch.selector_mask is None:
+        return clean[None]
+    shuffled_logits = model(roll_selectors(batch.tokens, batch.selector_mask))  # (B, T, V)
+    shuffled = masked_mean(token_losses(shuffled_logits, batch.tokens), batch.first_target_mask)
+    return torch.stack((clean, shuffled, shuffled - clean))
+
+
 @register_probe
 class LossProbe(Probe):
-    """Loss of the measured batch: `all` positions, and `copy` / `non_copy` where the task marks copies.
+    """Loss of the measured batch: `all` positions, `copy` / `non_copy` where the task marks copies, and
+    `first_target`, `z_shuffled`, `z_shuffle_gap` where it marks a first target (late disambiguation).
 
     The trainer adds `train` (the full training batch) and `eval` (the held-out batch).
     """
@@ -40,6 +58,11 @@ class LossProbe(Probe):
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         batch = inputs.batch
         losses = token_losses(inputs.logits, batch.tokens)  # (B, T-1)
+        if batch.first_target_mask is not None:
+            values = first_target_losses(inputs.model, losses, batch)
+            names = ("first_target", "z_shuffled", "z_shuffle_gap")
+            return [Measurement("all", masked_mean(losses, batch.loss_mask))] + [
+                Measurement(name, value) for name, value in zip(names, values.unbind())]
         if batch.copy_mask is None:
             return [Measurement("all", masked_means(losses, batch.loss_mask[None])[0])]
         # The three masks as 0/1 rows of one tensor: counted, counted ∧ copy, counted ∧ ¬copy.

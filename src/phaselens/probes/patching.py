@@ -12,7 +12,10 @@ Layer ℓ patches `blocks.{ℓ}.hook_resid_pre` (ℓ = 0 is the embeddings); ℓ
 `blocks.{L−1}.hook_resid_post`.
 
 For the induction task the corrupted input is the same sequence with the first copy of the
-segment replaced by random tokens, and the targets are the copy positions.
+segment replaced by random tokens, and the targets are the copy positions. For late
+disambiguation the batch pairs its rows (`pair_index`): example 1 and example 2 share B and
+differ in z and in the first target; example 1's residual stream at the z positions is replaced
+by example 2's, and e_ℓ is read at the prediction of the first target token.
 """
 
 from __future__ import annotations
@@ -90,10 +93,24 @@ class PatchingProbe(Probe):
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         batch = inputs.batch
+        if batch.pair_index is not None and batch.selector_mask is not None and batch.first_target_mask is not None:
+            return self._selector_pairs(inputs)
         if batch.source_mask is None or batch.copy_mask is None:
             return []  # the task has no defined pairs
         clean = {name: inputs.acts[name] for name in residual_hooks(inputs.n_layers)}
         vocab = int(inputs.model.W_U.shape[-1])
         corrupted = corrupt_sources(batch, vocab, self.options["seed"])
         effects = patching_effects(inputs.model, clean, corrupted, batch.tokens, batch.source_mask, batch.copy_mask & batch.loss_mask)
+        return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]
+
+    def _selector_pairs(self, inputs: ProbeInputs) -> list[Measurement]:
+        """Patch z of example 2 into example 1 (rows paired by `pair_index`), read p(first target₂)."""
+        batch = inputs.batch
+        ones = (batch.pair_index >= 0).nonzero()[:, 0]  # (P,) rows that have a partner
+        if len(ones) == 0:
+            return []
+        twos = batch.pair_index[ones]  # (P,)
+        clean = {name: inputs.acts[name][twos] for name in residual_hooks(inputs.n_layers)}
+        targets = batch.first_target_mask[ones] & batch.loss_mask[ones]
+        effects = patching_effects(inputs.model, clean, batch.tokens[ones], batch.tokens[twos], batch.selector_mask[ones], targets)
         return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]

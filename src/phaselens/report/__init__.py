@@ -59,6 +59,7 @@ def register_section(section: Section) -> Section:
 def _load_builtin() -> None:
     import phaselens.report.induction  # noqa: F401
     import phaselens.report.geometry  # noqa: F401
+    import phaselens.report.disambiguation  # noqa: F401
 
 
 def write_report(run: str | Path | Run) -> Path:

@@ -19,6 +19,9 @@ class TaskBatch:
     loss_mask: torch.Tensor  # (B, T-1) bool: positions the training loss counts
     copy_mask: torch.Tensor | None = None  # (B, T-1) bool: predictions an induction head can make
     source_mask: torch.Tensor | None = None  # (B, T) bool: token positions the copies come from
+    first_target_mask: torch.Tensor | None = None  # (B, T-1) bool: the prediction of the first target token
+    selector_mask: torch.Tensor | None = None  # (B, T) bool: selector (z) positions
+    pair_index: torch.Tensor | None = None  # (B,) long: the row paired with this one for patching (-1: none)
 
     @classmethod
     def coerce(cls, batch: "TaskBatch | torch.Tensor") -> "TaskBatch":
@@ -35,7 +38,13 @@ class TaskBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if getattr(self, f.name) is not None})
 
     def rows(self, index: slice) -> "TaskBatch":
-        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self) if getattr(self, f.name) is not None})
+        """The rows in `index`; a pair whose partner falls outside them loses it (-1)."""
+        picked = {f.name: getattr(self, f.name)[index] for f in fields(self) if getattr(self, f.name) is not None}
+        if self.pair_index is not None:
+            start, stop, _ = index.indices(len(self))
+            partner = picked["pair_index"] - start
+            picked["pair_index"] = torch.where((self.pair_index[index] >= 0) & (partner >= 0) & (partner < stop - start), partner, -1)
+        return replace(self, **picked)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -60,4 +69,7 @@ class TaskBatch:
 def concat(a: TaskBatch, b: TaskBatch) -> TaskBatch:
     """Stack two batches of the same task along the batch dimension."""
     names = [f.name for f in fields(a) if getattr(a, f.name) is not None]
-    return replace(a, **{n: torch.cat([getattr(a, n), getattr(b, n)]) for n in names})
+    joined = {n: torch.cat([getattr(a, n), getattr(b, n)]) for n in names}
+    if a.pair_index is not None:  # b's partners are rows of b: shift them past a's rows
+        joined["pair_index"] = torch.cat([a.pair_index, torch.where(b.pair_index >= 0, b.pair_index + len(a), -1)])
+    return replace(a, **joined)

@@ -42,6 +42,7 @@ def task_config_class(name: str) -> type["DataConfig"]:
 def _load_builtin() -> None:
     import phaselens.tasks.induction_config  # noqa: F401
     import phaselens.tasks.tokenized_text_config  # noqa: F401
+    import phaselens.tasks.disambiguation_config  # noqa: F401
 
 
 @dataclass
