@@ -13,6 +13,7 @@ from phaselens.probes.loss import LossProbe, token_losses
 from phaselens.probes.logit_lens import LogitLensProbe, logit_lens_stats
 from phaselens.probes.attention_to import AttentionToProbe, attention_mass
 from phaselens.probes.patching import PatchingProbe, patching_effects
+from phaselens.probes.neurons import NeuronStats, NeuronsProbe
 from phaselens.probes.measure import measure_cache
 
 __all__ = [
@@ -25,6 +26,8 @@ __all__ = [
     "AttentionProbe",
     "HeadsProbe",
     "LossProbe",
+    "NeuronStats",
+    "NeuronsProbe",
     "Measurement",
     "Probe",
     "ProbeInputs",

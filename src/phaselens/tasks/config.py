@@ -41,6 +41,7 @@ def task_config_class(name: str) -> type["DataConfig"]:
 
 def _load_builtin() -> None:
     import phaselens.tasks.induction_config  # noqa: F401
+    import phaselens.tasks.text_config  # noqa: F401
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 
 from phaselens.errors import CheckpointError, RunError, TrainingDiverged
 from phaselens.models import build_model
-from phaselens.probes.base import Measurement
+from phaselens.probes.base import Measurement, make_probe
 from phaselens.probes.live import Telemetry, ValueQueue
 from phaselens.probes.loss import token_losses
 from phaselens.probes.measure import measure_model
@@ -232,6 +232,10 @@ class Trainer:
         tel = self.config.telemetry
         writer = MetricsWriter(self.run.metrics_db)
         self.telemetry = Telemetry(self.model, tel.probes, store=writer, every=tel.every, flush_every=tel.flush_every)
+        # Checkpoint measurements: the live probes plus those asked for at checkpoints only.
+        self.checkpoint_probes = self.telemetry.probes + [
+            make_probe(p) for p in tel.checkpoint_probes if p not in tel.probes
+        ]
         # Shares the writer; closing the live telemetry closes it.
         self.checkpoint_values = ValueQueue(writer, source="checkpoint")
         if self.resume:
@@ -323,9 +327,9 @@ class Trainer:
 
     def _measure_checkpoint(self, step: int) -> None:
         """Probe values on the fixed probe batch for the weights saved at `step` (source 'checkpoint')."""
-        if not self.telemetry.probes:
+        if not self.checkpoint_probes:
             return
-        for name, measurements in measure_model(self.model, self.probe_batch, self.telemetry.probes):
+        for name, measurements in measure_model(self.model, self.probe_batch, self.checkpoint_probes):
             self.checkpoint_values.log(step, name, measurements)
         self.checkpoint_values.flush()
 
