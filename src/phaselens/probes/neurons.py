@@ -28,6 +28,18 @@ def token_neurons(act: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"neuron activations must be (batch, pos, neurons) or (batch, heads, pos, neurons), got {tuple(act.shape)}")
 
 
+def _over_tokens(act: torch.Tensor, reduce) -> torch.Tensor:
+    """Reduce (B, T, n) or (B, H, T, N) over batch and position -> (n,) or (H·N,).
+
+    One dimension at a time: reducing two non-adjacent dimensions at once is many times slower on CPU.
+    """
+    if act.dim() == 3:
+        return reduce(reduce(act, 1), 0)
+    if act.dim() == 4:
+        return reduce(reduce(act, 2), 0).reshape(-1)
+    raise ValueError(f"neuron activations must be (batch, pos, neurons) or (batch, heads, pos, neurons), got {tuple(act.shape)}")
+
+
 def default_neuron_hook(model: torch.nn.Module) -> str:
     """The per-layer hook template whose units count as neurons: BDH's xy_sparse, else the MLP output."""
     names = model.hook_dict
@@ -53,37 +65,73 @@ class NeuronStats:
         self.count = torch.zeros(n_neurons, dtype=torch.long, device=device)  # tokens it fired on
         self.total = torch.zeros(n_neurons, dtype=torch.float64, device=device)  # sum of activations
         self.max = torch.full((n_neurons,), float("-inf"), device=device)
-        self.top_values = torch.full((top_k, n_neurons), float("-inf"), device=device)  # (k, n), descending
+        # Top-k of the firing values only: empty slots hold the threshold, at position -1.
+        self.top_values = torch.full((top_k, n_neurons), float(threshold), device=device)  # (k, n), descending
         self.top_positions = torch.full((top_k, n_neurons), -1, dtype=torch.long, device=device)  # (k, n)
+        self._fired: torch.Tensor | None = None  # reused 0/1 buffer of the chunk's shape
 
     @torch.no_grad()
-    def update(self, acts: torch.Tensor, positions: torch.Tensor | None = None) -> None:
-        """Add token rows `acts` (M, n) whose stream positions are `positions` (M,) (default: the next M)."""
-        acts = acts.float()
-        M = acts.shape[0]
-        if positions is None:
-            positions = torch.arange(self.tokens, self.tokens + M, device=acts.device)
-        self.tokens += M
-        self.count += (acts > self.threshold).sum(0)
-        self.total += acts.sum(0, dtype=torch.float64)
-        chunk_max = acts.amax(0)  # (n,)
-        torch.maximum(self.max, chunk_max, out=self.max)
-        if self.top_k:
-            self._merge_top(acts, positions, chunk_max)
+    def update(self, act: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Add a chunk of activations: (B, T, n), per head (B, H, T, N) (neurons head-major), or token rows (M, n).
 
-    def _merge_top(self, acts: torch.Tensor, positions: torch.Tensor, chunk_max: torch.Tensor) -> None:
-        # Only neurons whose chunk maximum beats their current k-th value can change their top-k:
-        # once the stream is warm that is a small share, which keeps topk off most columns.
-        candidates = (chunk_max > self.top_values[-1]).nonzero().squeeze(1)  # (c,)
-        if not len(candidates):
-            return
-        k = min(self.top_k, acts.shape[0])
-        values, rows = acts.index_select(1, candidates).topk(k, dim=0)  # (k, c)
-        merged = torch.cat((self.top_values[:, candidates], values))  # (k_old + k, c)
-        where = torch.cat((self.top_positions[:, candidates], positions[rows]))
-        best, pick = merged.topk(self.top_k, dim=0)  # (top_k, c)
-        self.top_values[:, candidates] = best
-        self.top_positions[:, candidates] = where.gather(0, pick)
+        `positions` (B·T,) are the stream positions of its tokens in (batch, pos) order (default: the next B·T).
+        Reductions run on the activation's own layout, so no copy of the chunk is made.
+        """
+        act = act.float()
+        if act.dim() == 2:
+            act = act[None]  # token rows: one "sequence"
+        tokens = act.shape[0] * act.shape[-2]
+        if positions is None:
+            positions = torch.arange(self.tokens, self.tokens + tokens, device=act.device)
+        self.tokens += tokens
+        if self._fired is None or self._fired.shape != act.shape:
+            self._fired = torch.empty_like(act)
+        fired = torch.gt(act, self.threshold, out=self._fired)  # 0/1 floats: exact sums up to 2^24 tokens a chunk
+        self.count += _over_tokens(fired, torch.sum).long()
+        self.total += _over_tokens(act, torch.sum).double()
+        seq_max = act.amax(-2).reshape(act.shape[0], -1)  # (B, n): each sequence's maximum
+        chunk_max = seq_max.amax(0)  # (n,)
+        torch.maximum(self.max, chunk_max, out=self.max)
+        if self.top_k and bool((chunk_max > self.top_values[-1]).any()):
+            self._merge_top(act, positions, seq_max)
+
+    def _merge_top(self, act: torch.Tensor, positions: torch.Tensor, seq_max: torch.Tensor) -> None:
+        """Merge the chunk's values that can enter a neuron's top-k into it.
+
+        A value can enter only if it reaches the neuron's current k-th value, and the chunk's own
+        k-th value, which is at least the k-th largest of its sequence maxima (k distinct elements).
+        Under that floor lie few values per neuron, so this costs one comparison pass and a small
+        sort, and never a copy of the chunk in another layout.
+        """
+        n, k = self.count.numel(), self.top_k
+        firing = torch.nextafter(torch.tensor(float(self.threshold)), torch.tensor(float("inf"))).item()
+        floor = self.top_values[-1].clamp(min=firing)  # (n,)
+        if seq_max.shape[0] >= k:
+            floor = torch.maximum(floor, seq_max.topk(k, dim=0).values[-1])
+        if act.dim() == 4:
+            B, H, T, N = act.shape
+            hits = (act >= floor.view(H, 1, N)).nonzero()  # (E, 4): b, h, t, j
+            values = act[hits.unbind(1)]
+            neuron = hits[:, 1] * N + hits[:, 3]
+        else:
+            B, T, _ = act.shape
+            hits = (act >= floor).nonzero()  # (E, 3): b, t, j
+            values = act[hits.unbind(1)]
+            neuron = hits[:, 2]
+        where = positions[hits[:, 0] * T + hits[:, -2]]  # (E,)
+        touched = (torch.bincount(neuron, minlength=n) > 0).nonzero().squeeze(1)  # (c,)
+        # Candidates per touched neuron: its k kept entries plus its new hits; keep the k largest.
+        all_neuron = torch.cat((touched.repeat(k), neuron))
+        all_values = torch.cat((self.top_values[:, touched].reshape(-1), values))
+        all_where = torch.cat((self.top_positions[:, touched].reshape(-1), where))
+        order = all_values.argsort(descending=True, stable=True)
+        order = order[all_neuron[order].argsort(stable=True)]  # grouped by neuron, each group descending
+        grouped = all_neuron[order]
+        counts = torch.bincount(grouped, minlength=n)
+        rank = torch.arange(len(order), device=act.device) - (counts.cumsum(0) - counts)[grouped]
+        keep = rank < k
+        self.top_values[rank[keep], grouped[keep]] = all_values[order[keep]]
+        self.top_positions[rank[keep], grouped[keep]] = all_where[order[keep]]
 
     def firing_rate(self) -> torch.Tensor:
         """Share of tokens each neuron fired on: (n,)."""
@@ -139,8 +187,9 @@ class NeuronsProbe(Probe):
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         summaries = []
         for name in self.hook_names(inputs.n_layers):
-            acts = token_neurons(inputs.acts[name])  # (B·T, n)
-            stats = NeuronStats(acts.shape[1], top_k=0, threshold=self.options.get("threshold", 0.0), device=acts.device)
-            stats.update(acts)
+            act = inputs.acts[name]  # (B, T, n) or (B, H, T, N)
+            n = act.shape[-1] * (act.shape[1] if act.dim() == 4 else 1)
+            stats = NeuronStats(n, top_k=0, threshold=self.options.get("threshold", 0.0), device=act.device)
+            stats.update(act)
             summaries.append(stats.summary())
         return [Measurement(metric, torch.stack([s[metric] for s in summaries]).float()) for metric in SUMMARY_METRICS]
