@@ -35,9 +35,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        if not found:
+            reason = str(exc).splitlines()[-1] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"{path} is not a readable PyTorch file (corrupt or truncated?): {reason}") from exc
         raise CheckpointError(
             f"{path} holds objects other than tensors and plain containers, which are not loaded (weights_only=True): "
-            f"{str(exc).splitlines()[0]}. Save the config as a dict, e.g. "
+            f"{found}. Save the config as a dict, e.g. "
             "torch.save({'model': model.state_dict(), 'config': dataclasses.asdict(config)}, path)"
         ) from exc
     except (RuntimeError, EOFError, OSError, ValueError) as exc:

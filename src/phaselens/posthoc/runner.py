@@ -133,6 +133,18 @@ def resolve_probes(names: Sequence[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _for_architecture(names: list[str], run_dir: RunDir, explicit: bool) -> list[str]:
+    """Leave out default probes the run's model cannot run (BDH has no attention pattern); refuse requested ones."""
+    from phaselens.errors import ConfigError
+    from phaselens.run import open_run
+
+    model = open_run(run_dir.path).run_config().model
+    problems = {name: model.probe_problem(name) for name in names}
+    if explicit and any(problems.values()):
+        raise ConfigError("; ".join(p for p in problems.values() if p))
+    return [name for name in names if not problems[name]]
+
+
 def run_probes(
     run: str | Path,
     probes: Sequence[str] | None = None,
@@ -157,7 +169,7 @@ def run_probes(
     began = time.time()
     run_dir = RunDir(run)
     run_dir.read()  # a clear error when this is not a run
-    names = resolve_probes(probes)
+    names = _for_architecture(resolve_probes(probes), run_dir, explicit=bool(probes))
     store = MetricsStore(run_dir.metrics_db)
     tasks, skipped = plan(run_dir, store, names, steps)
     execute = get_backend(backend)

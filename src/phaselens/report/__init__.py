@@ -58,6 +58,8 @@ def register_section(section: Section) -> Section:
 
 def _load_builtin() -> None:
     import phaselens.report.induction  # noqa: F401
+    import phaselens.report.neurons  # noqa: F401
+    import phaselens.report.text  # noqa: F401
 
 
 def write_report(run: str | Path | Run) -> Path:

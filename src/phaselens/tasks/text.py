@@ -7,7 +7,6 @@ measured on text the model never trained on.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -16,6 +15,7 @@ import torch
 
 from phaselens.errors import ConfigError
 from phaselens.tasks.batch import TaskBatch
+from phaselens.tasks.text_config import split_point, unigram_entropy
 
 BYTE_VOCAB = 256
 
@@ -67,7 +67,7 @@ class TextTask:
     def split_bytes(self, split: str) -> torch.Tensor:
         """The bytes of a split: "train" the first 90%, "eval" and "probe" the last 10%."""
         data = self.data
-        cut = len(data) - math.ceil(len(data) * self.eval_fraction)
+        cut = split_point(len(data), self.eval_fraction)
         return data[:cut] if split == "train" else data[cut:]
 
     def sample(self, batch_size: int, generator: torch.Generator, split: str = "train") -> TaskBatch:
@@ -79,10 +79,8 @@ class TextTask:
         return TaskBatch(tokens=tokens, loss_mask=torch.ones(batch_size, self.seq_len - 1, dtype=torch.bool))
 
     def unigram_entropy(self) -> float:
-        """Entropy (nats) of the training split's byte distribution: the loss of a model that ignores context."""
-        counts = torch.bincount(self.split_bytes("train").long(), minlength=BYTE_VOCAB).double()
-        p = counts[counts > 0] / counts.sum()
-        return float(-(p * p.log()).sum())
+        """Entropy (nats) of the training split's bytes: the loss of a model that ignores context."""
+        return unigram_entropy(self.path, self.eval_fraction)
 
     def validate(self) -> None:
         if self.vocab != BYTE_VOCAB:

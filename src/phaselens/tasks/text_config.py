@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from phaselens.errors import ConfigError
@@ -32,3 +34,18 @@ class TextData(DataConfig):
             raise ConfigError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         return TextTask.open(path=self.path or None, corpus=self.corpus or None, seq_len=model.n_ctx,
                              vocab=model.d_vocab, eval_fraction=self.eval_fraction)
+
+
+def split_point(n_bytes: int, eval_fraction: float) -> int:
+    """Where the held-out part starts: the last ceil(n·eval_fraction) bytes are held out."""
+    return n_bytes - math.ceil(n_bytes * eval_fraction)
+
+
+def unigram_entropy(path: str | Path, eval_fraction: float = 0.1) -> float:
+    """Entropy (nats) of the training split's byte distribution: the loss of a model that ignores context."""
+    import numpy as np
+
+    data = np.frombuffer(Path(path).read_bytes(), dtype=np.uint8)
+    counts = np.bincount(data[: split_point(len(data), eval_fraction)], minlength=256).astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
