@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -175,7 +174,6 @@ def test_random_z_probe_measures_the_probability_drop_and_argmax_changes_when_z_
     model, batch = tiny()
     ((_, measurements),) = measure_model(model, batch, [RandomZProbe()])
     values = {m.metric: float(m.value) for m in measurements}
-    first = batch.first_target_mask
     swapped = roll_selectors(batch.tokens, batch.selector_mask)
     differs = (swapped != batch.tokens).any(-1)
     with torch.no_grad():

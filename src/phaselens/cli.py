@@ -221,6 +221,31 @@ def compare(
     if not result.fits:
         typer.echo("no log–log fit: fewer than two runs with different values of a swept hyperparameter reached τ")
     typer.echo("wrote " + ", ".join(str(path) for path in result.files.values()))
+@app.command()
+@_guard
+def neurons(
+    target: Path = typer.Argument(..., help="Run directory, or a BDH checkpoint file (.pt with a state_dict and config)."),
+    hook: Optional[str] = typer.Option(None, help="Hook to measure: a per-layer name (x_sparse, mlp.hook_post), a "
+                                                  "template (blocks.{}.hook_y_sparse) or one hook (blocks.1.hook_xy_sparse). "
+                                                  "Default: xy_sparse for BDH, mlp.hook_post for a transformer."),
+    tokens: int = typer.Option(200_000, help="Held-out tokens to stream through the model."),
+    threshold: float = typer.Option(0.0, help="A neuron fires when its value exceeds this."),
+    top_k: int = typer.Option(10, "--top-k", help="Strongest activations kept per neuron."),
+    window: int = typer.Option(40, help="Tokens of context shown before an activating token."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step of a run (default: the last)."),
+    text: Optional[Path] = typer.Option(None, help="Text file whose held-out 10% is streamed (default: the run's own "
+                                                   "data; for a checkpoint file, the Shakespeare corpus)."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default: RUN/report/neurons, or <checkpoint>_neurons)."),
+):
+    """Sparse-neuron report: firing rates, rare and dead neurons, selectivity, top contexts."""
+    from phaselens.analysis.neurons import neurons_report
+
+    result = neurons_report(target, hook=hook, n_tokens=tokens, threshold=threshold, top_k=top_k, window=window,
+                            text=str(text) if text else None, step=step, out=out)
+    typer.echo("\n".join(result.lines))
+    typer.secho(f"report: {result.report}", bold=True)
+    typer.echo(f"figure: {result.figure}" if result.figure else "figure: none (matplotlib is not installed)")
+    typer.echo(f"per-neuron values and contexts: {result.artifact}")
 
 
 class ExportFormat(str, Enum):

@@ -47,6 +47,7 @@ def model_class(kind: str) -> type:
 def _load_builtin() -> None:
     # the transformer registers below; other kinds add an import here
     import phaselens.models.hf_config  # noqa: F401
+    import phaselens.models.bdh_config  # noqa: F401
 
 
 @dataclass
@@ -62,6 +63,10 @@ class ModelSpec:
 
     def validate(self, prefix: str = "model") -> None:
         """Refuse impossible shapes, naming the key at fault (each kind checks its own)."""
+
+    def probe_problem(self, probe: str) -> str | None:
+        """Why `probe` cannot run on this architecture (None: it can); the config refuses such probes."""
+        return None
 
 
 @register_model("transformer", "phaselens.models.transformer:Transformer")
@@ -104,6 +109,11 @@ class ModelConfig(ModelSpec):
             raise ConfigError(f"{prefix}.normalization must be 'LN' or 'none', got {self.normalization!r}")
         if not self.init_std > 0:
             raise ConfigError(f"{prefix}.init_std must be > 0, got {self.init_std}")
+
+    def probe_problem(self, probe: str) -> str | None:
+        if probe == "neurons" and self.attn_only:
+            return "probe 'neurons' reads MLP neurons (blocks.{l}.mlp.hook_post); this model is attention-only: set model.d_mlp"
+        return None
 
     @property
     def attn_only(self) -> bool:

@@ -173,6 +173,18 @@ def ensure_unigram(run_dir: RunDir) -> None:
         write_training_unigram(open_run(run_dir.path).run_config(), unigram_path(run_dir.path))
 
 
+def _for_architecture(names: list[str], run_dir: RunDir, explicit: bool) -> list[str]:
+    """Leave out default probes the run's model cannot run (BDH has no attention pattern); refuse requested ones."""
+    from phaselens.errors import ConfigError
+    from phaselens.run import open_run
+
+    model = open_run(run_dir.path).run_config().model
+    problems = {name: model.probe_problem(name) for name in names}
+    if explicit and any(problems.values()):
+        raise ConfigError("; ".join(p for p in problems.values() if p))
+    return [name for name in names if not problems[name]]
+
+
 def run_probes(
     run: str | Path,
     probes: Sequence[str] | None = None,
@@ -198,7 +210,8 @@ def run_probes(
     began = time.time()
     run_dir = RunDir(run)
     info = run_dir.read()  # a clear error when this is not a run
-    names = resolve_probes(probes, (info["config"].get("data") or {}).get("task"))
+    task = (info["config"].get("data") or {}).get("task")
+    names = _for_architecture(resolve_probes(probes, task), run_dir, explicit=bool(probes))
     if "geometry" in names:
         ensure_unigram(run_dir)
     store = MetricsStore(run_dir.metrics_db)

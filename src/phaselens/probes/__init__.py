@@ -15,6 +15,7 @@ from phaselens.probes.attention_to import AttentionToProbe, attention_mass
 from phaselens.probes.patching import PatchingProbe, patching_effects
 from phaselens.probes.geometry import GeometryProbe, interaction_energy, kl_to_unigram
 from phaselens.probes.random_z import RandomZProbe, selector_swap_effect
+from phaselens.probes.neurons import NeuronStats, NeuronsProbe
 from phaselens.probes.measure import measure_cache
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "AttentionProbe",
     "HeadsProbe",
     "LossProbe",
+    "NeuronStats",
+    "NeuronsProbe",
     "Measurement",
     "Probe",
     "ProbeInputs",

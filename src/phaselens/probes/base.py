@@ -56,6 +56,9 @@ class Probe:
     def __init__(self, **options: Any):
         self.options = options
 
+    def bind(self, model: torch.nn.Module) -> None:
+        """Called with the model before `hook_names`, so a probe can pick hook points by architecture."""
+
     def hook_names(self, n_layers: int) -> list[str]:
         """The hook points whose activations `compute` reads."""
         return []

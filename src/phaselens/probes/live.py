@@ -137,6 +137,8 @@ class Telemetry:
             raise ValueError(f"every must be >= 1, got {every}")
         self.model = model
         self.probes = [make_probe(p) for p in probes]
+        for probe in self.probes:
+            probe.bind(model)
         self.every, self.flush_every, self.source = every, flush_every, source
         self.n_layers, self.n_heads = model_shape(model)
         if store is None:

@@ -36,6 +36,8 @@ def measure_cache(
     probes = [make_probe(p) for p in probes]
     if model is not None:
         n_layers, n_heads = model_shape(model)
+        for probe in probes:
+            probe.bind(model)
     else:
         n_layers = len({k.split(".")[1] for k in cache.keys() if k.startswith("blocks.") and k.endswith("hook_pattern")})
         n_heads = 0
@@ -60,6 +62,8 @@ def measure_model(
     each probe's optional JSON artifact too.
     """
     n_layers, n_heads = model_shape(model)
+    for probe in probes:
+        probe.bind(model)
     names = sorted({n for p in probes for n in p.hook_names(n_layers)})
     was_training = model.training
     model.eval()

@@ -60,6 +60,8 @@ def _load_builtin() -> None:
     import phaselens.report.induction  # noqa: F401
     import phaselens.report.geometry  # noqa: F401
     import phaselens.report.disambiguation  # noqa: F401
+    import phaselens.report.neurons  # noqa: F401
+    import phaselens.report.text  # noqa: F401
 
 
 def write_report(run: str | Path | Run) -> Path:

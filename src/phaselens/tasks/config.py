@@ -43,6 +43,7 @@ def _load_builtin() -> None:
     import phaselens.tasks.induction_config  # noqa: F401
     import phaselens.tasks.tokenized_text_config  # noqa: F401
     import phaselens.tasks.disambiguation_config  # noqa: F401
+    import phaselens.tasks.text_config  # noqa: F401
 
 
 @dataclass

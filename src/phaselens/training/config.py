@@ -51,6 +51,7 @@ class TelemetryConfig:
     rows: int = 8  # live probes read this many sequences of each training batch (0: all)
     flush_every: int = 100
     geometry_every: int = 10  # the `geometry` probe, when listed, measures live every this many steps
+    checkpoint_probes: list[str] = field(default_factory=list)  # measured on the probe batch at checkpoints only
 
 
 @dataclass
@@ -98,9 +99,14 @@ class RunConfig:
         import phaselens.probes  # noqa: F401  (registers the built-in probes)
         from phaselens.probes.base import probe_names
 
-        unknown = [p for p in tel.probes if p not in probe_names()]
-        if unknown:
-            raise ConfigError(f"telemetry.probes: unknown probe(s) {unknown}; registered: {probe_names()}")
+        for key, names in (("telemetry.probes", tel.probes), ("telemetry.checkpoint_probes", tel.checkpoint_probes)):
+            unknown = [p for p in names if p not in probe_names()]
+            if unknown:
+                raise ConfigError(f"{key}: unknown probe(s) {unknown}; registered: {probe_names()}")
+            for name in names:
+                problem = self.model.probe_problem(name)
+                if problem:
+                    raise ConfigError(f"{key}: {problem} (model.kind={self.model.kind})")
         from phaselens.probes.base import make_probe
 
         post_hoc = [p for p in tel.probes if not getattr(make_probe(p), "live", True)]

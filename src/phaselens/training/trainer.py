@@ -239,6 +239,12 @@ class Trainer:
             probe.bind_run(self.run.path)
         writer = MetricsWriter(self.run.metrics_db)
         self.telemetry = Telemetry(self.model, probes, store=writer, every=tel.every, flush_every=tel.flush_every)
+        # Checkpoint measurements: the live probes plus those asked for at checkpoints only.
+        self.checkpoint_probes = self.telemetry.probes + [
+            make_probe(p) for p in tel.checkpoint_probes if p not in tel.probes
+        ]
+        for probe in self.checkpoint_probes:
+            probe.bind_run(self.run.path)
         # Shares the writer; closing the live telemetry closes it.
         self.checkpoint_values = ValueQueue(writer, source="checkpoint")
         if self.resume:
@@ -330,9 +336,9 @@ class Trainer:
 
     def _measure_checkpoint(self, step: int) -> None:
         """Probe values on the fixed probe batch for the weights saved at `step` (source 'checkpoint')."""
-        if not self.telemetry.probes:
+        if not self.checkpoint_probes:
             return
-        for name, measurements in measure_model(self.model, self.probe_batch, self.telemetry.probes):
+        for name, measurements in measure_model(self.model, self.probe_batch, self.checkpoint_probes):
             self.checkpoint_values.log(step, name, measurements)
         self.checkpoint_values.flush()
 

@@ -1,0 +1,322 @@
+"""`phaselens neurons`: stream held-out tokens through a model and keep per-neuron statistics.
+
+The tokens go through in fixed-size chunks of full context windows. Only the chosen hook is
+touched: a hook function folds each layer's activation into that layer's `NeuronStats` and
+lets the tensor go, so memory depends on the chunk and the number of neurons, never on how
+many tokens are scanned. Positions are offsets into the scanned token stream, which is kept
+(it is the input, not an activation) so that any neuron's strongest contexts can be shown.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from phaselens.errors import ConfigError
+from phaselens.probes.neurons import NeuronStats, default_neuron_hook
+from phaselens.progress import progress_bar
+
+CHUNK_ELEMENTS = 2**22  # activation values per layer and chunk (16 MB in float32)
+DEFAULT_TOKENS = 200_000
+
+
+@dataclass
+class TokenStream:
+    """Held-out tokens as one stream, and how to show them (bytes as text, other vocabularies as ids)."""
+
+    tokens: torch.Tensor  # (n,) long
+    kind: str = "bytes"  # "bytes" or "ids"
+    description: str = ""
+
+    def show(self, start: int, stop: int) -> str:
+        piece = self.tokens[max(start, 0):max(stop, 0)].tolist()
+        if self.kind == "bytes":
+            return bytes(piece).decode("utf-8", errors="replace")
+        return " ".join(map(str, piece)) + (" " if piece else "")
+
+
+def text_stream(path: str | None = None, corpus: str | None = None, eval_fraction: float = 0.1) -> TokenStream:
+    """The held-out part (last `eval_fraction`) of a text file or built-in corpus, as bytes."""
+    from phaselens.tasks.text import TextTask
+
+    task = TextTask.open(path=path, corpus=corpus, seq_len=2, eval_fraction=eval_fraction)
+    held_out = task.split_bytes("eval").long()
+    return TokenStream(held_out, "bytes", f"held-out {eval_fraction:.0%} of {task.path} ({len(held_out):,} bytes)")
+
+
+def task_stream(task: Any, n_tokens: int, seed: int = 0) -> TokenStream:
+    """Held-out sequences of any task, laid end to end (for tasks that are not text)."""
+    from phaselens.tasks.text import TextTask
+
+    if isinstance(task, TextTask):
+        held_out = task.split_bytes("eval").long()
+        return TokenStream(held_out, "bytes", f"held-out {task.eval_fraction:.0%} of {task.path} ({len(held_out):,} bytes)")
+    n_seq = math.ceil(n_tokens / task.seq_len)
+    batch = task.sample(n_seq, torch.Generator().manual_seed(seed), split="eval")
+    kind = "bytes" if getattr(task, "vocab", 0) == 256 else "ids"
+    return TokenStream(batch.tokens.reshape(-1), kind, f"{n_seq} held-out sequences of the {task.name} task")
+
+
+def resolve_hooks(model: torch.nn.Module, hook: str | None) -> list[tuple[int, str]]:
+    """(layer, hook name) pairs for `hook`: a template with {}, a per-layer suffix, or one hook's full name."""
+    names = model.hook_dict
+    if not hook:
+        template = default_neuron_hook(model)
+    elif "{}" in hook:
+        template = hook
+    elif hook in names:
+        layer = int(hook.split(".")[1]) if hook.startswith("blocks.") else 0
+        return [(layer, hook)]
+    else:
+        suffix = hook if hook.startswith(("hook_", "mlp.", "attn.")) else f"hook_{hook}"
+        template = f"blocks.{{}}.{suffix}"
+    layers = [(layer, template.format(layer)) for layer in range(len(names))]
+    found = [(layer, name) for layer, name in layers if name in names]
+    if not found:
+        per_layer = sorted({n.split(".", 2)[2] for n in names if n.startswith("blocks.0.")})
+        raise ConfigError(f"--hook {hook!r}: the model has no hook {template.format(0)!r}; per-layer hooks: {', '.join(per_layer)}")
+    return found
+
+
+@dataclass
+class NeuronScan:
+    """Statistics of every hooked layer over one token stream."""
+
+    hooks: list[tuple[int, str]]
+    stats: list[NeuronStats]
+    stream: TokenStream  # only the scanned part
+    threshold: float
+    top_k: int
+    step: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.stats[0].tokens if self.stats else 0
+
+
+def chunk_rows(n_ctx: int, n_neurons: int) -> int:
+    """Sequences per chunk: as many as fit CHUNK_ELEMENTS activation values of one layer."""
+    return max(1, min(256, CHUNK_ELEMENTS // max(1, n_ctx * n_neurons)))
+
+
+def windows(stream: TokenStream, n_tokens: int, n_ctx: int) -> torch.Tensor:
+    """Consecutive full context windows covering the first ~n_tokens of the stream: (n_windows, n_ctx)."""
+    n_windows = min(math.ceil(n_tokens / n_ctx), len(stream.tokens) // n_ctx)
+    if n_windows < 1:
+        raise ConfigError(f"the token stream ({stream.description}) is shorter than one context of {n_ctx} tokens")
+    return stream.tokens[: n_windows * n_ctx].view(n_windows, n_ctx)
+
+
+@torch.no_grad()
+def scan_neurons(
+    model: torch.nn.Module,
+    stream: TokenStream,
+    hook: str | None = None,
+    n_tokens: int = DEFAULT_TOKENS,
+    threshold: float = 0.0,
+    top_k: int = 10,
+    progress: bool = True,
+    rows: int | None = None,
+) -> NeuronScan:
+    """Per-neuron statistics of `hook` (default: BDH xy_sparse or a transformer's mlp.hook_post) over the stream."""
+    hooks = resolve_hooks(model, hook)
+    n_ctx = int(model.cfg.n_ctx)
+    device = next(model.parameters()).device
+    seqs = windows(stream, n_tokens, n_ctx)  # (n_windows, n_ctx)
+    stats: dict[str, NeuronStats] = {}
+    offset = [0]
+
+    def accumulate(act: torch.Tensor, hook: Any) -> None:
+        n = act.shape[-1] * (act.shape[1] if act.dim() == 4 else 1)
+        if hook.name not in stats:
+            stats[hook.name] = NeuronStats(n, top_k=top_k, threshold=threshold, device=act.device)
+        tokens = act.numel() // n
+        stats[hook.name].update(act, torch.arange(offset[0], offset[0] + tokens, device=act.device))
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            # One window tells the neuron count, which sizes the chunks.
+            sized: dict[str, int] = {}
+
+            def size(act: torch.Tensor, hook: Any) -> None:
+                sized["n"] = act.shape[-1] * (act.shape[1] if act.dim() == 4 else 1)
+
+            with model.hooks(fwd_hooks=[(hooks[0][1], size)]):
+                model(seqs[:1].to(device))
+            per_chunk = rows or chunk_rows(n_ctx, sized["n"])
+            with model.hooks(fwd_hooks=[(name, accumulate) for _, name in hooks]), \
+                    progress_bar("neurons", len(seqs) * n_ctx, unit="tokens", enabled=progress) as update:
+                for start in range(0, len(seqs), per_chunk):
+                    chunk = seqs[start:start + per_chunk].to(device)
+                    offset[0] = start * n_ctx
+                    model(chunk)
+                    update(advance=chunk.numel())
+    finally:
+        model.train(was_training)
+    scanned = TokenStream(seqs.reshape(-1).clone(), stream.kind, stream.description)
+    return NeuronScan(hooks, [stats[name] for _, name in hooks], scanned, threshold, top_k)
+
+
+def bare_forward(model: torch.nn.Module, stream: TokenStream, n_tokens: int, rows: int) -> None:
+    """The same chunks through the model with no hooks: what `scan_neurons` is measured against."""
+    seqs = windows(stream, n_tokens, int(model.cfg.n_ctx))
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(seqs), rows):
+            model(seqs[start:start + rows].to(device))
+
+
+# ---------------------------------------------------------------------------- the JSON artifact
+
+FORMAT = "phaselens.neurons/1"
+
+
+def _floats(values: torch.Tensor, digits: int = 6) -> list:
+    return [None if (isinstance(v, float) and math.isnan(v)) else round(v, digits) for v in values.double().cpu().tolist()]
+
+
+def context(stream: TokenStream, position: int, window: int) -> dict[str, str]:
+    """The text around `position`: `window` tokens before it, the token, and window // 4 after."""
+    return {
+        "before": stream.show(position - window, position),
+        "token": stream.show(position, position + 1),
+        "after": stream.show(position + 1, position + 1 + window // 4),
+    }
+
+
+def most_selective(stats: NeuronStats, count: int, min_firings: int) -> list[int]:
+    """The `count` neurons with the highest selectivity among those that fired at least `min_firings` times."""
+    selectivity = stats.selectivity().nan_to_num(nan=-1.0)
+    selectivity[stats.count < min_firings] = -1.0
+    order = selectivity.argsort(descending=True)[:count]
+    return [int(i) for i in order if selectivity[i] > 0]
+
+
+def scan_to_json(scan: NeuronScan, window: int = 40, show: int = 8) -> dict[str, Any]:
+    """Everything the report and the dashboard read, as JSON-able data (format `phaselens.neurons/1`)."""
+    layers = []
+    for (layer, name), stats in zip(scan.hooks, scan.stats):
+        summary = {k: float(v) for k, v in stats.summary().items()}
+        summary["rate_quantiles"] = {str(q): v for q, v in stats.rate_quantiles().items()}
+        top = []
+        for neuron in most_selective(stats, show, max(1, scan.top_k)):
+            entries = []
+            for value, position in zip(stats.top_values[:, neuron].tolist(), stats.top_positions[:, neuron].tolist()):
+                if position >= 0 and value > scan.threshold:
+                    entries.append({"value": round(value, 6), "position": position, **context(scan.stream, position, window)})
+            top.append({"neuron": neuron, "firing_rate": float(stats.firing_rate()[neuron]),
+                        "selectivity": float(stats.selectivity()[neuron]), "contexts": entries})
+        layers.append({
+            "layer": layer,
+            "hook": name,
+            "n_neurons": int(stats.count.numel()),
+            "summary": summary,
+            "firing_rate": _floats(stats.firing_rate()),
+            "mean": _floats(stats.mean()),
+            "max": _floats(stats.max),
+            "selectivity": _floats(stats.selectivity(), 3),
+            "top_values": [_floats(row, 5) for row in stats.top_values.clamp(min=-1e30)],
+            "top_positions": stats.top_positions.cpu().tolist(),
+            "most_selective": top,
+        })
+    return {
+        "format": FORMAT,
+        "step": scan.step,
+        "tokens": scan.tokens,
+        "threshold": scan.threshold,
+        "top_k": scan.top_k,
+        "window": window,
+        "source": scan.stream.description,
+        **scan.meta,
+        "stream": {"kind": scan.stream.kind, "tokens": scan.stream.tokens.tolist()},
+        "layers": layers,
+    }
+
+
+def open_target(target: Path | str, step: int | None = None, text: str | None = None) -> tuple[torch.nn.Module, Callable[[int], TokenStream], dict]:
+    """The model behind RUN (a run directory) or CHECKPOINT (a BDH .pt file), and its held-out tokens.
+
+    A run streams the held-out split of its own task; a checkpoint file streams the held-out 10%
+    of `text` (a file), or of the built-in Shakespeare corpus when no text is given.
+    Returns (model, stream_for(n_tokens), info).
+    """
+    target = Path(target)
+    if target.is_dir():
+        from phaselens.run import open_run
+
+        run = open_run(target)
+        steps = run.checkpoint_steps()
+        model = run.load_model(step)
+        step = steps[-1] if step is None else step
+        config = run.run_config()
+        task = config.build_task()
+        info = {"step": step, "run": str(run.path), "model": config.model.kind}
+        if text:
+            return model, lambda n: text_stream(path=text), info
+        return model, lambda n: task_stream(task, n, seed=config.train.seed), info
+    from phaselens.models.bdh_checkpoint import load_bdh_checkpoint
+
+    model = load_bdh_checkpoint(target)
+    info = {"step": step, "checkpoint": str(target), "model": "bdh"}
+    stream = (lambda n: text_stream(path=text)) if text else (lambda n: text_stream(corpus="shakespeare"))
+    return model, stream, info
+
+
+@dataclass
+class NeuronsResult:
+    report: Path
+    figure: Path | None
+    artifact: Path
+    lines: list[str]
+    data: dict[str, Any]
+
+
+def neurons_report(
+    target: Path | str,
+    hook: str | None = None,
+    n_tokens: int = DEFAULT_TOKENS,
+    threshold: float = 0.0,
+    top_k: int = 10,
+    window: int = 40,
+    text: str | None = None,
+    step: int | None = None,
+    out: Path | str | None = None,
+    progress: bool = True,
+) -> NeuronsResult:
+    """Scan RUN (its last checkpoint, or `step`) or a BDH CHECKPOINT file and write the sparse-neuron report.
+
+    A run gets RUN/report/neurons/neurons.md (+ neurons.png) and RUN/artifacts/neurons/step_<S>.json;
+    a checkpoint file gets neurons.md, neurons.png and neurons.json in `out` (default: <file>_neurons/ beside it).
+    """
+    from phaselens.analysis.neuron_report import summary_lines, write_neuron_report
+    from phaselens.store.atomic import write_json
+
+    for name, value in (("--tokens", n_tokens), ("--top-k", top_k), ("--window", window)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    target = Path(target)
+    model, stream_for, info = open_target(target, step, text)
+    scan = scan_neurons(model, stream_for(n_tokens), hook, n_tokens, threshold, top_k, progress=progress)
+    scan.step = info.get("step")
+    scan.meta = {"model": info["model"], **({"run": info["run"]} if "run" in info else {"checkpoint": info.get("checkpoint")})}
+    data = scan_to_json(scan, window=window)
+    if "run" in info:
+        from phaselens.store.run_dir import RunDir
+
+        run = RunDir(target)
+        artifact = run.artifacts / "neurons" / f"step_{scan.step:08d}.json"
+        out = Path(out) if out else run.report / "neurons"
+    else:
+        out = Path(out) if out else target.parent / f"{target.stem}_neurons"
+        artifact = out / "neurons.json"
+    write_json(artifact, data)
+    report, figure = write_neuron_report(data, out)
+    return NeuronsResult(report, figure, artifact, summary_lines(data), data)

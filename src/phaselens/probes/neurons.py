@@ -1,0 +1,195 @@
+"""Sparse-neuron statistics: firing rates, rare and dead neurons, selectivity, top activations.
+
+A neuron fires on a token when its activation exceeds the threshold (default 0). Everything is
+accumulated per neuron in fixed-size tensors (count, sum, max, the top-k values and their
+positions), so statistics over any number of tokens take the memory of one chunk. The same
+`NeuronStats` serves the `neurons` probe (one probe batch per checkpoint) and the streaming
+`phaselens neurons` scan, so both report the same formulas.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+
+RARE_RATE = 0.01  # a neuron is rare when it fires on fewer than 1% of tokens
+RATE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+NEURON_HOOKS = ("blocks.{}.hook_xy_sparse", "blocks.{}.mlp.hook_post")  # BDH's product code; a transformer's MLP
+
+
+def token_neurons(act: torch.Tensor) -> torch.Tensor:
+    """An activation as one row per token: (B, T, n) -> (B·T, n); per-head (B, H, T, N) -> (B·T, H·N), head-major."""
+    if act.dim() == 3:
+        return act.reshape(-1, act.shape[-1])
+    if act.dim() == 4:
+        B, H, T, N = act.shape
+        return act.transpose(1, 2).reshape(B * T, H * N)
+    raise ValueError(f"neuron activations must be (batch, pos, neurons) or (batch, heads, pos, neurons), got {tuple(act.shape)}")
+
+
+def _over_tokens(act: torch.Tensor, reduce) -> torch.Tensor:
+    """Reduce (B, T, n) or (B, H, T, N) over batch and position -> (n,) or (H·N,).
+
+    One dimension at a time: reducing two non-adjacent dimensions at once is many times slower on CPU.
+    """
+    if act.dim() == 3:
+        return reduce(reduce(act, 1), 0)
+    if act.dim() == 4:
+        return reduce(reduce(act, 2), 0).reshape(-1)
+    raise ValueError(f"neuron activations must be (batch, pos, neurons) or (batch, heads, pos, neurons), got {tuple(act.shape)}")
+
+
+def default_neuron_hook(model: torch.nn.Module) -> str:
+    """The per-layer hook template whose units count as neurons: BDH's xy_sparse, else the MLP output."""
+    names = model.hook_dict
+    for template in NEURON_HOOKS:
+        if template.format(0) in names:
+            return template
+    raise ValueError("the model has neither blocks.{l}.hook_xy_sparse (BDH) nor blocks.{l}.mlp.hook_post (a transformer "
+                     "with MLPs); name the hook to measure with --hook")
+
+
+class NeuronStats:
+    """Running per-neuron statistics over token rows; memory is O(n_neurons · top_k), whatever the token count.
+
+    Args:
+        n_neurons: units per token row.
+        top_k: how many strongest activations (with their positions) to keep per neuron; 0 keeps none.
+        threshold: a neuron fires when its value exceeds this.
+    """
+
+    def __init__(self, n_neurons: int, top_k: int = 10, threshold: float = 0.0, device: torch.device | str = "cpu"):
+        self.top_k, self.threshold = top_k, threshold
+        self.tokens = 0
+        self.count = torch.zeros(n_neurons, dtype=torch.long, device=device)  # tokens it fired on
+        self.total = torch.zeros(n_neurons, dtype=torch.float64, device=device)  # sum of activations
+        self.max = torch.full((n_neurons,), float("-inf"), device=device)
+        # Top-k of the firing values only: empty slots hold the threshold, at position -1.
+        self.top_values = torch.full((top_k, n_neurons), float(threshold), device=device)  # (k, n), descending
+        self.top_positions = torch.full((top_k, n_neurons), -1, dtype=torch.long, device=device)  # (k, n)
+        self._fired: torch.Tensor | None = None  # reused 0/1 buffer of the chunk's shape
+
+    @torch.no_grad()
+    def update(self, act: torch.Tensor, positions: torch.Tensor | None = None) -> None:
+        """Add a chunk of activations: (B, T, n), per head (B, H, T, N) (neurons head-major), or token rows (M, n).
+
+        `positions` (B·T,) are the stream positions of its tokens in (batch, pos) order (default: the next B·T).
+        Reductions run on the activation's own layout, so no copy of the chunk is made.
+        """
+        act = act.float()
+        if act.dim() == 2:
+            act = act[None]  # token rows: one "sequence"
+        tokens = act.shape[0] * act.shape[-2]
+        if positions is None:
+            positions = torch.arange(self.tokens, self.tokens + tokens, device=act.device)
+        self.tokens += tokens
+        if self._fired is None or self._fired.shape != act.shape:
+            self._fired = torch.empty_like(act)
+        fired = torch.gt(act, self.threshold, out=self._fired)  # 0/1 floats: exact sums up to 2^24 tokens a chunk
+        self.count += _over_tokens(fired, torch.sum).long()
+        self.total += _over_tokens(act, torch.sum).double()
+        seq_max = act.amax(-2).reshape(act.shape[0], -1)  # (B, n): each sequence's maximum
+        chunk_max = seq_max.amax(0)  # (n,)
+        torch.maximum(self.max, chunk_max, out=self.max)
+        if self.top_k and bool((chunk_max > self.top_values[-1]).any()):
+            self._merge_top(act, positions, seq_max)
+
+    def _merge_top(self, act: torch.Tensor, positions: torch.Tensor, seq_max: torch.Tensor) -> None:
+        """Merge the chunk's values that can enter a neuron's top-k into it.
+
+        A value can enter only if it reaches the neuron's current k-th value, and the chunk's own
+        k-th value, which is at least the k-th largest of its sequence maxima (k distinct elements).
+        Under that floor lie few values per neuron, so this costs one comparison pass and a small
+        sort, and never a copy of the chunk in another layout.
+        """
+        n, k = self.count.numel(), self.top_k
+        firing = torch.nextafter(torch.tensor(float(self.threshold)), torch.tensor(float("inf"))).item()
+        floor = self.top_values[-1].clamp(min=firing)  # (n,)
+        if seq_max.shape[0] >= k:
+            floor = torch.maximum(floor, seq_max.topk(k, dim=0).values[-1])
+        if act.dim() == 4:
+            B, H, T, N = act.shape
+            hits = (act >= floor.view(H, 1, N)).nonzero()  # (E, 4): b, h, t, j
+            values = act[hits.unbind(1)]
+            neuron = hits[:, 1] * N + hits[:, 3]
+        else:
+            B, T, _ = act.shape
+            hits = (act >= floor).nonzero()  # (E, 3): b, t, j
+            values = act[hits.unbind(1)]
+            neuron = hits[:, 2]
+        where = positions[hits[:, 0] * T + hits[:, -2]]  # (E,)
+        touched = (torch.bincount(neuron, minlength=n) > 0).nonzero().squeeze(1)  # (c,)
+        # Candidates per touched neuron: its k kept entries plus its new hits; keep the k largest.
+        all_neuron = torch.cat((touched.repeat(k), neuron))
+        all_values = torch.cat((self.top_values[:, touched].reshape(-1), values))
+        all_where = torch.cat((self.top_positions[:, touched].reshape(-1), where))
+        order = all_values.argsort(descending=True, stable=True)
+        order = order[all_neuron[order].argsort(stable=True)]  # grouped by neuron, each group descending
+        grouped = all_neuron[order]
+        counts = torch.bincount(grouped, minlength=n)
+        rank = torch.arange(len(order), device=act.device) - (counts.cumsum(0) - counts)[grouped]
+        keep = rank < k
+        self.top_values[rank[keep], grouped[keep]] = all_values[order[keep]]
+        self.top_positions[rank[keep], grouped[keep]] = all_where[order[keep]]
+
+    def firing_rate(self) -> torch.Tensor:
+        """Share of tokens each neuron fired on: (n,)."""
+        return self.count.double() / max(self.tokens, 1)
+
+    def mean(self) -> torch.Tensor:
+        """Mean activation over all tokens: (n,)."""
+        return self.total / max(self.tokens, 1)
+
+    def selectivity(self) -> torch.Tensor:
+        """max / mean over tokens for neurons that fired; NaN for those that never did: (n,)."""
+        fired = self.count > 0
+        ratio = self.max.double() / self.mean()
+        return torch.where(fired, ratio, torch.full_like(ratio, float("nan")))
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """The layer summary the `neurons` probe logs: firing_rate_mean, frac_rare, frac_dead, selectivity_median."""
+        rate = self.firing_rate()
+        selectivity = self.selectivity()
+        firing = selectivity[~selectivity.isnan()]
+        return {
+            "firing_rate_mean": rate.mean(),
+            "frac_rare": (rate < RARE_RATE).double().mean(),
+            "frac_dead": (self.count == 0).double().mean(),
+            "selectivity_median": firing.median() if len(firing) else torch.tensor(float("nan"), dtype=torch.float64),
+        }
+
+    def rate_quantiles(self) -> dict[float, float]:
+        q = torch.tensor(RATE_QUANTILES, dtype=torch.float64, device=self.count.device)
+        return dict(zip(RATE_QUANTILES, self.firing_rate().quantile(q).tolist()))
+
+
+SUMMARY_METRICS = ("firing_rate_mean", "frac_rare", "frac_dead", "selectivity_median")
+
+
+@register_probe
+class NeuronsProbe(Probe):
+    """Per layer: mean firing rate, share of rare (<1% of tokens) and dead neurons, median selectivity.
+
+    Options: `hook` (a per-layer template such as "blocks.{}.hook_x_sparse"; default BDH's
+    xy_sparse or a transformer's mlp.hook_post) and `threshold` (default 0).
+    """
+
+    name = "neurons"
+
+    def bind(self, model: torch.nn.Module) -> None:
+        self.template = self.options.get("hook") or default_neuron_hook(model)
+
+    def hook_names(self, n_layers: int) -> list[str]:
+        template = getattr(self, "template", None) or self.options.get("hook") or NEURON_HOOKS[0]
+        return [template.format(layer) for layer in range(n_layers)]
+
+    def compute(self, inputs: ProbeInputs) -> list[Measurement]:
+        summaries = []
+        for name in self.hook_names(inputs.n_layers):
+            act = inputs.acts[name]  # (B, T, n) or (B, H, T, N)
+            n = act.shape[-1] * (act.shape[1] if act.dim() == 4 else 1)
+            stats = NeuronStats(n, top_k=0, threshold=self.options.get("threshold", 0.0), device=act.device)
+            stats.update(act)
+            summaries.append(stats.summary())
+        return [Measurement(metric, torch.stack([s[metric] for s in summaries]).float()) for metric in SUMMARY_METRICS]
