@@ -100,11 +100,20 @@ export async function drawLoss(state, result, ablated) {
   document.getElementById("mean-loss").textContent = result.mean_loss.toFixed(3);
 }
 
+// Loss views are numbered: a response that arrives after a newer request (a re-run racing an
+// ablation) is dropped, so the page never shows an older view over a newer one.
+function nextLossView(state) {
+  state.lossView = (state.lossView || 0) + 1;
+  return state.lossView;
+}
+
 export async function runText(state) {
+  const view = nextLossView(state);
+  document.getElementById("ablate-result").textContent = "–";
   const result = await post("/api/model/loss", { ...modelRef(state), text: state.text });
+  if (view !== state.lossView) return result;
   state.lastLoss = result;
   await drawLoss(state, result, null);
-  document.getElementById("ablate-result").textContent = "–";
   return result;
 }
 
@@ -154,8 +163,10 @@ export async function ablate(state) {
   if (!node) throw new Error("click a head or an MLP first");
   const started = performance.now();
   const mode = document.getElementById("ablate-mode").value;
+  const view = nextLossView(state);
   const result = await post("/api/model/ablate", { ...modelRef(state), text: state.text, nodes: [node], mode,
     reference_text: document.getElementById("reference-text").value });
+  if (view !== state.lossView) return result;
   await drawLoss(state, result.clean, result.ablated);
   const out = document.getElementById("ablate-result");
   const before = result.clean.copy_loss, after = result.ablated.copy_loss;
