@@ -27,12 +27,18 @@ export function showError(error) {
 }
 
 // Run `fn`, showing its error in the error bar instead of failing silently.
+// A success clears the error bar only when it began after the call that raised the error shown:
+// a slow request started earlier must not hide the message of a newer one.
+let calls = 0, errorFrom = 0;
+
 export async function guarded(fn) {
+  const call = ++calls;
   try {
     const result = await fn();
-    showError(null);
+    if (call > errorFrom) showError(null);
     return result;
   } catch (error) {
+    errorFrom = call;
     showError(error);
     return undefined;
   }
