@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from phaselens.errors import PhaselensError
 from phaselens.posthoc.runner import TaskResult, measure_checkpoint
@@ -44,8 +44,11 @@ def local(run_path: str, tasks: Tasks, workers: int = 1, address: str | None = N
             yield future.result()
 
 
-def ray_backend(run_path: str, tasks: Tasks, workers: int = 1, address: str | None = None) -> Iterator[TaskResult]:
-    """One Ray task per checkpoint; connects to `address` or starts a local cluster of `workers` CPUs."""
+def ray_map(function: Callable[..., Any], calls: Sequence[tuple], workers: int = 1, address: str | None = None) -> Iterator[Any]:
+    """`function(*args)` for each of `calls` as one-CPU Ray tasks, yielded as they finish.
+
+    Connects to `address`, or starts a local cluster of `workers` CPUs (and shuts down what it started).
+    """
     try:
         import ray
     except ImportError:
@@ -58,14 +61,19 @@ def ray_backend(run_path: str, tasks: Tasks, workers: int = 1, address: str | No
             ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
         started = True
     try:
-        remote = ray.remote(num_cpus=1)(_ray_measure)
-        pending = [remote.remote(run_path, step, probes) for step, probes in tasks]
+        remote = ray.remote(num_cpus=1)(function)
+        pending = [remote.remote(*args) for args in calls]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])
     finally:
         if started:
             ray.shutdown()
+
+
+def ray_backend(run_path: str, tasks: Tasks, workers: int = 1, address: str | None = None) -> Iterator[TaskResult]:
+    """One Ray task per checkpoint; connects to `address` or starts a local cluster of `workers` CPUs."""
+    yield from ray_map(_ray_measure, [(run_path, step, probes) for step, probes in tasks], workers, address)
 
 
 def _ray_measure(run_path: str, step: int, probes: list[str]) -> TaskResult:

@@ -94,26 +94,9 @@ def _local(tasks: list[Task], workers: int = 1, address: str | None = None) -> I
 
 def _ray(tasks: list[Task], workers: int = 1, address: str | None = None) -> Iterator[PointResult]:
     """One Ray task per run (one CPU each); a local cluster of `workers` CPUs unless `address` is given."""
-    try:
-        import ray
-    except ImportError:
-        raise PhaselensError("--backend ray needs Ray: pip install 'phaselens[ray]' (or pip install 'ray[default]')") from None
-    started = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
-        remote = ray.remote(num_cpus=1)(_ray_train_point)
-        pending = [remote.remote(*task) for task in tasks]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
-    finally:
-        if started:
-            ray.shutdown()
+    from phaselens.posthoc.backends import ray_map
+
+    yield from ray_map(_ray_train_point, tasks, workers, address)
 
 
 def _ray_train_point(preset: str, overrides: list[str], path: str) -> PointResult:
