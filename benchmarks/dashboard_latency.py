@@ -56,12 +56,11 @@ def main() -> None:
                 browser = p.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(handle.url)
-                page.wait_for_selector("body[data-ready='1']", timeout=60_000)
-                page.wait_for_function("document.querySelector('#arch [data-node=\"L1H0\"]')?.dataset.induction !== ''")
+                page.wait_for_selector("body[data-ready='1'][data-busy='0']", timeout=60_000)
                 scores = page.eval_on_selector_all("#arch .node[data-layer='1']", "ns => ns.map(n => [n.dataset.node, Number(n.dataset.induction)])")
                 node = max(scores, key=lambda pair: pair[1])[0]
                 page.click(f"#arch [data-node='{node}']")
-                page.wait_for_selector("#attention-plot .main-svg")
+                page.wait_for_selector("body[data-busy='0'] #attention-plot .main-svg")
                 page.evaluate(CLICK_AND_WAIT)  # warm-up: first forward with hooks, first bar chart
                 times = [page.evaluate(CLICK_AND_WAIT) for _ in range(args.clicks)]
                 summary = page.inner_text("#ablate-result")

@@ -14,6 +14,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-output"
 
+IDLE = "document.body.dataset.busy === '0'"  # no request or redraw in flight
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed"),
@@ -40,18 +42,18 @@ def page(induced_run, induction_run):
         handle.stop()
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent race between a re-run and the asserted view (about 1 run in 3); issue 7 stays open until fixed")
 def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, induced_run):
     SCREENSHOTS.mkdir(exist_ok=True)
     page.select_option("#run-select", induced_run.name)
-    page.wait_for_function(f"window.phaselens.run === '{induced_run.name}' && document.querySelector('#timeline-plot .main-svg') !== null")
+    page.wait_for_function(f"window.phaselens.run === '{induced_run.name}' && {IDLE}")
+    assert page.locator("#timeline-plot .main-svg").count() > 0
     assert page.locator("#runs-table tr.selected td").first.inner_text() == induced_run.name
     steps = pl.open_run(induced_run).checkpoint_steps()
 
     def scrub_to(step: int) -> list:
         page.evaluate(f"""() => {{ const s = document.getElementById('step-slider');
             s.value = {steps.index(step)}; s.dispatchEvent(new Event('input')); }}""")
-        page.wait_for_function(f"document.getElementById('arch').dataset.step === '{step}'")
+        page.wait_for_function(f"document.getElementById('arch').dataset.step === '{step}' && {IDLE}")
         # The page colours heads by their induction score at the scrubbed step.
         return page.eval_on_selector_all("#arch .node[data-layer='1']", "nodes => nodes.map(n => [n.dataset.node, Number(n.dataset.induction)])")
 
@@ -63,7 +65,8 @@ def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, 
     node, score = max(scores, key=lambda pair: pair[1])
     assert score > 0.5, scores
     page.click(f"#arch [data-node='{node}']")
-    page.wait_for_selector("#attention-plot .main-svg")
+    page.wait_for_function(IDLE)
+    assert page.locator("#attention-plot .main-svg").count() > 0
     assert page.inner_text("#head-title") == f"Head {node}"
 
     page.select_option("#ablate-mode", "mean")
@@ -78,10 +81,9 @@ def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, 
     assert page.locator("#error-bar").is_hidden() and not page.errors
 
 
-@pytest.mark.xfail(strict=False, reason="intermittent race between a re-run and the asserted view (about 1 run in 3); issue 7 stays open until fixed")
 def test_patching_and_gradients_render_and_bad_input_shows_a_message(page, induced_run):
     page.select_option("#run-select", induced_run.name)
-    page.wait_for_function(f"window.phaselens.run === '{induced_run.name}' && document.getElementById('text-input').value !== ''")
+    page.wait_for_function(f"window.phaselens.run === '{induced_run.name}' && {IDLE}")
     page.click("#patch-btn")
     page.wait_for_function("document.getElementById('patch-result').textContent.includes('recovered')")
     page.click("#grad-btn")

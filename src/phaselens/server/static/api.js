@@ -26,22 +26,51 @@ export function showError(error) {
   bar.hidden = false;
 }
 
-// Run `fn`, showing its error in the error bar instead of failing silently.
-// A success clears the error bar only when it began after the call that raised the error shown:
-// a slow request started earlier must not hide the message of a newer one.
-let calls = 0, errorFrom = 0;
+// Background work (a refresh after a scrub, a push from the server) runs through `guarded`: its
+// error is shown, and its success leaves the error bar alone, so a slow refresh can never hide the
+// message of something the user just did. A user's action runs through `action`, which clears the
+// bar first: the bar always shows the newest error since the user last did something.
+// <body data-busy> counts the work in flight; tests and benchmarks wait for it to reach 0.
+let busy = 0;
+
+function setBusy(delta) {
+  busy += delta;
+  document.body.dataset.busy = String(busy);
+}
 
 export async function guarded(fn) {
-  const call = ++calls;
+  setBusy(1);
   try {
-    const result = await fn();
-    if (call > errorFrom) showError(null);
-    return result;
+    return await fn();
   } catch (error) {
-    errorFrom = call;
     showError(error);
     return undefined;
+  } finally {
+    setBusy(-1);
   }
 }
+
+// Count the page busy until the returned function is called (for work that starts after a delay).
+export function hold() {
+  setBusy(1);
+  let held = true;
+  return () => { if (held) { held = false; setBusy(-1); } };
+}
+
+export function action(fn) {
+  showError(null);
+  return guarded(fn);
+}
+
+// Latest wins: `const current = newest("model")` numbers a view update; after each await the update
+// goes on only while `current()` is true, i.e. no newer update of the same view has started.
+const generations = {};
+
+export function newest(view) {
+  const n = (generations[view] = (generations[view] || 0) + 1);
+  return () => generations[view] === n;
+}
+
+export function generation(view) { return generations[view] || 0; }
 
 export function enc(name) { return encodeURIComponent(name); }

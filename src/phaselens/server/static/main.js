@@ -1,5 +1,5 @@
 // The dashboard page: state, wiring between views, and the WebSocket that pushes changes.
-import { get, post, enc, guarded } from "./api.js";
+import { get, post, enc, guarded, action, hold, newest, generation, showError } from "./api.js";
 import { drawTimeline, drawHeatmap, moveStepLine } from "./timeline.js";
 import { loadHeadScores, drawArchitecture, runText, drawHead, ablate, patch, gradients } from "./modelview.js";
 import { loadNeurons } from "./neurons.js";
@@ -33,13 +33,14 @@ async function loadRuns() {
       cell.textContent = text;
       row.appendChild(cell);
     }
-    row.addEventListener("click", () => guarded(() => selectRun(r.name)));
+    row.addEventListener("click", () => action(() => selectRun(r.name)));
     body.appendChild(row);
   }
   $("live-status").textContent = runs.filter((r) => r.status === "running").length ? "a run is training: live" : "";
 }
 
 async function selectRun(name) {
+  const current = newest("run");
   state.run = name;
   $("run-select").value = name;
   for (const row of $("runs-table").querySelectorAll("tbody tr")) row.classList.toggle("selected", row.dataset.run === name);
@@ -56,6 +57,7 @@ async function selectRun(name) {
   state.step = state.steps.length ? state.steps[state.steps.length - 1] : null;
   updateStepLabel();
   const sample = await get(`/api/runs/${enc(name)}/sample`);
+  if (!current()) return;
   state.text = sample.text;
   $("text-input").value = sample.text;
   if (!$("patch-clean").value) {
@@ -63,6 +65,7 @@ async function selectRun(name) {
     $("patch-corrupted").value = sample.tokens.map((t, i) => (i < sample.tokens.length / 2 ? (t + 1) % 64 : t)).join(" ");
   }
   await loadSeries();
+  if (!current()) return;
   await Promise.all([guarded(refreshTimeline), guarded(refreshModel), guarded(() => loadNeurons(state))]);
 }
 
@@ -85,19 +88,26 @@ async function refreshTimeline() {
   await Promise.all([drawTimeline(state), drawHeatmap(state)]);
 }
 
+// Redraw the model view for the current run and step. A newer refresh supersedes this one, and a
+// loss view the user asked for after it began (an ablation, a re-run) is not overwritten by it.
 async function refreshModel() {
-  const arch = await guarded(() => post("/api/model/architecture", { run: state.run, step: state.useKernel ? null : state.step }));
-  if (!arch) return;
+  const current = newest("model");
+  const lossAtStart = generation("loss");
+  const arch = await post("/api/model/architecture", { run: state.run, step: state.useKernel ? null : state.step });
+  if (!current()) return;
   $("model-source").textContent = arch.source === "kernel" ? "(the notebook's model)" : `(checkpoint at step ${state.step})`;
   const scores = await loadHeadScores(state);
-  drawArchitecture(state, arch, scores, (node) => guarded(() => selectNode(node, arch, scores)));
-  await guarded(() => runText(state));
-  await guarded(() => drawHead(state));
+  if (!current()) return;
+  drawArchitecture(state, arch, scores, (node) => action(() => selectNode(node, arch, scores)));
+  await Promise.all([
+    generation("loss") === lossAtStart ? guarded(() => runText(state)) : null,
+    guarded(() => drawHead(state)),
+  ]);
 }
 
 async function selectNode(node, arch, scores) {
   state.selected = node;
-  drawArchitecture(state, arch, scores, (n) => guarded(() => selectNode(n, arch, scores)));
+  drawArchitecture(state, arch, scores, (n) => action(() => selectNode(n, arch, scores)));
   await drawHead(state);
 }
 
@@ -105,25 +115,35 @@ function updateStepLabel() {
   $("step-label").textContent = state.step === null ? "no checkpoints" : `step ${state.step}`;
 }
 
-let scrubTimer = null;
+// The model view follows the scrubber once it rests for 120 ms; the page counts as busy meanwhile.
+let scrubTimer = null, releaseScrub = null;
+
 function wire() {
-  $("run-select").addEventListener("change", (e) => guarded(() => selectRun(e.target.value)));
-  $("compare-select").addEventListener("change", (e) => { state.compare = e.target.value; guarded(refreshTimeline); });
-  $("metric-select").addEventListener("change", (e) => { state.metric = e.target.value; guarded(() => drawTimeline(state)); });
-  $("heatmap-select").addEventListener("change", (e) => { state.heatmap = e.target.value; guarded(() => drawHeatmap(state)); });
+  $("error-bar").addEventListener("click", () => showError(null));
+  $("run-select").addEventListener("change", (e) => action(() => selectRun(e.target.value)));
+  $("compare-select").addEventListener("change", (e) => { state.compare = e.target.value; action(refreshTimeline); });
+  $("metric-select").addEventListener("change", (e) => { state.metric = e.target.value; action(() => drawTimeline(state)); });
+  $("heatmap-select").addEventListener("change", (e) => { state.heatmap = e.target.value; action(() => drawHeatmap(state)); });
   $("step-slider").addEventListener("input", (e) => {
     state.step = state.steps[Number(e.target.value)] ?? null;
     updateStepLabel();
     moveStepLine(state);
     clearTimeout(scrubTimer);
-    scrubTimer = setTimeout(() => { if (state.useKernel) return; guarded(refreshModel); }, 120);
+    if (state.useKernel) return;
+    releaseScrub ||= hold();
+    scrubTimer = setTimeout(() => {
+      const release = releaseScrub;
+      releaseScrub = null;
+      action(refreshModel);
+      release();
+    }, 120);
   });
-  $("use-kernel").addEventListener("change", (e) => { state.useKernel = e.target.checked; guarded(refreshModel); });
+  $("use-kernel").addEventListener("change", (e) => { state.useKernel = e.target.checked; action(refreshModel); });
   $("text-input").addEventListener("change", (e) => { state.text = e.target.value; });
-  $("run-text").addEventListener("click", () => { state.text = $("text-input").value; guarded(async () => { await runText(state); await drawHead(state); }); });
-  $("ablate-btn").addEventListener("click", () => { state.text = $("text-input").value; guarded(() => ablate(state)); });
-  $("patch-btn").addEventListener("click", () => guarded(() => patch(state)));
-  $("grad-btn").addEventListener("click", () => { state.text = $("text-input").value; guarded(() => gradients(state)); });
+  $("run-text").addEventListener("click", () => { state.text = $("text-input").value; action(() => Promise.all([runText(state), drawHead(state)])); });
+  $("ablate-btn").addEventListener("click", () => { state.text = $("text-input").value; action(() => ablate(state)); });
+  $("patch-btn").addEventListener("click", () => action(() => patch(state)));
+  $("grad-btn").addEventListener("click", () => { state.text = $("text-input").value; action(() => gradients(state)); });
 }
 
 function listen() {
@@ -154,8 +174,10 @@ function listen() {
 
 async function start() {
   wire();
-  await guarded(loadRuns);
-  if (state.runs.length) await selectRun(state.runs[0].name);
+  await guarded(async () => {
+    await loadRuns();
+    if (state.runs.length) await selectRun(state.runs[0].name);
+  });
   listen();
   document.body.dataset.ready = "1";
 }

@@ -1,6 +1,6 @@
 // Model view at the scrubbed checkpoint: architecture map, per-token loss, a head's attention,
 // scores and circuits, ablate / freeze, patching and gradient attribution.
-import { post, get, enc, guarded } from "./api.js";
+import { post, get, enc, guarded, newest } from "./api.js";
 import { toSeries } from "./timeline.js";
 
 const SVG = "http://www.w3.org/2000/svg";
@@ -19,8 +19,10 @@ function el(tag, attrs, parent) {
 
 // Head scores of the run at the latest recorded step <= `step`: {"L1H0": {induction: .7, ...}}.
 export async function loadHeadScores(state) {
-  if (!state.headRows) {
-    state.headRows = await get(`/api/runs/${enc(state.run)}/metrics?probe=heads`).catch(() => null);
+  if (!state.headRows || state.headRows.run !== state.run) {
+    const run = state.run;
+    const rows = await get(`/api/runs/${enc(run)}/metrics?probe=heads`).catch(() => null);
+    if (run === state.run) state.headRows = rows && { ...rows, run };
   }
   const rows = state.headRows;
   const scores = {};
@@ -100,18 +102,13 @@ export async function drawLoss(state, result, ablated) {
   document.getElementById("mean-loss").textContent = result.mean_loss.toFixed(3);
 }
 
-// Loss views are numbered: a response that arrives after a newer request (a re-run racing an
-// ablation) is dropped, so the page never shows an older view over a newer one.
-function nextLossView(state) {
-  state.lossView = (state.lossView || 0) + 1;
-  return state.lossView;
-}
-
+// The loss view shows the newest of re-run and ablation: a response that arrives after a newer
+// request is dropped, so the page never shows an older view over a newer one.
 export async function runText(state) {
-  const view = nextLossView(state);
-  document.getElementById("ablate-result").textContent = "–";
+  const current = newest("loss");
   const result = await post("/api/model/loss", { ...modelRef(state), text: state.text });
-  if (view !== state.lossView) return result;
+  if (!current()) return result;
+  document.getElementById("ablate-result").textContent = "–";
   state.lastLoss = result;
   await drawLoss(state, result, null);
   return result;
@@ -125,11 +122,13 @@ export async function drawHead(state) {
   document.getElementById("head-title").textContent = node.head === null ? `Layer ${node.layer} MLP` : `Head L${node.layer}H${node.head}`;
   for (const id of ["attention-plot", "head-scores-plot", "qk-plot", "ov-plot"]) document.getElementById(id).hidden = node.head === null;
   if (node.head === null) return;
+  const current = newest("head");
   const ref = { ...modelRef(state), layer: node.layer, head: node.head };
   const [attention, weights] = await Promise.all([
     post("/api/model/attention", { ...ref, text: state.text }),
     post("/api/model/weights", ref),
   ]);
+  if (!current()) return;
   const axis = attention.labels.map((t, i) => `${i}:${t}`);
   await Plotly.react("attention-plot", [{ type: "heatmap", z: attention.pattern, x: axis, y: axis, colorscale: "Blues", reversescale: true,
     hovertemplate: "query %{y} → key %{x}: %{z:.3f}<extra></extra>" }],
@@ -163,10 +162,10 @@ export async function ablate(state) {
   if (!node) throw new Error("click a head or an MLP first");
   const started = performance.now();
   const mode = document.getElementById("ablate-mode").value;
-  const view = nextLossView(state);
+  const current = newest("loss");
   const result = await post("/api/model/ablate", { ...modelRef(state), text: state.text, nodes: [node], mode,
     reference_text: document.getElementById("reference-text").value });
-  if (view !== state.lossView) return result;
+  if (!current()) return result;
   await drawLoss(state, result.clean, result.ablated);
   const out = document.getElementById("ablate-result");
   const before = result.clean.copy_loss, after = result.ablated.copy_loss;

@@ -1,5 +1,5 @@
 // Timeline: metric curves with transition markers and windows, layer x head heatmaps, a scrubber line.
-import { get, enc } from "./api.js";
+import { get, enc, newest } from "./api.js";
 
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
@@ -34,6 +34,7 @@ function stepLine(step) {
 }
 
 export async function drawTimeline(state) {
+  const current = newest("timeline");
   const [probe, metric] = state.metric.split("/");
   const own = await loadMetric(state.run, probe, metric);
   const traces = own.map((s, i) => ({ ...s, type: "scatter", mode: "lines", line: { color: COLORS[i % COLORS.length], width: 1.5 } }));
@@ -42,6 +43,7 @@ export async function drawTimeline(state) {
     other.forEach((s, i) => traces.push({ ...s, name: `${state.compare}: ${s.name}`, type: "scatter", mode: "lines",
       line: { color: COLORS[i % COLORS.length], width: 1.5, dash: "dot" } }));
   }
+  if (!current()) return;
   const marks = state.transitions.filter((t) => t.probe === probe && t.metric === metric);
   const shapes = [];
   for (const t of marks) {
@@ -56,8 +58,10 @@ export async function drawTimeline(state) {
 
 export async function drawHeatmap(state) {
   if (!state.heatmap) { Plotly.purge("heatmap-plot"); return; }
+  const current = newest("heatmap");
   const [probe, metric] = state.heatmap.split("/");
   const series = (await loadMetric(state.run, probe, metric)).filter((s) => s.head !== null);
+  if (!current()) return;
   const steps = [...new Set(series.flatMap((s) => s.x))].sort((a, b) => a - b);
   const index = new Map(steps.map((s, i) => [s, i]));
   const z = series.map((s) => { const row = new Array(steps.length).fill(null); s.x.forEach((x, i) => { row[index.get(x)] = s.y[i]; }); return row; });
