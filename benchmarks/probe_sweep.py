@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -110,6 +111,7 @@ def timed(fn) -> tuple[float, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a run directory (default: train a 1,000-step induction run)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,15 +122,25 @@ def main() -> None:
             train(load_config("induction", ["train.steps=1000", "train.checkpoint_every=50"]), run, progress=False)
         probes = resolve_probes(None)
         n_ckpt = len(pl.open_run(run).checkpoint_steps())
-        t_naive, naive_rows = timed(lambda: naive_sweep(fresh_copy(run, root, "naive")))
-        t_one, one = timed(lambda: run_probes(fresh_copy(run, root, "one"), probes, workers=1, progress=False))
-        t_two, two = timed(lambda: run_probes(fresh_copy(run, root, "two"), probes, workers=2, progress=False))
+        # Interleaved rounds, each on fresh copies; the median of each side is reported (this
+        # machine's timings wander by 10% from one run to the next).
+        times: dict[str, list[float]] = {"naive": [], "one": [], "two": []}
+        for round_ in range(args.rounds):
+            t, naive_rows = timed(lambda: naive_sweep(fresh_copy(run, root, f"naive{round_}")))
+            times["naive"].append(t)
+            t, one = timed(lambda: run_probes(fresh_copy(run, root, f"one{round_}"), probes, workers=1, progress=False))
+            times["one"].append(t)
+            t, two = timed(lambda: run_probes(fresh_copy(run, root, f"two{round_}"), probes, workers=2, progress=False))
+            times["two"].append(t)
+        rounds = {k: [round(x, 2) for x in v] for k, v in times.items()}
+        t_naive, t_one, t_two = (statistics.median(times[k]) for k in ("naive", "one", "two"))
     assert one.ok and two.ok, (one.failures, two.failures)
     print(f"{n_ckpt} checkpoints, probes {','.join(probes)}")
-    print(f"naive {t_naive:.1f} s ({naive_rows} rows)  phaselens 1 worker {t_one:.1f} s ({one.rows} rows)  2 workers {t_two:.1f} s")
-    print(json.dumps({"benchmark": "probe_sweep", "ratio_vs_naive": round(t_naive / t_one, 3),
+    print(f"medians of {args.rounds} rounds: naive {t_naive:.2f} s ({naive_rows} rows)  phaselens 1 worker {t_one:.2f} s ({one.rows} rows)"
+          f"  2 workers {t_two:.2f} s")
+    print(json.dumps({"benchmark": "probe_sweep", "ratio_vs_naive": round(t_naive / t_one, 3), "ratio_vs_naive_2_workers": round(t_naive / t_two, 3),
                       "speedup_2_workers": round(t_one / t_two, 3), "checkpoints": n_ckpt,
-                      "seconds": {"naive": round(t_naive, 2), "workers_1": round(t_one, 2), "workers_2": round(t_two, 2)}}))
+                      "seconds": {"naive": round(t_naive, 2), "workers_1": round(t_one, 2), "workers_2": round(t_two, 2)}, "rounds": rounds}))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from phaselens.probes.attention_to import AttentionToProbe, attention_mass, posi
 from phaselens.probes.base import ProbeInputs
 from phaselens.probes.logit_lens import LogitLensProbe, lens_positions, logit_lens_stats
 from phaselens.probes.measure import measure_cache, measure_model
-from phaselens.probes.patching import PatchingProbe, corrupt_sources, patching_effects, residual_hooks
+from phaselens.probes.patching import PatchingProbe, _patching_effects_batched, corrupt_sources, patching_effects, residual_hooks
 from phaselens.run import open_run
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.induction import InductionTask
@@ -283,6 +283,55 @@ def test_corrupt_sources_changes_only_source_positions_and_is_deterministic_per_
     assert torch.equal(corrupt_sources(batch, vocab=64, seed=0), corrupted)
     assert not torch.equal(corrupt_sources(batch, vocab=64, seed=1), corrupted)
     assert corrupted.min() >= 0 and corrupted.max() < 64
+
+
+def explicit_patching_effects(model, clean_tokens, corrupted, positions, targets) -> torch.Tensor:
+    """e_ℓ by the definition: one full hooked forward of the corrupted input per patched stream."""
+    weights = targets.double()
+
+    def mean_p(logits):
+        return (next_token_probability(logits, clean_tokens) * weights).sum(-1) / weights.sum(-1)
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean_tokens, names_filter=residual_hooks(model.cfg.n_layers))
+        baseline = mean_p(model(corrupted))
+        effects = []
+        for name in residual_hooks(model.cfg.n_layers):
+            patch = lambda act, hook, name=name: torch.where(positions[..., None], cache[name], act)
+            effects.append(mean_p(model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])) - baseline)
+    return torch.stack(effects).float()
+
+
+@pytest.mark.parametrize("shortcut", [True, False], ids=["embedding-patch-is-clean", "general"])
+def test_patching_reusing_the_corrupted_prefix_equals_one_hooked_forward_per_layer(shortcut):
+    model = build_model(ModelConfig(n_layers=3, n_heads=2, d_model=16, d_vocab=64, n_ctx=64)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.split(".")[-1].startswith("W_"):
+                p.normal_(std=0.4, generator=torch.Generator().manual_seed(len(name)))
+    batch = induction_batch()
+    corrupted = corrupt_sources(batch, 64, seed=0)
+    positions = batch.source_mask
+    if not shortcut:  # patch only part of the corruption: the patched embeddings are not the clean input
+        positions = positions & (positions.cumsum(-1) > 2)
+    targets = batch.copy_mask & batch.loss_mask
+    expected = explicit_patching_effects(model, batch.tokens, corrupted, positions, targets)
+    assert expected.abs().max() > 1e-3, "the corruption must matter for this test to mean anything"
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(batch.tokens, names_filter=residual_hooks(3))
+        streams = {name: cache[name] for name in residual_hooks(3)}
+        fast = patching_effects(model, streams, corrupted, batch.tokens, positions, targets, clean_logits=logits)
+        without_logits = patching_effects(model, streams, corrupted, batch.tokens, positions, targets)
+        batched = _patching_effects_batched(model, streams, corrupted, positions,
+                                            lambda lg: _read_targets(lg, batch.tokens, targets))
+    for effects in (fast, without_logits, batched):
+        torch.testing.assert_close(effects, expected, atol=1e-5, rtol=0)
+
+
+def _read_targets(logits: torch.Tensor, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean p(target) per pair from (groups, B, T, V) logits, written out with plain torch."""
+    weights = targets.double()
+    return torch.stack([(next_token_probability(group, tokens) * weights).sum(-1) / weights.sum(-1) for group in logits]).float()
 
 
 def test_patching_probe_measures_nothing_on_a_batch_without_source_positions():

@@ -68,7 +68,7 @@ def test_sweep_writes_each_checkpoints_attention_pattern_artifact(run_copy):
     drop_checkpoint_rows(run_copy)
     run_probes(run_copy, ["attention"], steps=[40], progress=False)
     artifact = json.loads((run_copy / "artifacts" / "attention" / "step_00000040.json").read_text())
-    patterns = torch.tensor(artifact["patterns"])  # (L, H, T, T)
+    patterns = torch.tensor(artifact["patterns"]) / artifact["scale"]  # (L, H, T, T) probabilities
     assert patterns.shape == (2, 2, 64, 64) and len(artifact["tokens"]) == 64
     assert torch.allclose(patterns.sum(-1), torch.ones(2, 2, 64), atol=1e-2)  # rows of a softmax
     assert (patterns.triu(1) == 0).all()  # causal

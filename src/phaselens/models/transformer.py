@@ -31,6 +31,9 @@ class LayerNorm(nn.Module):
         self.hook_normalized = HookPoint()  # (B, T, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() or self.hook_scale._forward_hooks or self.hook_normalized._forward_hooks):
+            # The fused kernel when nothing reads the intermediates and nothing trains (as in Attention).
+            return F.layer_norm(x, x.shape[-1:], self.w, self.b, self.eps)
         x = x - x.mean(-1, keepdim=True)  # (B, T, d_model)
         scale = self.hook_scale((x.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())  # (B, T, 1)
         return self.hook_normalized(x / scale) * self.w + self.b
@@ -65,9 +68,8 @@ class Attention(nn.Module):
         self.b_K = nn.Parameter(torch.zeros(H, dh))
         self.b_V = nn.Parameter(torch.zeros(H, dh))
         self.b_O = nn.Parameter(torch.zeros(d))
-        self.register_buffer(
-            "mask", torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool).tril(), persistent=False
-        )
+        future = torch.ones(cfg.n_ctx, cfg.n_ctx, dtype=torch.bool).triu(1)
+        self.register_buffer("causal_bias", torch.zeros(cfg.n_ctx, cfg.n_ctx).masked_fill(future, float("-inf")), persistent=False)
         self.scale = 1.0 / math.sqrt(dh)
         self.hook_q = HookPoint()  # (B, T, H, dh)
         self.hook_k = HookPoint()  # (B, T, H, dh)
@@ -94,11 +96,14 @@ class Attention(nn.Module):
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
             z = self.hook_z(z.transpose(1, 2))  # (B, T, H, dh)
         else:
-            scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.scale  # (B, H, T, T)
-            scores = scores.masked_fill(~self.mask[:T, :T], float("-inf"))
-            scores = self.hook_attn_scores(scores)
+            # Batched matmuls over (batch·head) with the causal mask added in the same kernel:
+            # about twice as fast as einsum + masked_fill on CPU, with the same numbers.
+            qh, kh, vh = (t.transpose(1, 2).reshape(B * H, T, dh) for t in (q, k, v))
+            scores = torch.baddbmm(self.causal_bias[:T, :T], qh, kh.transpose(1, 2), alpha=self.scale)
+            scores = self.hook_attn_scores(scores.view(B, H, T, T))  # -inf above the diagonal
             pattern = self.hook_pattern(scores.softmax(-1))  # (B, H, T, T)
-            z = self.hook_z(torch.einsum("bhqk,bkhe->bqhe", pattern, v))  # (B, T, H, dh)
+            z = torch.bmm(pattern.reshape(B * H, T, T), vh).view(B, H, T, dh)
+            z = self.hook_z(z.transpose(1, 2))  # (B, T, H, dh)
         if self.hook_result._forward_hooks:
             # Per-head outputs cost an extra (B, T, H, d_model) tensor: only when asked for.
             result = self.hook_result(torch.einsum("bqhe,hed->bqhd", z, self.W_O))
@@ -171,14 +176,38 @@ class Transformer(HookedRootModule):
                 nn.init.normal_(p, std=self.cfg.init_std)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[-1] > self.cfg.n_ctx:
+            raise ValueError(f"sequence length {tokens.shape[-1]} exceeds the model's context n_ctx={self.cfg.n_ctx}")
+        return self.forward_from(self.embed(tokens), 0)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering block 0: token plus position embeddings, (B, T, d_model)."""
         B, T = tokens.shape
-        if T > self.cfg.n_ctx:
-            raise ValueError(f"sequence length {T} exceeds the model's context n_ctx={self.cfg.n_ctx}")
         embed = self.hook_embed(self.W_E[tokens])  # (B, T, d_model)
         pos = self.hook_pos_embed(self.W_pos[:T]).expand(B, T, -1)  # (B, T, d_model)
-        resid = embed + pos
+        return embed + pos
+
+    def residual_streams(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """The stream entering each block, then the last block's output: n_layers + 1 tensors (B, T, d_model).
+
+        The same tensors as `run_with_cache` gives for `blocks.{l}.hook_resid_pre` and the last
+        `hook_resid_post`, without the cache's bookkeeping and without unembedding.
+        """
+        streams = [self.embed(tokens)]
         for block in self.blocks:
+            streams.append(block(streams[-1]))
+        return streams
+
+    def forward_from(self, resid: torch.Tensor, layer: int, at: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """Logits from the residual stream entering block `layer` (`n_layers`: the last block's output).
+
+        Activation patching uses it to re-run only the blocks above a patched stream. `at`, an index
+        into the (B, T) positions such as `mask.nonzero(as_tuple=True)`, unembeds only those: (N, vocab).
+        """
+        for block in self.blocks[layer:]:
             resid = block(resid)
+        if at is not None:
+            resid = resid[at]
         return self.unembed(self.ln_final(resid))
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:

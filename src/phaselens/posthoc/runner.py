@@ -23,6 +23,7 @@ from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir
 
 SOURCE = "checkpoint"
+COMMIT_SECONDS = 1.0  # how often a sweep commits the rows measured so far
 DEFAULT_PROBES = ("attention", "heads", "loss", "logit_lens", "attention_to", "patching")
 TASK_PROBES = {"bz_to_a": ("random_z",), "az_to_b": ("random_z",)}  # added to the default set for runs of these tasks
 
@@ -218,6 +219,24 @@ def run_probes(
     tasks, skipped = plan(run_dir, store, names, steps)
     execute = get_backend(backend)
     measured, failures, n_rows = [], [], 0
+    # Rows go into the store in one transaction per second or so (a commit per checkpoint costs
+    # more than measuring some of them). A checkpoint's artifacts are written before its rows, and
+    # stored rows mark what is done: a killed sweep redoes at most the last second's checkpoints.
+    done: list[TaskResult] = []
+    last_commit = time.monotonic()
+
+    def commit() -> None:
+        nonlocal n_rows, last_commit
+        if not done:
+            return
+        store.write([row for result in done for row in result.rows])
+        store.clear_failures([result.step for result in done])
+        for result in done:
+            measured.append(result.step)
+            n_rows += len(result.rows)
+        done.clear()
+        last_commit = time.monotonic()
+
     try:
         with progress_bar(f"probe {run_dir.path.name}", len(tasks), unit="checkpoints", enabled=progress) as update:
             results: Iterator[TaskResult] = execute(str(run_dir.path), tasks, workers=workers, address=address) if tasks else iter(())
@@ -227,13 +246,13 @@ def run_probes(
                     for probe in result.probes:
                         store.record_failure(result.step, probe, result.error)
                 else:
-                    store.write(result.rows)
-                    store.clear_failures(result.step)
                     _write_artifacts(run_dir, result)
-                    measured.append(result.step)
-                    n_rows += len(result.rows)
+                    done.append(result)
+                if time.monotonic() - last_commit > COMMIT_SECONDS:
+                    commit()
                 update(advance=1)
     finally:
+        commit()  # also when interrupted: what was measured is kept
         store.close()
     return SweepResult(run_dir.path, sorted(measured), skipped, sorted(failures), n_rows, time.time() - began)
 

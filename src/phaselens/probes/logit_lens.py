@@ -6,6 +6,8 @@ Layer 0 is the embeddings (`blocks.0.hook_resid_pre`), layer ℓ the stream afte
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
@@ -34,20 +36,41 @@ def lens_positions(batch: TaskBatch, positions: str, first_token_only: bool) -> 
     return mask
 
 
-def logit_lens_stats(resid: torch.Tensor, model: torch.nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """p_correct, top1 and entropy per layer, over masked positions.
+def logit_lens_stats(
+    resid: torch.Tensor | Sequence[torch.Tensor],
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    final_logits: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """p_correct, top1 and entropy per layer, averaged over the masked predictions.
 
-    resid (L+1, B, T, d_model) streams, tokens (B, T), mask (B, T-1) -> each (L+1,).
+    resid: L+1 streams (B, T, d_model), stacked or as a list; tokens (B, T); mask (B, T-1)
+    -> each (L+1,). Only masked predictions are unembedded. `final_logits` (B, T, V), the model's
+    own output, stands in for the last stream's lens (it is the model's prediction): one
+    unembedding fewer.
     """
-    logits = model.unembed(model.ln_final(resid[:, :, :-1]))  # (L+1, B, T-1, V)
-    logp = logits.float().log_softmax(-1)
-    target = tokens[:, 1:].expand(resid.shape[0], -1, -1)  # (L+1, B, T-1)
-    p_correct = logp.gather(-1, target[..., None])[..., 0].exp()  # (L+1, B, T-1)
-    top1 = (logp.argmax(-1) == target).float()
-    entropy = -(logp.exp() * logp).sum(-1)
-    weights = mask.float() / mask.float().sum()  # (B, T-1)
-    return {name: (value * weights).sum(dim=(-2, -1)) for name, value in
-            (("p_correct", p_correct), ("top1", top1), ("entropy", entropy))}
+    every = bool(mask.all())  # the common case (every prediction): no gather at all
+
+    def pick(x: torch.Tensor) -> torch.Tensor:  # (B, T-1, ...) -> (N, ...) at the masked predictions
+        return x.flatten(0, 1) if every else x[mask]
+
+    streams = list(resid)
+    lenses = [model.unembed(model.ln_final(pick(stream[:, :-1]))) for stream in (streams if final_logits is None else streams[:-1])]
+    if final_logits is not None:
+        lenses.append(pick(final_logits[:, :-1]))
+    target = pick(tokens[:, 1:, None])  # (N, 1): the token each prediction should name
+    stats = []
+    for logits in lenses:  # (N, V) each
+        logp = logits.float().log_softmax(-1)
+        correct = logp.gather(-1, target)  # (N, 1)
+        stats.append(torch.stack([
+            correct.exp().mean(),
+            (correct >= logp.amax(-1, keepdim=True)).float().mean(),  # the target is the most likely token
+            -torch.linalg.vecdot(logp.exp(), logp).mean(),  # entropy, in nats
+        ]))
+    values = torch.stack(stats, 1)  # (3, L+1)
+    return {"p_correct": values[0], "top1": values[1], "entropy": values[2]}
 
 
 @register_probe
@@ -71,8 +94,8 @@ class LogitLensProbe(Probe):
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         names = self.hook_names(inputs.n_layers)
-        resid = torch.stack([inputs.acts[name] for name in names])  # (L+1, B, T, d_model)
+        resid = [inputs.acts[name] for name in names]  # L+1 streams (B, T, d_model)
         positions = self.options["positions"] or ("first_target" if inputs.batch.first_target_mask is not None else "loss")
         mask = lens_positions(inputs.batch, positions, self.options["first_token_only"])
-        stats = logit_lens_stats(resid, inputs.model, inputs.batch.tokens, mask)
+        stats = logit_lens_stats(resid, inputs.model, inputs.batch.tokens, mask, final_logits=inputs.logits)
         return [Measurement(name, value) for name, value in stats.items()]

@@ -38,8 +38,8 @@ def corrupt_sources(batch: TaskBatch, vocab: int, seed: int) -> torch.Tensor:
 
 
 def target_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """p(next token) at every prediction position: logits (B, T, V), tokens (B, T) -> (B, T-1)."""
-    return logits[:, :-1].float().softmax(-1).gather(-1, tokens[:, 1:, None])[..., 0]
+    """p(next token) at every prediction position: logits (..., T, V), tokens (..., T) -> (..., T-1)."""
+    return logits[..., :-1, :].float().softmax(-1).gather(-1, tokens[..., 1:, None])[..., 0]
 
 
 def patching_effects(
@@ -49,18 +49,58 @@ def patching_effects(
     clean_tokens: torch.Tensor,
     positions: torch.Tensor,
     targets: torch.Tensor,
+    clean_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """e_ℓ per pair: (n_layers + 1, B).
 
     Args:
-        clean: residual streams of the clean run, hook name -> (B, T, d_model).
+        clean: residual streams of the clean run, hook name -> (B, T, d_model), in `residual_hooks` order.
         corrupted_tokens, clean_tokens: (B, T).
         positions: (B, T) bool, where the residual stream is patched.
         targets: (B, T-1) bool, the predictions whose clean target probability is read.
+        clean_logits: the clean run's logits (B, T, V), when the caller has them: see below.
+
+    A model with `residual_streams` and `forward_from` (phaselens transformers) runs the corrupted
+    input once, keeping its residual streams, and each patched stream re-runs only the blocks above it: the blocks below
+    are the corrupted run's. Patching the embeddings wherever the two inputs differ gives the clean
+    input itself, so when that holds for every prediction read (causally: no difference left at or
+    before it), e_0 comes from `clean_logits` with no forward at all. Other models get one batched
+    forward with a row group per patched stream.
     """
+    rows, cols = targets.nonzero(as_tuple=True)  # the predictions read: (N,) each
+    answers = clean_tokens[:, 1:][rows, cols]  # (N,)
+    counts = targets.sum(-1).clamp_min(1).float()  # (B,)
+
+    def read(picked: torch.Tensor) -> torch.Tensor:  # logits at the predictions read (..., N, V) -> mean p(target) per pair (..., B)
+        p = picked.float().softmax(-1).gather(-1, answers.expand(*picked.shape[:-1])[..., None])[..., 0]  # (..., N)
+        return torch.zeros(*p.shape[:-1], len(counts), device=p.device).index_add_(-1, rows, p) / counts
+
+    if not (hasattr(model, "forward_from") and hasattr(model, "residual_streams")):
+        return _patching_effects_batched(model, clean, corrupted_tokens, positions, lambda logits: read(logits[..., rows, cols, :]))
+    corrupted = model.residual_streams(corrupted_tokens)  # in `residual_hooks` order, like `clean`
+    last = len(corrupted) - 1
+    baseline = read(model.forward_from(corrupted[last], last, at=(rows, cols)))
+    effects = []
+    for layer, resid in enumerate(clean.values()):
+        if layer == 0 and clean_logits is not None and _embedding_patch_is_clean(corrupted_tokens, clean_tokens, positions, targets):
+            effects.append(read(clean_logits[rows, cols]) - baseline)
+            continue
+        patched = torch.where(positions[..., None], resid, corrupted[layer])
+        effects.append(read(model.forward_from(patched, layer, at=(rows, cols))) - baseline)
+    return torch.stack(effects)
+
+
+def _embedding_patch_is_clean(corrupted_tokens, clean_tokens, positions, targets) -> bool:
+    """Whether every prediction read sees the clean input once the embeddings are patched at `positions`."""
+    patched = torch.where(positions, clean_tokens, corrupted_tokens)
+    differs_so_far = (patched != clean_tokens).cumsum(-1) > 0  # (B, T): a difference at or before t
+    return not bool((targets & differs_so_far[:, :-1]).any())
+
+
+def _patching_effects_batched(model, clean, corrupted_tokens, positions, read) -> torch.Tensor:
+    """One forward for all layers: row group g patches site g, the last group is the unpatched baseline."""
     B = corrupted_tokens.shape[0]
     n = len(clean)
-    # One forward for all layers: row group g patches site g, the last group is the unpatched baseline.
     tokens = corrupted_tokens.repeat(n + 1, 1)  # ((n+1)·B, T)
 
     def patcher(group: int, resid: torch.Tensor):
@@ -72,9 +112,7 @@ def patching_effects(
 
     hooks = [(name, patcher(group, resid)) for group, (name, resid) in enumerate(clean.items())]
     logits = model.run_with_hooks(tokens, fwd_hooks=hooks)  # ((n+1)·B, T, V)
-    p = target_probability(logits, clean_tokens.repeat(n + 1, 1)).view(n + 1, B, -1)  # (n+1, B, T-1)
-    weights = targets.float()
-    per_pair = (p * weights).sum(-1) / weights.sum(-1).clamp_min(1)  # (n+1, B)
+    per_pair = read(logits.view(n + 1, B, *logits.shape[1:]))  # (n+1, B)
     return per_pair[:n] - per_pair[n]
 
 
@@ -100,7 +138,8 @@ class PatchingProbe(Probe):
         clean = {name: inputs.acts[name] for name in residual_hooks(inputs.n_layers)}
         vocab = int(inputs.model.W_U.shape[-1])
         corrupted = corrupt_sources(batch, vocab, self.options["seed"])
-        effects = patching_effects(inputs.model, clean, corrupted, batch.tokens, batch.source_mask, batch.copy_mask & batch.loss_mask)
+        effects = patching_effects(inputs.model, clean, corrupted, batch.tokens, batch.source_mask, batch.copy_mask & batch.loss_mask,
+                                   clean_logits=inputs.logits)
         return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]
 
     def _selector_pairs(self, inputs: ProbeInputs) -> list[Measurement]:
@@ -112,5 +151,7 @@ class PatchingProbe(Probe):
         twos = batch.pair_index[ones]  # (P,)
         clean = {name: inputs.acts[name][twos] for name in residual_hooks(inputs.n_layers)}
         targets = batch.first_target_mask[ones] & batch.loss_mask[ones]
-        effects = patching_effects(inputs.model, clean, batch.tokens[ones], batch.tokens[twos], batch.selector_mask[ones], targets)
+        logits = None if inputs.logits is None else inputs.logits[twos]
+        effects = patching_effects(inputs.model, clean, batch.tokens[ones], batch.tokens[twos], batch.selector_mask[ones], targets,
+                                   clean_logits=logits)
         return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]

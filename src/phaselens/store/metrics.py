@@ -103,10 +103,10 @@ class MetricsStore:
         with self._conn:
             self._conn.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?)", (step, probe, reason))
 
-    def clear_failures(self, step: int) -> None:
-        """Forget recorded failures at `step` (it has now been measured)."""
+    def clear_failures(self, steps: Iterable[int]) -> None:
+        """Forget recorded failures at `steps` (they have now been measured)."""
         with self._conn:
-            self._conn.execute("DELETE FROM failures WHERE step = ?", (step,))
+            self._conn.executemany("DELETE FROM failures WHERE step = ?", [(step,) for step in steps])
 
     def failures(self) -> pd.DataFrame:
         return pd.read_sql_query("SELECT step, probe, reason FROM failures ORDER BY step, probe", self._conn)
