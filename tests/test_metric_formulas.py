@@ -8,6 +8,7 @@ normaliser, which variance).
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from phaselens.probes.attention import (
     attention_head_variance,
     attention_specialization,
 )
-from phaselens.probes.base import ProbeInputs
+from phaselens.probes.base import Measurement, Probe, ProbeInputs
 from phaselens.probes.heads import detection_patterns, head_score
 from phaselens.probes.live import Telemetry
 from phaselens.probes.loss import LossProbe, token_losses
@@ -385,12 +386,13 @@ def test_same_seed_gives_the_same_batch():
 # ---------------------------------------------------------------------------- live telemetry
 
 
-def train_with_telemetry(every: int, steps: int):
+def train_with_telemetry(every: int, steps: int, background: bool = False):
     """A user's own loop: returns the telemetry frame and the entropy expected at each step."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layers=2, n_heads=2, d_model=16, d_vocab=11, n_ctx=8))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    telemetry = Telemetry(model, probes=["attention"], store=None, every=every)
+    telemetry = Telemetry(model, probes=["attention"], store=None, every=every, background=background)
+    assert telemetry.in_background == background
     generator = torch.Generator().manual_seed(0)
     expected = {}
     for step in range(steps):
@@ -409,8 +411,11 @@ def train_with_telemetry(every: int, steps: int):
     return frame, expected
 
 
-def test_telemetry_logs_one_entropy_row_per_step_layer_and_head_equal_to_the_formula():
-    frame, expected = train_with_telemetry(every=1, steps=4)
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background-thread"])
+def test_telemetry_logs_one_entropy_row_per_step_layer_and_head_equal_to_the_formula(background):
+    # On the background thread the optimizer updates the weights while the probe reads the
+    # step's activations: the values must still be those of the forward that made them.
+    frame, expected = train_with_telemetry(every=1, steps=4, background=background)
     entropy = frame[(frame.probe == "attention") & (frame.metric == "entropy")]
     assert len(entropy) == 4 * 2 * 2
     assert not entropy.duplicated(["step", "layer", "head"]).any()
@@ -441,10 +446,11 @@ def test_telemetry_with_default_probes_accepts_plain_token_batches():
     assert {"attention", "heads"} <= set(frame.probe)
 
 
-def test_telemetry_head_scores_follow_a_token_buffer_refilled_in_place():
+@pytest.mark.parametrize("background", [False, True], ids=["inline", "background-thread"])
+def test_telemetry_head_scores_follow_a_token_buffer_refilled_in_place(background):
     torch.manual_seed(0)
     model = build_model(ModelConfig(n_layers=2, n_heads=2, d_model=16, d_vocab=11, n_ctx=8))
-    telemetry = Telemetry(model, probes=["heads"], store=None)
+    telemetry = Telemetry(model, probes=["heads"], store=None, background=background)
     buffer = torch.empty(4, 8, dtype=torch.long)  # reused every step, as with pinned-memory loaders
     generator = torch.Generator().manual_seed(0)
     expected = {}
@@ -461,3 +467,50 @@ def test_telemetry_head_scores_follow_a_token_buffer_refilled_in_place():
     induction = frame[frame.metric == "induction"]
     for row in induction.itertuples():
         assert row.value == pytest.approx(expected[row.step][row.layer, row.head].item(), rel=1e-5)
+
+
+class ThreadProbe(Probe):
+    """Records which thread measured it; `fail` makes it raise instead."""
+
+    name = "thread_probe"
+    off_thread = True
+
+    def __init__(self, off_thread: bool = True, fail: bool = False):
+        super().__init__()
+        self.off_thread, self.fail, self.threads = off_thread, fail, []
+
+    def hook_names(self, n_layers: int) -> list[str]:
+        return ["blocks.0.hook_resid_pre"]
+
+    def compute(self, inputs: ProbeInputs) -> list[Measurement]:
+        self.threads.append(threading.current_thread().name)
+        if self.fail:
+            raise ValueError("this probe always fails")
+        return [Measurement("norm", inputs.acts["blocks.0.hook_resid_pre"].norm())]
+
+
+def test_background_telemetry_measures_activation_probes_on_its_thread_and_model_readers_in_the_step():
+    model = build_model(ModelConfig(n_layers=1, n_heads=2, d_model=16, d_vocab=11, n_ctx=8))
+    aside, inline = ThreadProbe(off_thread=True), ThreadProbe(off_thread=False)
+    inline.name = "thread_probe_inline"
+    tokens = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
+    with Telemetry(model, probes=[aside, inline], store=None, background=True) as telemetry:
+        for step in range(3):
+            with telemetry.step(step, tokens):
+                model(tokens)
+        frame = telemetry.dataframe()
+    assert set(aside.threads) == {"phaselens-telemetry"} and len(aside.threads) == 3
+    assert set(inline.threads) == {threading.current_thread().name} and len(inline.threads) == 3
+    assert sorted(frame.step) == [0, 0, 1, 1, 2, 2]
+
+
+def test_an_error_in_background_telemetry_is_raised_in_the_training_thread():
+    model = build_model(ModelConfig(n_layers=1, n_heads=2, d_model=16, d_vocab=11, n_ctx=8))
+    telemetry = Telemetry(model, probes=[ThreadProbe(fail=True)], store=None, background=True)
+    tokens = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
+    with telemetry.step(0, tokens):
+        model(tokens)
+    with pytest.raises(RuntimeError, match="live telemetry failed: ValueError: this probe always fails"):
+        telemetry.flush()
+    telemetry.close()  # the error was reported once; closing still removes the hooks
+    assert not model.blocks[0].hook_resid_pre.fwd_hooks

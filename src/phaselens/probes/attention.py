@@ -117,6 +117,7 @@ class AttentionProbe(Probe):
     """Per-head entropy and coherence, per-layer (and per-head) specialization, per-layer head variance."""
 
     name = "attention"
+    off_thread = True  # reads activations and the batch only
 
     def hook_names(self, n_layers: int) -> list[str]:
         return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]

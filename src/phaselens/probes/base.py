@@ -50,6 +50,9 @@ class Probe:
 
     name: ClassVar[str] = ""
     needs_logits: ClassVar[bool] = False
+    # True when `compute` reads only `inputs.acts`, `inputs.logits` and `inputs.batch`, never the
+    # model: live telemetry may then measure it on a spare core while the optimizer updates the weights.
+    off_thread: ClassVar[bool] = False
     every: int = 1  # live telemetry measures this probe only at steps that are a multiple of it
     options: dict[str, Any]
 
@@ -65,6 +68,10 @@ class Probe:
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         raise NotImplementedError
+
+    def runs_off_thread(self, batch: Any) -> bool:
+        """Whether this probe may be measured on `batch` away from the training thread (see `off_thread`)."""
+        return self.off_thread
 
     def bind_run(self, run_dir: Any) -> None:
         """Read run-level data the probe needs (e.g. token counts) before it measures that run."""

@@ -82,6 +82,7 @@ class GeometryProbe(Probe):
     """
 
     name = "geometry"
+    off_thread = True  # reads activations and the batch only
     needs_logits = True
 
     def __init__(self, beta: float = 1.0, unigram: str | Path | Sequence[float] | torch.Tensor | None = None,

@@ -4,6 +4,8 @@ Hooks keep references to the activations the probes need (no copies: autograd ke
 alive anyway), probes reduce them on the device right after the forward, and the small
 result vectors queue up on the device. Only `flush()` moves them to the CPU, in one
 transfer per layout, and hands rows to the sink, so no step waits on the device or the disk.
+On a CPU with a core to spare, probes that read only activations (`Probe.off_thread`) are
+measured on a background thread while the backward pass and the optimizer run.
 
     telemetry = pl.Telemetry(model, probes=["attention", "heads"], store="metrics.sqlite")
     for step, batch in enumerate(loader):
@@ -16,6 +18,9 @@ transfer per layout, and hands rows to the sink, so no step waits on the device 
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -110,6 +115,61 @@ class ValueQueue:
         self.sink.write(rows)
 
 
+class _Background:
+    """One thread that runs submitted functions in order, so measuring overlaps training.
+
+    At most `depth` submissions wait; a further `submit` blocks until the thread catches up,
+    which bounds the activations held alive. An exception in the thread is raised again in
+    the caller at its next `submit` or `wait`.
+    """
+
+    def __init__(self, depth: int = 4):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="phaselens-telemetry", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn = self._queue.get()
+            try:
+                if fn is None:
+                    return
+                if self._error is None:
+                    fn()
+            except BaseException as exc:  # handed to the training thread
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"live telemetry failed: {type(error).__name__}: {error}") from error
+
+    def submit(self, fn: Any) -> None:
+        self._raise()
+        self._queue.put(fn)
+
+    def wait(self) -> None:
+        self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+
+def _spare_core(model: torch.nn.Module) -> bool:
+    """True when the model computes on the CPU and the process has a core its torch threads leave free."""
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return device.type == "cpu" and cores > torch.get_num_threads()
+
+
 class Telemetry:
     """Live probes for any TransformerLens-hooked model, one `with telemetry.step(...)` per step.
 
@@ -120,6 +180,8 @@ class Telemetry:
         every: measure every `every` steps; other steps cost nothing.
         flush_every: move values to the CPU and the store every this many measured steps.
         source: the `source` column of the rows.
+        background: measure probes that read only activations on a background thread while the
+            step goes on. None (default): when the model is on the CPU and a core is spare.
     """
 
     def __init__(
@@ -130,6 +192,7 @@ class Telemetry:
         every: int = 1,
         flush_every: int = 100,
         source: str = "live",
+        background: bool | None = None,
     ):
         import phaselens.probes  # noqa: F401  (registers the built-in probes)
 
@@ -156,6 +219,8 @@ class Telemetry:
         self.values = ValueQueue(self.sink, source)
         self._handles: list[Any] = []
         self._install_hooks()
+        # With a background thread, every change to `values` happens on it, in submission order.
+        self._background = _Background() if (_spare_core(model) if background is None else background) else None
 
     def _install_hooks(self) -> None:
         names = sorted({n for p in self.probes for n in p.hook_names(self.n_layers)})
@@ -180,6 +245,11 @@ class Telemetry:
 
             self._handles.append(self.model.register_forward_hook(keep_output))
 
+    @property
+    def in_background(self) -> bool:
+        """Whether probes that read only activations are measured on a background thread."""
+        return self._background is not None
+
     def is_due(self, step: int) -> bool:
         return step % self.every == 0
 
@@ -195,8 +265,7 @@ class Telemetry:
         if not self.is_due(step):
             yield
             return
-        self._active, self._logits = True, None
-        self._acts.clear()
+        self._active, self._acts, self._logits = True, {}, None
         try:
             yield
         finally:
@@ -205,36 +274,64 @@ class Telemetry:
 
     def _record(self, step: int, batch: TaskBatch | torch.Tensor, rows: slice | None) -> None:
         batch = TaskBatch.coerce(batch)
-        index = rows if rows is not None else slice(None)
-        # No detach: the probes run in inference mode, and `flatten` detaches what they return.
-        acts = {name: act[index] for name, act in self._acts.items()}
-        logits = self._logits[index] if self._logits is not None else None
-        inputs = ProbeInputs(acts=acts, batch=batch, model=self.model, logits=logits, n_layers=self.n_layers, n_heads=self.n_heads)
+        acts, logits = self._acts, self._logits
+        self._acts, self._logits = {}, None  # the next step's hooks fill new ones
         due = [p for p in self.probes if step % p.every == 0]
-        self.values.log_many(step, run_probes(due, inputs))
-        self._acts.clear()
-        self._logits = None
+        inline = [p for p in due if self._background is None or not p.runs_off_thread(batch)]
+        later = [p for p in due if p not in inline]
+        results = self._measure(inline, acts, logits, batch, rows) if inline else []
+        if later:
+            batch = batch.clone()  # the caller may refill its buffers before the thread reads them
+            self._submit(lambda: self.values.log_many(step, results + self._measure(later, acts, logits, batch, rows)))
+        else:
+            self._submit(lambda: self.values.log_many(step, results))
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
-            self.flush()
+            self._unflushed = 0
+            self._submit(self.values.flush)
+
+    def _measure(self, probes: list[Probe], acts: dict, logits: torch.Tensor | None, batch: TaskBatch, rows: slice | None):
+        index = rows if rows is not None else slice(None)
+        with torch.inference_mode():  # no autograd views of the training graph, on any thread
+            # No detach: `flatten` detaches what the probes return.
+            inputs = ProbeInputs(acts={name: act[index] for name, act in acts.items()}, batch=batch, model=self.model,
+                                 logits=logits[index] if logits is not None else None, n_layers=self.n_layers, n_heads=self.n_heads)
+            return run_probes(probes, inputs)
+
+    def _submit(self, fn: Any) -> None:
+        """Run `fn` now, or on the background thread after what was submitted before it."""
+        if self._background is None:
+            fn()
+        else:
+            self._background.submit(fn)
 
     def log(self, step: int, probe: str, measurements: list[Measurement]) -> None:
         """Queue values computed elsewhere (the training loss, say) under `probe` at `step`."""
-        self.values.log(step, probe, measurements)
+        self._submit(lambda: self.values.log(step, probe, measurements))
 
     def flush(self) -> None:
-        """Move queued values to the CPU (one transfer per layout) and hand the rows to the sink."""
+        """Move queued values to the CPU (one transfer per layout) and hand the rows to the sink.
+
+        Waits for the background thread, so every step recorded so far is in the rows handed on.
+        """
         self._unflushed = 0
-        self.values.flush()
+        self._submit(self.values.flush)
+        if self._background is not None:
+            self._background.wait()
 
     def close(self) -> None:
         """Flush, wait for the writes, and remove the hooks."""
-        self.flush()
-        if hasattr(self.sink, "close"):
-            self.sink.close()
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        try:
+            self.flush()
+        finally:
+            if self._background is not None:
+                self._background.close()
+                self._background = None
+            if hasattr(self.sink, "close"):
+                self.sink.close()
+            for handle in self._handles:
+                handle.remove()
+            self._handles = []
 
     def dataframe(self):
         """Rows recorded in memory (when no store was given) as a DataFrame."""

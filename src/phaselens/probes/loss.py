@@ -54,6 +54,10 @@ class LossProbe(Probe):
 
     name = "loss"
     needs_logits = True
+    off_thread = True
+
+    def runs_off_thread(self, batch: TaskBatch) -> bool:
+        return batch.first_target_mask is None  # the z-shuffled loss runs the model: measure it in step
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         batch = inputs.batch

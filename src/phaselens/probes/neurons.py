@@ -176,6 +176,7 @@ class NeuronsProbe(Probe):
     """
 
     name = "neurons"
+    off_thread = True  # reads activations and the batch only
 
     def bind(self, model: torch.nn.Module) -> None:
         self.template = self.options.get("hook") or default_neuron_hook(model)

@@ -37,6 +37,10 @@ class TaskBatch:
     def to(self, device: torch.device | str) -> "TaskBatch":
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self) if getattr(self, f.name) is not None})
 
+    def clone(self) -> "TaskBatch":
+        """A copy that owns its tensors (a caller may refill the original's buffers in place)."""
+        return replace(self, **{f.name: getattr(self, f.name).clone() for f in fields(self) if getattr(self, f.name) is not None})
+
     def rows(self, index: slice) -> "TaskBatch":
         """The rows in `index`; a pair whose partner falls outside them loses it (-1)."""
         picked = {f.name: getattr(self, f.name)[index] for f in fields(self) if getattr(self, f.name) is not None}

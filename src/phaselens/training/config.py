@@ -52,6 +52,7 @@ class TelemetryConfig:
     flush_every: int = 100
     geometry_every: int = 10  # the `geometry` probe, when listed, measures live every this many steps
     checkpoint_probes: list[str] = field(default_factory=list)  # measured on the probe batch at checkpoints only
+    background: bool = True  # measure on a spare CPU core while the step goes on (when the model is on the CPU and a core is free)
 
 
 @dataclass

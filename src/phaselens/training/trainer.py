@@ -238,7 +238,8 @@ class Trainer:
         for probe in probes:
             probe.bind_run(self.run.path)
         writer = MetricsWriter(self.run.metrics_db)
-        self.telemetry = Telemetry(self.model, probes, store=writer, every=tel.every, flush_every=tel.flush_every)
+        self.telemetry = Telemetry(self.model, probes, store=writer, every=tel.every, flush_every=tel.flush_every,
+                                   background=None if tel.background else False)
         # Checkpoint measurements: the live probes plus those asked for at checkpoints only.
         self.checkpoint_probes = self.telemetry.probes + [
             make_probe(p) for p in tel.checkpoint_probes if p not in tel.probes
