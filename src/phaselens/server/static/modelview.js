@@ -64,6 +64,9 @@ export function drawArchitecture(state, arch, scores, onSelect) {
     for (let head = 0; head < arch.n_heads; head++) nodes.push({ layer, head, label: `H${head}` });
     if (arch.has_mlp) nodes.push({ layer, head: null, label: "MLP" });
     const w = Math.min(44, (width - spine - 30) / nodes.length - 6);
+    // One connector from the backbone to the last node, drawn under the nodes and never clickable:
+    // a node's own line would pass over its left neighbours and take their clicks.
+    el("line", { x1: spine, y1: y, x2: spine + 20 + (nodes.length - 1) * (w + 6), y2: y, stroke: "#bbb", "pointer-events": "none" }, svg);
     nodes.forEach((n, i) => {
       const x = spine + 20 + i * (w + 6);
       const name = n.head === null ? `L${layer}MLP` : `L${layer}H${n.head}`;
@@ -71,7 +74,6 @@ export function drawArchitecture(state, arch, scores, onSelect) {
       const ind = s.induction ?? 0;
       const g = el("g", { class: "node", "data-node": name, "data-layer": layer, "data-head": n.head ?? "",
         "data-induction": s.induction ?? "", "data-prev-token": s.prev_token ?? "" }, svg);
-      el("line", { x1: spine, y1: y, x2: x, y2: y, stroke: "#bbb" }, g);
       const fill = n.head === null ? "#f4e2c7" : `rgba(214, 60, 50, ${0.1 + 0.85 * Math.max(0, Math.min(1, ind))})`;
       el("rect", { x, y: y - 13, width: w, height: 26, rx: 4, fill }, g);
       el("text", { x: x + 5, y: y + 4 }, g).textContent = n.label;
