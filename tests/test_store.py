@@ -108,8 +108,8 @@ def test_close_after_a_write_error_still_stops_the_writer_thread(tmp_path):
     writer.write([(1, "loss", "train", None, None)])  # too few columns for the table
     with pytest.raises(RuntimeError):
         writer.close()
-    writer._thread.join(timeout=1)
-    assert not writer._thread.is_alive()
+    writer._worker.thread.join(timeout=1)
+    assert not writer._worker.thread.is_alive()
 
 
 def test_reader_sees_committed_rows_while_a_writer_holds_uncommitted_ones(store):

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
-import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
+from phaselens.background import OrderedThread
 from phaselens.probes.base import Layout, Measurement, Probe, ProbeInputs, flatten, make_probe
 from phaselens.tasks.batch import TaskBatch
 
@@ -115,51 +114,6 @@ class ValueQueue:
         self.sink.write(rows)
 
 
-class _Background:
-    """One thread that runs submitted functions in order, so measuring overlaps training.
-
-    At most `depth` submissions wait; a further `submit` blocks until the thread catches up,
-    which bounds the activations held alive. An exception in the thread is raised again in
-    the caller at its next `submit` or `wait`.
-    """
-
-    def __init__(self, depth: int = 4):
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="phaselens-telemetry", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            fn = self._queue.get()
-            try:
-                if fn is None:
-                    return
-                if self._error is None:
-                    fn()
-            except BaseException as exc:  # handed to the training thread
-                self._error = exc
-            finally:
-                self._queue.task_done()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise RuntimeError(f"live telemetry failed: {type(error).__name__}: {error}") from error
-
-    def submit(self, fn: Any) -> None:
-        self._raise()
-        self._queue.put(fn)
-
-    def wait(self) -> None:
-        self._queue.join()
-        self._raise()
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-
 def _spare_core(model: torch.nn.Module) -> bool:
     """True when the model computes on the CPU and the process has a core its torch threads leave free."""
     try:
@@ -220,7 +174,8 @@ class Telemetry:
         self._handles: list[Any] = []
         self._install_hooks()
         # With a background thread, every change to `values` happens on it, in submission order.
-        self._background = _Background() if (_spare_core(model) if background is None else background) else None
+        use_thread = _spare_core(model) if background is None else background
+        self._background = OrderedThread("phaselens-telemetry", "live telemetry", depth=4) if use_thread else None
 
     def _install_hooks(self) -> None:
         names = sorted({n for p in self.probes for n in p.hook_names(self.n_layers)})

@@ -6,13 +6,13 @@ arrive as plain Python tuples. `MetricsWriter` moves the writes off the training
 
 from __future__ import annotations
 
-import queue
 import sqlite3
-import threading
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import pandas as pd
+
+from phaselens.background import OrderedThread
 
 COLUMNS = ["step", "probe", "metric", "layer", "head", "value", "source"]
 Row = tuple  # (step, probe, metric, layer | None, head | None, value, source)
@@ -120,43 +120,32 @@ class MetricsWriter:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self._queue: queue.Queue[Sequence[Row] | None] = queue.Queue()
-        self._error: BaseException | None = None
         MetricsStore(self.path).close()  # create the schema before training starts
-        self._thread = threading.Thread(target=self._run, name="phaselens-metrics-writer", daemon=True)
-        self._thread.start()
+        self._store: MetricsStore | None = None  # opened on the writer thread (SQLite connections stay on theirs)
+        self._worker = OrderedThread("phaselens-metrics-writer", f"writing {self.path}")
 
-    def _run(self) -> None:
-        store = MetricsStore(self.path)
-        try:
-            while True:
-                rows = self._queue.get()
-                try:
-                    if rows is None:
-                        return
-                    if self._error is None:
-                        store.write(rows)
-                except BaseException as exc:  # surfaced to the training thread on flush()
-                    self._error = exc
-                finally:
-                    self._queue.task_done()
-        finally:
-            store.close()
+    def _write(self, rows: list[Row]) -> None:
+        if self._store is None:
+            self._store = MetricsStore(self.path)
+        self._store.write(rows)
+
+    def _close_store(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
 
     def write(self, rows: Sequence[Row]) -> None:
         if rows:
-            self._queue.put(list(rows))
+            rows = list(rows)
+            self._worker.submit(lambda: self._write(rows))
 
     def flush(self) -> None:
         """Block until every queued row is on disk; re-raise a write error from the thread."""
-        self._queue.join()
-        if self._error is not None:
-            raise RuntimeError(f"writing {self.path} failed: {self._error}") from self._error
+        self._worker.wait()
 
     def close(self) -> None:
         """Write what is queued and stop the thread (re-raising a write error after it stopped)."""
         try:
             self.flush()
         finally:
-            self._queue.put(None)
-            self._thread.join()
+            self._worker.close(cleanup=self._close_store)
