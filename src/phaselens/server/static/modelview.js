@@ -120,6 +120,7 @@ export async function drawHead(state) {
   const node = state.selected;
   const panel = document.getElementById("head-panel");
   panel.hidden = !node;
+  document.getElementById("select-hint").hidden = !!node;
   if (!node) return;
   document.getElementById("head-title").textContent = node.head === null ? `Layer ${node.layer} MLP` : `Head L${node.layer}H${node.head}`;
   for (const id of ["attention-plot", "head-scores-plot", "qk-plot", "ov-plot"]) document.getElementById(id).hidden = node.head === null;
