@@ -1,7 +1,8 @@
-"""Where checkpoint tasks run: in this process, in local worker processes, or on Ray.
+"""Where independent tasks run: in this process, in local worker processes, or on Ray.
 
-A backend takes (run path, [(step, probes)]) and yields `TaskResult`s as they finish; it
-never touches the store.
+A backend maps a function over argument tuples and yields the results as they finish, so
+probe sweeps (a task per checkpoint) and training sweeps (a task per run) share it. Every
+worker computes with one torch thread: N workers share N cores without thrashing.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Iterator, Sequence
 
 from phaselens.errors import PhaselensError
-from phaselens.posthoc.runner import TaskResult, measure_checkpoint
-
-Tasks = list[tuple[int, list[str]]]
 
 
 def _one_thread() -> None:
-    """Worker initialiser: one torch thread per process, so N workers share N cores without thrashing."""
+    """Worker initialiser: one torch thread per process."""
     import torch
 
     torch.set_num_threads(1)
@@ -32,16 +30,20 @@ def _context():
     return multiprocessing.get_context("spawn")
 
 
-def local(run_path: str, tasks: Tasks, workers: int = 1, address: str | None = None) -> Iterator[TaskResult]:
-    """Sequential in this process (workers <= 1), or a pool of `workers` spawned processes."""
+def local_map(function: Callable[..., Any], calls: Sequence[tuple], workers: int = 1, address: str | None = None) -> Iterator[Any]:
+    """`function(*args)` for each of `calls`: in order in this process (workers <= 1), or in a pool of `workers` processes."""
     if workers <= 1:
-        for step, probes in tasks:
-            yield measure_checkpoint(run_path, step, probes)
+        for args in calls:
+            yield function(*args)
         return
     with ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_one_thread) as pool:
-        futures = [pool.submit(measure_checkpoint, run_path, step, probes) for step, probes in tasks]
-        for future in as_completed(futures):
+        for future in as_completed([pool.submit(function, *args) for args in calls]):
             yield future.result()
+
+
+def _one_thread_call(function: Callable[..., Any], *args: Any) -> Any:
+    _one_thread()
+    return function(*args)
 
 
 def ray_map(function: Callable[..., Any], calls: Sequence[tuple], workers: int = 1, address: str | None = None) -> Iterator[Any]:
@@ -61,8 +63,8 @@ def ray_map(function: Callable[..., Any], calls: Sequence[tuple], workers: int =
             ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
         started = True
     try:
-        remote = ray.remote(num_cpus=1)(function)
-        pending = [remote.remote(*args) for args in calls]
+        remote = ray.remote(num_cpus=1)(_one_thread_call)
+        pending = [remote.remote(function, *args) for args in calls]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])
@@ -71,20 +73,11 @@ def ray_map(function: Callable[..., Any], calls: Sequence[tuple], workers: int =
             ray.shutdown()
 
 
-def ray_backend(run_path: str, tasks: Tasks, workers: int = 1, address: str | None = None) -> Iterator[TaskResult]:
-    """One Ray task per checkpoint; connects to `address` or starts a local cluster of `workers` CPUs."""
-    yield from ray_map(_ray_measure, [(run_path, step, probes) for step, probes in tasks], workers, address)
+BACKENDS: dict[str, Callable[..., Iterator[Any]]] = {"local": local_map, "ray": ray_map}
 
 
-def _ray_measure(run_path: str, step: int, probes: list[str]) -> TaskResult:
-    _one_thread()
-    return measure_checkpoint(run_path, step, probes)
-
-
-BACKENDS: dict[str, Callable[..., Iterator[TaskResult]]] = {"local": local, "ray": ray_backend}
-
-
-def get_backend(name: str) -> Callable[..., Iterator[TaskResult]]:
+def get_backend(name: str) -> Callable[..., Iterator[Any]]:
+    """The map function of backend `name` ("local" or "ray")."""
     if name not in BACKENDS:
         raise PhaselensError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return BACKENDS[name]

@@ -239,7 +239,8 @@ def run_probes(
 
     try:
         with progress_bar(f"probe {run_dir.path.name}", len(tasks), unit="checkpoints", enabled=progress) as update:
-            results: Iterator[TaskResult] = execute(str(run_dir.path), tasks, workers=workers, address=address) if tasks else iter(())
+            calls = [(str(run_dir.path), step, probes) for step, probes in tasks]
+            results: Iterator[TaskResult] = execute(measure_checkpoint, calls, workers=workers, address=address) if calls else iter(())
             for result in results:
                 if result.error:
                     failures.append((result.step, result.error))

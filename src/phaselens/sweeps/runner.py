@@ -14,9 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
-from phaselens.errors import ConfigError, PhaselensError
+from phaselens.errors import ConfigError
 from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
 from phaselens.store.run_dir import RunDir
@@ -75,40 +74,6 @@ def train_point(preset: str, overrides: list[str], path: str) -> PointResult:
         return PointResult(name, path, "failed", f"{type(exc).__name__}: {exc}", time.perf_counter() - began)
 
 
-Task = tuple[str, list[str], str]  # (preset, overrides, run path)
-
-
-def _local(tasks: list[Task], workers: int = 1, address: str | None = None) -> Iterator[PointResult]:
-    if workers <= 1:
-        for task in tasks:
-            yield train_point(*task)
-        return
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    from phaselens.posthoc.backends import _context, _one_thread
-
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_one_thread) as pool:
-        for future in as_completed([pool.submit(train_point, *task) for task in tasks]):
-            yield future.result()
-
-
-def _ray(tasks: list[Task], workers: int = 1, address: str | None = None) -> Iterator[PointResult]:
-    """One Ray task per run (one CPU each); a local cluster of `workers` CPUs unless `address` is given."""
-    from phaselens.posthoc.backends import ray_map
-
-    yield from ray_map(_ray_train_point, tasks, workers, address)
-
-
-def _ray_train_point(preset: str, overrides: list[str], path: str) -> PointResult:
-    import torch
-
-    torch.set_num_threads(1)
-    return train_point(preset, overrides, path)
-
-
-BACKENDS: dict[str, Callable[..., Iterator[PointResult]]] = {"local": _local, "ray": _ray}
-
-
 def plan_sweep(preset: str, axes: list[str], fixed: list[str] | None = None) -> list[tuple[str, list[str]]]:
     """(run name, overrides) per grid point; every point's config is validated before anything trains."""
     from phaselens.training.config import load_config
@@ -144,8 +109,9 @@ def run_sweep(
         workers: local processes, or the CPUs of a local Ray cluster.
         address: a Ray cluster to join (it must see `out`).
     """
-    if backend not in BACKENDS:
-        raise PhaselensError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from phaselens.posthoc.backends import get_backend
+
+    execute = get_backend(backend)
     began = time.time()
     out = Path(out)
     points = plan_sweep(preset, axes, fixed)
@@ -155,7 +121,7 @@ def run_sweep(
     tasks = [(preset, overrides, str((out / name).resolve())) for name, overrides in points]
     result = SweepResult(out)
     with progress_bar(f"sweep {out.name}", len(tasks), unit="runs", enabled=progress) as update:
-        for point in BACKENDS[backend](tasks, workers=workers, address=address):
+        for point in execute(train_point, tasks, workers=workers, address=address):
             result.points.append(point)
             update(advance=1)
     result.points.sort(key=lambda p: [name for name, _ in points].index(p.name))
