@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -28,6 +26,8 @@ from phaselens.probes.measure import measure_cache
 from phaselens.store.metrics import MetricsStore
 from phaselens.training.config import load_config
 from phaselens.training.trainer import Trainer
+
+from interleaved import block_ratio, ms_per_step, time_blocks  # beside this script
 
 PROBES = ["attention", "heads", "loss"]
 
@@ -57,34 +57,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="steps per mode")
     parser.add_argument("--block", type=int, default=50, help="steps per interleaved block")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the demo preset uses 1)")
-    parser.add_argument("override", nargs="*", help="config overrides for all three, e.g. telemetry.rows=4")
+    parser.add_argument("override", nargs="*", help="config overrides for every mode, e.g. telemetry.rows=4")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         trainers = {mode: make_trainer(root, mode, args.steps, args.override) for mode in ("off", "live", "inline", "naive")}
         naive_store = MetricsStore(root / "naive.sqlite")
-        times: dict[str, list[float]] = {mode: [] for mode in trainers}
-        for start in range(0, args.steps, args.block):
-            for mode, trainer in trainers.items():
-                began = time.perf_counter()
-                for step in range(start, min(args.steps, start + args.block)):
-                    if mode == "naive":
-                        naive_step(trainer, naive_store, step)
-                    else:
-                        trainer.step(step)
-                trainer.telemetry.flush()
-                times[mode].append(time.perf_counter() - began)
+        steppers = {mode: trainer.step for mode, trainer in trainers.items()}
+        steppers["naive"] = lambda step: naive_step(trainers["naive"], naive_store, step)
+        times = time_blocks(steppers, {mode: trainer.telemetry.flush for mode, trainer in trainers.items()}, args.steps, args.block)
         rows = trainers["live"].config.telemetry.rows
         background = trainers["live"].telemetry.in_background
         for trainer in trainers.values():
             trainer.telemetry.close()
         naive_store.close()
-    # Per-block ratios, so a slow patch of the machine hits all modes alike.
-    ratio = statistics.median(l / o for l, o in zip(times["live"], times["off"]))
-    inline_ratio = statistics.median(n / o for n, o in zip(times["inline"], times["off"]))
-    naive_ratio = statistics.median(n / o for n, o in zip(times["naive"], times["off"]))
-    ms = {mode: 1000 * sum(t) / args.steps for mode, t in times.items()}
+    ratio, inline_ratio, naive_ratio = (block_ratio(times, mode) for mode in ("live", "inline", "naive"))
+    ms = ms_per_step(times, args.steps)
     print(f"ms/step  off {ms['off']:.2f}  live {ms['live']:.2f}  inline {ms['inline']:.2f}  naive {ms['naive']:.2f}")
     print(f"live telemetry costs {100 * (ratio - 1):+.1f}% per step ({100 * (inline_ratio - 1):+.1f}% measured in the training thread);"
           f" the naive way {100 * (naive_ratio - 1):+.1f}%")

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from phaselens.training.config import load_config
 from phaselens.training.trainer import Trainer
+
+from interleaved import block_ratio, ms_per_step, time_blocks  # beside this script
 
 MODES = {"off": ["telemetry.probes=[]"], "preset": ["telemetry.every=10"], "every": ["telemetry.every=1"]}
 
@@ -40,24 +40,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="steps per mode")
     parser.add_argument("--block", type=int, default=50, help="steps per interleaved block")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the preset uses 1)")
-    parser.add_argument("override", nargs="*", help="config overrides for all three, e.g. telemetry.rows=8")
+    parser.add_argument("override", nargs="*", help="config overrides for every mode, e.g. telemetry.rows=8")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {mode: make_trainer(Path(tmp), mode, args.steps, args.override) for mode in MODES}
-        times: dict[str, list[float]] = {mode: [] for mode in trainers}
-        for start in range(0, args.steps, args.block):
-            for mode, trainer in trainers.items():
-                began = time.perf_counter()
-                for step in range(start, min(args.steps, start + args.block)):
-                    trainer.step(step)
-                trainer.telemetry.flush()
-                times[mode].append(time.perf_counter() - began)
+        times = time_blocks({mode: trainer.step for mode, trainer in trainers.items()},
+                            {mode: trainer.telemetry.flush for mode, trainer in trainers.items()}, args.steps, args.block)
         for trainer in trainers.values():
             trainer.telemetry.close()
-    # Per-block ratios, so a slow patch of the machine hits all modes alike.
-    ratios = {mode: statistics.median(t / o for t, o in zip(times[mode], times["off"])) for mode in ("preset", "every")}
-    ms = {mode: 1000 * sum(t) / args.steps for mode, t in times.items()}
+    ratios = {mode: block_ratio(times, mode) for mode in ("preset", "every")}
+    ms = ms_per_step(times, args.steps)
     print("ms/step  " + "  ".join(f"{mode} {value:.2f}" for mode, value in ms.items()))
     print(f"loss probe with z_shuffled every 10 steps: {100 * (ratios['preset'] - 1):+.1f}% per step; "
           f"every step: {100 * (ratios['every'] - 1):+.1f}%")
