@@ -18,6 +18,7 @@ import torch
 from phaselens.errors import CheckpointError
 from phaselens.models.bdh import BDH
 from phaselens.models.bdh_config import BDHConfig
+from phaselens.training.checkpoints import state_dict_problems
 
 STATE_KEYS = ("model", "state_dict", "model_state_dict")
 CONFIG_KEYS = ("config", "model_config", "model_args")
@@ -88,20 +89,9 @@ def load_bdh_checkpoint(path: Path | str, device: str | torch.device | None = No
     cfg = config_from(state, config, path)
     model = BDH(cfg)
     state = {k: v for k, v in state.items() if k not in DERIVED}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if shapes:
-            problems.append("shape mismatch " + "; ".join(shapes))
-        raise CheckpointError(f"{path} does not match a BDH model with {cfg}: " + ", ".join(problems))
+    problems = state_dict_problems(model, state)
+    if problems:
+        raise CheckpointError(f"{path} does not match a BDH model with {cfg}: {problems}")
     model.load_state_dict(state)
     model.eval()
     return model.to(device) if device else model

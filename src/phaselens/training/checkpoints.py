@@ -84,27 +84,35 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is corrupt or truncated ({exc}); delete it or resume from an earlier step") from exc
 
 
+def state_dict_problems(model: torch.nn.Module, state: dict[str, torch.Tensor], show: int = 5) -> str:
+    """How `state` fails to fit `model`: missing and unexpected keys, shape mismatches (at most `show` of each);
+    "" when it fits."""
+
+    def first(items: list[str]) -> str:
+        return f"{items[:show]}{' ...' if len(items) > show else ''}"
+
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {first(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {first(unexpected)}")
+    if shapes:
+        problems.append("shape mismatch " + "; ".join(shapes[:show]))
+    return ", ".join(problems)
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load `path/model.safetensors` into `model`, refusing missing, unexpected or mis-shaped tensors."""
     file = Path(path) / "model.safetensors"
     weights = _load_tensors(file)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    shapes = [
-        f"{k}: checkpoint {tuple(weights[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in weights and weights[k].shape != v.shape
-    ]
-    if missing or unexpected or shapes:
-        problems = []
-        if missing:
-            problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            problems.append(f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
-        if shapes:
-            problems.append("shape mismatch " + "; ".join(shapes[:5]))
-        raise CheckpointError(f"{file} does not match the model: " + ", ".join(problems))
+    problems = state_dict_problems(model, weights)
+    if problems:
+        raise CheckpointError(f"{file} does not match the model: {problems}")
     model.load_state_dict(weights)
 
 
