@@ -111,7 +111,6 @@ export async function runText(state) {
   const result = await post("/api/model/loss", { ...modelRef(state), text: state.text });
   if (!current()) return result;
   document.getElementById("ablate-result").textContent = "–";
-  state.lastLoss = result;
   await drawLoss(state, result, null);
   return result;
 }
