@@ -21,11 +21,10 @@ from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
 from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir
+from phaselens.tasks.config import DEFAULT_PROBES
 
 SOURCE = "checkpoint"
 COMMIT_SECONDS = 1.0  # how often a sweep commits the rows measured so far
-DEFAULT_PROBES = ("attention", "heads", "loss", "logit_lens", "attention_to", "patching")
-TASK_PROBES = {"bz_to_a": ("random_z",), "az_to_b": ("random_z",)}  # added to the default set for runs of these tasks
 
 
 @dataclass
@@ -148,10 +147,10 @@ def resolve_probes(names: Sequence[str] | None, task: str | None = None) -> list
 
     registered = probe_names()
     task_class = task_config_class(task) if task else None
-    inapplicable: dict[str, str] = getattr(task_class, "inapplicable_probes", {})
+    inapplicable = task_class.inapplicable_probes if task_class else {}
     if not names:
-        defaults = getattr(task_class, "default_probes", DEFAULT_PROBES)
-        return [p for p in (*defaults, *TASK_PROBES.get(task, ())) if p in registered]
+        defaults = task_class.default_probes_for(task) if task_class else DEFAULT_PROBES
+        return [p for p in defaults if p in registered]
     unknown = [n for n in names if n not in registered]
     if unknown:
         raise ConfigError(f"unknown probe(s) {unknown}; registered probes: {', '.join(registered)}")

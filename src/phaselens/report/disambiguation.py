@@ -13,6 +13,7 @@ from phaselens.analysis.disambiguation import DIAGNOSTICS, Alignment, summarize_
 from phaselens.report import StudyReport, figures_section, register_study
 from phaselens.report.figures import Figure, _mark_transition, _per_head, _per_layer, _save, _series, head_label, stream_label
 from phaselens.run import Run
+from phaselens.tasks.disambiguation_config import VARIANTS
 
 LOSS_STYLES = {
     "train": dict(color="0.6", lw=0.6, alpha=0.6, label="train (batch, all targets)"),
@@ -23,7 +24,7 @@ LOSS_STYLES = {
 TAU_COLOR = "#2a7a2a"
 
 
-@register_study("bz_to_a", "az_to_b", "b_to_a", "a_to_b")
+@register_study(*VARIANTS)
 def disambiguation_study(run: Run, out: Path) -> StudyReport:
     summary = summarize_disambiguation(run)
     metrics = run.metrics()

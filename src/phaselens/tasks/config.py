@@ -8,7 +8,7 @@ returns the task object, whose `sample(n, generator, split)` draws a `TaskBatch`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from phaselens.errors import ConfigError
 
@@ -46,6 +46,9 @@ def _load_builtin() -> None:
     import phaselens.tasks.text_config  # noqa: F401
 
 
+DEFAULT_PROBES = ("attention", "heads", "loss", "logit_lens", "attention_to", "patching")
+
+
 @dataclass
 class DataConfig:
     """Options every task has. Subclasses add their own and implement `build`."""
@@ -53,6 +56,16 @@ class DataConfig:
     task: str = "induction"
     probe_size: int = 64  # fixed probe batch, measured at every checkpoint (during training and post-hoc)
     eval_size: int = 128  # fixed held-out batch for the periodic eval loss
+
+    # Post-hoc probes: what `phaselens probe` measures by default, and the probes this task's
+    # batches cannot feed (name -> why), refused by name when asked for.
+    default_probes: ClassVar[tuple[str, ...]] = DEFAULT_PROBES
+    inapplicable_probes: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def default_probes_for(cls, task: str) -> tuple[str, ...]:
+        """The default post-hoc probes of variant `task` (a class may serve several)."""
+        return cls.default_probes
 
     @classmethod
     def resolve(cls, raw: dict[str, Any]) -> type["DataConfig"]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from phaselens.tasks.batch import TaskBatch
-from phaselens.tasks.disambiguation_config import ALPHABET, BOS, EOS, SEP, DisambiguationData
+from phaselens.tasks.disambiguation_config import ALPHABET, BOS, EOS, SELECTOR_VARIANTS, SEP, DisambiguationData
 
 N_CHARS = len(ALPHABET)
 
@@ -78,7 +78,7 @@ class DisambiguationTask:
 
     @property
     def has_selector(self) -> bool:
-        return self.name in ("bz_to_a", "az_to_b")
+        return self.name in SELECTOR_VARIANTS
 
     def _split(self, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Example ids for training and for the held-out eval/probe set (empty: probe on training data)."""

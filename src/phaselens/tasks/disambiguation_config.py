@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from phaselens.errors import ConfigError
-from phaselens.tasks.config import DataConfig, register_task
+from phaselens.tasks.config import DEFAULT_PROBES, DataConfig, register_task
 
 VARIANTS = ("bz_to_a", "az_to_b", "b_to_a", "a_to_b")
+SELECTOR_VARIANTS = ("bz_to_a", "az_to_b")  # the variants with a selector z
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # 36 characters, token ids 0..35
 PAD, BOS, EOS, SEP = 36, 37, 38, 39
 VOCAB = 40
@@ -40,6 +41,11 @@ class DisambiguationData(DataConfig):
     split_by_base: bool = False  # hold out whole bases instead of single examples
     seed: int = 0  # draws the dataset (bases, selectors, targets) once, so every split sees the same one
 
+    @classmethod
+    def default_probes_for(cls, task: str) -> tuple[str, ...]:
+        """With a selector, also `random_z`: how much the first target depends on z."""
+        return (*DEFAULT_PROBES, "random_z") if task in SELECTOR_VARIANTS else DEFAULT_PROBES
+
     def build(self, model: Any):
         from phaselens.tasks.disambiguation import DisambiguationTask
 
@@ -48,7 +54,7 @@ class DisambiguationData(DataConfig):
     def seq_len(self) -> int:
         """Tokens per sequence: BOS, input, SEP, [z, SEP,] output, EOS."""
         inner = self.b_len + self.a_len + 3
-        return inner + (self.z_len + 1 if self.task in ("bz_to_a", "az_to_b") else 0)
+        return inner + (self.z_len + 1 if self.task in SELECTOR_VARIANTS else 0)
 
     def validate(self, model: Any) -> None:
         """Refuse impossible options before anything is drawn (the message names the key)."""
