@@ -55,7 +55,7 @@ class SweepResult:
 
 # ---------------------------------------------------------------------------- worker side
 
-_WORKER_CACHE: dict[str, Any] = {}
+_WORKER_CACHE: dict[Any, Any] = {}  # per worker process: run state, and probes by run and names
 
 
 def _worker_state(run_path: str):
@@ -86,6 +86,21 @@ def _checkpoint_model(run_path: str, step: int):
     return model
 
 
+def _worker_probes(run_path: str, probe_names: Sequence[str], options: dict | None) -> list:
+    """The probes, made and bound to the run once per worker, so what they cache (the heads probe's
+    detection patterns of the fixed probe batch, the geometry probe's token counts) serves every checkpoint."""
+    from phaselens.probes.base import make_probe
+
+    key = ("probes", run_path, tuple(probe_names), json.dumps(options or {}, sort_keys=True))
+    probes = _WORKER_CACHE.get(key)
+    if probes is None:
+        probes = [make_probe(name, **(options or {}).get(name, {})) for name in probe_names]
+        for probe in probes:
+            probe.bind_run(run_path)
+        _WORKER_CACHE[key] = probes
+    return probes
+
+
 def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], options: dict | None = None) -> TaskResult:
     """Measure `probe_names` on checkpoint `step` of the run at `run_path` (runs in a worker)."""
     began = time.perf_counter()
@@ -94,7 +109,7 @@ def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], opt
     try:
         import phaselens.probes  # noqa: F401  (registers the built-in probes)
         from phaselens.errors import CheckpointError
-        from phaselens.probes.base import make_probe, to_rows
+        from phaselens.probes.base import to_rows
         from phaselens.probes.measure import measure_model
 
         _, batch, _ = _worker_state(run_path)
@@ -103,9 +118,7 @@ def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], opt
         except CheckpointError as exc:
             result.error = str(exc)
             return result
-        probes = [make_probe(name, **(options or {}).get(name, {})) for name in probe_names]
-        for probe in probes:
-            probe.bind_run(run_path)
+        probes = _worker_probes(run_path, probe_names, options)
         result.rows = to_rows(step, SOURCE, measure_model(model, batch, probes, artifacts=result.artifacts))
     except Exception as exc:  # a sweep records the failure and goes on
         result.error = f"{type(exc).__name__}: {exc}"
