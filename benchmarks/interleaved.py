@@ -6,9 +6,24 @@ hits every mode alike, and ratios are taken per block before the median.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from typing import Callable
+
+
+def parse_args(description: str, steps: int) -> argparse.Namespace:
+    """--steps, --block, --threads and config overrides for every mode; sets torch's thread count."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps, help="steps per mode")
+    parser.add_argument("--block", type=int, default=50, help="steps per interleaved block")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the presets use 1)")
+    parser.add_argument("override", nargs="*", help="config overrides for every mode, e.g. telemetry.rows=4")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
 
 
 def time_blocks(steppers: dict[str, Callable[[int], object]], finish_block: dict[str, Callable[[], object]],

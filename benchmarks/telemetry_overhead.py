@@ -15,7 +15,6 @@ The last line is JSON: ratio = live/off, inline_ratio = inline/off, naive_ratio 
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from phaselens.store.metrics import MetricsStore
 from phaselens.training.config import load_config
 from phaselens.training.trainer import Trainer
 
-from interleaved import block_ratio, ms_per_step, time_blocks  # beside this script
+from interleaved import block_ratio, ms_per_step, parse_args, time_blocks  # beside this script
 
 PROBES = ["attention", "heads", "loss"]
 
@@ -53,13 +52,7 @@ def naive_step(trainer: Trainer, store: MetricsStore, step: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=600, help="steps per mode")
-    parser.add_argument("--block", type=int, default=50, help="steps per interleaved block")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the demo preset uses 1)")
-    parser.add_argument("override", nargs="*", help="config overrides for every mode, e.g. telemetry.rows=4")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__.splitlines()[0], steps=600)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         trainers = {mode: make_trainer(root, mode, args.steps, args.override) for mode in ("off", "live", "inline", "naive")}

@@ -12,7 +12,6 @@ measured step. The last line is JSON: ratios of time per step against `off`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from phaselens.training.config import load_config
 from phaselens.training.trainer import Trainer
 
-from interleaved import block_ratio, ms_per_step, time_blocks  # beside this script
+from interleaved import block_ratio, ms_per_step, parse_args, time_blocks  # beside this script
 
 MODES = {"off": ["telemetry.probes=[]"], "preset": ["telemetry.every=10"], "every": ["telemetry.every=1"]}
 
@@ -36,13 +35,7 @@ def make_trainer(root: Path, mode: str, steps: int, extra: list[str]) -> Trainer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="steps per mode")
-    parser.add_argument("--block", type=int, default=50, help="steps per interleaved block")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the preset uses 1)")
-    parser.add_argument("override", nargs="*", help="config overrides for every mode, e.g. telemetry.rows=8")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__.splitlines()[0], steps=400)
     with tempfile.TemporaryDirectory() as tmp:
         trainers = {mode: make_trainer(Path(tmp), mode, args.steps, args.override) for mode in MODES}
         times = time_blocks({mode: trainer.step for mode, trainer in trainers.items()},
