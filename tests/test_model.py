@@ -72,3 +72,41 @@ def test_model_without_layernorm_and_too_long_input():
     assert model(torch.randint(0, 64, (1, 8))).shape == (1, 8, 64)
     with pytest.raises(ValueError, match="n_ctx=8"):
         model(torch.randint(0, 64, (1, 9)))
+
+
+def test_last_block_at_chosen_positions_equals_the_full_forward_there(mlp_model):
+    # a different number of positions per sequence, one sequence with none, out of order, one twice
+    tokens = torch.randint(0, 17, (4, 12), generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([2, 0, 0, 3, 0, 2, 0])
+    cols = torch.tensor([11, 5, 0, 7, 9, 3, 5])
+    with torch.no_grad():
+        full = mlp_model(tokens)
+        streams = mlp_model.residual_streams(tokens)
+        assert len(streams) == 3 and len(mlp_model.residual_streams(tokens, n_blocks=1)) == 2
+        for layer in range(3):
+            picked = mlp_model.forward_from(streams[layer], layer, at=(rows, cols))
+            torch.testing.assert_close(picked, full[rows, cols], atol=1e-5, rtol=0)
+        last = mlp_model.blocks[1].forward_at(streams[1], rows, cols)
+        torch.testing.assert_close(last, streams[2][rows, cols], atol=1e-5, rtol=0)
+
+
+def test_last_block_at_chosen_positions_runs_the_whole_block_for_a_hook(mlp_model):
+    tokens = torch.randint(0, 17, (2, 12))
+    rows, cols = torch.tensor([0, 1]), torch.tensor([4, 6])
+    seen = []
+
+    def zero_head(z, hook):
+        seen.append(tuple(z.shape))
+        z[:, :, 1] = 0.0
+        return z
+
+    with torch.no_grad():
+        ablated = mlp_model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])
+        entering = mlp_model.residual_streams(tokens)[1]
+        mlp_model.blocks[1].attn.hook_z.add_hook(zero_head)
+        try:
+            picked = mlp_model.forward_from(entering, 1, at=(rows, cols))
+        finally:
+            mlp_model.reset_hooks()
+    assert seen == [(2, 12, 4, 8), (2, 12, 4, 8)]  # the hook saw whole sequences both times
+    torch.testing.assert_close(picked, ablated[rows, cols], atol=1e-5, rtol=0)

@@ -84,14 +84,45 @@ class Attention(nn.Module):
         training always takes the explicit path, so its numbers never depend on telemetry settings."""
         return not (torch.is_grad_enabled() or self.hook_attn_scores._forward_hooks or self.hook_pattern._forward_hooks)
 
+    def _project(self, x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor]) -> torch.Tensor:
+        """x (..., d_model) through several (H, d_model, d_head) projections in one matmul: (..., n, H, d_head)."""
+        H, d, dh = self.W_Q.shape
+        w = torch.cat(weights, 0).permute(1, 0, 2).reshape(d, len(weights) * H * dh)
+        b = torch.cat(biases, 0).reshape(len(weights) * H * dh)
+        return torch.addmm(b, x.reshape(-1, d), w).view(*x.shape[:-1], len(weights), H, dh)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values: (B, T, d_model) -> each (B, T, H, d_head)."""
+        # One fused matmul for q, k, v keeps training close to plain-PyTorch speed.
+        q, k, v = self._project(x, [self.W_Q, self.W_K, self.W_V], [self.b_Q, self.b_K, self.b_V]).unbind(-3)
+        return self.hook_q(q), self.hook_k(k), self.hook_v(v)
+
+    def _out(self, z: torch.Tensor) -> torch.Tensor:
+        """The attention output from the heads' mixed values: (..., H, d_head) -> (..., d_model)."""
+        H, dh, d = self.W_O.shape
+        return torch.addmm(self.b_O, z.reshape(-1, H * dh), self.W_O.reshape(H * dh, d)).view(*z.shape[:-2], d)
+
+    def forward_at(self, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The output at positions (rows, cols) only, every position still a key: (N, d_model).
+
+        Queries are gathered per sequence into a padded (B, S) grid, S the most positions any one
+        sequence asks for, so attention costs S/T of the full computation. No hook point fires:
+        the caller makes sure none is hooked (`Block.forward_at`).
+        """
+        B, T, _ = x.shape
+        k, v = self._project(x, [self.W_K, self.W_V], [self.b_K, self.b_V]).unbind(-3)  # each (B, T, H, dh)
+        slot, width = _slots(rows, B)
+        index = cols.new_zeros(B, width)
+        index[rows, slot] = cols  # padding slots query position 0, and are dropped below
+        picked = self._project(x[torch.arange(B, device=x.device)[:, None], index], [self.W_Q], [self.b_Q])[..., 0, :, :]  # (B, S, H, dh)
+        allowed = torch.arange(T, device=x.device) <= index[..., None]  # (B, S, T): causal, per query
+        z = F.scaled_dot_product_attention(picked.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None])
+        return self._out(z.transpose(1, 2)[rows, slot])  # (N, d)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, d = x.shape
         H, dh = self.W_Q.shape[0], self.W_Q.shape[2]
-        # One fused matmul for q, k, v keeps training close to plain-PyTorch speed.
-        w_qkv = torch.cat([self.W_Q, self.W_K, self.W_V], 0).permute(1, 0, 2).reshape(d, 3 * H * dh)
-        b_qkv = torch.cat([self.b_Q, self.b_K, self.b_V], 0).reshape(3 * H * dh)
-        q, k, v = (x @ w_qkv + b_qkv).view(B, T, 3, H, dh).unbind(2)  # each (B, T, H, dh)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        q, k, v = self._qkv(x)
         if self._fused_ok():
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
             z = self.hook_z(z.transpose(1, 2))  # (B, T, H, dh)
@@ -108,7 +139,21 @@ class Attention(nn.Module):
             # Per-head outputs cost an extra (B, T, H, d_model) tensor: only when asked for.
             result = self.hook_result(torch.einsum("bqhe,hed->bqhd", z, self.W_O))
             return result.sum(2) + self.b_O
-        return z.reshape(B, T, H * dh) @ self.W_O.reshape(H * dh, d) + self.b_O  # (B, T, d)
+        return self._out(z)  # (B, T, d)
+
+
+def _slots(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, int]:
+    """Each entry's place among the entries of its row, and the most entries in one row: ((N,), S)."""
+    counts = torch.bincount(rows, minlength=n_rows)  # (B,)
+    order = torch.argsort(rows, stable=True)
+    slot = torch.empty_like(rows)
+    slot[order] = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows[order]]
+    return slot, int(counts.max()) if len(rows) else 0
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether a hook point inside `module` has a hook (a partial evaluation would hand it partial tensors)."""
+    return any(m._forward_hooks for m in module.modules() if isinstance(m, HookPoint))
 
 
 class MLP(nn.Module):
@@ -151,6 +196,19 @@ class Block(nn.Module):
             resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid)))
         return self.hook_resid_post(resid)
 
+    def forward_at(self, resid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The block's output at positions (rows, cols) only: (B, T, d_model) -> (N, d_model).
+
+        What `forward(resid)[rows, cols]` gives, computing queries, output and MLP only where
+        asked; with a hook anywhere in the block it runs the whole block, so the hook sees it all.
+        """
+        if _hooked(self):
+            return self(resid)[rows, cols]
+        out = resid[rows, cols] + self.attn.forward_at(self.ln1(resid), rows, cols)  # (N, d)
+        if self.has_mlp:
+            out = out + self.mlp(self.ln2(out))
+        return out
+
 
 class Transformer(HookedRootModule):
     """Decoder-only transformer; `forward(tokens)` returns logits (B, T, vocab)."""
@@ -187,32 +245,44 @@ class Transformer(HookedRootModule):
         pos = self.hook_pos_embed(self.W_pos[:T]).expand(B, T, -1)  # (B, T, d_model)
         return embed + pos
 
-    def residual_streams(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+    def residual_streams(self, tokens: torch.Tensor, n_blocks: int | None = None) -> list[torch.Tensor]:
         """The stream entering each block, then the last block's output: n_layers + 1 tensors (B, T, d_model).
 
         The same tensors as `run_with_cache` gives for `blocks.{l}.hook_resid_pre` and the last
-        `hook_resid_post`, without the cache's bookkeeping and without unembedding.
+        `hook_resid_post`, without the cache's bookkeeping and without unembedding. With `n_blocks`,
+        only the first that many blocks run: n_blocks + 1 tensors.
         """
         streams = [self.embed(tokens)]
-        for block in self.blocks:
+        for block in self.blocks[:n_blocks]:
             streams.append(block(streams[-1]))
         return streams
 
-    def forward_from(self, resid: torch.Tensor, layer: int, at: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    def stream_from(self, resid: torch.Tensor, layer: int, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The last block's output from the residual stream entering block `layer`: (B, T, d_model).
+
+        `at`, (rows, cols) such as `mask.nonzero(as_tuple=True)`, asks for those positions only:
+        (N, d_model). Nothing after the last block mixes positions, so it computes only those.
+        """
+        blocks = self.blocks[layer:]
+        if at is None:
+            for block in blocks:
+                resid = block(resid)
+            return resid
+        for block in blocks[:-1]:
+            resid = block(resid)
+        return blocks[-1].forward_at(resid, *at) if len(blocks) else resid[at]
+
+    def forward_from(self, resid: torch.Tensor, layer: int, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Logits from the residual stream entering block `layer` (`n_layers`: the last block's output).
 
-        Activation patching uses it to re-run only the blocks above a patched stream. `at`, an index
-        into the (B, T) positions such as `mask.nonzero(as_tuple=True)`, unembeds only those: (N, vocab).
+        Activation patching uses it to re-run only the blocks above a patched stream; with `at`
+        (see `stream_from`) only those positions' logits: (N, vocab).
         """
-        for block in self.blocks[layer:]:
-            resid = block(resid)
-        if at is not None:
-            resid = resid[at]
-        return self.unembed(self.ln_final(resid))
+        return self.unembed(self.ln_final(self.stream_from(resid, layer, at)))
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Logits from a (normalised) residual stream: (..., d_model) -> (..., vocab)."""
-        return resid @ self.W_U + self.b_U
+        return torch.addmm(self.b_U, resid.reshape(-1, resid.shape[-1]), self.W_U).view(*resid.shape[:-1], -1)
 
     @property
     def device(self) -> torch.device:

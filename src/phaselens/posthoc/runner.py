@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from phaselens.background import OrderedThread
 from phaselens.errors import PhaselensError
 from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
@@ -232,13 +233,16 @@ def run_probes(
     execute = get_backend(backend)
     measured, failures, n_rows = [], [], 0
     # Rows go into the store in one transaction per second or so (a commit per checkpoint costs
-    # more than measuring some of them). A checkpoint's artifacts are written before its rows, and
-    # stored rows mark what is done: a killed sweep redoes at most the last second's checkpoints.
+    # more than measuring some of them). Artifacts are written (and fsynced) on a thread while the
+    # next checkpoint is measured; a commit first waits for them, so stored rows still mark what is
+    # done, artifacts included: a killed sweep redoes at most the last second's checkpoints.
     done: list[TaskResult] = []
     last_commit = time.monotonic()
+    writer = OrderedThread("phaselens-artifacts", "writing probe artifacts", depth=8)
 
     def commit() -> None:
         nonlocal n_rows, last_commit
+        writer.wait()
         if not done:
             return
         store.write([row for result in done for row in result.rows])
@@ -259,14 +263,18 @@ def run_probes(
                     for probe in result.probes:
                         store.record_failure(result.step, probe, result.error)
                 else:
-                    _write_artifacts(run_dir, result)
+                    if result.artifacts:
+                        writer.submit(lambda result=result: _write_artifacts(run_dir, result))
                     done.append(result)
                 if time.monotonic() - last_commit > COMMIT_SECONDS:
                     commit()
                 update(advance=1)
     finally:
-        commit()  # also when interrupted: what was measured is kept
-        store.close()
+        try:
+            commit()  # also when interrupted: what was measured is kept
+        finally:
+            writer.close()
+            store.close()
     return SweepResult(run_dir.path, sorted(measured), skipped, sorted(failures), n_rows, time.time() - began)
 
 

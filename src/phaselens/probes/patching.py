@@ -60,9 +60,10 @@ def patching_effects(
         targets: (B, T-1) bool, the predictions whose clean target probability is read.
         clean_logits: the clean run's logits (B, T, V), when the caller has them: see below.
 
-    A model with `residual_streams` and `forward_from` (phaselens transformers) runs the corrupted
-    input once, keeping its residual streams, and each patched stream re-runs only the blocks above it: the blocks below
-    are the corrupted run's. Patching the embeddings wherever the two inputs differ gives the clean
+    A model with `residual_streams`, `stream_from` and `forward_from` (phaselens transformers) runs
+    the corrupted input once, keeping its residual streams, and each patched stream re-runs only the
+    blocks above it: the blocks below are the corrupted run's. The last block runs only at the
+    predictions read, and the last site needs no block at all. Patching the embeddings wherever the two inputs differ gives the clean
     input itself, so when that holds for every prediction read (causally: no difference left at or
     before it), e_0 comes from `clean_logits` with no forward at all. Other models get one batched
     forward with a row group per patched stream.
@@ -75,18 +76,25 @@ def patching_effects(
         p = picked.float().softmax(-1).gather(-1, answers.expand(*picked.shape[:-1])[..., None])[..., 0]  # (..., N)
         return torch.zeros(*p.shape[:-1], len(counts), device=p.device).index_add_(-1, rows, p) / counts
 
-    if not (hasattr(model, "forward_from") and hasattr(model, "residual_streams")):
+    if not all(hasattr(model, name) for name in ("residual_streams", "stream_from", "forward_from")):
         return _patching_effects_batched(model, clean, corrupted_tokens, positions, lambda logits: read(logits[..., rows, cols, :]))
-    corrupted = model.residual_streams(corrupted_tokens)  # in `residual_hooks` order, like `clean`
-    last = len(corrupted) - 1
-    baseline = read(model.forward_from(corrupted[last], last, at=(rows, cols)))
+    last = len(clean) - 1  # the last site: the last block's output
+    corrupted = model.residual_streams(corrupted_tokens, n_blocks=last - 1)  # the streams entering each block
+    final = model.stream_from(corrupted[-1], last - 1, at=(rows, cols))  # (N, d): the last block's output, where read
+
+    def logits(resid: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, V)
+        return model.unembed(model.ln_final(resid))
+
+    baseline = read(logits(final))
     effects = []
     for layer, resid in enumerate(clean.values()):
         if layer == 0 and clean_logits is not None and _embedding_patch_is_clean(corrupted_tokens, clean_tokens, positions, targets):
             effects.append(read(clean_logits[rows, cols]) - baseline)
-            continue
-        patched = torch.where(positions[..., None], resid, corrupted[layer])
-        effects.append(read(model.forward_from(patched, layer, at=(rows, cols))) - baseline)
+        elif layer == last:  # nothing runs after it: patch the predictions read directly
+            effects.append(read(logits(torch.where(positions[rows, cols, None], resid[rows, cols], final))) - baseline)
+        else:
+            patched = torch.where(positions[..., None], resid, corrupted[layer])
+            effects.append(read(model.forward_from(patched, layer, at=(rows, cols))) - baseline)
     return torch.stack(effects)
 
 

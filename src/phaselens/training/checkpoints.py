@@ -84,14 +84,16 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file} is corrupt or truncated ({exc}); delete it or resume from an earlier step") from exc
 
 
-def state_dict_problems(model: torch.nn.Module, state: dict[str, torch.Tensor], show: int = 5) -> str:
-    """How `state` fails to fit `model`: missing and unexpected keys, shape mismatches (at most `show` of each);
-    "" when it fits."""
+def state_dict_problems(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], show: int = 5, expected: dict[str, torch.Tensor] | None = None
+) -> str:
+    """How `state` fails to fit `model` (whose `state_dict()` the caller may pass as `expected`): missing and
+    unexpected keys, shape mismatches (at most `show` of each); "" when it fits."""
 
     def first(items: list[str]) -> str:
         return f"{items[:show]}{' ...' if len(items) > show else ''}"
 
-    expected = model.state_dict()
+    expected = model.state_dict() if expected is None else expected
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -110,10 +112,13 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load `path/model.safetensors` into `model`, refusing missing, unexpected or mis-shaped tensors."""
     file = Path(path) / "model.safetensors"
     weights = _load_tensors(file)
-    problems = state_dict_problems(model, weights)
+    own = model.state_dict()  # the model's own tensors (detached, same storage)
+    problems = state_dict_problems(model, weights, expected=own)
     if problems:
         raise CheckpointError(f"{file} does not match the model: {problems}")
-    model.load_state_dict(weights)
+    with torch.no_grad():  # what load_state_dict does for these plain modules, without its per-module walk
+        for name, tensor in own.items():
+            tensor.copy_(weights[name])
 
 
 def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
