@@ -8,7 +8,7 @@
              pulled to the CPU and written on its own
 and phaselens with 1 and 2 local worker processes. The last line is JSON.
 
-    .venv/bin/python benchmarks/probe_sweep.py [--run runs/demo]
+    .venv/bin/python benchmarks/probe_sweep.py [--run runs/demo] [--set model.n_heads=8 ...]
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a run directory (default: train a 1,000-step induction run)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides of the induction preset for the run trained without --run (e.g. model.n_heads=8)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,18 +121,19 @@ def main() -> None:
         run = args.run
         if run is None:
             run = root / "source"
-            train(load_config("induction", ["train.steps=1000", "train.checkpoint_every=50"]), run, progress=False)
+            train(load_config("induction", ["train.steps=1000", "train.checkpoint_every=50", *args.set]), run, progress=False)
         probes = resolve_probes(None)
         n_ckpt = len(pl.open_run(run).checkpoint_steps())
         # Interleaved rounds, each on fresh copies; the median of each side is reported (this
         # machine's timings wander by 10% from one run to the next).
         times: dict[str, list[float]] = {"naive": [], "one": [], "two": []}
-        for round_ in range(args.rounds):
-            t, naive_rows = timed(lambda: naive_sweep(fresh_copy(run, root, f"naive{round_}")))
+        for round_ in range(args.rounds):  # the copies are made before the clock starts: neither side's work
+            copies = {side: fresh_copy(run, root, f"{side}{round_}") for side in times}
+            t, naive_rows = timed(lambda: naive_sweep(copies["naive"]))
             times["naive"].append(t)
-            t, one = timed(lambda: run_probes(fresh_copy(run, root, f"one{round_}"), probes, workers=1, progress=False))
+            t, one = timed(lambda: run_probes(copies["one"], probes, workers=1, progress=False))
             times["one"].append(t)
-            t, two = timed(lambda: run_probes(fresh_copy(run, root, f"two{round_}"), probes, workers=2, progress=False))
+            t, two = timed(lambda: run_probes(copies["two"], probes, workers=2, progress=False))
             times["two"].append(t)
         rounds = {k: [round(x, 2) for x in v] for k, v in times.items()}
         t_naive, t_one, t_two = (statistics.median(times[k]) for k in ("naive", "one", "two"))

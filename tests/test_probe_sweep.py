@@ -146,12 +146,37 @@ def test_killing_a_sweep_and_running_it_again_completes_it(run_copy):
     stored = MetricsStore(run_copy / "metrics.sqlite").stored_pairs("checkpoint")
     complete = {step for step in (0, 20, 40, 60, 80) if all((step, p) in stored for p in PROBES)}
     assert complete and stored == {(step, p) for step in complete for p in PROBES}  # a checkpoint lands whole
+    for step in complete:  # with its artifacts
+        assert (run_copy / "artifacts" / "attention" / f"step_{step:08d}.json").is_file()
     result = run_probes(run_copy, PROBES, progress=False)
     assert result.ok
     assert result.measured == sorted({0, 20, 40, 60, 80} - complete)  # nothing stored is measured again
     rows = checkpoint_rows(run_copy)
     assert not rows.duplicated(["probe", "metric", "step", "layer", "head"]).any()
     assert set(rows["step"]) == {0, 20, 40, 60, 80}
+
+
+def test_a_failed_artifact_write_stops_the_sweep_and_its_checkpoint_is_measured_again(run_copy, monkeypatch):
+    from phaselens.posthoc import runner
+
+    drop_checkpoint_rows(run_copy)
+    write = runner._write_artifacts
+
+    def disk_full_at_40(run_dir, result):
+        if result.step == 40:
+            raise OSError("disk full")
+        write(run_dir, result)
+
+    monkeypatch.setattr(runner, "_write_artifacts", disk_full_at_40)
+    with pytest.raises(RuntimeError, match="writing probe artifacts failed: OSError: disk full"):
+        run_probes(run_copy, ["attention", "loss"], progress=False)
+    stored = {step for step, _ in MetricsStore(run_copy / "metrics.sqlite").stored_pairs("checkpoint")}
+    assert 40 not in stored and {0, 20} <= stored  # those written before the failure are kept
+    for step in stored:
+        assert (run_copy / "artifacts" / "attention" / f"step_{step:08d}.json").is_file()
+    monkeypatch.setattr(runner, "_write_artifacts", write)
+    again = run_probes(run_copy, ["attention", "loss"], progress=False)
+    assert again.ok and 40 in again.measured and not set(again.measured) & stored
 
 
 def test_ray_backend_without_ray_says_how_to_install(run_copy, monkeypatch):

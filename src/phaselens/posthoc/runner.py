@@ -234,24 +234,30 @@ def run_probes(
     measured, failures, n_rows = [], [], 0
     # Rows go into the store in one transaction per second or so (a commit per checkpoint costs
     # more than measuring some of them). Artifacts are written (and fsynced) on a thread while the
-    # next checkpoint is measured; a commit first waits for them, so stored rows still mark what is
-    # done, artifacts included: a killed sweep redoes at most the last second's checkpoints.
+    # next checkpoint is measured, and a result joins `done` only once its artifacts are on disk,
+    # so stored rows mark what is done, artifacts included: a killed sweep redoes at most the last
+    # second's checkpoints, and one whose artifacts failed to write is measured again next time.
     done: list[TaskResult] = []
     last_commit = time.monotonic()
     writer = OrderedThread("phaselens-artifacts", "writing probe artifacts", depth=8)
 
+    def written(result: TaskResult) -> None:  # on the writer thread
+        _write_artifacts(run_dir, result)
+        done.append(result)
+
     def commit() -> None:
         nonlocal n_rows, last_commit
-        writer.wait()
-        if not done:
-            return
-        store.write([row for result in done for row in result.rows])
-        store.clear_failures([result.step for result in done])
-        for result in done:
-            measured.append(result.step)
-            n_rows += len(result.rows)
-        done.clear()
-        last_commit = time.monotonic()
+        try:
+            writer.wait()
+        finally:  # what was written is kept, also when a write failed
+            if done:
+                store.write([row for result in done for row in result.rows])
+                store.clear_failures([result.step for result in done])
+                for result in done:
+                    measured.append(result.step)
+                    n_rows += len(result.rows)
+                done.clear()
+            last_commit = time.monotonic()
 
     try:
         with progress_bar(f"probe {run_dir.path.name}", len(tasks), unit="checkpoints", enabled=progress) as update:
@@ -262,9 +268,9 @@ def run_probes(
                     failures.append((result.step, result.error))
                     for probe in result.probes:
                         store.record_failure(result.step, probe, result.error)
+                elif result.artifacts:
+                    writer.submit(lambda result=result: written(result))
                 else:
-                    if result.artifacts:
-                        writer.submit(lambda result=result: _write_artifacts(run_dir, result))
                     done.append(result)
                 if time.monotonic() - last_commit > COMMIT_SECONDS:
                     commit()

@@ -67,7 +67,8 @@ def logit_lens_stats(
         stats.append(torch.stack([
             correct.exp().mean(),
             (correct >= logp.amax(-1, keepdim=True)).float().mean(),  # the target is the most likely token
-            -torch.linalg.vecdot(logp.exp(), logp).mean(),  # entropy, in nats
+            # mean entropy in nats: one dot product over every (prediction, token), no (N,) temporary
+            -torch.dot(logp.exp().view(-1), logp.view(-1)) / logp.shape[0],
         ]))
     values = torch.stack(stats, 1)  # (3, L+1)
     return {"p_correct": values[0], "top1": values[1], "entropy": values[2]}
