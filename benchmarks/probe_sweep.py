@@ -6,7 +6,9 @@
   naive      per checkpoint: build the model, load the weights, an unfiltered `run_with_cache`,
              then the same metrics head by head and layer by layer in Python, each value
              pulled to the CPU and written on its own
-and phaselens with 1 and 2 local worker processes. The last line is JSON.
+and phaselens with 1 and 2 local worker processes. The naive way also runs with two torch threads
+(what a script left at torch's defaults uses on a 2-core machine), to set against 2 workers.
+The last line is JSON.
 
     .venv/bin/python benchmarks/probe_sweep.py [--run runs/demo] [--set model.n_heads=8 ...]
 """
@@ -126,24 +128,32 @@ def main() -> None:
         n_ckpt = len(pl.open_run(run).checkpoint_steps())
         # Interleaved rounds, each on fresh copies; the median of each side is reported (this
         # machine's timings wander by 10% from one run to the next).
-        times: dict[str, list[float]] = {"naive": [], "one": [], "two": []}
+        # `naive_2_threads`: the naive way with two torch threads, as a script left at torch's
+        # defaults runs on a 2-core machine; the fair opponent of phaselens with 2 workers.
+        times: dict[str, list[float]] = {"naive": [], "naive_2_threads": [], "one": [], "two": []}
         for round_ in range(args.rounds):  # the copies are made before the clock starts: neither side's work
             copies = {side: fresh_copy(run, root, f"{side}{round_}") for side in times}
             t, naive_rows = timed(lambda: naive_sweep(copies["naive"]))
             times["naive"].append(t)
+            torch.set_num_threads(2)
+            t, _ = timed(lambda: naive_sweep(copies["naive_2_threads"]))
+            times["naive_2_threads"].append(t)
+            torch.set_num_threads(1)
             t, one = timed(lambda: run_probes(copies["one"], probes, workers=1, progress=False))
             times["one"].append(t)
             t, two = timed(lambda: run_probes(copies["two"], probes, workers=2, progress=False))
             times["two"].append(t)
         rounds = {k: [round(x, 2) for x in v] for k, v in times.items()}
-        t_naive, t_one, t_two = (statistics.median(times[k]) for k in ("naive", "one", "two"))
+        t_naive, t_naive2, t_one, t_two = (statistics.median(times[k]) for k in ("naive", "naive_2_threads", "one", "two"))
     assert one.ok and two.ok, (one.failures, two.failures)
     print(f"{n_ckpt} checkpoints, probes {','.join(probes)}")
-    print(f"medians of {args.rounds} rounds: naive {t_naive:.2f} s ({naive_rows} rows)  phaselens 1 worker {t_one:.2f} s ({one.rows} rows)"
-          f"  2 workers {t_two:.2f} s")
+    print(f"medians of {args.rounds} rounds: naive {t_naive:.2f} s ({naive_rows} rows), with 2 threads {t_naive2:.2f} s  "
+          f"phaselens 1 worker {t_one:.2f} s ({one.rows} rows), 2 workers {t_two:.2f} s")
     print(json.dumps({"benchmark": "probe_sweep", "ratio_vs_naive": round(t_naive / t_one, 3), "ratio_vs_naive_2_workers": round(t_naive / t_two, 3),
+                      "ratio_2_workers_vs_naive_2_threads": round(t_naive2 / t_two, 3),
                       "speedup_2_workers": round(t_one / t_two, 3), "checkpoints": n_ckpt,
-                      "seconds": {"naive": round(t_naive, 2), "workers_1": round(t_one, 2), "workers_2": round(t_two, 2)}, "rounds": rounds}))
+                      "seconds": {"naive": round(t_naive, 2), "naive_2_threads": round(t_naive2, 2), "workers_1": round(t_one, 2), "workers_2": round(t_two, 2)},
+                      "rounds": rounds}))
 
 
 if __name__ == "__main__":
