@@ -88,6 +88,8 @@ def test_last_block_at_chosen_positions_equals_the_full_forward_there(mlp_model)
             torch.testing.assert_close(picked, full[rows, cols], atol=1e-5, rtol=0)
         last = mlp_model.blocks[1].forward_at(streams[1], rows, cols)
         torch.testing.assert_close(last, streams[2][rows, cols], atol=1e-5, rtol=0)
+        none = torch.zeros(0, dtype=torch.long)  # no position asked for: no logits, and no error
+        assert mlp_model.forward_from(streams[1], 1, at=(none, none)).shape == (0, 17)
 
 
 def test_last_block_at_chosen_positions_runs_the_whole_block_for_a_hook(mlp_model):

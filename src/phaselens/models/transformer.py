@@ -282,7 +282,7 @@ class Transformer(HookedRootModule):
 
     def unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Logits from a (normalised) residual stream: (..., d_model) -> (..., vocab)."""
-        return torch.addmm(self.b_U, resid.reshape(-1, resid.shape[-1]), self.W_U).view(*resid.shape[:-1], -1)
+        return torch.addmm(self.b_U, resid.reshape(-1, resid.shape[-1]), self.W_U).view(*resid.shape[:-1], self.W_U.shape[-1])
 
     @property
     def device(self) -> torch.device:
