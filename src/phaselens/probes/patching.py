@@ -63,10 +63,10 @@ def patching_effects(
     A model with `residual_streams`, `stream_from` and `forward_from` (phaselens transformers) runs
     the corrupted input once, keeping its residual streams, and each patched stream re-runs only the
     blocks above it: the blocks below are the corrupted run's. The last block runs only at the
-    predictions read, and the last site needs no block at all. Patching the embeddings wherever the two inputs differ gives the clean
-    input itself, so when that holds for every prediction read (causally: no difference left at or
-    before it), e_0 comes from `clean_logits` with no forward at all. Other models get one batched
-    forward with a row group per patched stream.
+    predictions read, and the last site needs no block at all. Patching the embeddings wherever the
+    two inputs differ gives the clean input itself, so when that holds for every prediction read
+    (causally: no difference left at or before it), e_0 comes from `clean_logits` with no forward
+    at all. Other models get one batched forward with a row group per patched stream.
     """
     rows, cols = targets.nonzero(as_tuple=True)  # the predictions read: (N,) each
     answers = clean_tokens[:, 1:][rows, cols]  # (N,)
