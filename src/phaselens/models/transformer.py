@@ -120,7 +120,7 @@ class Attention(nn.Module):
         return self._out(z.transpose(1, 2)[rows, slot])  # (N, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, d = x.shape
+        B, T, _ = x.shape
         H, dh = self.W_Q.shape[0], self.W_Q.shape[2]
         q, k, v = self._qkv(x)
         if self._fused_ok():
