@@ -5,7 +5,6 @@ Heavy imports happen inside the commands, so `phaselens --help` answers at once.
 
 from __future__ import annotations
 
-import shutil
 import sys
 from enum import Enum
 from pathlib import Path
@@ -45,7 +44,7 @@ def _guard(fn):
 @app.command()
 @_guard
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Run directory (a previous run there is replaced)."),
+    out: Path = typer.Option(Path("runs/demo"), help="Run directory (a previous phaselens run there is replaced; other files are never deleted)."),
     layers: int = typer.Option(2, help="Layers; 2 forms an induction head, 1 is the control that cannot."),
     seed: int = typer.Option(0, help="Seed for initialisation and data."),
     steps: int = typer.Option(3000, help="Training steps."),
@@ -61,9 +60,9 @@ def demo(
     overrides = [f"model.n_layers={layers}", f"train.seed={seed}", f"train.steps={steps}", f"name=demo-{layers}layer-seed{seed}"]
     config = load_config("induction", overrides)
     if RunDir(out).exists():
-        typer.echo(f"replacing the previous run in {out}")
-        shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
+        RunDir(out).remove()  # refuses unless every file there is one phaselens wrote
+        typer.echo(f"replaced the previous run in {out}")
+    elif out.is_file() or (out.exists() and any(out.iterdir())):
         _fail(f"{out} exists and is not a phaselens run; choose another --out")
     typer.echo(f"training a {layers}-layer attention-only transformer on the induction task ({steps} steps, telemetry every step)")
     result = train(config, out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,13 @@ from phaselens.errors import RunError
 from phaselens.store.atomic import write_json
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
-STATUSES = ("running", "finished", "failed")
+STATUSES = ("running", "finished", "failed", "stopped")  # stopped: interrupted (Ctrl-C), resumable
+# What phaselens writes at the top of a run directory; anything else there is the user's.
+RUN_ENTRIES = frozenset({
+    "run.json", "checkpoints", "probe_batch.safetensors", "metrics.sqlite", "metrics.sqlite-wal", "metrics.sqlite-shm",
+    "metrics.sqlite-journal", "artifacts", "report", "unigram.json", "metrics.csv", "metrics.json", "metrics.parquet",
+})
+_TEMP_FILE = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # store.atomic's temporary sibling of a file being written
 
 
 class RunDir:
@@ -80,6 +87,46 @@ class RunDir:
         if not isinstance(data, dict) or "config" not in data:
             raise RunError(f"{self.run_json} has no 'config' section")
         return data
+
+    def foreign_entries(self) -> list[str]:
+        """Names in the directory (and its checkpoints/) that phaselens did not write: the user's files."""
+        if not self.path.is_dir():
+            return []
+        foreign = []
+        for entry in sorted(self.path.iterdir()):
+            temp = _TEMP_FILE.match(entry.name)
+            if entry.name not in RUN_ENTRIES and not (temp and temp.group(1) in RUN_ENTRIES):
+                foreign.append(entry.name)
+        if self.checkpoints.is_dir():
+            foreign += [f"checkpoints/{entry.name}" for entry in sorted(self.checkpoints.iterdir())
+                        if not (STEP_DIR.match(entry.name) or entry.name.startswith(".step_"))]
+        return foreign
+
+    def removal_problem(self) -> str | None:
+        """Why phaselens may not delete this directory; None when it can prove it wrote everything in it."""
+        if not self.path.exists():
+            return None
+        if not self.path.is_dir():
+            return f"{self.path} is a file, not a run directory"
+        try:
+            data = self.read()
+        except RunError as exc:
+            return str(exc)
+        if data.get("status") not in STATUSES:
+            return f"{self.run_json} is not a phaselens run.json (its status is {data.get('status')!r})"
+        foreign = self.foreign_entries()
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            return f"{self.path} holds files phaselens did not write ({shown})"
+        return None
+
+    def remove(self) -> None:
+        """Delete the run directory, refusing (RunError) unless every file in it is one phaselens wrote."""
+        problem = self.removal_problem()
+        if problem:
+            raise RunError(f"{problem}; phaselens deletes only directories it wrote: move your files out or choose another --out")
+        if self.path.exists():
+            shutil.rmtree(self.path)
 
     def write(self, data: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)

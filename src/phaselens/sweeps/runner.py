@@ -61,12 +61,9 @@ def train_point(preset: str, overrides: list[str], path: str) -> PointResult:
 
         if run.exists() and run.read().get("status") == "finished":
             return PointResult(name, path, "skipped")
-        resume = run.exists() and bool(run.checkpoint_steps())
-        if run.path.exists() and not resume:  # started but killed before its first checkpoint: start over
-            import shutil
-
-            shutil.rmtree(run.path)
-        result = train(load_config(preset, overrides), run.path, resume=resume, progress=False)
+        # An unfinished run resumes (the trainer starts one over that never reached a checkpoint);
+        # a directory holding anything else is refused, never emptied.
+        result = train(load_config(preset, overrides), run.path, resume=run.exists(), progress=False)
         status = "finished" if result.status == "finished" else "failed"
         error = None if status == "finished" else f"stopped at step {result.steps_done}"
         return PointResult(name, path, status, error, time.perf_counter() - began)

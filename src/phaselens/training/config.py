@@ -259,6 +259,18 @@ def coerce(value: Any, kind: Any, key: str, origin: str) -> Any:
     return value
 
 
+def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dicts: `train.lr: 0.001 -> 0.003`."""
+    found = []
+    for key in sorted(set(saved) | set(current), key=str):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += config_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            found.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return found
+
+
 def type_name(kind: Any) -> str:
     if typing.get_origin(kind) is list:
         return f"a list of {type_name(typing.get_args(kind)[0])}"

@@ -41,7 +41,7 @@ from phaselens.store.unigram import unigram_path
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.unigram import write_training_unigram
 from phaselens.training.checkpoints import load_trainer_state, load_weights, save_checkpoint
-from phaselens.training.config import RunConfig
+from phaselens.training.config import RunConfig, config_differences
 
 PROBE_SEED_OFFSET = 1_000_003  # probe and eval batches use their own seeded streams
 EVAL_SEED_OFFSET = 2_000_003
@@ -134,17 +134,27 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
 
     def _prepare_directory(self) -> None:
+        """Refuse what is in the way; a run that never reached its first checkpoint is started over."""
         run = self.run
+        if run.path.exists() and not run.path.is_dir():
+            raise RunError(f"--out {run.path} is a file; give a directory for the run")
         if self.resume:
             if not run.exists():
                 raise RunError(f"cannot resume: {run.path} has no run.json")
-            saved = run.read()["config"]
-            if saved != self.config.to_dict():
-                changed = sorted(k for k in set(saved) | set(self.config.to_dict()) if saved.get(k) != self.config.to_dict().get(k))
-                raise RunError(f"cannot resume {run.path}: its config differs in {changed}; resume with the same config")
-            return
-        if run.exists() or run.checkpoints.exists():
+            changed = config_differences(run.read()["config"], self.config.to_dict())
+            if changed:
+                raise RunError(f"cannot resume {run.path}: its config differs in {', '.join(changed)}; resume with the same config")
+            if run.checkpoint_steps():
+                return
+        elif run.exists() and run.checkpoint_steps():
             raise RunError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
+        elif not run.exists() and run.path.is_dir() and any(run.path.iterdir()):
+            raise RunError(f"{run.path} is not empty and holds no phaselens run ({', '.join(sorted(e.name for e in run.path.iterdir())[:5])}); "
+                           "choose a new or empty --out")
+        if run.exists():  # set up but never checkpointed (interrupted or crashed early): nothing to resume, start over
+            print(f"{run.path} has no checkpoint yet: starting it over")
+            run.remove()
+            self.resume = False
         run.path.mkdir(parents=True, exist_ok=True)
         cfg = self.config
         run.write({
