@@ -35,7 +35,7 @@ from phaselens.probes.logit_lens import logit_lens_stats
 from phaselens.probes.loss import masked_mean, token_losses
 from phaselens.probes.patching import corrupt_sources, residual_hooks, target_probability
 from phaselens.store.metrics import MetricsStore
-from phaselens.training.checkpoints import load_weights
+from phaselens.models.checkpoints import load_weights
 from phaselens.training.config import load_config
 from phaselens.training.trainer import train
 

@@ -51,3 +51,38 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
 def induced_run(demo_run) -> Path:
     """A run trained through its induction transition (the demo run; checkpoints every 100 steps)."""
     return demo_run[0]
+
+
+TINY_HF_ARCHITECTURES = ("gpt2", "gpt_neox", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Hugging Face causal LMs with random weights, saved locally with a word-level tokenizer:
+    GPT-2 (learned positions), GPT-NeoX (rotary, parallel blocks) and Llama (RMSNorm, grouped-query
+    attention, no biases). 2 layers, 4 heads, d_model 32, vocab 96. Read-only."""
+    import torch
+    import transformers
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    from phaselens.series.toy import toy_tokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = toy_tokenizer("the cat sat on the mat while the dog ran far away from the old red barn")
+    shape = dict(vocab_size=96, bos_token_id=1, eos_token_id=1)
+    configs = {
+        "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **shape),
+        "gpt_neox": GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                  max_position_embeddings=64, tie_word_embeddings=False, **shape),
+        "llama": LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=64, max_position_embeddings=64, **shape),
+    }
+    root = tmp_path_factory.mktemp("tiny_hf")
+    paths = {}
+    for name, config in configs.items():
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths

@@ -13,7 +13,7 @@ from phaselens.errors import CheckpointError
 from phaselens.models import ModelConfig, build_model
 from phaselens.models.transformer import Transformer  # noqa: F401  (TransformerLens loads slowly: pay it at collection)
 from phaselens.run import open_run
-from phaselens.training.checkpoints import load_trainer_state, load_weights, save_checkpoint
+from phaselens.models.checkpoints import load_trainer_state, load_weights, save_checkpoint
 
 TINY = ModelConfig(n_layers=2, n_heads=2, d_model=16, d_vocab=11, n_ctx=8)
 

@@ -26,6 +26,7 @@ _LAZY = {
     "measure_cache": "phaselens.probes.measure",
     "ModelConfig": "phaselens.models.config",
     "build_model": "phaselens.models",
+    "adapter_for": "phaselens.models.adapter",
     "RunConfig": "phaselens.training.config",
     "load_config": "phaselens.training.config",
     "train": "phaselens.training.trainer",

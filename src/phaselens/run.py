@@ -75,7 +75,7 @@ class Run:
         """The model at checkpoint `step` (default: the last), hookable with TransformerLens names."""
         from phaselens.models import build_model
         from phaselens.models.hf import boot_reference, is_reference
-        from phaselens.training.checkpoints import load_weights
+        from phaselens.models.checkpoints import load_weights
 
         steps = self.checkpoint_steps()
         if not steps:

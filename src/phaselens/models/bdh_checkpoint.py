@@ -18,7 +18,7 @@ import torch
 from phaselens.errors import CheckpointError
 from phaselens.models.bdh import BDH
 from phaselens.models.bdh_config import BDHConfig
-from phaselens.training.checkpoints import state_dict_problems
+from phaselens.models.checkpoints import state_dict_problems
 
 STATE_KEYS = ("model", "state_dict", "model_state_dict")
 CONFIG_KEYS = ("config", "model_config", "model_args")

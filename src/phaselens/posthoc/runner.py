@@ -78,7 +78,7 @@ def _worker_state(run_path: str):
 def _checkpoint_model(run_path: str, step: int):
     """The model at `step`: the worker's skeleton with the checkpoint's weights, or a booted revision."""
     from phaselens.models.hf import boot_reference
-    from phaselens.training.checkpoints import load_weights
+    from phaselens.models.checkpoints import load_weights
 
     model, _, device = _worker_state(run_path)
     if model is None:  # one revision at a time, dropped after measuring: memory stays flat over a series

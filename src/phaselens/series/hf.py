@@ -18,7 +18,7 @@ from typing import Sequence
 
 from phaselens.errors import ConfigError, RunError
 from phaselens.store.atomic import write_json
-from phaselens.store.run_dir import RunDir
+from phaselens.store.run_dir import RunDir, versions
 from phaselens.store.unigram import read_unigram_counts, unigram_path, write_unigram_counts
 
 STEP_REVISION = re.compile(r"^step(\d+)$")
@@ -87,7 +87,6 @@ def import_hf(
     from phaselens.models.hf import REFERENCE_FILE, boot_revision
     from phaselens.models.hf_config import HFModelConfig
     from phaselens.tasks.tokenized_text_config import TokenizedTextData
-    from phaselens.training.trainer import versions
 
     if bool(revisions) == bool(pythia):
         raise ConfigError("give exactly one of --revisions r1,r2,... and --pythia-schedule")

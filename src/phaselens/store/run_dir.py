@@ -11,8 +11,10 @@
 from __future__ import annotations
 
 import json
+import platform
 import re
 import shutil
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,17 @@ RUN_ENTRIES = frozenset({
     "metrics.sqlite-journal", "artifacts", "report", "unigram.json", "metrics.csv", "metrics.json", "metrics.parquet",
 })
 _TEMP_FILE = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # store.atomic's temporary sibling of a file being written
+
+
+def versions() -> dict[str, str]:
+    """The versions of Python and of the libraries that wrote a run (recorded in run.json)."""
+    found = {"python": platform.python_version()}
+    for package in ("phaselens", "torch", "transformer-lens", "transformers", "safetensors"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "unknown"
+    return found
 
 
 class RunDir:

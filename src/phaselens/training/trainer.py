@@ -15,14 +15,12 @@ Two sources of values, one set of probes:
 from __future__ import annotations
 
 import math
-import platform
 import shutil
 import signal
 import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Iterator
 
@@ -30,17 +28,17 @@ import torch
 
 from phaselens.errors import CheckpointError, RunError, TrainingDiverged
 from phaselens.models import build_model
+from phaselens.models.checkpoints import load_trainer_state, load_weights, save_checkpoint
 from phaselens.probes.base import Measurement, make_probe
 from phaselens.probes.live import Telemetry, ValueQueue
 from phaselens.probes.loss import token_losses
 from phaselens.probes.measure import measure_model
 from phaselens.progress import progress_bar
 from phaselens.store.metrics import MetricsStore, MetricsWriter
-from phaselens.store.run_dir import RunDir
+from phaselens.store.run_dir import RunDir, versions
 from phaselens.store.unigram import unigram_path
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.unigram import write_training_unigram
-from phaselens.training.checkpoints import load_trainer_state, load_weights, save_checkpoint
 from phaselens.training.config import RunConfig, config_differences
 
 PROBE_SEED_OFFSET = 1_000_003  # probe and eval batches use their own seeded streams
@@ -74,16 +72,6 @@ def task_loss(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     losses = token_losses(logits, batch.tokens)  # (B, T-1)
     mask = batch.loss_mask.to(losses.dtype)
     return (losses * mask).sum() / mask.sum()
-
-
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in ("phaselens", "torch", "transformer-lens", "safetensors"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "unknown"
-    return found
 
 
 @dataclass

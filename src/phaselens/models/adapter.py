@@ -1,0 +1,435 @@
+"""The model adapter: the one place phaselens learns what a model is made of.
+
+Probes, the post-hoc runner, the report and the dashboard ask `adapter_for(model)` and never a
+model's internals; what differs between architectures lives in the adapter classes below, and an
+unknown model fails here, with a message that says what is supported.
+
+    adapter = adapter_for(model)            # a phaselens Transformer, a BDH, or any TransformerBridge
+
+| what                         | ModelAdapter member                      | value / shape                                   |
+|------------------------------|------------------------------------------|-------------------------------------------------|
+| architecture                 | `kind`, `architecture`                   | "transformer" / "bridge" / "bdh"; a class name   |
+| dimensions                   | `n_layers n_heads d_model d_head d_vocab n_ctx` | ints (`d_head` 0 where heads have none)  |
+| where the weights live       | `device`, `dtype`                        | torch.device, torch.dtype                       |
+| softmax attention patterns   | `has_attention`, `pattern_hook(l)`       | bool; `blocks.{l}.attn.hook_pattern` (B, H, Q, K) |
+| per-head mixed values        | `z_hook(l)`                              | `blocks.{l}.attn.hook_z` (B, T, H, d_head)       |
+| MLP blocks                   | `has_mlp(l)`, `mlp_layers`, `mlp_out_hook(l)` | bool; tuple of layers; `blocks.{l}.hook_mlp_out` |
+| token embedding hook         | `embed_hook`                             | `hook_embed` (B, T, d_model)                    |
+| residual stream ℓ            | `residual_sites`                         | n_layers + 1 `ResidualSite(index, hook, label)`: 0 = embeddings, ℓ = after block ℓ−1 |
+| after the final norm         | `final_norm_site`                        | `ResidualSite` of `ln_final.hook_normalized`, or None |
+| final norm, unembedding      | `final_norm(x)`, `unembed(x)`, `logits_from(x)` | (..., d_model) -> (..., d_model) / (..., d_vocab) |
+| embedding, unembedding       | `embedding()`, `unembedding()`           | W_E (d_vocab, d_model), W_U (d_model, d_vocab)  |
+| per-head weights             | `head_weights()`                         | `HeadWeights` W_Q W_K W_V (L, H, d_model, d_head), W_O (L, H, d_head, d_model); None without heads |
+| hook points                  | `hook_points`                            | {name: HookPoint}                               |
+| forward passes               | `logits(tokens)`, `run_with_cache(tokens, names)` | (B, T, d_vocab); and {name: activation} |
+| text <-> ids                 | `tokenizer`                              | `Tokenizer`: `kind` ("bytes" / "ids" / "hf"), `encode`, `labels`, `special_ids` |
+| optional fast paths          | `capabilities` ⊆ `FAST_PATHS`            | frozenset of names; call them on the adapter    |
+
+Fast paths (`adapter.supports(name)` before calling; calling an undeclared one raises):
+  `residual_streams(tokens, n_blocks)`  the streams entering blocks 0..n_blocks−1 plus the next one's: n_blocks + 1 × (B, T, d)
+  `stream_from(resid, layer, at)`       the last block's output from the stream entering block `layer`
+  `forward_from(resid, layer, at)`      logits from the stream entering block `layer`; `at` = (rows, cols) computes those positions only
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+
+from phaselens.errors import PhaselensError
+
+FAST_PATHS = ("residual_streams", "stream_from", "forward_from")
+FINAL_NORM_HOOK = "ln_final.hook_normalized"
+
+
+class UnsupportedModel(PhaselensError, TypeError):
+    """A model phaselens has no adapter for, or a capability the model's adapter does not declare."""
+
+
+@dataclass(frozen=True)
+class ResidualSite:
+    """One residual stream: its index ℓ, the hook point that carries it, and how figures label it."""
+
+    index: int
+    hook: str
+    label: str
+
+
+def residual_sites(n_layers: int) -> tuple[ResidualSite, ...]:
+    """Residual stream ℓ for ℓ = 0..n_layers: 0 the embeddings entering block 0, ℓ the output of block ℓ−1.
+
+    The stream entering block ℓ > 0 is the output of block ℓ−1, so one hook serves both readings
+    (`forward_from(stream ℓ, ℓ)` re-runs from exactly this stream).
+    """
+    return (ResidualSite(0, "blocks.0.hook_resid_pre", "embeddings"),) + tuple(
+        ResidualSite(layer + 1, f"blocks.{layer}.hook_resid_post", f"after block {layer}") for layer in range(n_layers))
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    """Per-head weights of every layer; grouped keys and values are repeated to one per query head."""
+
+    W_Q: torch.Tensor  # (L, H, d_model, d_head)
+    W_K: torch.Tensor  # (L, H, d_model, d_head)
+    W_V: torch.Tensor  # (L, H, d_model, d_head)
+    W_O: torch.Tensor  # (L, H, d_head, d_model)
+
+
+# ---------------------------------------------------------------------------- tokenizers
+
+
+class Tokenizer:
+    """Text <-> token ids for one model: `encode` what a user typed, `labels` to show tokens."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, d_vocab: int):
+        self.d_vocab = d_vocab
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        """Ids that never stand for text (end of text, padding): kept out of random probe batches."""
+        return frozenset()
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def labels(self, ids: Sequence[int]) -> list[str]:
+        return [str(int(i)) for i in ids]
+
+
+class IdTokenizer(Tokenizer):
+    """Models whose tokens are plain ids (the induction task): text is ids separated by spaces or commas."""
+
+    kind = "ids"
+
+    def encode(self, text: str) -> list[int]:
+        parts = [p for p in re.split(r"[\s,]+", text.strip()) if p]
+        if not all(re.fullmatch(r"\d+", p) for p in parts):
+            raise ValueError(f"this model has {self.d_vocab} tokens: type token ids (0–{self.d_vocab - 1}) separated by spaces")
+        ids = [int(p) for p in parts]
+        bad = [i for i in ids if i >= self.d_vocab]
+        if bad:
+            raise ValueError(f"token ids must be below the vocabulary size {self.d_vocab}; got {bad[:5]}")
+        return ids
+
+
+class ByteTokenizer(Tokenizer):
+    """Byte-level models (256 tokens): text is its UTF-8 bytes."""
+
+    kind = "bytes"
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def labels(self, ids: Sequence[int]) -> list[str]:
+        return [chr(i) if 32 <= i < 127 else f"\\x{int(i):02x}" for i in ids]
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face tokenizer (the one saved with the model)."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer: Any, d_vocab: int):
+        super().__init__(d_vocab)
+        self.hf = tokenizer
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(int(i) for i in self.hf.all_special_ids)
+
+    def encode(self, text: str) -> list[int]:
+        return [int(i) for i in self.hf(text, add_special_tokens=False)["input_ids"]]
+
+    def labels(self, ids: Sequence[int]) -> list[str]:
+        return [self.hf.decode([int(i)]) for i in ids]
+
+
+# ---------------------------------------------------------------------------- adapters
+
+
+class ModelAdapter:
+    """What phaselens may know about a model (see the module docstring's table)."""
+
+    kind: ClassVar[str] = ""
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+    has_attention: ClassVar[bool] = True
+    embed_hook: ClassVar[str] = "hook_embed"
+
+    n_layers: int
+    n_heads: int
+    d_model: int
+    d_head: int
+    d_vocab: int
+    n_ctx: int
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
+        self.model = model
+        self._tokenizer = tokenizer
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.architecture}: {self.n_layers} layers × {self.n_heads} heads, "
+                f"d_model {self.d_model}, vocab {self.d_vocab}, context {self.n_ctx})")
+
+    # ---- identity and placement
+    @property
+    def architecture(self) -> str:
+        return type(self.model).__name__
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # ---- hook names
+    @property
+    def hook_points(self) -> dict[str, Any]:
+        return self.model.hook_dict
+
+    def pattern_hook(self, layer: int) -> str:
+        return f"blocks.{layer}.attn.hook_pattern"
+
+    def z_hook(self, layer: int) -> str:
+        return f"blocks.{layer}.attn.hook_z"
+
+    def mlp_out_hook(self, layer: int) -> str:
+        return f"blocks.{layer}.hook_mlp_out"
+
+    def has_mlp(self, layer: int) -> bool:
+        return layer in self.mlp_layers
+
+    @property
+    def mlp_layers(self) -> tuple[int, ...]:
+        return ()
+
+    @property
+    def residual_sites(self) -> tuple[ResidualSite, ...]:
+        return residual_sites(self.n_layers)
+
+    @property
+    def final_norm_site(self) -> ResidualSite | None:
+        return ResidualSite(self.n_layers + 1, FINAL_NORM_HOOK, "after the final norm")
+
+    # ---- reading predictions off a stream
+    def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
+        """The final norm: (..., d_model) -> (..., d_model)."""
+        return self.model.ln_final(resid)
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits from a normalised stream: (..., d_model) -> (..., d_vocab)."""
+        return self.model.unembed(resid)
+
+    def logits_from(self, resid: torch.Tensor) -> torch.Tensor:
+        """Logits from a residual stream, through the final norm and the unembedding: (..., d_model) -> (..., d_vocab)."""
+        return self.unembed(self.final_norm(resid))
+
+    def embedding(self) -> torch.Tensor:
+        """W_E: (d_vocab, d_model)."""
+        return self.model.W_E
+
+    def unembedding(self) -> torch.Tensor:
+        """W_U: (d_model, d_vocab)."""
+        return self.model.W_U
+
+    def head_weights(self) -> HeadWeights | None:
+        return None
+
+    # ---- forward passes
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's output: tokens (B, T) -> logits (B, T, d_vocab)."""
+        return self.model(tokens)
+
+    def run_with_cache(self, tokens: torch.Tensor, names: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Logits (B, T, d_vocab) and the activations at `names` (only those are kept)."""
+        logits, cache = self.model.run_with_cache(tokens, names_filter=list(names))
+        return logits, {name: cache[name] for name in names}
+
+    def run_with_hooks(self, tokens: torch.Tensor, hooks: Sequence[tuple[str, Any]]) -> torch.Tensor:
+        """Logits with TransformerLens-style hooks `fn(activation, hook)` on named hook points for this call."""
+        return self.model.run_with_hooks(tokens, fwd_hooks=list(hooks))
+
+    # ---- tokenizer
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = self._default_tokenizer()
+        return self._tokenizer
+
+    def _default_tokenizer(self) -> Tokenizer:
+        return ByteTokenizer(self.d_vocab) if self.d_vocab == 256 else IdTokenizer(self.d_vocab)
+
+    # ---- fast paths
+    def supports(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    def _require(self, capability: str) -> None:
+        if capability not in self.capabilities:
+            raise UnsupportedModel(f"{self.architecture} does not offer the fast path {capability!r} "
+                                   f"(it offers: {', '.join(sorted(self.capabilities)) or 'none'})")
+
+    def residual_streams(self, tokens: torch.Tensor, n_blocks: int | None = None) -> list[torch.Tensor]:
+        self._require("residual_streams")
+        return self.model.residual_streams(tokens, n_blocks)
+
+    def stream_from(self, resid: torch.Tensor, layer: int, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        self._require("stream_from")
+        return self.model.stream_from(resid, layer, at)
+
+    def forward_from(self, resid: torch.Tensor, layer: int, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        self._require("forward_from")
+        return self.model.forward_from(resid, layer, at)
+
+
+class TransformerAdapter(ModelAdapter):
+    """phaselens's own `Transformer`: every fast path, per-head weights in TransformerLens shapes."""
+
+    kind = "transformer"
+    capabilities = frozenset(FAST_PATHS)
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
+        super().__init__(model, tokenizer)
+        cfg = model.cfg
+        self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
+        self.d_head, self.d_vocab, self.n_ctx = cfg.d_head, cfg.d_vocab, cfg.n_ctx
+
+    @property
+    def mlp_layers(self) -> tuple[int, ...]:
+        return tuple(layer for layer, block in enumerate(self.model.blocks) if block.has_mlp)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.W_E.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.W_E.dtype
+
+    def head_weights(self) -> HeadWeights:
+        attn = [block.attn for block in self.model.blocks]
+        return HeadWeights(*(torch.stack([getattr(a, name) for a in attn]) for name in ("W_Q", "W_K", "W_V", "W_O")))
+
+
+class BridgeAdapter(ModelAdapter):
+    """Any Hugging Face causal LM wrapped by TransformerLens's `TransformerBridge` (GPT-2, GPT-NeoX, Llama, ...)."""
+
+    kind = "bridge"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
+        super().__init__(model, tokenizer)
+        cfg = model.cfg
+        self.n_layers, self.n_heads, self.d_model = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_model)
+        self.d_head, self.d_vocab, self.n_ctx = int(cfg.d_head), int(cfg.d_vocab), int(cfg.n_ctx)
+
+    @property
+    def architecture(self) -> str:
+        return type(self.model.original_model).__name__
+
+    @property
+    def mlp_layers(self) -> tuple[int, ...]:
+        if getattr(self.model.cfg, "attn_only", False):
+            return ()
+        return tuple(layer for layer in range(self.n_layers) if self.mlp_out_hook(layer) in self.hook_points)
+
+    def embedding(self) -> torch.Tensor:
+        return self.model.W_E
+
+    def unembedding(self) -> torch.Tensor:
+        return self.model.W_U
+
+    def head_weights(self) -> HeadWeights:
+        def per_head(w: torch.Tensor) -> torch.Tensor:  # (L, H_kv, ...) -> (L, H, ...): grouped-query keys and values
+            return w if w.shape[1] == self.n_heads else w.repeat_interleave(self.n_heads // w.shape[1], dim=1)
+
+        m = self.model
+        return HeadWeights(m.W_Q, per_head(m.W_K), per_head(m.W_V), m.W_O)
+
+    def _default_tokenizer(self) -> Tokenizer:
+        hf = getattr(self.model, "tokenizer", None)
+        return HFTokenizer(hf, self.d_vocab) if hf is not None else super()._default_tokenizer()
+
+
+class BDHAdapter(ModelAdapter):
+    """BDH: shared weights applied `n_layers` times, linear attention (no softmax pattern), byte tokens.
+
+    Its residual stream ℓ ≥ 1 is the output of pass ℓ−1; stream 0 is the token embedding before the
+    first LayerNorm. There is no final norm (every pass ends normalised) and no per-head W_Q.
+    """
+
+    kind = "bdh"
+    has_attention = False
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
+        super().__init__(model, tokenizer)
+        cfg = model.cfg
+        self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
+        self.d_head, self.d_vocab, self.n_ctx = 0, cfg.d_vocab, cfg.n_ctx
+
+    @property
+    def residual_sites(self) -> tuple[ResidualSite, ...]:
+        return (ResidualSite(0, "hook_embed", "embeddings"),) + residual_sites(self.n_layers)[1:]
+
+    @property
+    def final_norm_site(self) -> None:
+        return None
+
+    def pattern_hook(self, layer: int) -> str:
+        raise UnsupportedModel("BDH's linear attention has no softmax pattern (no blocks.{l}.attn.hook_pattern)")
+
+    def z_hook(self, layer: int) -> str:
+        raise UnsupportedModel("BDH has no per-head mixed values (no blocks.{l}.attn.hook_z)")
+
+    def final_norm(self, resid: torch.Tensor) -> torch.Tensor:
+        return resid  # every pass already ends in a LayerNorm
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        return resid @ self.model.lm_head  # (..., d_vocab)
+
+    def embedding(self) -> torch.Tensor:
+        return self.model.embed.weight
+
+    def unembedding(self) -> torch.Tensor:
+        return self.model.lm_head
+
+
+# ---------------------------------------------------------------------------- lookup
+
+def _adapter_class(model: Any) -> type[ModelAdapter] | None:
+    from phaselens.models.bdh import BDH
+    from phaselens.models.transformer import Transformer
+
+    if isinstance(model, Transformer):
+        return TransformerAdapter
+    if isinstance(model, BDH):
+        return BDHAdapter
+    if type(model).__module__.startswith("transformer_lens.model_bridge"):
+        from transformer_lens.model_bridge import TransformerBridge
+
+        if isinstance(model, TransformerBridge):
+            return BridgeAdapter
+    return None
+
+
+def adapter_for(model: Any, tokenizer: Tokenizer | None = None) -> ModelAdapter:
+    """The adapter of `model` (an adapter passes through). Cheap: it reads the config, not the weights.
+
+    Args:
+        model: a phaselens `Transformer` or `BDH`, or a TransformerLens `TransformerBridge`.
+        tokenizer: how text maps to this model's ids, when the default (bytes for 256 tokens,
+            plain ids otherwise, a bridge's own Hugging Face tokenizer) is not it.
+    """
+    if isinstance(model, ModelAdapter):
+        return model
+    cls = _adapter_class(model)
+    if cls is None:
+        raise UnsupportedModel(
+            f"phaselens has no model adapter for {type(model).__module__}.{type(model).__name__}; it reads phaselens "
+            "Transformer and BDH models and any Hugging Face causal LM wrapped by TransformerLens "
+            "(TransformerBridge.boot_transformers(name_or_dir))")
+    return cls(model, tokenizer)
