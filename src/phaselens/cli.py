@@ -141,15 +141,21 @@ def probe(
     backend: Backend = typer.Option(Backend.local, help="local (processes) or ray (a task per checkpoint)."),
     workers: int = typer.Option(1, help="Worker processes (local) or CPUs of a local Ray cluster."),
     address: Optional[str] = typer.Option(None, help="Address of a running Ray cluster."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when present), cpu or cuda (default: auto, or what import-hf was given)."),
+    dtype: Optional[str] = typer.Option(None, help="Weights in float32, bfloat16 or float16 (probes reduce in float32)."),
 ):
     """Run probes post-hoc over every checkpoint (resumable: stored values are skipped)."""
     from phaselens.posthoc.runner import failures_text, run_probes
 
     wanted = _parse_steps(steps, run)
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
-    result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address)
+    result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address, device=device, dtype=dtype)
     typer.echo(f"measured {len(result.measured)} checkpoint(s), {result.rows} rows; "
                f"{result.skipped} (step, probe) pairs were already stored; {result.seconds:.1f} s")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+    for line in result.identical:
+        typer.secho(line, fg=typer.colors.YELLOW)
     if result.failures:
         typer.secho(f"{len(result.failures)} checkpoint(s) failed:\n{failures_text(result)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
@@ -168,18 +174,23 @@ def import_hf_command(
     sequences: int = typer.Option(32, help="Probe sequences (seeded crops of the text)."),
     seed: int = typer.Option(0, help="Seed of the crop offsets."),
     unigram: Optional[Path] = typer.Option(None, help="JSON token counts for kl_unigram (default: the counts of the probe text)."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when present), cpu or cuda: where the revisions run (also for probe)."),
+    dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16: the weights' precision (also for probe)."),
 ):
     """Make a run of a public checkpoint series; its checkpoints reference the revisions (no weights are copied)."""
     from phaselens.series import import_hf
 
     names = [r.strip() for r in revisions.split(",") if r.strip()] if revisions else None
     path = import_hf(model, out, revisions=names, pythia=pythia_schedule, every=every, text=text, seq_len=seq_len,
-                     sequences=sequences, seed=seed, unigram=unigram)
+                     sequences=sequences, seed=seed, unigram=unigram, device=device, dtype=dtype, progress=True)
     from phaselens.run import open_run
 
-    steps = open_run(path).checkpoint_steps()
+    run = open_run(path)
+    steps = run.checkpoint_steps()
     typer.echo(f"imported {len(steps)} revisions of {model} (steps {steps[0]}–{steps[-1]}) into {path}; "
                f"measure them with: phaselens probe {path}")
+    for line in run.identical_revisions():
+        typer.secho(line, fg=typer.colors.YELLOW)
 @app.command()
 @_guard
 def sweep(

@@ -65,6 +65,18 @@ class Run:
     def checkpoint_steps(self) -> list[int]:
         return self.dir.checkpoint_steps()
 
+    def identical_steps(self) -> dict[int, int]:
+        """An imported series: step -> the step whose weights it repeats byte for byte (the duplicates only)."""
+        from phaselens.series.integrity import identical_steps
+
+        return identical_steps(self.dir.read())
+
+    def identical_revisions(self) -> list[str]:
+        """One sentence per group of revisions with identical weights ('steps 33000–143000: identical weights to …')."""
+        from phaselens.series.integrity import identical_texts
+
+        return identical_texts(self.dir.read(), self.checkpoint_steps())
+
     def run_config(self):
         """The resolved `RunConfig` this run was trained with."""
         from phaselens.training.config import RunConfig, from_dict
@@ -99,10 +111,17 @@ class Run:
         return TaskBatch.load(self.dir.probe_batch)
 
     def transitions(self, probe: str | None = None, metric: str | None = None) -> pd.DataFrame:
-        """Detected phase transitions: probe, metric, layer, head, step, start, end, before, after."""
+        """Detected phase transitions: probe, metric, layer, head, step, start, end, before, after.
+
+        Revisions whose weights repeat another's are left out: their curves are flat by construction.
+        """
         from phaselens.analysis.transitions import detect_transitions
 
-        return detect_transitions(self.metrics(probe=probe, metric=metric))
+        rows = self.metrics(probe=probe, metric=metric)
+        duplicates = self.identical_steps()
+        if duplicates:
+            rows = rows[~rows["step"].isin(list(duplicates))]
+        return detect_transitions(rows)
 
 
 def _summarise(steps: list[int]) -> str:

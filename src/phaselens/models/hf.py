@@ -33,8 +33,12 @@ def read_reference(checkpoint: Path) -> dict[str, Any]:
     return ref
 
 
-def boot_revision(source: str, revision: str, local: bool, device: Any = None):
-    """A `TransformerBridge` of `revision` of `source` (local: the folder source/revision), in eval mode."""
+def boot_revision(source: str, revision: str, local: bool, device: Any = None, dtype: Any = None, hf_model: Any = None):
+    """A `TransformerBridge` of `revision` of `source` (local: the folder source/revision), in eval mode.
+
+    `dtype`: the weights' dtype (default float32); `hf_model`: an already built Hugging Face model
+    to wrap instead of loading the revision's weights (the series loader copies them in itself).
+    """
     import torch
     import transformers
 
@@ -45,11 +49,12 @@ def boot_revision(source: str, revision: str, local: bool, device: Any = None):
     where = Path(source) / revision if local else source
     if local and not (where / "config.json").is_file():
         raise CheckpointError(f"{where} holds no saved Hugging Face model (config.json is missing)")
+    options = {"device": device, "dtype": dtype or torch.float32, "hf_model": hf_model}
     try:
         if local:
-            bridge = TransformerBridge.boot_transformers(str(where), device=device)
+            bridge = TransformerBridge.boot_transformers(str(where), **options)
         else:
-            bridge = TransformerBridge.boot_transformers(source, revision=revision, device=device)
+            bridge = TransformerBridge.boot_transformers(source, revision=revision, **options)
     except Exception as exc:  # transformers raises OSError, ValueError, ... for missing or bad weights
         raise CheckpointError(f"cannot load revision {revision!r} of {source}: {type(exc).__name__}: {exc}") from exc
     bridge.eval()

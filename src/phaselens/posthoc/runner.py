@@ -9,7 +9,6 @@ pairs already stored with source `checkpoint` are skipped.
 
 from __future__ import annotations
 
-import gc
 import json
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,8 @@ class TaskResult:
     artifacts: dict[str, Any] = field(default_factory=dict)  # probe -> JSON-able
     error: str | None = None
     seconds: float = 0.0
+    weights_hash: str | None = None  # an imported series: the revision's content hash
+    note: str | None = None  # how the revision was loaded, when that is worth saying
 
 
 @dataclass
@@ -48,6 +49,8 @@ class SweepResult:
     failures: list[tuple[int, str]]
     rows: int
     seconds: float
+    notes: list[str] = field(default_factory=list)  # e.g. a revision booted fresh because its architecture differs
+    identical: list[str] = field(default_factory=list)  # groups of revisions with identical weights, described
 
     @property
     def ok(self) -> bool:
@@ -59,32 +62,49 @@ class SweepResult:
 _WORKER_CACHE: dict[Any, Any] = {}  # per worker process: run state, and probes by run and names
 
 
-def _worker_state(run_path: str):
-    """Model skeleton (None for an imported series), probe batch and device for a run, built once per worker."""
-    state = _WORKER_CACHE.get(run_path)
+def _worker_state(run_path: str, device: str | None = None, dtype: str | None = None):
+    """Model skeleton (a `RevisionLoader` for an imported series), probe batch and device, built once per worker."""
+    key = (run_path, device, dtype)
+    state = _WORKER_CACHE.get(key)
     if state is None:
-        import torch
-
         from phaselens.models import build_model
+        from phaselens.models.hf import read_reference
         from phaselens.run import open_run
+        from phaselens.series.revisions import RevisionLoader, resolve_device, resolve_dtype
 
         run = open_run(run_path)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = None if run.imported else build_model(run.run_config().model).to(device)
-        state = _WORKER_CACHE[run_path] = (model, run.probe_batch().to(device), device)
+        where, precision = resolve_device(device), resolve_dtype(dtype)
+        if run.imported:
+            references = {}
+            for step in run.checkpoint_steps():
+                try:
+                    ref = read_reference(run.dir.checkpoint(step))
+                except Exception:  # measured (and recorded as failed) when its turn comes
+                    continue
+                references[step] = (ref["source"], ref["revision"], bool(ref.get("local")))
+            model = RevisionLoader(references, device=where, dtype=precision)
+        else:
+            model = build_model(run.run_config().model).to(device=where, dtype=precision)
+        state = _WORKER_CACHE[key] = (model, run.probe_batch().to(where), where)
     return state
 
 
-def _checkpoint_model(run_path: str, step: int):
-    """The model at `step`: the worker's skeleton with the checkpoint's weights, or a booted revision."""
-    from phaselens.models.hf import boot_reference
+def _checkpoint_model(run_path: str, step: int, ahead: int | None, device: str | None, dtype: str | None):
+    """(model at `step`, content hash, note): the skeleton with the checkpoint's weights, or the series'
+    booted model with the revision's weights copied in (the revision `ahead` is read meanwhile)."""
     from phaselens.models.checkpoints import load_weights
+    from phaselens.series.revisions import RevisionLoader
 
-    model, _, device = _worker_state(run_path)
-    if model is None:  # one revision at a time, dropped after measuring: memory stays flat over a series
-        return boot_reference(RunDir(run_path).checkpoint(step), device)
+    model, _, _ = _worker_state(run_path, device, dtype)
+    if isinstance(model, RevisionLoader):
+        if step not in model.references:  # its reference.json is unreadable: say why
+            from phaselens.models.hf import read_reference
+
+            read_reference(RunDir(run_path).checkpoint(step))
+        loaded = model.model_at(step, ahead)
+        return loaded.model, loaded.digest, loaded.note
     load_weights(model, RunDir(run_path).checkpoint(step))
-    return model
+    return model, None, None
 
 
 def _worker_probes(run_path: str, probe_names: Sequence[str], options: dict | None) -> list:
@@ -102,20 +122,25 @@ def _worker_probes(run_path: str, probe_names: Sequence[str], options: dict | No
     return probes
 
 
-def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], options: dict | None = None) -> TaskResult:
-    """Measure `probe_names` on checkpoint `step` of the run at `run_path` (runs in a worker)."""
+def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], options: dict | None = None,
+                       ahead: int | None = None, device: str | None = None, dtype: str | None = None) -> TaskResult:
+    """Measure `probe_names` on checkpoint `step` of the run at `run_path` (runs in a worker).
+
+    `ahead`: the checkpoint this worker will likely measure next (an imported series reads its
+    weights meanwhile); `device` auto|cpu|cuda, `dtype` float32|bfloat16|float16: where and in
+    what precision the model runs (probes reduce in float32 whatever the dtype).
+    """
     began = time.perf_counter()
     result = TaskResult(step=step, probes=list(probe_names))
-    model = None
     try:
         import phaselens.probes  # noqa: F401  (registers the built-in probes)
         from phaselens.errors import CheckpointError
         from phaselens.probes.base import to_rows
         from phaselens.probes.measure import measure_model
 
-        _, batch, _ = _worker_state(run_path)
+        _, batch, _ = _worker_state(run_path, device, dtype)
         try:
-            model = _checkpoint_model(run_path, step)
+            model, result.weights_hash, result.note = _checkpoint_model(run_path, step, ahead, device, dtype)
         except CheckpointError as exc:
             result.error = str(exc)
             return result
@@ -124,9 +149,6 @@ def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], opt
     except Exception as exc:  # a sweep records the failure and goes on
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
-        if model is not None and _worker_state(run_path)[0] is None:
-            del model  # a booted revision: free it before the next one loads
-            gc.collect()
         result.seconds = time.perf_counter() - began
     return result
 
@@ -207,6 +229,8 @@ def run_probes(
     workers: int = 1,
     address: str | None = None,
     progress: bool = True,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> SweepResult:
     """Measure `probes` (default: the standard post-hoc set) on every checkpoint of `run` not yet measured.
 
@@ -218,12 +242,20 @@ def run_probes(
         backend: "local" (in this process, or `workers` processes) or "ray" (a Ray task per checkpoint).
         workers: local worker processes, or the CPUs of a local Ray cluster.
         address: a Ray cluster to connect to (default: start a local one).
+        device: auto (CUDA when present), cpu or cuda.
+        dtype: float32, bfloat16 or float16 for the model's weights (an imported series: default the one
+            given to import-hf); probes reduce in float32 whatever it is.
     """
     from phaselens.posthoc.backends import get_backend
 
     began = time.time()
     run_dir = RunDir(run)
     info = run_dir.read()  # a clear error when this is not a run
+    from phaselens.series.revisions import resolve_device, resolve_dtype
+
+    imported = info.get("imported") or {}
+    device, dtype = device or imported.get("device"), dtype or imported.get("dtype")
+    resolve_device(device), resolve_dtype(dtype)  # refuse bad values here, not in every worker
     task = (info["config"].get("data") or {}).get("task")
     names = _for_architecture(resolve_probes(probes, task), run_dir, explicit=bool(probes))
     if "geometry" in names:
@@ -232,6 +264,8 @@ def run_probes(
     tasks, skipped = plan(run_dir, store, names, steps)
     execute = get_backend(backend)
     measured, failures, n_rows = [], [], 0
+    notes: list[str] = []
+    hashes: dict[int, str] = {}
     # Rows go into the store in one transaction per second or so (a commit per checkpoint costs
     # more than measuring some of them). Artifacts are written (and fsynced) on a thread while the
     # next checkpoint is measured, and a result joins `done` only once its artifacts are on disk,
@@ -261,9 +295,16 @@ def run_probes(
 
     try:
         with progress_bar(f"probe {run_dir.path.name}", len(tasks), unit="checkpoints", enabled=progress) as update:
-            calls = [(str(run_dir.path), step, probes) for step, probes in tasks]
+            # each call names the step its worker likely takes next (the tasks go out in order,
+            # `workers` at a time), so an imported series reads that revision's weights meanwhile
+            calls = [(str(run_dir.path), step, probes, None, tasks[i + workers][0] if i + workers < len(tasks) else None,
+                      device, dtype) for i, (step, probes) in enumerate(tasks)]
             results: Iterator[TaskResult] = execute(measure_checkpoint, calls, workers=workers, address=address) if calls else iter(())
             for result in results:
+                if result.weights_hash:
+                    hashes[result.step] = result.weights_hash
+                if result.note:
+                    notes.append(result.note)
                 if result.error:
                     failures.append((result.step, result.error))
                     for probe in result.probes:
@@ -281,7 +322,16 @@ def run_probes(
         finally:
             writer.close()
             store.close()
-    return SweepResult(run_dir.path, sorted(measured), skipped, sorted(failures), n_rows, time.time() - began)
+            if hashes:  # stored at first load, as soon as known, also when interrupted
+                from phaselens.series.integrity import record_hashes
+
+                record_hashes(run_dir, hashes)
+    identical = []
+    if imported or hashes:
+        from phaselens.series.integrity import identical_texts
+
+        identical = identical_texts(run_dir.read(), run_dir.checkpoint_steps())
+    return SweepResult(run_dir.path, sorted(measured), skipped, sorted(failures), n_rows, time.time() - began, notes, identical)
 
 
 def _write_artifacts(run_dir: RunDir, result: TaskResult) -> None:

@@ -56,7 +56,8 @@ def logit_lens_stats(
         return x.flatten(0, 1) if every else x[mask]
 
     streams = list(resid)
-    lenses = [model.unembed(model.ln_final(pick(stream[:, :-1]))) for stream in (streams if final_logits is None else streams[:-1])]
+    dtype = next(model.parameters()).dtype  # streams may have been widened to float32 from the model's dtype
+    lenses = [model.unembed(model.ln_final(pick(stream[:, :-1]).to(dtype))) for stream in (streams if final_logits is None else streams[:-1])]
     if final_logits is not None:
         lenses.append(pick(final_logits[:, :-1]))
     target = pick(tokens[:, 1:, None])  # (N, 1): the token each prediction should name

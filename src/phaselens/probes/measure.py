@@ -59,7 +59,8 @@ def measure_model(
 
     This is how a checkpoint is measured, during training and post-hoc alike, so both give
     the same numbers for the same weights and batch. Pass a dict as `artifacts` to collect
-    each probe's optional JSON artifact too.
+    each probe's optional JSON artifact too. Probes reduce in float32 whatever the model's
+    dtype: activations held in bfloat16 or float16 are widened before any probe reads them.
     """
     n_layers, n_heads = model_shape(model)
     for probe in probes:
@@ -72,6 +73,9 @@ def measure_model(
             logits, cache = model.run_with_cache(batch.tokens, names_filter=names)
     finally:
         model.train(was_training)
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        cache = {name: act.float() if act.is_floating_point() else act for name, act in cache.items()}
+        logits = logits.float()
     inputs = ProbeInputs(acts=cache, batch=batch, model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
     results = run_probes(probes, inputs)
     if artifacts is not None:

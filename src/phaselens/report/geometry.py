@@ -35,8 +35,14 @@ def log_spaced(steps: np.ndarray) -> bool:
 
 
 def geometry_frame(run: Run) -> pd.DataFrame:
-    """The run's geometry rows from one source: the one with the most measured steps."""
+    """The run's geometry rows from one source: the one with the most measured steps.
+
+    Revisions that repeat another's weights are left out: they are not points of training.
+    """
     rows = run.metrics(probe="geometry")
+    duplicates = run.identical_steps()
+    if duplicates:
+        rows = rows[~rows["step"].isin(list(duplicates))]
     if rows.empty:
         return rows
     counts = rows.groupby("source")["step"].nunique()
@@ -141,4 +147,8 @@ def imported_series_study(run: Run, out: Path) -> StudyReport:
     else:
         probes = ", ".join(f"`{p}`" for p in sorted(measured["probe"].unique()))
         text += f"\n\nMeasured: probes {probes} on {measured['step'].nunique()} checkpoints."
+    identical = run.identical_revisions()
+    if identical:
+        text += ("\n\n**Identical revisions** (same weights, byte for byte; left out of transition detection):\n\n"
+                 + "\n".join(f"- {line}" for line in identical))
     return StudyReport(summary=[text])

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
-from phaselens.errors import ConfigError, RunError
+from phaselens.errors import CheckpointError, ConfigError, RunError
 from phaselens.store.atomic import write_json
 from phaselens.store.run_dir import RunDir, versions
 from phaselens.store.unigram import read_unigram_counts, unigram_path, write_unigram_counts
@@ -72,6 +72,9 @@ def import_hf(
     seed: int = 0,
     unigram: str | Path | None = None,
     name: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    progress: bool = False,
 ) -> Path:
     """Make the run directory `out` for revisions of `source` (a hub name, or a local MODEL_DIR/<revision>/ series).
 
@@ -81,11 +84,18 @@ def import_hf(
         seq_len: tokens per probe sequence (at most the model's context).
         sequences: probe sequences, cropped from `text` at offsets drawn with `seed`.
         unigram: a JSON file of token counts for `kl_unigram` (default: the counts of `text`).
+        device: auto|cpu|cuda, dtype: float32|bfloat16|float16: where and in what precision the
+            revisions are run; stored in run.json as the defaults of `phaselens probe`.
+
+    A local series' revisions are hashed here (a hub series' at first load), and revisions with
+    identical weights are listed in run.json (`imported.identical`).
     """
     import torch
 
     from phaselens.models.hf import REFERENCE_FILE, boot_revision
     from phaselens.models.hf_config import HFModelConfig
+    from phaselens.series.integrity import record_hashes
+    from phaselens.series.revisions import resolve_device, resolve_dtype, revision_hash
     from phaselens.tasks.tokenized_text_config import TokenizedTextData
 
     if bool(revisions) == bool(pythia):
@@ -106,8 +116,9 @@ def import_hf(
     if sequences < 1:
         raise ConfigError(f"--sequences must be >= 1, got {sequences}")
 
+    where, precision = resolve_device(device), resolve_dtype(dtype)
     first = names[0]
-    bridge = boot_revision(source, first, local, device="cpu")  # shapes and tokenizer; the weights are not kept
+    bridge = boot_revision(source, first, local, device=where, dtype=precision)  # shapes and tokenizer; the weights are not kept
     cfg = bridge.cfg
     model = HFModelConfig(source=source, local=local, revision=names[-1], architecture=type(bridge.original_model).__name__,
                           n_layers=int(cfg.n_layers), n_heads=int(cfg.n_heads), d_model=int(cfg.d_model),
@@ -142,7 +153,8 @@ def import_hf(
     run.write({
         "name": name,
         "status": "finished",
-        "imported": {"source": source, "local": local, "revisions": {str(s): r for s, r in sorted(steps.items())}},
+        "imported": {"source": source, "local": local, "revisions": {str(s): r for s, r in sorted(steps.items())},
+                     "device": device or "auto", "dtype": dtype or "float32"},
         "config": config,
         "model": config["model"],
         "task": {"name": "tokenized_text", **config["data"]},
@@ -150,4 +162,18 @@ def import_hf(
         "steps_done": max(steps),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
+    if local:  # the files are here: hash every revision now (a hub series is hashed as each revision loads)
+        from phaselens.progress import progress_bar
+
+        hashes = {}
+        with progress_bar("hashing revisions", len(steps), unit="revisions", enabled=progress) as update:
+            for step, revision in sorted(steps.items()):
+                try:
+                    digest = revision_hash(source, revision, local)
+                except CheckpointError:  # a damaged revision: `phaselens probe` records it as failed, with the reason
+                    digest = None
+                if digest:
+                    hashes[step] = digest
+                update(advance=1)
+        record_hashes(run, hashes)
     return run.path
