@@ -3,12 +3,15 @@
 The tokens go through in fixed-size chunks of full context windows. Only the chosen hook is
 touched: a hook function folds each layer's activation into that layer's `NeuronStats` and
 lets the tensor go, so memory depends on the chunk and the number of neurons, never on how
-many tokens are scanned. Positions are offsets into the scanned token stream, which is kept
+many tokens are scanned. On a CPU with a core to spare, the folding runs on a background thread
+while the model computes the next layer and chunk (at most one chunk per layer waits for it), so
+the statistics cost little more than the forward pass itself. Positions are offsets into the scanned token stream, which is kept
 (it is the input, not an activation) so that any neuron's strongest contexts can be shown.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +19,9 @@ from typing import Any, Callable
 
 import torch
 
+from phaselens.background import OrderedThread
 from phaselens.errors import ConfigError
+from phaselens.probes.live import _spare_core
 from phaselens.probes.neurons import NeuronStats, default_neuron_hook
 from phaselens.progress import progress_bar
 
@@ -130,38 +135,50 @@ def scan_neurons(
     seqs = windows(stream, n_tokens, n_ctx)  # (n_windows, n_ctx)
     stats: dict[str, NeuronStats] = {}
     offset = [0]
+    folder = OrderedThread("phaselens-neurons", "folding neuron statistics", depth=len(hooks)) if _spare_core(model) else None
 
-    def accumulate(act: torch.Tensor, hook: Any) -> None:
+    def accumulate(name: str, act: torch.Tensor, hook: Any) -> None:  # name: as asked (a bridge's hook may be an alias)
         n = act.shape[-1] * (act.shape[1] if act.dim() == 4 else 1)
-        if hook.name not in stats:
-            stats[hook.name] = NeuronStats(n, top_k=top_k, threshold=threshold, device=act.device)
+        if name not in stats:
+            stats[name] = NeuronStats(n, top_k=top_k, threshold=threshold, device=act.device)
         tokens = act.numel() // n
-        stats[hook.name].update(act, torch.arange(offset[0], offset[0] + tokens, device=act.device))
+        fold = stats[name].update
+        positions = torch.arange(offset[0], offset[0] + tokens, device=act.device)
+        if folder is None:
+            fold(act, positions)
+        else:  # the forward only reads this activation after the hook, so the thread may read it too
+            folder.submit(lambda: _in_inference_mode(fold, act, positions))
 
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            # One window tells the neuron count, which sizes the chunks.
-            sized: dict[str, int] = {}
-
-            def size(act: torch.Tensor, hook: Any) -> None:
-                sized["n"] = act.shape[-1] * (act.shape[1] if act.dim() == 4 else 1)
-
-            with model.hooks(fwd_hooks=[(hooks[0][1], size)]):
-                model(seqs[:1].to(device))
-            per_chunk = rows or chunk_rows(n_ctx, sized["n"])
-            with model.hooks(fwd_hooks=[(name, accumulate) for _, name in hooks]), \
+            # The first window goes alone: its neuron count sizes the chunks after it (no extra forward).
+            per_chunk = rows or 1
+            with model.hooks(fwd_hooks=[(name, functools.partial(accumulate, name)) for _, name in hooks]), \
                     progress_bar("neurons", len(seqs) * n_ctx, unit="tokens", enabled=progress) as update:
-                for start in range(0, len(seqs), per_chunk):
+                start = 0
+                while start < len(seqs):
                     chunk = seqs[start:start + per_chunk].to(device)
                     offset[0] = start * n_ctx
                     model(chunk)
                     update(advance=chunk.numel())
+                    start += len(chunk)
+                    per_chunk = rows or chunk_rows(n_ctx, stats[hooks[0][1]].count.numel())
+            if folder is not None:
+                folder.wait()
     finally:
+        if folder is not None:
+            folder.close()
         model.train(was_training)
     scanned = TokenStream(seqs.reshape(-1).clone(), stream.kind, stream.description)
     return NeuronScan(hooks, [stats[name] for _, name in hooks], scanned, threshold, top_k)
+
+
+def _in_inference_mode(fold: Callable[..., None], *args: Any) -> None:
+    """Run `fold` under inference mode, which is per thread (the statistics are inference tensors)."""
+    with torch.inference_mode():
+        fold(*args)
 
 
 def bare_forward(model: torch.nn.Module, stream: TokenStream, n_tokens: int, rows: int) -> None:

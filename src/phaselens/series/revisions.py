@@ -260,20 +260,25 @@ class RevisionLoader:
             if self._whole:
                 return self._load(weights)
         if weights.digest != self._digest:  # an identical revision is already in place: nothing to copy
-            with torch.no_grad():
-                for name, tensor in weights.tensors.items():
-                    if name not in self._targets:
-                        raise CheckpointError(f"revision {weights.revision}: tensor {name} matches no parameter of the booted "
-                                              f"{type(self.model.original_model).__name__}")
-                    module, attribute = self._targets[name]
-                    target = getattr(module, attribute)
-                    if target.shape != tensor.shape:
-                        raise CheckpointError(f"revision {weights.revision}: {name} has shape {tuple(tensor.shape)}, "
-                                              f"the model expects {tuple(target.shape)}")
-                    target.copy_(tensor)
-                _refresh_split_qkv(self._split)
+            self._digest = None  # until the copy is complete
+            self.copy_in(weights.tensors, weights.revision)
         self._loaded_step, self._digest = weights.step, weights.digest
         return LoadedRevision(self.model, weights.digest, note)
+
+    def copy_in(self, tensors: dict[str, torch.Tensor], revision: str = "") -> None:
+        """Copy a revision's tensors (checkpoint names) into the booted model's parameters, in place."""
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                if name not in self._targets:
+                    raise CheckpointError(f"revision {revision}: tensor {name} matches no parameter of the booted "
+                                          f"{type(self.model.original_model).__name__}")
+                module, attribute = self._targets[name]
+                target = getattr(module, attribute)
+                if target.shape != tensor.shape:
+                    raise CheckpointError(f"revision {revision}: {name} has shape {tuple(tensor.shape)}, "
+                                          f"the model expects {tuple(target.shape)}")
+                target.copy_(tensor)
+            _refresh_split_qkv(self._split)
 
     def _boot_whole(self, weights: RevisionWeights) -> None:
         """Boot the revision with its own weights (no safetensors, or a bridge whose weights cannot be swapped)."""
