@@ -36,6 +36,12 @@ def lens_positions(batch: TaskBatch, positions: str, first_token_only: bool) -> 
     return mask
 
 
+def weights_dtype(model) -> torch.dtype | None:
+    """The dtype of a model's weights (None for an object without parameters)."""
+    parameters = getattr(model, "parameters", None)
+    return next(parameters()).dtype if parameters is not None else None
+
+
 def logit_lens_stats(
     resid: torch.Tensor | Sequence[torch.Tensor],
     model: torch.nn.Module,
@@ -56,8 +62,8 @@ def logit_lens_stats(
         return x.flatten(0, 1) if every else x[mask]
 
     streams = list(resid)
-    dtype = next(model.parameters()).dtype  # streams may have been widened to float32 from the model's dtype
-    lenses = [model.unembed(model.ln_final(pick(stream[:, :-1]).to(dtype))) for stream in (streams if final_logits is None else streams[:-1])]
+    dtype = weights_dtype(model)  # streams may have been widened to float32 from the model's dtype
+    lenses = [model.unembed(model.ln_final(pick(stream[:, :-1]).to(dtype or stream.dtype))) for stream in (streams if final_logits is None else streams[:-1])]
     if final_logits is not None:
         lenses.append(pick(final_logits[:, :-1]))
     target = pick(tokens[:, 1:, None])  # (N, 1): the token each prediction should name

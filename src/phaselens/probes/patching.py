@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.probes.logit_lens import weights_dtype
 from phaselens.tasks.batch import TaskBatch
 
 
@@ -68,8 +69,8 @@ def patching_effects(
     (causally: no difference left at or before it), e_0 comes from `clean_logits` with no forward
     at all. Other models get one batched forward with a row group per patched stream.
     """
-    dtype = next(model.parameters()).dtype  # the cache may have been widened to float32 for the probes
-    clean = {name: resid.to(dtype) for name, resid in clean.items()}
+    dtype = weights_dtype(model)  # the cache may have been widened to float32 for the probes
+    clean = {name: resid.to(dtype or resid.dtype) for name, resid in clean.items()}
     rows, cols = targets.nonzero(as_tuple=True)  # the predictions read: (N,) each
     answers = clean_tokens[:, 1:][rows, cols]  # (N,)
     counts = targets.sum(-1).clamp_min(1).float()  # (B,)
