@@ -82,7 +82,8 @@ def _worker_state(run_path: str, device: str | None = None, dtype: str | None = 
                 except Exception:  # measured (and recorded as failed) when its turn comes
                     continue
                 references[step] = (ref["source"], ref["revision"], bool(ref.get("local")))
-            model = RevisionLoader(references, device=where, dtype=precision)
+            stored = (run.info["imported"].get("weights_sha256") or {}).items()
+            model = RevisionLoader(references, device=where, dtype=precision, hashes={int(s): h for s, h in stored})
         else:
             model = build_model(run.run_config().model).to(device=where, dtype=precision)
         state = _WORKER_CACHE[key] = (model, run.probe_batch().to(where), where)

@@ -191,11 +191,13 @@ class RevisionLoader:
     Args:
         references: step -> (source, revision, local) of every checkpoint the loader may be asked for.
         device, dtype: where and in what precision the model's weights live.
+        hashes: step -> content hash already stored for the run (hashed at import): not computed again.
     """
 
     references: dict[int, tuple[str, str, bool]]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
+    hashes: dict[int, str] = field(default_factory=dict)
     model: Any = None
     _targets: dict[str, tuple[torch.nn.Module, str]] = field(default_factory=dict)  # checkpoint name -> (module, attribute)
     _split: list[torch.nn.Module] = field(default_factory=list)  # fused-QKV attention bridges: q, k, v re-split after a copy
@@ -217,8 +219,8 @@ class RevisionLoader:
         if files.weights is None:
             return RevisionWeights(step, revision, files, None, None, architecture)
         tensors = dict(read_tensors(files.weights))
-        names = sorted(tensors)
-        return RevisionWeights(step, revision, files, tensors, hash_tensors((n, tensors[n]) for n in names), architecture)
+        digest = self.hashes.get(step) or hash_tensors((name, tensors[name]) for name in sorted(tensors))
+        return RevisionWeights(step, revision, files, tensors, digest, architecture)
 
     def model_at(self, step: int, ahead: int | None = None) -> LoadedRevision:
         """The model holding revision `step`'s weights; starts reading revision `ahead` on the read-ahead thread."""
