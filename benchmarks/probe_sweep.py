@@ -36,7 +36,7 @@ from phaselens.probes.attention_to import attention_mass
 from phaselens.probes.heads import detection_patterns, head_score
 from phaselens.probes.logit_lens import logit_lens_stats
 from phaselens.probes.loss import masked_mean, token_losses
-from phaselens.probes.patching import corrupt_sources, residual_hooks, target_probability
+from phaselens.probes.patching import corrupt_positions, residual_hooks, target_probability
 from phaselens.store.metrics import MetricsStore
 from phaselens.models.checkpoints import load_weights
 from phaselens.training.config import load_config
@@ -76,25 +76,25 @@ def naive_sweep(path: Path) -> int:
                     rows.append((step, "attention", "specialization", layer, head, attention_specialization(pattern)[1][head].item()))
                     for name, d in detection.items():
                         rows.append((step, "heads", name, layer, head, head_score(single, d).item()))
-                    queries = torch.cat([batch.copy_mask, torch.zeros_like(batch.copy_mask[:, :1])], 1)
-                    rows.append((step, "attention_to", "mass", layer, head, attention_mass(single, queries, batch.source_mask).item()))
+                    queries = torch.cat([batch.positions["copy"], torch.zeros_like(batch.positions["copy"][:, :1])], 1)
+                    rows.append((step, "attention_to", "mass", layer, head, attention_mass(single, queries, batch.positions["source"]).item()))
                 rows.append((step, "attention", "specialization", layer, None, attention_specialization(pattern)[0].item()))
                 rows.append((step, "attention", "head_variance", layer, None, attention_head_variance(pattern).item()))
             losses = token_losses(logits, batch.tokens)
             rows.append((step, "loss", "all", None, None, masked_mean(losses, batch.loss_mask).item()))
-            rows.append((step, "loss", "copy", None, None, masked_mean(losses, batch.copy_mask).item()))
-            rows.append((step, "loss", "non_copy", None, None, masked_mean(losses, ~batch.copy_mask).item()))
+            rows.append((step, "loss", "copy", None, None, masked_mean(losses, batch.positions["copy"]).item()))
+            rows.append((step, "loss", "non_copy", None, None, masked_mean(losses, ~batch.positions["copy"]).item()))
             names = ["blocks.0.hook_resid_pre"] + [f"blocks.{l}.hook_resid_post" for l in range(L)]
             for layer, name in enumerate(names):
                 stats = logit_lens_stats(cache[name][None], model, batch.tokens, batch.loss_mask)
                 rows += [(step, "logit_lens", metric, layer, None, value.item()) for metric, value in stats.items()]
-            corrupted = corrupt_sources(batch, model.cfg.d_vocab, 0)
-            weights = batch.copy_mask.float()
+            corrupted = corrupt_positions(batch.tokens, batch.positions["source"], model.cfg.d_vocab, 0)
+            weights = batch.positions["copy"].float()
             baseline = (target_probability(model(corrupted), batch.tokens) * weights).sum(-1) / weights.sum(-1)
             effects = []
             for layer, name in enumerate(residual_hooks(L)):  # one patched forward per layer
                 def patch(activation, hook, clean=cache[name]):
-                    return torch.where(batch.source_mask[..., None], clean, activation)
+                    return torch.where(batch.positions["source"][..., None], clean, activation)
                 patched = model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])
                 effect = (target_probability(patched, batch.tokens) * weights).sum(-1) / weights.sum(-1) - baseline
                 effects.append(effect)

@@ -17,8 +17,7 @@ from phaselens.probes.random_z import RandomZProbe
 from phaselens.probes.attention_to import AttentionToProbe
 from phaselens.probes.logit_lens import LogitLensProbe
 from phaselens.tasks.batch import TaskBatch
-from phaselens.tasks.disambiguation import roll_selectors
-from phaselens.tasks.disambiguation_config import BOS, EOS, SEP
+from phaselens.tasks.disambiguation_config import BOS, EOS, SELECTOR_STUDY, SEP
 from phaselens.training.config import load_config
 
 SMALL = ["data.k=4", "data.n_unique_b=12", "model.n_layers=1", "model.d_model=32", "model.d_head=8", "model.d_mlp=64"]
@@ -38,8 +37,8 @@ def test_bz_to_a_sequences_are_bos_b_sep_z_sep_a_eos_with_loss_only_on_a_and_eos
     assert (tokens[:, 1:7] < 36).all() and (tokens[:, 8:10] < 36).all() and (tokens[:, 11:15] < 36).all()
     # prediction t reads token t+1: A sits at 11..14 and EOS at 15, so predictions 10..14 count
     assert batch.loss_mask[0].nonzero().flatten().tolist() == [10, 11, 12, 13, 14]
-    assert batch.first_target_mask[0].nonzero().flatten().tolist() == [10]
-    assert batch.selector_mask[0].nonzero().flatten().tolist() == [8, 9]
+    assert batch.positions["first_target"][0].nonzero().flatten().tolist() == [10]
+    assert batch.positions["z"][0].nonzero().flatten().tolist() == [8, 9]
 
 
 def test_dataset_is_drawn_once_from_the_seed_with_k_shared_selectors_and_distinct_first_characters():
@@ -66,8 +65,8 @@ def test_shared_first_chars_gives_every_base_the_same_k_first_characters_in_its_
 
 def test_reversed_and_selector_free_variants_change_the_layout():
     b_to_a = task_of("data.task=b_to_a").sample(4, torch.Generator().manual_seed(0))
-    assert b_to_a.tokens.shape == (4, 13) and b_to_a.selector_mask is None
-    assert b_to_a.first_target_mask[0].nonzero().flatten().tolist() == [7]
+    assert b_to_a.tokens.shape == (4, 13) and "z" not in b_to_a.positions
+    assert b_to_a.positions["first_target"][0].nonzero().flatten().tolist() == [7]
     az = task_of("data.task=az_to_b")
     batch = az.sample(4, torch.Generator().manual_seed(0))
     assert batch.tokens.shape == (4, 16)
@@ -130,21 +129,21 @@ def first_target_probability(model, tokens, first) -> torch.Tensor:
     return p[first]
 
 
-def test_roll_selectors_gives_each_row_the_next_rows_z_and_keeps_everything_else():
+def test_rolling_z_gives_each_row_the_next_rows_z_and_keeps_everything_else():
     _, batch = tiny()
-    rolled = roll_selectors(batch.tokens, batch.selector_mask)
+    rolled = batch.rolled("z")
     assert torch.equal(rolled[:, 8:10], batch.tokens.roll(-1, dims=0)[:, 8:10])
-    outside = ~batch.selector_mask
+    outside = ~batch.positions["z"]
     assert torch.equal(rolled[outside], batch.tokens[outside])
 
 
 def test_loss_probe_reports_first_target_z_shuffled_and_their_gap():
     model, batch = tiny()
-    ((name, measurements),) = measure_model(model, batch, [LossProbe()])
+    ((name, measurements),) = measure_model(model, batch, [LossProbe(**SELECTOR_STUDY.options_for("loss"))])
     values = {m.metric: float(m.value) for m in measurements}
-    first = batch.first_target_mask
+    first = batch.positions["first_target"]
     clean = -first_target_probability(model, batch.tokens, first).log().mean()
-    shuffled_tokens = roll_selectors(batch.tokens, batch.selector_mask)
+    shuffled_tokens = batch.rolled("z")
     with torch.no_grad():
         p = target_probability(model(shuffled_tokens), batch.tokens)  # the original targets, shuffled z
     shuffled = -p[first].log().mean()
@@ -158,10 +157,10 @@ def test_patching_the_embeddings_at_z_gives_the_partners_prediction():
     """Layer 0 is the embeddings: patching z there turns example 1 into example 2 (same B), so
     e_0 = p(target₂ | example 2) − p(target₂ | example 1), computed here by two plain forwards."""
     model, batch = tiny()
-    ((_, measurements),) = measure_model(model, batch, [PatchingProbe()])
+    ((_, measurements),) = measure_model(model, batch, [PatchingProbe(**SELECTOR_STUDY.options_for("patching"))])
     values = {m.metric: m.value for m in measurements}
     partner = batch.pair_index
-    first = batch.first_target_mask
+    first = batch.positions["first_target"]
     with torch.no_grad():
         own = target_probability(model(batch.tokens), batch.tokens[partner])[first]  # p(target₂ | example 1)
         theirs = target_probability(model(batch.tokens[partner]), batch.tokens[partner])[first]  # p(target₂ | example 2)
@@ -172,9 +171,9 @@ def test_patching_the_embeddings_at_z_gives_the_partners_prediction():
 
 def test_random_z_probe_measures_the_probability_drop_and_argmax_changes_when_z_is_swapped():
     model, batch = tiny()
-    ((_, measurements),) = measure_model(model, batch, [RandomZProbe()])
+    ((_, measurements),) = measure_model(model, batch, [RandomZProbe(selector="z", read="first_target")])
     values = {m.metric: float(m.value) for m in measurements}
-    swapped = roll_selectors(batch.tokens, batch.selector_mask)
+    swapped = batch.rolled("z")
     differs = (swapped != batch.tokens).any(-1)
     with torch.no_grad():
         clean_logits, other_logits = model(batch.tokens)[:, 10], model(swapped)[:, 10]
@@ -183,18 +182,19 @@ def test_random_z_probe_measures_the_probability_drop_and_argmax_changes_when_z_
     change = (clean_logits.argmax(-1) != other_logits.argmax(-1)).float()
     assert values["p_drop"] == pytest.approx(float(drop[differs].mean()), abs=1e-5)
     assert values["argmax_change"] == pytest.approx(float(change[differs].mean()), abs=1e-6)
-    assert measure_model(model, TaskBatch(tokens=batch.tokens, loss_mask=batch.loss_mask), [RandomZProbe()]) == [("random_z", [])]
+    with pytest.raises(ValueError, match="position set 'z'"):
+        measure_model(model, TaskBatch(tokens=batch.tokens, loss_mask=batch.loss_mask), [RandomZProbe(selector="z", read="first_target")])
 
 
-def test_attention_to_and_logit_lens_default_to_z_and_the_first_target_on_disambiguation_batches():
+def test_attention_to_and_logit_lens_read_z_and_the_first_target_as_the_task_declares():
     model, batch = tiny()
     with torch.no_grad():
         _, cache = model.run_with_cache(batch.tokens)
     inputs = ProbeInputs(acts=cache, batch=batch, model=model, n_layers=1, n_heads=4)
     with torch.no_grad():
-        (mass,) = AttentionToProbe().compute(inputs)
-        lens = {m.metric: m.value for m in LogitLensProbe().compute(inputs)}
+        (mass,) = AttentionToProbe(**SELECTOR_STUDY.options_for("attention_to")).compute(inputs)
+        lens = {m.metric: m.value for m in LogitLensProbe(**SELECTOR_STUDY.options_for("logit_lens")).compute(inputs)}
     pattern = cache["blocks.0.attn.hook_pattern"]  # (B, H, Q, K)
     assert mass.value[0].tolist() == pytest.approx(pattern[:, :, 10, 8:10].sum(-1).mean(0).tolist(), abs=1e-5)
-    p_output = first_target_probability(model, batch.tokens, batch.first_target_mask).mean()
+    p_output = first_target_probability(model, batch.tokens, batch.positions["first_target"]).mean()
     assert float(lens["p_correct"][-1]) == pytest.approx(float(p_output), abs=1e-5)

@@ -2,8 +2,9 @@
 posthoc/analysis → report/sweeps/server → cli, function-level imports included.
 
 Where the small top-level modules sit:
-- `errors`, `progress`, `background` are below everything (plain Python: exceptions, a progress
-  bar, an ordered worker thread), so any layer may raise, report progress or hand work to a thread;
+- `errors`, `progress`, `background`, `plugins` are below everything (plain Python: exceptions, a
+  progress bar, an ordered worker thread, importing a package's modules by name), so any layer may
+  raise, report progress, hand work to a thread or load its registrations;
   `presets` holds YAML files only.
 - `run` (`pl.open_run`) sits with `series` in the run layer.
 - `analysis.transitions`, the change-point detector, is a pure function of a metrics table that
@@ -20,7 +21,7 @@ import phaselens
 
 PACKAGE = Path(phaselens.__file__).parent
 LAYERS = [
-    ("errors", "progress", "background", "presets"),
+    ("errors", "progress", "background", "presets", "plugins"),
     ("store",),
     ("models",),
     ("tasks",),

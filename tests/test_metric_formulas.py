@@ -267,10 +267,10 @@ def test_loss_probe_splits_copy_and_non_copy_positions_within_the_loss_mask():
     batch = TaskBatch(
         tokens=torch.tensor(LOSS_TOKENS),
         loss_mask=torch.tensor([[True, True], [True, False]]),
-        copy_mask=torch.tensor([[False, True], [True, False]]),
+        positions={"copy": torch.tensor([[False, True], [True, False]])},
     )
     inputs = ProbeInputs(acts={}, batch=batch, model=None, logits=torch.tensor(LOGITS))
-    values = {m.metric: m.value.item() for m in LossProbe().compute(inputs)}
+    values = {m.metric: m.value.item() for m in LossProbe(positions=["copy"], complements=["copy"]).compute(inputs)}
     # (1, 1) is outside the loss mask, so non_copy is position (0, 0) alone
     assert values == {
         "all": pytest.approx((ce(LOGITS[0][0], 0) + ce(LOGITS[0][1], 2) + ce(LOGITS[1][0], 1)) / 3, abs=1e-5),
@@ -322,14 +322,15 @@ def test_measure_cache_head_scores_use_the_detection_patterns_of_the_given_token
             assert got == pytest.approx(expected.tolist(), rel=1e-6)
 
 
-def test_measure_cache_loss_probe_splits_a_task_batch_by_its_copy_mask(tiny_model):
+def test_measure_cache_loss_probe_splits_a_task_batch_by_its_copy_positions(tiny_model):
     batch = InductionTask(seq_len=8, vocab=11, min_len=3, max_len=4).sample(4, torch.Generator().manual_seed(0))
     logits, cache = tiny_model.run_with_cache(batch.tokens)
-    frame = measure_cache(cache, batch, probes=["loss"], model=tiny_model, logits=logits)
+    frame = measure_cache(cache, batch, probes=[LossProbe(positions=["copy"], complements=["copy"])], model=tiny_model, logits=logits)
     losses = token_losses(logits, batch.tokens)  # (B, T-1)
     values = dict(zip(frame.metric, frame.value))
-    assert values["copy"] == pytest.approx(losses[batch.copy_mask].mean().item(), rel=1e-5)
-    assert values["non_copy"] == pytest.approx(losses[~batch.copy_mask].mean().item(), rel=1e-5)
+    copies = batch.positions["copy"]
+    assert values["copy"] == pytest.approx(losses[copies].mean().item(), rel=1e-5)
+    assert values["non_copy"] == pytest.approx(losses[~copies].mean().item(), rel=1e-5)
 
 
 def test_measure_cache_with_the_loss_probe_accepts_plain_tokens(tiny_model):
@@ -353,10 +354,10 @@ def copy_offset(tokens: torch.Tensor, copy_positions: list[int]) -> int | None:
 def test_every_copy_position_predicts_the_token_after_an_earlier_occurrence():
     task = InductionTask(seq_len=64, vocab=64)
     batch = task.sample(16, torch.Generator().manual_seed(0))
-    assert batch.tokens.shape == (16, 64) and batch.copy_mask.shape == (16, 63)
+    assert batch.tokens.shape == (16, 64) and batch.positions["copy"].shape == (16, 63)
     offsets = []
     for row in range(16):
-        positions = batch.copy_mask[row].nonzero().flatten().tolist()
+        positions = batch.positions["copy"][row].nonzero().flatten().tolist()
         # the repeat is min_len..max_len tokens long: length − 1 predictions can be copied
         assert task.min_len - 1 <= len(positions) <= task.max_len - 1
         assert positions == list(range(positions[0], positions[-1] + 1))  # one contiguous segment
@@ -371,7 +372,7 @@ def test_half_repeat_copies_the_first_half_at_offset_half_the_length():
     assert torch.equal(batch.tokens[:, 32:], batch.tokens[:, :32])
     expected_mask = torch.zeros(4, 63, dtype=torch.bool)
     expected_mask[:, 32:] = True  # position 31 predicts token 32, a copy of token 0 no head can foresee
-    assert torch.equal(batch.copy_mask, expected_mask)
+    assert torch.equal(batch.positions["copy"], expected_mask)
 
 
 def test_same_seed_gives_the_same_batch():
@@ -379,7 +380,7 @@ def test_same_seed_gives_the_same_batch():
     a = task.sample(8, torch.Generator().manual_seed(0))
     b = task.sample(8, torch.Generator().manual_seed(0))
     c = task.sample(8, torch.Generator().manual_seed(1))
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.copy_mask, b.copy_mask)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.positions["copy"], b.positions["copy"])
     assert not torch.equal(a.tokens, c.tokens)
 
 

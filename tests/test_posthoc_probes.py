@@ -22,7 +22,7 @@ from phaselens.probes.attention_to import AttentionToProbe, attention_mass, posi
 from phaselens.probes.base import ProbeInputs
 from phaselens.probes.logit_lens import LogitLensProbe, lens_positions, logit_lens_stats
 from phaselens.probes.measure import measure_cache, measure_model
-from phaselens.probes.patching import PatchingProbe, _patching_effects_batched, corrupt_sources, patching_effects, residual_hooks
+from phaselens.probes.patching import PatchingProbe, _patching_effects_batched, corrupt_positions, patching_effects, residual_hooks
 from phaselens.run import open_run
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.induction import InductionTask
@@ -77,7 +77,7 @@ def test_lens_positions_first_token_only_keeps_the_first_masked_prediction_of_ea
     tokens = torch.zeros(3, 5, dtype=torch.long)
     loss_mask = torch.tensor([[False, True, True, True], [True, True, True, True], [True, True, True, True]])
     copy_mask = torch.tensor([[True, False, True, True], [False, False, False, False], [False, True, True, False]])
-    batch = TaskBatch(tokens=tokens, loss_mask=loss_mask, copy_mask=copy_mask)
+    batch = TaskBatch(tokens=tokens, loss_mask=loss_mask, positions={"copy": copy_mask})
     F, T = False, True
     assert lens_positions(batch, "loss", False).tolist() == loss_mask.tolist()
     assert lens_positions(batch, "loss", True).tolist() == [[F, T, F, F], [T, F, F, F], [T, F, F, F]]
@@ -94,11 +94,9 @@ def test_logit_lens_first_token_only_reads_one_prediction_per_sequence():
     assert stats["top1"].tolist() == pytest.approx([1.0, 0.5], abs=1e-6)
 
 
-def test_logit_lens_copy_positions_need_a_copy_mask():
-    with pytest.raises(ValueError, match="copy mask"):
+def test_logit_lens_names_the_position_set_a_batch_lacks():
+    with pytest.raises(ValueError, match="position set 'copy'.*they have: none"):
         lens_positions(TaskBatch(tokens=LENS_TOKENS, loss_mask=LENS_MASK), "copy", False)
-    with pytest.raises(ValueError, match="positions"):
-        LogitLensProbe(positions="everywhere")
 
 
 def tiny_model(seed: int = 0) -> Transformer:
@@ -145,8 +143,8 @@ def attention_batch() -> TaskBatch:
     return TaskBatch(
         tokens=torch.zeros(2, 3, dtype=torch.long),
         loss_mask=torch.ones(2, 2, dtype=torch.bool),
-        copy_mask=torch.tensor([[True, False], [False, True]]),
-        source_mask=torch.tensor([[True, True, False], [False, False, True]]),
+        positions={"copy": torch.tensor([[True, False], [False, True]]),
+                   "source": torch.tensor([[True, True, False], [False, False, True]])},
     )
 
 
@@ -172,11 +170,11 @@ def test_attention_mass_is_the_mean_over_selected_queries_of_the_attention_on_se
 
 def test_position_mask_pads_prediction_masks_and_takes_explicit_positions():
     batch = attention_batch()
-    # copy_mask is over predictions (B, T-1): prediction t is made at query t, the last token predicts nothing
+    # copy is a set of predictions (B, T-1): prediction t is made at query t, the last token predicts nothing
     assert position_mask(batch, "copy", "query").tolist() == [[True, False, False], [False, True, False]]
     assert position_mask(batch, "source", "key").tolist() == [[True, True, False], [False, False, True]]
     assert position_mask(batch, [0, 2], "key").tolist() == [[True, False, True], [True, False, True]]
-    with pytest.raises(ValueError, match="no bogus_mask"):
+    with pytest.raises(ValueError, match="position set .bogus.*they have: copy, source"):
         position_mask(batch, "bogus", "key")
 
 
@@ -185,14 +183,17 @@ def test_attention_to_probe_reads_masks_by_name_and_explicit_positions():
     acts = {"blocks.0.attn.hook_pattern": two_sequence_pattern()}
     inputs = lambda b: ProbeInputs(acts=acts, batch=b, model=None, n_layers=1, n_heads=2)
     # copy -> source: seq 0 query 0 on keys {0, 1}: 1.0 (both heads); seq 1 query 1 on key 2: 0.0
-    (by_name,) = AttentionToProbe().compute(inputs(batch))
+    (by_name,) = AttentionToProbe(query="copy", key="source").compute(inputs(batch))
     assert by_name.metric == "mass"
     assert by_name.value.tolist() == [pytest.approx([0.5, 0.5], abs=1e-6)]
     # query 2 on key 0: head 0 puts 0.2 there, head 1 nothing, in both sequences
     (explicit,) = AttentionToProbe(query=[2], key=[0]).compute(inputs(batch))
     assert explicit.value.tolist() == [pytest.approx([0.2, 0.0], abs=1e-6)]
     plain = TaskBatch(tokens=batch.tokens, loss_mask=batch.loss_mask)
-    assert AttentionToProbe().compute(inputs(plain)) == []  # a task without segments: nothing by default
+    with pytest.raises(ValueError, match="position set 'copy'"):  # a task without segments: named, not guessed
+        AttentionToProbe(query="copy", key="source").compute(inputs(plain))
+    with pytest.raises(ValueError, match="needs options query and key"):
+        AttentionToProbe().compute(inputs(batch))
 
 
 # ---------------------------------------------------------------------------- patching
@@ -272,16 +273,16 @@ def induction_batch() -> TaskBatch:
     return InductionTask(seq_len=64, vocab=64).sample(8, torch.Generator().manual_seed(3))
 
 
-def test_corrupt_sources_changes_only_source_positions_and_is_deterministic_per_seed():
+def test_corrupt_positions_changes_only_source_positions_and_is_deterministic_per_seed():
     batch = induction_batch()
-    corrupted = corrupt_sources(batch, vocab=64, seed=0)
-    source = batch.source_mask
+    source = batch.positions["source"]
+    corrupted = corrupt_positions(batch.tokens, source, vocab=64, seed=0)
     assert source.sum(-1).min() >= 8  # every sequence has a segment of at least min_len tokens
     assert torch.equal(corrupted[~source], batch.tokens[~source])
     changed = (corrupted != batch.tokens)[source].float().mean().item()
     assert changed > 0.9  # a random token equals the old one with probability 1/64
-    assert torch.equal(corrupt_sources(batch, vocab=64, seed=0), corrupted)
-    assert not torch.equal(corrupt_sources(batch, vocab=64, seed=1), corrupted)
+    assert torch.equal(corrupt_positions(batch.tokens, source, vocab=64, seed=0), corrupted)
+    assert not torch.equal(corrupt_positions(batch.tokens, source, vocab=64, seed=1), corrupted)
     assert corrupted.min() >= 0 and corrupted.max() < 64
 
 
@@ -310,11 +311,11 @@ def test_patching_reusing_the_corrupted_prefix_equals_one_hooked_forward_per_lay
             if name.split(".")[-1].startswith("W_"):
                 p.normal_(std=0.4, generator=torch.Generator().manual_seed(len(name)))
     batch = induction_batch()
-    corrupted = corrupt_sources(batch, 64, seed=0)
-    positions = batch.source_mask
+    corrupted = corrupt_positions(batch.tokens, batch.positions["source"], 64, seed=0)
+    positions = batch.positions["source"]
     if not shortcut:  # patch only part of the corruption: the patched embeddings are not the clean input
         positions = positions & (positions.cumsum(-1) > 2)
-    targets = batch.copy_mask & batch.loss_mask
+    targets = batch.predictions("copy")
     expected = explicit_patching_effects(model, batch.tokens, corrupted, positions, targets)
     assert expected.abs().max() > 1e-3, "the corruption must matter for this test to mean anything"
     with torch.no_grad():
@@ -334,11 +335,14 @@ def _read_targets(logits: torch.Tensor, tokens: torch.Tensor, targets: torch.Ten
     return torch.stack([(next_token_probability(group, tokens) * weights).sum(-1) / weights.sum(-1) for group in logits]).float()
 
 
-def test_patching_probe_measures_nothing_on_a_batch_without_source_positions():
+def test_patching_probe_names_what_a_batch_without_source_positions_lacks():
     model = tiny_model()
     tokens = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(4))
     plain = TaskBatch(tokens=tokens, loss_mask=torch.ones(2, 7, dtype=torch.bool))
-    assert measure_model(model, plain, [PatchingProbe()]) == [("patching", [])]
+    with pytest.raises(ValueError, match="position set 'source'"):
+        measure_model(model, plain, [PatchingProbe(patch="source", read="copy")])
+    with pytest.raises(ValueError, match="needs options patch"):
+        measure_model(model, plain, [PatchingProbe()])
 
 
 # ---------------------------------------------------------------------------- sweep over a real run

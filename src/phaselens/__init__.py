@@ -41,6 +41,7 @@ _LAZY = {
     "attention_head_variance": "phaselens.probes.attention",
     "head_score": "phaselens.probes.heads",
     "GeometryProbe": "phaselens.probes.geometry",
+    "LossProbe": "phaselens.probes.loss",
     "interaction_energy": "phaselens.probes.geometry",
     "kl_to_unigram": "phaselens.probes.geometry",
     "import_hf": "phaselens.series.hf",

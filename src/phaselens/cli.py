@@ -143,13 +143,18 @@ def probe(
     address: Optional[str] = typer.Option(None, help="Address of a running Ray cluster."),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when present), cpu or cuda (default: auto, or what import-hf was given)."),
     dtype: Optional[str] = typer.Option(None, help="Weights in float32, bfloat16 or float16 (probes reduce in float32)."),
+    probe_option: Optional[List[str]] = typer.Option(None, "--probe-option", help="probe.option=value, over the task's "
+                                                     "defaults (repeatable): --probe-option logit_lens.first_token_only=false"),
 ):
     """Run probes post-hoc over every checkpoint (resumable: stored values are skipped)."""
     from phaselens.posthoc.runner import failures_text, run_probes
+    from phaselens.training.config import parse_probe_options
 
     wanted = _parse_steps(steps, run)
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
-    result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address, device=device, dtype=dtype)
+    options = parse_probe_options(probe_option or [])
+    result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address, device=device, dtype=dtype,
+                        options=options)
     typer.echo(f"measured {len(result.measured)} checkpoint(s), {result.rows} rows; "
                f"{result.skipped} (step, probe) pairs were already stored; {result.seconds:.1f} s")
     for note in result.notes:

@@ -1,5 +1,5 @@
 """Post-hoc probes over checkpoints (`phaselens probe`)."""
 
-from phaselens.posthoc.runner import DEFAULT_PROBES, SweepResult, run_probes
+from phaselens.posthoc.runner import SweepResult, run_probes
 
-__all__ = ["DEFAULT_PROBES", "SweepResult", "run_probes"]
+__all__ = ["SweepResult", "run_probes"]

@@ -21,7 +21,6 @@ from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
 from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir
-from phaselens.tasks.config import DEFAULT_PROBES
 
 SOURCE = "checkpoint"
 COMMIT_SECONDS = 1.0  # how often a sweep commits the rows measured so far
@@ -176,18 +175,17 @@ def plan(run_dir: RunDir, store: MetricsStore, probes: Sequence[str], steps: Seq
 
 
 def resolve_probes(names: Sequence[str] | None, task: str | None = None) -> list[str]:
-    """The probes to measure: `names`, or the default set for the run's `task`; refuses probes the task cannot feed."""
-    import phaselens.probes  # noqa: F401
+    """The probes to measure: `names`, or the default set the run's `task` declares; refuses probes the task cannot feed."""
     from phaselens.errors import ConfigError
     from phaselens.probes.base import probe_names
-    from phaselens.tasks.config import task_config_class
+    from phaselens.tasks.config import task_study
+    from phaselens.tasks.study import GENERIC
 
     registered = probe_names()
-    task_class = task_config_class(task) if task else None
-    inapplicable = task_class.inapplicable_probes if task_class else {}
+    study = task_study(task) if task else GENERIC
+    inapplicable = study.inapplicable_probes
     if not names:
-        defaults = task_class.default_probes_for(task) if task_class else DEFAULT_PROBES
-        return [p for p in defaults if p in registered]
+        return [p for p in study.post_hoc_probes if p in registered]
     unknown = [n for n in names if n not in registered]
     if unknown:
         raise ConfigError(f"unknown probe(s) {unknown}; registered probes: {', '.join(registered)}")
@@ -197,6 +195,26 @@ def resolve_probes(names: Sequence[str] | None, task: str | None = None) -> list
         usable = [p for p in registered if p not in inapplicable]
         raise ConfigError(f"probe(s) {refused} do not apply to a {task!r} run ({reasons}); usable probes: {', '.join(usable)}")
     return list(dict.fromkeys(names))
+
+
+def resolve_options(names: Sequence[str], config: dict, options: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Each probe's options: what the run's task declares, then the run's `telemetry.probe_options`, then `options`."""
+    from phaselens.probes.base import make_probe
+    from phaselens.tasks.config import task_study
+    from phaselens.tasks.study import GENERIC
+
+    task = (config.get("data") or {}).get("task")
+    study = task_study(task) if task else GENERIC
+    configured = (config.get("telemetry") or {}).get("probe_options") or {}
+    merged = {name: {**study.options_for(name, configured), **((options or {}).get(name) or {})} for name in names}
+    for name, given in merged.items():  # bad options fail here, before any checkpoint loads
+        try:
+            make_probe(name, **given)
+        except (TypeError, ValueError) as exc:
+            from phaselens.errors import ConfigError
+
+            raise ConfigError(f"probe {name!r} with options {given}: {exc}") from None
+    return merged
 
 
 def ensure_unigram(run_dir: RunDir) -> None:
@@ -232,13 +250,13 @@ def run_probes(
     progress: bool = True,
     device: str | None = None,
     dtype: str | None = None,
+    options: dict[str, dict] | None = None,
 ) -> SweepResult:
     """Measure `probes` (default: the standard post-hoc set) on every checkpoint of `run` not yet measured.
 
     Args:
         run: the run directory.
-        probes: probe names; default attention, heads, loss, logit_lens, attention_to, patching (and random_z
-            for tasks with a selector; an imported series: attention, loss, logit_lens, geometry).
+        probes: probe names; default: the post-hoc probes the run's task declares (`phaselens.tasks.study`).
         steps: only these checkpoint steps (default: all).
         backend: "local" (in this process, or `workers` processes) or "ray" (a Ray task per checkpoint).
         workers: local worker processes, or the CPUs of a local Ray cluster.
@@ -246,6 +264,8 @@ def run_probes(
         device: auto (CUDA when present), cpu or cuda.
         dtype: float32, bfloat16 or float16 for the model's weights (an imported series: default the one
             given to import-hf); probes reduce in float32 whatever it is.
+        options: probe name -> options, over the task's defaults and the run's `telemetry.probe_options`
+            (e.g. {"logit_lens": {"first_token_only": True}}).
     """
     from phaselens.posthoc.backends import get_backend
 
@@ -259,6 +279,12 @@ def run_probes(
     resolve_device(device), resolve_dtype(dtype)  # refuse bad values here, not in every worker
     task = (info["config"].get("data") or {}).get("task")
     names = _for_architecture(resolve_probes(probes, task), run_dir, explicit=bool(probes))
+    unknown = sorted(set(options or {}) - set(names))
+    if unknown:
+        from phaselens.errors import ConfigError
+
+        raise ConfigError(f"probe option(s) for {unknown}, which this sweep does not measure (it measures {', '.join(names)})")
+    chosen = resolve_options(names, info["config"], options)
     if "geometry" in names:
         ensure_unigram(run_dir)
     store = MetricsStore(run_dir.metrics_db)
@@ -298,8 +324,9 @@ def run_probes(
         with progress_bar(f"probe {run_dir.path.name}", len(tasks), unit="checkpoints", enabled=progress) as update:
             # each call names the step its worker likely takes next (the tasks go out in order,
             # `workers` at a time), so an imported series reads that revision's weights meanwhile
-            calls = [(str(run_dir.path), step, probes, None, tasks[i + workers][0] if i + workers < len(tasks) else None,
-                      device, dtype) for i, (step, probes) in enumerate(tasks)]
+            calls = [(str(run_dir.path), step, probes, {p: chosen[p] for p in probes},
+                      tasks[i + workers][0] if i + workers < len(tasks) else None, device, dtype)
+                     for i, (step, probes) in enumerate(tasks)]
             results: Iterator[TaskResult] = execute(measure_checkpoint, calls, workers=workers, address=address) if calls else iter(())
             for result in results:
                 if result.weights_hash:

@@ -34,6 +34,7 @@ class ProbeInputs:
     n_layers: int = 0
     n_heads: int = 0
     _stacked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _rolled: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def stack(self, template: str) -> torch.Tensor:
         """Stack one hook over layers: `stack("blocks.{}.attn.hook_pattern")` -> (L, ...).
@@ -44,12 +45,25 @@ class ProbeInputs:
             self._stacked[template] = torch.stack([self.acts[template.format(layer)] for layer in range(self.n_layers)])
         return self._stacked[template]
 
+    def rolled_logits(self, name: str, reader: str) -> torch.Tensor:
+        """Logits (B, T, V) of the batch with token set `name` moved one row on (`TaskBatch.rolled`).
+
+        One no-grad forward per set, shared by the probes that read it (the z-shuffled loss and random z).
+        """
+        if name not in self._rolled:
+            with torch.no_grad():
+                self._rolled[name] = self.model(self.batch.rolled(name, reader))
+        return self._rolled[name]
+
 
 class Probe:
     """Base class. Subclass, set `name`, list `hook_names`, implement `compute`, then `@register_probe`."""
 
     name: ClassVar[str] = ""
     needs_logits: ClassVar[bool] = False
+    # False for probes too costly for every training step (extra forwards, an unembedding per layer):
+    # they run on checkpoints only (`telemetry.checkpoint_probes`, `phaselens probe`).
+    live: ClassVar[bool] = True
     # True when `compute` reads only `inputs.acts`, `inputs.logits` and `inputs.batch`, never the
     # model: live telemetry may then measure it on a spare core while the optimizer updates the weights.
     off_thread: ClassVar[bool] = False
@@ -95,7 +109,14 @@ def register_probe(cls: type[Probe]) -> type[Probe]:
     return cls
 
 
+def _load_builtin() -> None:
+    from phaselens.plugins import load_package
+
+    load_package("phaselens.probes")  # every probe module registers its probes
+
+
 def probe_names() -> list[str]:
+    _load_builtin()
     return sorted(_REGISTRY)
 
 
@@ -103,6 +124,7 @@ def make_probe(name: str | Probe, **options: Any) -> Probe:
     """A probe instance from its registered name (or pass an instance through)."""
     if isinstance(name, Probe):
         return name
+    _load_builtin()
     if name not in _REGISTRY:
         from phaselens.errors import ConfigError
 

@@ -13,21 +13,9 @@ import torch
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
 from phaselens.tasks.batch import TaskBatch
 
-POSITIONS = ("loss", "copy", "first_target")
-
-
 def lens_positions(batch: TaskBatch, positions: str, first_token_only: bool) -> torch.Tensor:
-    """Which next-token predictions to read: (B, T-1) bool."""
-    if positions == "copy":
-        if batch.copy_mask is None:
-            raise ValueError("logit_lens positions='copy' needs a task with a copy mask")
-        mask = batch.copy_mask & batch.loss_mask
-    elif positions == "first_target":
-        if batch.first_target_mask is None:
-            raise ValueError("logit_lens positions='first_target' needs a task with a first-target mask")
-        mask = batch.first_target_mask & batch.loss_mask
-    else:
-        mask = batch.loss_mask
+    """Which next-token predictions to read: prediction set `positions` ("loss": every counted one), (B, T-1) bool."""
+    mask = batch.predictions(positions, "logit_lens")
     if first_token_only:  # the first position of each sequence's mask: e.g. the first target token
         first = mask.int().argmax(-1)  # (B,)
         only = torch.zeros_like(mask)
@@ -83,18 +71,17 @@ def logit_lens_stats(
 
 @register_probe
 class LogitLensProbe(Probe):
-    """`p_correct`, `top1`, `entropy` per layer. Options: positions='loss'|'copy'|'first_target', first_token_only.
+    """`p_correct`, `top1`, `entropy` per layer.
 
-    On a batch with a first-target mask (late disambiguation) the default reads only the first target
-    token, the one that needs z; pass positions='loss' explicitly for every target position.
+    Options: `positions`, the prediction set read ("loss": every counted prediction; a task may declare
+    its own, e.g. late disambiguation reads `first_target`, the token that needs z), and
+    `first_token_only` (only the first prediction of the set in each sequence).
     """
 
     name = "logit_lens"
     live = False  # an unembedding per layer: measure it on checkpoints
 
-    def __init__(self, positions: str | None = None, first_token_only: bool = False):
-        if positions is not None and positions not in POSITIONS:
-            raise ValueError(f"logit_lens positions must be one of {POSITIONS}, got {positions!r}")
+    def __init__(self, positions: str = "loss", first_token_only: bool = False):
         super().__init__(positions=positions, first_token_only=first_token_only)
 
     def hook_names(self, n_layers: int) -> list[str]:
@@ -103,7 +90,6 @@ class LogitLensProbe(Probe):
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         names = self.hook_names(inputs.n_layers)
         resid = [inputs.acts[name] for name in names]  # L+1 streams (B, T, d_model)
-        positions = self.options["positions"] or ("first_target" if inputs.batch.first_target_mask is not None else "loss")
-        mask = lens_positions(inputs.batch, positions, self.options["first_token_only"])
+        mask = lens_positions(inputs.batch, self.options["positions"], self.options["first_token_only"])
         stats = logit_lens_stats(resid, inputs.model, inputs.batch.tokens, mask, final_logits=inputs.logits)
         return [Measurement(name, value) for name, value in stats.items()]

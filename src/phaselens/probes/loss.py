@@ -1,13 +1,14 @@
-"""Losses on the probe batch: per-position cross-entropy split by the task's masks."""
+"""Losses on the probe batch: per-position cross-entropy on the task's named prediction sets."""
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
 from phaselens.tasks.batch import TaskBatch
-from phaselens.tasks.disambiguation import roll_selectors
 
 
 def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -29,25 +30,17 @@ def masked_means(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (weights @ values.reshape(-1, 1)).view(-1) / weights.sum(-1)
 
 
-def first_target_losses(model: torch.nn.Module, losses: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
-    """`first_target`, `z_shuffled` and `z_shuffle_gap` of a disambiguation batch: (3,), or (1,) without selectors.
-
-    `z_shuffled` is the first-target loss when every row's z is replaced by the next row's (a derangement of
-    the rows), measured with one extra no-grad forward; the gap is how much the model relies on z.
-    `losses` (B, T-1) are the clean run's per-position losses.
-    """
-    clean = masked_mean(losses, batch.first_target_mask)
-    if batch.selector_mask is None:
-        return clean[None]
-    shuffled_logits = model(roll_selectors(batch.tokens, batch.selector_mask))  # (B, T, V)
-    shuffled = masked_mean(token_losses(shuffled_logits, batch.tokens), batch.first_target_mask)
-    return torch.stack((clean, shuffled, shuffled - clean))
-
-
 @register_probe
 class LossProbe(Probe):
-    """Loss of the measured batch: `all` positions, `copy` / `non_copy` where the task marks copies, and
-    `first_target`, `z_shuffled`, `z_shuffle_gap` where it marks a first target (late disambiguation).
+    """Loss of the measured batch: `all` counted positions, and the loss on the task's named prediction sets.
+
+    Options (a task declares its defaults; see `phaselens.tasks.study`):
+        positions: prediction sets whose loss is reported under their own name (induction: `copy`).
+        complements: prediction sets whose complement within the loss mask is reported as `non_<set>`.
+        shuffle: a token set (the selector `z`): the loss at the first of `positions` is measured again with
+            that set moved one row on (a derangement of the rows), as `<set>_shuffled`, and
+            `<set>_shuffle_gap` = shuffled − clean: how much the model relies on it. This costs one extra
+            no-grad forward, shared with the `random_z` probe.
 
     The trainer adds `train` (the full training batch) and `eval` (the held-out batch).
     """
@@ -56,21 +49,31 @@ class LossProbe(Probe):
     needs_logits = True
     off_thread = True
 
+    def __init__(self, positions: Sequence[str] = (), complements: Sequence[str] = (), shuffle: str | None = None):
+        if shuffle and not positions:
+            raise ValueError("loss shuffle needs a prediction set in `positions` to read the shuffled loss at")
+        super().__init__(positions=list(positions), complements=list(complements), shuffle=shuffle or None)
+
     def runs_off_thread(self, batch: TaskBatch) -> bool:
-        return batch.first_target_mask is None  # the z-shuffled loss runs the model: measure it in step
+        return self.options["shuffle"] is None  # the shuffled loss runs the model: measure it in step
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
-        batch = inputs.batch
+        batch, opts = inputs.batch, self.options
         losses = token_losses(inputs.logits, batch.tokens)  # (B, T-1)
-        if batch.first_target_mask is not None:
-            values = first_target_losses(inputs.model, losses, batch)
-            names = ("first_target", "z_shuffled", "z_shuffle_gap")
-            return [Measurement("all", masked_mean(losses, batch.loss_mask))] + [
-                Measurement(name, value) for name, value in zip(names, values.unbind())]
-        if batch.copy_mask is None:
-            return [Measurement("all", masked_means(losses, batch.loss_mask[None])[0])]
-        # The three masks as 0/1 rows of one tensor: counted, counted ∧ copy, counted ∧ ¬copy.
         counted = batch.loss_mask.to(losses.dtype)  # (B, T-1)
-        copies = batch.copy_mask.to(losses.dtype).mul_(counted)
-        means = masked_means(losses, torch.cat((counted, copies, counted - copies)).view(3, *losses.shape))  # (3,)
-        return [Measurement(name, mean) for name, mean in zip(("all", "copy", "non_copy"), means.unbind())]
+        names, masks = ["all"], [counted]
+        for name in opts["positions"]:
+            names.append(name)
+            masks.append(batch.predictions(name, "loss").to(losses.dtype))
+        for name in opts["complements"]:
+            names.append(f"non_{name}")
+            masks.append(counted - batch.predictions(name, "loss").to(losses.dtype))
+        means = masked_means(losses, torch.stack(masks))  # (S,): every set's mean in one matmul
+        measured = [Measurement(name, mean) for name, mean in zip(names, means.unbind())]
+        if opts["shuffle"]:
+            at, clean = opts["positions"][0], means[1]
+            shuffled = masked_mean(token_losses(inputs.rolled_logits(opts["shuffle"], "loss"), batch.tokens),
+                                   batch.predictions(at, "loss"))
+            measured += [Measurement(f"{opts['shuffle']}_shuffled", shuffled),
+                         Measurement(f"{opts['shuffle']}_shuffle_gap", shuffled - clean)]
+        return measured

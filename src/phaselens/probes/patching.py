@@ -11,11 +11,12 @@ how much the prediction depends on the information at the patched positions, whe
 Layer ℓ patches `blocks.{ℓ}.hook_resid_pre` (ℓ = 0 is the embeddings); ℓ = L patches
 `blocks.{L−1}.hook_resid_post`.
 
-For the induction task the corrupted input is the same sequence with the first copy of the
-segment replaced by random tokens, and the targets are the copy positions. For late
-disambiguation the batch pairs its rows (`pair_index`): example 1 and example 2 share B and
-differ in z and in the first target; example 1's residual stream at the z positions is replaced
-by example 2's, and e_ℓ is read at the prediction of the first target token.
+The probe reads the task's position sets by name (options, declared by the task): `patch`, the
+token set patched; `read`, the prediction set read; `corrupt`, where the corrupted input comes
+from. `corrupt="noise"`: the batch itself is clean and the corrupted input has random tokens at
+the patched set (induction: the segment's first occurrence, read at the copies).
+`corrupt="partner"`: the batch pairs its rows (`pair_index`); row one is corrupted, its partner
+clean (late disambiguation: same B, other z and first target; z patched, first target read).
 """
 
 from __future__ import annotations
@@ -31,11 +32,11 @@ def residual_hooks(n_layers: int) -> list[str]:
     return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
 
 
-def corrupt_sources(batch: TaskBatch, vocab: int, seed: int) -> torch.Tensor:
-    """Tokens with every source position replaced by a random token (fixed seed): (B, T)."""
+def corrupt_positions(tokens: torch.Tensor, positions: torch.Tensor, vocab: int, seed: int) -> torch.Tensor:
+    """Tokens (B, T) with every position in `positions` (B, T) replaced by a random token (fixed seed): (B, T)."""
     rng = torch.Generator().manual_seed(seed)
-    noise = torch.randint(0, vocab, batch.tokens.shape, generator=rng).to(batch.tokens.device)
-    return torch.where(batch.source_mask, noise, batch.tokens)
+    noise = torch.randint(0, vocab, tokens.shape, generator=rng).to(tokens.device)
+    return torch.where(positions, noise, tokens)
 
 
 def target_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -127,42 +128,54 @@ def _patching_effects_batched(model, clean, corrupted_tokens, positions, read) -
     return per_pair[:n] - per_pair[n]
 
 
+CORRUPTIONS = ("noise", "partner")
+
+
 @register_probe
 class PatchingProbe(Probe):
-    """`effect` per layer and `z_dependence` (mean over pairs of the largest per-layer effect)."""
+    """`effect` per layer and `z_dependence` (mean over pairs of the largest per-layer effect).
+
+    Options: `patch` (a token set), `read` (a prediction set), `corrupt` ("noise" or "partner"), `seed`
+    (the noise); see the module docstring. The task declares the first three.
+    """
 
     name = "patching"
     live = False  # n_layers + 2 extra forwards: measure it on checkpoints
 
-    def __init__(self, seed: int = 0):
-        super().__init__(seed=seed)
+    def __init__(self, patch: str | None = None, read: str | None = None, corrupt: str = "noise", seed: int = 0):
+        if corrupt not in CORRUPTIONS:
+            raise ValueError(f"patching corrupt must be one of {CORRUPTIONS}, got {corrupt!r}")
+        super().__init__(patch=patch, read=read, corrupt=corrupt, seed=seed)
 
     def hook_names(self, n_layers: int) -> list[str]:
         return residual_hooks(n_layers)
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
-        batch = inputs.batch
-        if batch.pair_index is not None and batch.selector_mask is not None and batch.first_target_mask is not None:
-            return self._selector_pairs(inputs)
-        if batch.source_mask is None or batch.copy_mask is None:
-            return []  # the task has no defined pairs
+        batch, opts = inputs.batch, self.options
+        if not (opts["patch"] and opts["read"]):
+            raise ValueError("patching needs options patch (a token set) and read (a prediction set); this task declares "
+                             "none: set them, e.g. --probe-option patching.patch=source --probe-option patching.read=copy")
+        positions = batch.token_positions(opts["patch"], "patching")  # (B, T)
+        targets = batch.predictions(opts["read"], "patching")  # (B, T-1)
+        if opts["corrupt"] == "partner":
+            return self._partners(inputs, positions, targets)
         clean = {name: inputs.acts[name] for name in residual_hooks(inputs.n_layers)}
         vocab = int(inputs.model.W_U.shape[-1])
-        corrupted = corrupt_sources(batch, vocab, self.options["seed"])
-        effects = patching_effects(inputs.model, clean, corrupted, batch.tokens, batch.source_mask, batch.copy_mask & batch.loss_mask,
-                                   clean_logits=inputs.logits)
+        corrupted = corrupt_positions(batch.tokens, positions, vocab, opts["seed"])
+        effects = patching_effects(inputs.model, clean, corrupted, batch.tokens, positions, targets, clean_logits=inputs.logits)
         return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]
 
-    def _selector_pairs(self, inputs: ProbeInputs) -> list[Measurement]:
-        """Patch z of example 2 into example 1 (rows paired by `pair_index`), read p(first target₂)."""
+    def _partners(self, inputs: ProbeInputs, positions: torch.Tensor, targets: torch.Tensor) -> list[Measurement]:
+        """Patch the set of the partner (clean) into each paired row (corrupted), read p(partner's target)."""
         batch = inputs.batch
+        if batch.pair_index is None:
+            raise ValueError("patching corrupt=partner needs a batch whose rows are paired (pair_index)")
         ones = (batch.pair_index >= 0).nonzero()[:, 0]  # (P,) rows that have a partner
         if len(ones) == 0:
             return []
         twos = batch.pair_index[ones]  # (P,)
         clean = {name: inputs.acts[name][twos] for name in residual_hooks(inputs.n_layers)}
-        targets = batch.first_target_mask[ones] & batch.loss_mask[ones]
         logits = None if inputs.logits is None else inputs.logits[twos]
-        effects = patching_effects(inputs.model, clean, batch.tokens[ones], batch.tokens[twos], batch.selector_mask[ones], targets,
+        effects = patching_effects(inputs.model, clean, batch.tokens[ones], batch.tokens[twos], positions[ones], targets[ones],
                                    clean_logits=logits)
         return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]

@@ -1,9 +1,12 @@
 """`phaselens report RUN`: figures and a `report.md` that says what happened in a run, and when.
 
 The report has a part that depends on the study the run belongs to (its task: what to look for,
-which figures to draw) and parts every run shares (configuration, transitions). A study is a
-function registered for one or more task names; a section is a function that adds a part when
-the run has the probes it needs (e.g. geometry or neurons). Reads the run only through the
+which figures to draw) and parts every run shares (configuration, transitions). A study's part is
+a function registered for one or more task names (a task cannot import its report: the report
+layer sits above it); a run of a task without one gets the generic part (`report.generic`: the
+loss and every probe's figures). A section is a function that adds a part when the run has the
+probes it needs (e.g. geometry or neurons). Every module of this package is imported before a
+report is written, so a new study's report module registers itself by being there. Reads the run only through the
 public run API and never imports torch, so a report of a finished run is quick on any machine.
 """
 
@@ -57,11 +60,9 @@ def register_section(section: Section) -> Section:
 
 
 def _load_builtin() -> None:
-    import phaselens.report.induction  # noqa: F401
-    import phaselens.report.geometry  # noqa: F401
-    import phaselens.report.disambiguation  # noqa: F401
-    import phaselens.report.neurons  # noqa: F401
-    import phaselens.report.text  # noqa: F401
+    from phaselens.plugins import load_package
+
+    load_package("phaselens.report")  # every report module registers its studies and sections
 
 
 def write_report(run: str | Path | Run) -> Path:
@@ -73,7 +74,12 @@ def write_report(run: str | Path | Run) -> Path:
     for stale in out.glob("*.png"):  # a figure this run cannot draw must not survive from an older report
         stale.unlink()
     task = (run.config.get("data") or {}).get("task", "induction")
-    study = _STUDIES.get(task, _STUDIES["induction"])(run, out)
+    if task in _STUDIES:
+        study = _STUDIES[task](run, out)
+    else:  # a task without a report section of its own: the generic report, never another study's
+        from phaselens.report.generic import generic_study
+
+        study = generic_study(run, out)
     sections = [
         f"# phaselens report: {run.name}",
         *study.summary,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from phaselens.errors import ConfigError
+from phaselens.tasks.study import GENERIC, Study
 
 SPLITS = ("train", "eval", "probe")
 _TASKS: dict[str, type["DataConfig"]] = {}
@@ -39,14 +40,15 @@ def task_config_class(name: str) -> type["DataConfig"]:
     return _TASKS[name]
 
 
+def task_study(name: str) -> Study:
+    """What task `name` declares (probes, their options, headline); see `phaselens.tasks.study`."""
+    return task_config_class(name).study_for(name)
+
+
 def _load_builtin() -> None:
-    import phaselens.tasks.induction_config  # noqa: F401
-    import phaselens.tasks.tokenized_text_config  # noqa: F401
-    import phaselens.tasks.disambiguation_config  # noqa: F401
-    import phaselens.tasks.text_config  # noqa: F401
+    from phaselens.plugins import load_package
 
-
-DEFAULT_PROBES = ("attention", "heads", "loss", "logit_lens", "attention_to", "patching")
+    load_package("phaselens.tasks", suffix="_config")  # every task's config module registers itself
 
 
 @dataclass
@@ -57,15 +59,13 @@ class DataConfig:
     probe_size: int = 64  # fixed probe batch, measured at every checkpoint (during training and post-hoc)
     eval_size: int = 128  # fixed held-out batch for the periodic eval loss
 
-    # Post-hoc probes: what `phaselens probe` measures by default, and the probes this task's
-    # batches cannot feed (name -> why), refused by name when asked for.
-    default_probes: ClassVar[tuple[str, ...]] = DEFAULT_PROBES
-    inapplicable_probes: ClassVar[dict[str, str]] = {}
+    # What the task declares so that probes, report and compare need no branch on it.
+    study: ClassVar[Study] = GENERIC
 
     @classmethod
-    def default_probes_for(cls, task: str) -> tuple[str, ...]:
-        """The default post-hoc probes of variant `task` (a class may serve several)."""
-        return cls.default_probes
+    def study_for(cls, task: str) -> Study:
+        """The study of variant `task` (a class may serve several)."""
+        return cls.study
 
     @classmethod
     def resolve(cls, raw: dict[str, Any]) -> type["DataConfig"]:

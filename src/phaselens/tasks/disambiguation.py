@@ -6,9 +6,10 @@ A sequence is `<BOS> B <SEP> z <SEP> A <EOS>` and the loss counts only A and EOS
 leaves the first target token uncertain among K characters (loss log K); z removes that
 uncertainty from step 0, yet SGD takes a long time to use it: the lag this task measures.
 
-Batches carry what the probes need: `first_target_mask` (the prediction of the first target
-token), `selector_mask` (the z positions) and, in the probe split, `pair_index`: rows come in
-pairs with the same B, different z and a different first target, for activation patching.
+Batches carry what the probes need as named position sets: `first_target` (the prediction of the
+first target token) and `z` (the selector's tokens, in the variants that have one); in the probe
+split, `pair_index`: rows come in pairs with the same B, different z and a different first target,
+for activation patching.
 """
 
 from __future__ import annotations
@@ -38,14 +39,6 @@ def _distinct_strings(n: int, length: int, generator: torch.Generator, taken: se
                 out[i, 0] = first[i]
         taken.add(tuple(out[i].tolist()))
     return out
-
-
-def roll_selectors(tokens: torch.Tensor, selector_mask: torch.Tensor) -> torch.Tensor:
-    """Tokens with each row's z replaced by the next row's (a cyclic shift: a derangement of the rows): (B, T).
-
-    Every row of a disambiguation batch has its z at the same positions, so the shift moves whole selectors.
-    """
-    return torch.where(selector_mask, tokens.roll(-1, dims=0), tokens)
 
 
 class DisambiguationTask:
@@ -166,12 +159,11 @@ class DisambiguationTask:
         loss_mask[:, out.start - 1:] = True  # the output tokens and EOS
         first_target = torch.zeros(n, T - 1, dtype=torch.bool)
         first_target[:, out.start - 1] = True
-        selector = None
+        positions = {"first_target": first_target}
         if self.has_selector:
-            selector = torch.zeros(n, T, dtype=torch.bool)
-            selector[:, spans["selector"]] = True
-        return TaskBatch(tokens=tokens, loss_mask=loss_mask, first_target_mask=first_target, selector_mask=selector,
-                         pair_index=pair_index)
+            positions["z"] = torch.zeros(n, T, dtype=torch.bool)
+            positions["z"][:, spans["selector"]] = True
+        return TaskBatch(tokens=tokens, loss_mask=loss_mask, positions=positions, pair_index=pair_index)
 
     def validate(self) -> None:
         """The config checked everything already (`DisambiguationData.validate`)."""

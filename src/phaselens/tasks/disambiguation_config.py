@@ -15,13 +15,31 @@ from dataclasses import dataclass
 from typing import Any
 
 from phaselens.errors import ConfigError
-from phaselens.tasks.config import DEFAULT_PROBES, DataConfig, register_task
+from phaselens.tasks.config import DataConfig, register_task
+from phaselens.tasks.study import POST_HOC_PROBES, Study
 
 VARIANTS = ("bz_to_a", "az_to_b", "b_to_a", "a_to_b")
 SELECTOR_VARIANTS = ("bz_to_a", "az_to_b")  # the variants with a selector z
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # 36 characters, token ids 0..35
 PAD, BOS, EOS, SEP = 36, 37, 38, 39
 VOCAB = 40
+
+# Position sets: `first_target` (the prediction of the first target token) and, with a selector, `z`.
+SELECTOR_STUDY = Study(
+    post_hoc_probes=(*POST_HOC_PROBES, "attention_to", "patching", "random_z"),
+    probe_options={
+        "loss": {"positions": ["first_target"], "shuffle": "z"},  # first_target, z_shuffled, z_shuffle_gap
+        "logit_lens": {"positions": "first_target"},  # the token that needs z
+        "attention_to": {"query": "first_target", "key": "z"},
+        "patching": {"patch": "z", "read": "first_target", "corrupt": "partner"},
+        "random_z": {"selector": "z", "read": "first_target"},
+    },
+)
+NO_SELECTOR = "this variant has no selector z"
+PLAIN_STUDY = Study(
+    probe_options={"loss": {"positions": ["first_target"]}, "logit_lens": {"positions": "first_target"}},
+    inapplicable_probes={"attention_to": NO_SELECTOR, "patching": NO_SELECTOR, "random_z": NO_SELECTOR},
+)
 
 
 @register_task(*VARIANTS)
@@ -42,9 +60,9 @@ class DisambiguationData(DataConfig):
     seed: int = 0  # draws the dataset (bases, selectors, targets) once, so every split sees the same one
 
     @classmethod
-    def default_probes_for(cls, task: str) -> tuple[str, ...]:
-        """With a selector, also `random_z`: how much the first target depends on z."""
-        return (*DEFAULT_PROBES, "random_z") if task in SELECTOR_VARIANTS else DEFAULT_PROBES
+    def study_for(cls, task: str) -> Study:
+        """With a selector, z's probes too (attention to z, patching z, random z)."""
+        return SELECTOR_STUDY if task in SELECTOR_VARIANTS else PLAIN_STUDY
 
     def build(self, model: Any):
         from phaselens.tasks.disambiguation import DisambiguationTask

@@ -33,7 +33,7 @@ class InductionTask:
     name = "induction"
 
     def sample(self, batch_size: int, generator: torch.Generator, split: str = "train") -> TaskBatch:
-        """Draw `batch_size` sequences with the copy mask over next-token prediction positions.
+        """Draw `batch_size` sequences with their position sets: `copy` (predictions) and `source` (tokens).
 
         Every split draws from the same distribution (the generator keeps them apart).
         """
@@ -57,8 +57,8 @@ class InductionTask:
         pred = pos[:-1]  # (T-1,)
         copy_mask = (pred >= second[:, None]) & (pred < (second + length - 1)[:, None])  # (B, T-1)
         source_mask = (pos >= first[:, None]) & (pos < (first + length)[:, None])  # (B, T): the first occurrence
-        return TaskBatch(tokens=tokens, loss_mask=torch.ones(B, T - 1, dtype=torch.bool), copy_mask=copy_mask,
-                         source_mask=source_mask)
+        return TaskBatch(tokens=tokens, loss_mask=torch.ones(B, T - 1, dtype=torch.bool),
+                         positions={"copy": copy_mask, "source": source_mask})
 
     def validate(self) -> None:
         from phaselens.errors import ConfigError

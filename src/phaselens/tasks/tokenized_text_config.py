@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from phaselens.errors import ConfigError
 from phaselens.tasks.config import DataConfig, register_task
+from phaselens.tasks.study import Study
 
 
 @register_task("tokenized_text")
@@ -25,13 +26,16 @@ class TokenizedTextData(DataConfig):
     tokenizer_revision: str = ""
     seq_len: int = 128
 
-    # probes that read what text batches lack (a repeated segment, copy/source masks), and why
-    inapplicable_probes: ClassVar[dict[str, str]] = {
-        "heads": "head scores need the induction probe batch (a segment repeated at a variable offset)",
-        "attention_to": "needs the task's copy and source positions",
-        "patching": "needs pairs of prompts with the task's source positions",
-    }
-    default_probes: ClassVar[tuple[str, ...]] = ("attention", "loss", "logit_lens", "geometry")
+    # probes that read what text batches lack (a repeated segment, position sets), and why
+    study: ClassVar[Study] = Study(
+        post_hoc_probes=("attention", "loss", "logit_lens", "geometry"),
+        inapplicable_probes={
+            "heads": "head scores need the induction probe batch (a segment repeated at a variable offset)",
+            "attention_to": "needs the task's copy and source positions",
+            "patching": "needs pairs of prompts with the task's source positions",
+            "random_z": "text batches have no selector z",
+        },
+    )
 
     def build(self, model: Any, tokenizer: Any = None):
         """The task; pass `tokenizer` when it is already loaded (else it loads from `self.tokenizer`)."""

@@ -47,12 +47,15 @@ class TrainConfig:
 @dataclass
 class TelemetryConfig:
     every: int = 1
-    probes: list[str] = field(default_factory=lambda: ["attention", "heads", "loss"])
+    probes: list[str] | None = None  # live probes; None: the ones the task declares (attention, heads, loss)
     rows: int = 8  # live probes read this many sequences of each training batch (0: all)
     flush_every: int = 100
     geometry_every: int = 10  # the `geometry` probe, when listed, measures live every this many steps
     checkpoint_probes: list[str] = field(default_factory=list)  # measured on the probe batch at checkpoints only
     background: bool = True  # measure on a spare CPU core while the step goes on (when the model is on the CPU and a core is free)
+    # probe name -> options, over the ones the task declares (`telemetry.probe_options.logit_lens.first_token_only=true`);
+    # they hold live, at checkpoints and in `phaselens probe`
+    probe_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,6 +65,21 @@ class RunConfig:
     data: DataConfig = field(default_factory=InductionData)  # `data.task` picks the task and its options
     train: TrainConfig = field(default_factory=TrainConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+
+    def __post_init__(self) -> None:
+        if self.telemetry.probes is None:
+            self.telemetry.probes = list(self.study.live_probes)
+
+    @property
+    def study(self):
+        """What the run's task declares (default probes and their options); see `phaselens.tasks.study`."""
+        return type(self.data).study_for(self.data.task)
+
+    @property
+    def probe_options(self) -> dict[str, dict[str, Any]]:
+        """Options of every probe this run measures: the task's declarations, then `telemetry.probe_options`."""
+        tel = self.telemetry
+        return {name: self.study.options_for(name, tel.probe_options) for name in [*tel.probes, *tel.checkpoint_probes]}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,9 +128,15 @@ class RunConfig:
                     raise ConfigError(f"{key}: {problem} (model.kind={self.model.kind})")
         from phaselens.probes.base import make_probe
 
-        post_hoc = [p for p in tel.probes if not getattr(make_probe(p), "live", True)]
+        post_hoc = [p for p in tel.probes if not make_probe(p).live]
         if post_hoc:
             raise ConfigError(f"telemetry.probes: {post_hoc} run on checkpoints only (phaselens probe RUN --probes ...)")
+        validate_probe_options(tel.probe_options, "telemetry.probe_options")
+        for name in {*self.probe_options, *tel.probe_options}:  # the post-hoc sweep reads options of other probes too
+            try:
+                make_probe(name, **self.study.options_for(name, tel.probe_options))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"telemetry.probe_options.{name}: {exc}") from None
 
     def build_task(self):
         """The task object for `data` (its sequences fill the model's context)."""
@@ -152,6 +176,32 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> RunCo
     config = from_dict(RunConfig, raw, origin=origin)
     config.validate()
     return config
+
+
+def validate_probe_options(options: Any, where: str) -> None:
+    """`options` must map registered probe names to mappings of option values."""
+    from phaselens.probes.base import probe_names
+
+    if not isinstance(options, dict):
+        raise ConfigError(f"{where} must map probe names to their options, got {options!r}")
+    for name, given in options.items():
+        if name not in probe_names():
+            raise ConfigError(f"{where}.{name}: unknown probe; registered: {', '.join(probe_names())}")
+        if not isinstance(given, dict):
+            raise ConfigError(f"{where}.{name} must be a mapping of option: value (e.g. {where}.{name}.OPTION=VALUE), got {given!r}")
+
+
+def parse_probe_options(items: list[str]) -> dict[str, dict[str, Any]]:
+    """`["logit_lens.first_token_only=false"]` -> {"logit_lens": {"first_token_only": False}} (values read as YAML)."""
+    options: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, value = parse_override(item)
+        probe, _, option = key.partition(".")
+        if not probe or not option or "." in option:
+            raise ConfigError(f"probe option {item!r} must look like probe.option=value (e.g. logit_lens.first_token_only=true)")
+        options.setdefault(probe, {})[option] = value
+    validate_probe_options(options, "--probe-option")
+    return options
 
 
 def parse_override(item: str) -> tuple[str, Any]:

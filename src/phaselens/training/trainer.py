@@ -232,7 +232,9 @@ class Trainer:
         tel = self.config.telemetry
         if not unigram_path(self.run.path).is_file():  # the training data's token counts, for `kl_unigram`
             write_training_unigram(self.config, unigram_path(self.run.path))
-        probes = [make_probe(name, **({"every": tel.geometry_every} if name == "geometry" else {})) for name in tel.probes]
+        options = self.config.probe_options  # the task's declarations, then telemetry.probe_options
+        probes = [make_probe(name, **({"every": tel.geometry_every} if name == "geometry" else {}), **options[name])
+                  for name in tel.probes]
         for probe in probes:
             probe.bind_run(self.run.path)
         writer = MetricsWriter(self.run.metrics_db)
@@ -240,7 +242,7 @@ class Trainer:
                                    background=None if tel.background else False)
         # Checkpoint measurements: the live probes plus those asked for at checkpoints only.
         self.checkpoint_probes = self.telemetry.probes + [
-            make_probe(p) for p in tel.checkpoint_probes if p not in tel.probes
+            make_probe(p, **options[p]) for p in tel.checkpoint_probes if p not in tel.probes
         ]
         for probe in self.checkpoint_probes:
             probe.bind_run(self.run.path)

@@ -1,0 +1,40 @@
+"""What a task declares so that nothing above it branches on the task: a study, as a plug-in.
+
+A task's `DataConfig` subclass returns a `Study` from `study_for(task)`: the probes measured by
+default (live and post-hoc), the options those probes read the task's named position sets with
+(`TaskBatch.positions`), and the probes its batches cannot feed.
+The report layer looks up the report section registered for the task's name
+(`phaselens.report.register_study`); a task without one gets the generic report.
+Torch-free: configs validate before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+LIVE_PROBES = ("attention", "heads", "loss")  # measured on the training forward every telemetry.every steps
+POST_HOC_PROBES = ("attention", "heads", "loss", "logit_lens")  # read no position set: they fit any task
+
+
+@dataclass(frozen=True)
+class Study:
+    """A task's defaults and declarations (see the module docstring).
+
+    probe_options: per probe, the options that make it read this task's position sets, e.g.
+    {"attention_to": {"query": "copy", "key": "source"}}; telemetry.probe_options and
+    `--probe-option` override them key by key.
+    inapplicable_probes: probe name -> why this task's batches cannot feed it (refused by name).
+    """
+
+    live_probes: tuple[str, ...] = LIVE_PROBES
+    post_hoc_probes: tuple[str, ...] = POST_HOC_PROBES
+    probe_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    inapplicable_probes: Mapping[str, str] = field(default_factory=dict)
+
+    def options_for(self, probe: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+        """The options of `probe` for this task: its declared defaults, then `overrides[probe]` key by key."""
+        return {**self.probe_options.get(probe, {}), **((overrides or {}).get(probe) or {})}
+
+
+GENERIC = Study()  # a task that declares nothing: probes that read no position set, the generic report
