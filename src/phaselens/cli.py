@@ -223,17 +223,19 @@ def sweep(
 @_guard
 def compare(
     runs: List[Path] = typer.Argument(..., help="Run directories, or one sweep directory."),
-    out: Optional[Path] = typer.Option(None, help="Where compare.csv, compare.md and tau_fit.png go (default: the sweep directory, or ./compare)."),
+    out: Optional[Path] = typer.Option(None, help="Where compare.csv, compare.md and the fit figures go (default: the sweep directory, or ./compare)."),
 ):
-    """Table of hyperparameters and transition steps (τ and each diagnostic) with a log–log fit of τ."""
+    """Table of hyperparameters and each run's headline (τ and each diagnostic), with log τ fitted jointly on the study's axes."""
     from phaselens.sweeps.compare import compare_runs
 
     result = compare_runs(runs, out)
     typer.echo(result.markdown())
     typer.echo("")
+    if result.joint is not None:
+        typer.echo(result.joint.text())
     for fit in result.fits:
         typer.echo(fit.text())
-    if not result.fits:
+    if not result.fits and result.joint is None:
         typer.echo("no log–log fit: fewer than two runs with different values of a swept hyperparameter reached τ")
     typer.echo("wrote " + ", ".join(str(path) for path in result.files.values()))
 @app.command()

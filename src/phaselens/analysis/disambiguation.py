@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
+from phaselens.analysis.headlines import register_headline
 from phaselens.analysis.transitions import detect_transitions
 
 PLATEAU_TOLERANCE = 0.15  # within 15% of log K
@@ -198,3 +199,18 @@ def summarize_disambiguation(run) -> DisambiguationSummary:
         initial=float(series.iloc[0]) if len(series) else float("nan"), final=tail(series), final_gap=tail(gap_series),
         alignment=alignment(metrics, run.transitions()),
     )
+
+
+@register_headline("disambiguation")
+def disambiguation_headline(run) -> dict[str, object]:
+    """`compare`'s row of a run: K, τ, the plateau and the step of each diagnostic's strongest transition."""
+    metrics = run.metrics()
+    k = int((run.config.get("data") or {}).get("k", 0) or 0)
+    found = plateau(metrics, k)
+    row: dict[str, object] = {"data.k": k, "tau": tau(metrics, k), "plateau_steps": found.steps if found else None,
+                              "plateau_level": found.level if found else None}
+    steps = {r["metric"] if r["probe"] == "loss" else r["probe"]: r["step"] for r in alignment(metrics).rows}
+    for _, probe, metric in DIAGNOSTICS:
+        name = metric if probe == "loss" else probe
+        row[f"step_{name}"] = steps.get(name)
+    return row

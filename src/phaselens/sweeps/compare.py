@@ -1,9 +1,13 @@
-"""Compare runs: a table of hyperparameters and transition steps, and τ against the swept hyperparameter.
+"""Compare runs: a table of hyperparameters and each run's headline, fitted on the study's own axes.
 
-τ is the first step where the first-target loss is below 0.5·log K (see `analysis.disambiguation`);
-the other columns are the steps of each diagnostic's strongest transition. For each swept numeric
-hyperparameter a least-squares line log τ = a + b·log x gives the scaling exponent b (slope) and R².
-When both the learning rate and the batch size vary, the "SGD temperature" lr / batch size is fitted too.
+The runs' task declares its headline (`phaselens.tasks.study.Headline`: late disambiguation's τ, the
+first step where the first-target loss is below 0.5·log K, with the steps of each diagnostic's
+strongest transition) and the axes its question is asked on (there: D = n_unique_b·K and K).
+`compare` fits log τ = a + Σ_i b_i log x_i jointly over the declared axes that vary between the runs,
+with R², standard errors and the number of runs, and says when the grid cannot separate the axes
+(collinear, or too few distinct points). Swept hyperparameters no axis covers (learning rate, batch
+size) get a line log τ = a + b·log x each; when both the learning rate and the batch size vary, the
+"SGD temperature" lr / batch size is fitted too.
 """
 
 from __future__ import annotations
@@ -38,12 +42,99 @@ class Fit:
         return f"τ ∝ {base}^{self.slope:.2f} (log–log slope {self.slope:.3f}, R² {self.r2:.3f}, {self.n} runs)"
 
 
+COLLINEAR = 0.98  # |correlation| of two log axes above which their exponents cannot be told apart
+
+
+@dataclass
+class JointFit:
+    """log y = intercept + Σ_i slopes[i]·log x_i over the runs that reached the headline, on the declared axes.
+
+    `fixed` names the declared axes that did not vary (left out, with their one value); `problem` says why
+    the grid cannot separate the axes (then `slopes` is empty), `warning` when it barely can.
+    """
+
+    metric: str
+    axes: list[str]
+    slopes: list[float] = field(default_factory=list)
+    errors: list[float] = field(default_factory=list)  # standard errors of the slopes (NaN with no residual freedom)
+    intercept: float = math.nan
+    r2: float = math.nan
+    n: int = 0  # runs in the fit
+    points: int = 0  # distinct axis points among them
+    fixed: dict[str, float] = field(default_factory=dict)
+    problem: str | None = None
+    warning: str | None = None
+
+    def text(self) -> str:
+        held = "".join(f"; {name} fixed at {value:g}" for name, value in self.fixed.items())
+        if self.problem:
+            return f"no joint fit of log {self.metric} on {', '.join(self.axes) or 'the declared axes'}: {self.problem}{held}"
+        terms = " · ".join(f"{axis}^{slope:.2f} (± {error:.2f})" for axis, slope, error in zip(self.axes, self.slopes, self.errors))
+        text = f"{self.metric} ∝ {terms} (joint log–log fit, R² {self.r2:.3f}, {self.n} runs at {self.points} distinct points{held})"
+        return text + (f"; {self.warning}" if self.warning else "")
+
+
+def fit_joint(table: pd.DataFrame, metric: str, axes: list[str]) -> JointFit:
+    """Least squares of log `metric` on [1, log x_1, …]: the declared axes that vary among the runs that reached it."""
+    y = _numeric(table[metric]) if metric in table else np.full(len(table), np.nan)
+    xs = {axis: _numeric(table[axis]) for axis in axes}
+    keep = np.isfinite(y) & (y > 0)
+    for x in xs.values():
+        keep &= np.isfinite(x) & (x > 0)
+    fit = JointFit(metric, [], n=int(keep.sum()))
+    varying = []
+    for axis, x in xs.items():
+        values = np.unique(x[keep])
+        if len(values) == 1:
+            fit.fixed[axis] = float(values[0])
+        elif len(values) > 1:
+            varying.append(axis)
+    fit.axes = varying
+    if fit.n == 0:
+        fit.problem = f"no run reached {metric}"
+        return fit
+    if not varying:
+        fit.problem = "no declared axis varies between the runs that reached it"
+        return fit
+    X = np.column_stack([np.ones(fit.n)] + [np.log(xs[axis][keep]) for axis in varying])  # (n, 1 + p)
+    Y = np.log(y[keep])
+    fit.points = len(np.unique(X, axis=0))
+    if np.linalg.matrix_rank(X) < X.shape[1]:
+        why = (f"{fit.points} distinct points for {X.shape[1]} coefficients" if fit.points < X.shape[1]
+               else "they are collinear on these runs (one is a fixed function of the others)")
+        fit.problem = (f"the grid cannot separate {' and '.join(varying)}: {why}; vary them independently, "
+                       f"e.g. one fixed with several values of the other, and the other way round")
+        return fit
+    coef, *_ = np.linalg.lstsq(X, Y, rcond=None)
+    residual = Y - X @ coef
+    total = float(((Y - Y.mean()) ** 2).sum())
+    fit.intercept, fit.slopes = float(coef[0]), [float(c) for c in coef[1:]]
+    fit.r2 = 1 - float((residual ** 2).sum()) / total if total > 0 else 1.0
+    freedom = fit.points - X.shape[1]
+    if freedom > 0:
+        sigma2 = float((residual ** 2).sum()) / (fit.n - X.shape[1])
+        fit.errors = [float(e) for e in np.sqrt(np.diag(sigma2 * np.linalg.inv(X.T @ X)))[1:]]
+    else:
+        fit.errors = [math.nan] * len(varying)
+        fit.warning = (f"too few distinct points: {fit.points} points for {X.shape[1]} coefficients, so the fit is exact "
+                       "and says nothing about its error; add grid points")
+    if len(varying) > 1:
+        corr = np.corrcoef(X[:, 1:].T)
+        worst = np.abs(corr[np.triu_indices(len(varying), 1)]).max()
+        if worst > COLLINEAR:
+            fit.warning = ((fit.warning + "; ") if fit.warning else "") + (
+                f"the axes are nearly collinear on this grid (|correlation| {worst:.3f} of their logs): the exponents trade off, read the ±")
+    return fit
+
+
 @dataclass
 class Comparison:
-    table: pd.DataFrame  # one row per run: run, swept hyperparameters, k, tau, <diagnostic> steps
+    table: pd.DataFrame  # one row per run: run, swept hyperparameters, declared axes, headline columns (tau, ...)
     swept: list[str]
-    fits: list[Fit] = field(default_factory=list)
+    fits: list[Fit] = field(default_factory=list)  # swept keys no declared axis covers, each alone
     files: dict[str, Path] = field(default_factory=dict)
+    joint: JointFit | None = None  # the fit on the study's declared axes
+    headline: object | None = None  # the runs' `Headline` (None: their task declares none)
 
     def markdown(self) -> str:
         return markdown_table(self.table)
@@ -85,25 +176,30 @@ def _swept_keys(configs: list[dict[str, object]], sweep_file: Path | None) -> li
 
 
 def run_row(path: Path, swept: list[str]) -> dict[str, object]:
-    """Hyperparameters, τ, plateau and diagnostic transition steps of one run."""
-    from phaselens.analysis.disambiguation import DIAGNOSTICS, alignment, plateau, tau
+    """Hyperparameters, the declared axes and the headline columns (τ, plateau, transition steps) of one run."""
+    from phaselens.analysis.headlines import headline_values
     from phaselens.run import open_run
 
     run = open_run(path)
     flat = _flatten(run.config)
-    metrics = run.metrics()
-    k = int(flat.get("data.k", 0) or 0)
     row: dict[str, object] = {"run": run.name, "path": str(path), "status": run.status}
     row.update({key: flat.get(key) for key in swept})
-    found_plateau = plateau(metrics, k)
-    row.update({"data.k": k, "tau": tau(metrics, k),
-                "plateau_steps": found_plateau.steps if found_plateau else None,
-                "plateau_level": found_plateau.level if found_plateau else None})
-    steps = {r["metric"] if r["probe"] == "loss" else r["probe"]: r["step"] for r in alignment(metrics).rows}
-    for _, probe, metric in DIAGNOSTICS:
-        name = metric if probe == "loss" else probe
-        row[f"step_{name}"] = steps.get(name)
+    headline = run_headline(run.config)
+    if headline is not None:
+        row.update({axis.name: axis.value(flat) for axis in headline.axes})
+        row.update(headline_values(headline.name, run))
     return row
+
+
+def run_headline(config: dict):
+    """The headline the run's task declares (None: it declares none, or the task is not registered here)."""
+    from phaselens.errors import ConfigError
+    from phaselens.tasks.config import task_study
+
+    try:
+        return task_study((config.get("data") or {}).get("task", "induction")).headline
+    except ConfigError:
+        return None
 
 
 def fit_log_log(x: np.ndarray, y: np.ndarray, key: str) -> Fit | None:
@@ -124,7 +220,7 @@ def _numeric(values: pd.Series) -> np.ndarray:
 
 
 def compare_runs(paths: list[Path | str], out: Path | str | None = None) -> Comparison:
-    """Compare runs (or sweep directories); writes compare.csv, compare.md and tau_fit.png into `out`.
+    """Compare runs (or sweep directories); writes compare.csv, compare.md and the fit figures into `out`.
 
     `out` defaults to the sweep directory when one is given, else to ./compare.
     """
@@ -133,31 +229,42 @@ def compare_runs(paths: list[Path | str], out: Path | str | None = None) -> Comp
     sweep_file = sweep_dir / "sweep.json" if sweep_dir is not None else None
     from phaselens.run import open_run
 
-    configs = [_flatten(open_run(p).config) for p in runs]
-    swept = _swept_keys(configs, sweep_file)
+    raw = [open_run(p).config for p in runs]
+    headlines = {repr(run_headline(config)): run_headline(config) for config in raw}
+    if len(headlines) > 1:
+        tasks = sorted({str((c.get("data") or {}).get("task")) for c in raw})
+        raise RunError(f"these runs belong to different studies (tasks {', '.join(tasks)}); compare the runs of one study")
+    headline = next(iter(headlines.values()))
+    swept = _swept_keys([_flatten(c) for c in raw], sweep_file)
     table = pd.DataFrame([run_row(p, swept) for p in runs])
-    fits = []
-    taus = _numeric(table["tau"])
-    for key in swept:
-        if key in table:
-            fit = fit_log_log(_numeric(table[key]), taus, key)
+    comparison = Comparison(table, swept, headline=headline)
+    if headline is not None:
+        covered = {key for axis in headline.axes for key in axis.keys}
+        if headline.axes:
+            comparison.joint = fit_joint(table, headline.metric, [axis.name for axis in headline.axes])
+        values = _numeric(table[headline.metric]) if headline.metric in table else np.full(len(table), np.nan)
+        for key in swept:
+            if key in table and key not in covered:
+                fit = fit_log_log(_numeric(table[key]), values, key)
+                if fit is not None:
+                    comparison.fits.append(fit)
+        if "train.lr" in swept and "train.batch_size" in swept and not covered & {"train.lr", "train.batch_size"}:
+            temperature = _numeric(table["train.lr"]) / _numeric(table["train.batch_size"])
+            fit = fit_log_log(temperature, values, TEMPERATURE)
             if fit is not None:
-                fits.append(fit)
-    if "train.lr" in swept and "train.batch_size" in swept:
-        temperature = _numeric(table["train.lr"]) / _numeric(table["train.batch_size"])
-        fit = fit_log_log(temperature, taus, TEMPERATURE)
-        if fit is not None:
-            fits.append(fit)
-    comparison = Comparison(table, swept, fits)
+                comparison.fits.append(fit)
     out = Path(out) if out is not None else (sweep_dir if sweep_dir is not None else Path("compare"))
     out.mkdir(parents=True, exist_ok=True)
     comparison.files["csv"] = out / "compare.csv"
     table.to_csv(comparison.files["csv"], index=False)
+    if comparison.joint is not None and comparison.joint.slopes:
+        comparison.files["axes_figure"] = plot_axis_fits(table, comparison.joint, out / "tau_axes.png")
+    if headline is not None:
+        figure = plot_tau_fits(table, comparison.fits, [k for k in swept if k not in covered], out / "tau_fit.png", headline.metric)
+        if figure is not None:
+            comparison.files["figure"] = figure
     comparison.files["markdown"] = out / "compare.md"
     comparison.files["markdown"].write_text(compare_markdown(comparison))
-    figure = plot_tau_fits(table, fits, swept, out / "tau_fit.png")
-    if figure is not None:
-        comparison.files["figure"] = figure
     return comparison
 
 
@@ -178,20 +285,80 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def compare_markdown(comparison: Comparison) -> str:
-    text = ["# phaselens compare", "",
-            "τ = first step where the first-target loss is below 0.5·log K; `step_*` = the step of each "
-            "diagnostic's strongest transition (– where none was found or it was not measured).", "",
-            comparison.markdown(), ""]
+    headline = comparison.headline
+    intro = (f"{headline.description}; `step_*` = the step of each diagnostic's strongest transition (– where none was "
+             "found or it was not measured)." if headline is not None and headline.description else "")
+    text = ["# phaselens compare", "", intro, "", comparison.markdown(), ""]
+    if headline is None:
+        return "\n".join(text + ["The runs' task declares no headline, so there is nothing to fit.", ""])
+    if comparison.joint is not None:
+        text += [f"## Joint fit on the study's axes", "", axes_text(headline),
+                 "", "log " + headline.metric + " = a + Σ_i b_i · log x_i, least squares over the runs that reached it:", "",
+                 f"- {comparison.joint.text()}", ""]
+        if "axes_figure" in comparison.files:
+            text += [f"![{headline.metric} against each axis]({comparison.files['axes_figure'].name})", ""]
     if comparison.fits:
-        text += ["## Log–log fits", ""] + [f"- {fit.text()}" for fit in comparison.fits] + [""]
+        text += ["## Log–log fits (swept keys no axis covers, each alone)", ""] + [f"- {fit.text()}" for fit in comparison.fits] + [""]
         if "figure" in comparison.files:
             text += [f"![τ fits]({comparison.files['figure'].name})", ""]
-    else:
+    elif comparison.joint is None:
         text += ["No log–log fit: fewer than two runs with different values of a swept hyperparameter reached τ.", ""]
     return "\n".join(text)
 
 
-def plot_tau_fits(table: pd.DataFrame, fits: list[Fit], swept: list[str], path: Path) -> Path | None:
+def axes_text(headline) -> str:
+    parts = []
+    for axis in headline.axes:
+        formula = "·".join(axis.times) + ("/" + "·".join(axis.over) if axis.over else "")
+        parts.append(f"`{axis.name}` = {formula}" + (f" ({axis.description})" if axis.description else ""))
+    return "Axes the study declares: " + "; ".join(parts) + "."
+
+
+def plot_axis_fits(table: pd.DataFrame, fit: JointFit, path: Path) -> Path:
+    """The metric against each fitted axis on log–log axes, runs coloured by the other axes' values, with the joint fit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y = _numeric(table[fit.metric])
+    xs = {axis: _numeric(table[axis]) for axis in fit.axes}
+    keep = np.isfinite(y) & (y > 0)
+    for x in xs.values():
+        keep &= np.isfinite(x) & (x > 0)
+    fig, axes = plt.subplots(1, len(fit.axes), figsize=(4.8 * len(fit.axes), 4), squeeze=False)
+    for i, (ax, axis) in enumerate(zip(axes[0], fit.axes)):
+        others = [a for a in fit.axes if a != axis]
+        groups = sorted({tuple(float(xs[o][r]) for o in others) for r in np.flatnonzero(keep)})
+        colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(2, len(groups))))
+        for color, group in zip(colors, groups):
+            rows = keep.copy()
+            for other, value in zip(others, group):
+                rows &= xs[other] == value
+            label = ", ".join(f"{o}={v:g}" for o, v in zip(others, group)) or "runs"
+            ax.scatter(xs[axis][rows], y[rows], color=color, zorder=3, label=label)
+            span = np.geomspace(xs[axis][keep].min(), xs[axis][keep].max(), 50)
+            line = fit.intercept + fit.slopes[i] * np.log(span)
+            line += sum(fit.slopes[fit.axes.index(o)] * math.log(v) for o, v in zip(others, group))
+            ax.plot(span, np.exp(line), color=color, lw=1.0)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+        for scale in (ax.xaxis, ax.yaxis):
+            scale.set_major_formatter(plain)
+            scale.set_minor_formatter(plain)
+        ax.set_xlabel(axis)
+        ax.set_ylabel(f"{fit.metric} (steps)")
+        ax.set_title(f"{fit.metric} ∝ {axis}^{fit.slopes[i]:.2f}" + (" (others marked)" if others else ""), fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"joint fit: R² {fit.r2:.3f}, {fit.n} runs" + (f"; {', '.join(f'{k} = {v:g}' for k, v in fit.fixed.items())}" if fit.fixed else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_tau_fits(table: pd.DataFrame, fits: list[Fit], swept: list[str], path: Path, metric: str = "tau") -> Path | None:
     """τ against each swept hyperparameter on log–log axes, with the fitted line; None when nothing to draw."""
     keys = [fit.key for fit in fits] or [k for k in swept if k in table]
     if not keys:
@@ -202,7 +369,7 @@ def plot_tau_fits(table: pd.DataFrame, fits: list[Fit], swept: list[str], path: 
     import matplotlib.pyplot as plt
 
     by_key = {fit.key: fit for fit in fits}
-    taus = _numeric(table["tau"])
+    taus = _numeric(table[metric])
     fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         x = (_numeric(table["train.lr"]) / _numeric(table["train.batch_size"]) if key == TEMPERATURE

@@ -16,7 +16,7 @@ from typing import Any
 
 from phaselens.errors import ConfigError
 from phaselens.tasks.config import DataConfig, register_task
-from phaselens.tasks.study import POST_HOC_PROBES, Study
+from phaselens.tasks.study import POST_HOC_PROBES, Axis, Headline, Study
 
 VARIANTS = ("bz_to_a", "az_to_b", "b_to_a", "a_to_b")
 SELECTOR_VARIANTS = ("bz_to_a", "az_to_b")  # the variants with a selector z
@@ -24,6 +24,13 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # 36 characters, token ids 0.
 PAD, BOS, EOS, SEP = 36, 37, 38, 39
 VOCAB = 40
 
+# τ against the number of examples D = n_unique_b·K and the ambiguity K: the lag's headline is
+# τ ∝ D^1.2 with τ independent of K at fixed D.
+TAU = Headline(
+    "disambiguation", "tau", description="τ = first step where the first-target loss is below 0.5·log K",
+    axes=(Axis("D", ("data.n_unique_b", "data.k"), description="examples: bases × K"),
+          Axis("K", ("data.k",), description="ambiguity: targets per base")),
+)
 # Position sets: `first_target` (the prediction of the first target token) and, with a selector, `z`.
 SELECTOR_STUDY = Study(
     post_hoc_probes=(*POST_HOC_PROBES, "attention_to", "patching", "random_z"),
@@ -34,11 +41,13 @@ SELECTOR_STUDY = Study(
         "patching": {"patch": "z", "read": "first_target", "corrupt": "partner"},
         "random_z": {"selector": "z", "read": "first_target"},
     },
+    headline=TAU,
 )
 NO_SELECTOR = "this variant has no selector z"
 PLAIN_STUDY = Study(
     probe_options={"loss": {"positions": ["first_target"]}, "logit_lens": {"positions": "first_target"}},
     inapplicable_probes={"attention_to": NO_SELECTOR, "patching": NO_SELECTOR, "random_z": NO_SELECTOR},
+    headline=TAU,
 )
 
 

@@ -2,7 +2,7 @@
 
 A task's `DataConfig` subclass returns a `Study` from `study_for(task)`: the probes measured by
 default (live and post-hoc), the options those probes read the task's named position sets with
-(`TaskBatch.positions`), and the probes its batches cannot feed.
+(`TaskBatch.positions`), the probes its batches cannot feed, and the headline `compare` fits.
 The report layer looks up the report section registered for the task's name
 (`phaselens.report.register_study`); a task without one gets the generic report.
 Torch-free: configs validate before anything heavy loads.
@@ -15,6 +15,50 @@ from typing import Any, Mapping
 
 LIVE_PROBES = ("attention", "heads", "loss")  # measured on the training forward every telemetry.every steps
 POST_HOC_PROBES = ("attention", "heads", "loss", "logit_lens")  # read no position set: they fit any task
+
+
+@dataclass(frozen=True)
+class Axis:
+    """A quantity `compare` fits the headline against: a product of config values over a product of others.
+
+    `Axis("D", ("data.n_unique_b", "data.k"))` is D = n_unique_b·K; `Axis("T", ("train.lr",), ("train.batch_size",))`
+    is lr / batch size.
+    """
+
+    name: str
+    times: tuple[str, ...]
+    over: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return (*self.times, *self.over)
+
+    def value(self, config: Mapping[str, Any]) -> float | None:
+        """The axis value from a flat config (dotted keys); None when a key is missing or not a number."""
+        try:
+            value = 1.0
+            for key in self.times:
+                value *= float(config[key])
+            for key in self.over:
+                value /= float(config[key])
+            return value
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The number a study's runs are compared by, and the axes its question is asked on.
+
+    `name` picks the analysis that computes it from a run (`phaselens.analysis.headlines`); `compare`
+    fits log `metric` = a + Σ b_i log x_i jointly over the `axes` that vary between the runs.
+    """
+
+    name: str
+    metric: str = "tau"
+    description: str = ""
+    axes: tuple[Axis, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -31,6 +75,7 @@ class Study:
     post_hoc_probes: tuple[str, ...] = POST_HOC_PROBES
     probe_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     inapplicable_probes: Mapping[str, str] = field(default_factory=dict)
+    headline: Headline | None = None  # what `compare` reports and fits; None: compare has nothing to fit
 
     def options_for(self, probe: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
         """The options of `probe` for this task: its declared defaults, then `overrides[probe]` key by key."""
