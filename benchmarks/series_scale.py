@@ -14,6 +14,8 @@ geometry) on the run's probe batch:
              each value pulled to the CPU and written on its own
   floor      per revision: its weights read into an already built model, plus one forward pass
              caching the hooks the probes need: what no post-hoc tool can beat
+             (also timed with the logit lens' unembeddings of the L intermediate streams added,
+             work the lens cannot skip: `ratio_vs_floor_with_lens_unembeddings`)
 
 and, each in a fresh child process, import + probe over 2 and over `--rss-revisions` revisions,
 for the growth of peak resident memory with the length of the series. The last line is JSON:
@@ -122,7 +124,9 @@ def make_floor(path: Path, probes: list[str]):
     model = loader.model_at(min(references)).model
     hooks = sorted({name for probe in probes for name in make_probe(probe).hook_names(model.cfg.n_layers)})
 
-    def floor() -> None:
+    streams = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers - 1)]
+
+    def floor(with_lens: bool = False) -> None:
         for source, revision, local in references.values():
             tensors = {}
             for file in revision_files(source, revision, local).weights:
@@ -130,14 +134,20 @@ def make_floor(path: Path, probes: list[str]):
             loader.copy_in(tensors, revision)
             del tensors
             with torch.no_grad():
-                model.run_with_cache(batch.tokens, names_filter=hooks)
+                _, cache = model.run_with_cache(batch.tokens, names_filter=hooks)
+                for name in streams if with_lens else ():  # the unembeddings the logit lens cannot skip
+                    model.unembed(model.ln_final(cache[name][:, :-1]))
 
     return floor, loader.close
 
 
-def timed(fn) -> tuple[float, object]:
-    began = time.perf_counter()
+CPU: dict[str, list[float]] = {"naive": [], "floor": [], "floor_lens": [], "phaselens": []}  # process CPU seconds (all threads) per side
+
+
+def timed(fn, side: str) -> tuple[float, object]:
+    began, cpu = time.perf_counter(), time.process_time()
     out = fn()
+    CPU[side].append(time.process_time() - cpu)
     return time.perf_counter() - began, out
 
 
@@ -193,31 +203,40 @@ def main() -> None:
         probes = resolve_probes(None, "tokenized_text")
         floor, close_floor = make_floor(run, probes)
 
-        times: dict[str, list[float]] = {"naive": [], "floor": [], "phaselens": []}
+        times: dict[str, list[float]] = {"naive": [], "floor": [], "floor_lens": [], "phaselens": []}
         for round_ in range(args.rounds):
             copies = {side: fresh_copy(run, root, f"{side}{round_}") for side in ("naive", "phaselens")}
-            t, naive_rows = timed(lambda: naive_sweep(copies["naive"], model_dir))
+            t, naive_rows = timed(lambda: naive_sweep(copies["naive"], model_dir), "naive")
             times["naive"].append(t)
-            t, _ = timed(floor)
+            t, _ = timed(floor, "floor")
             times["floor"].append(t)
-            t, result = timed(lambda: run_probes(copies["phaselens"], probes, progress=False))
+            t, _ = timed(lambda: floor(with_lens=True), "floor_lens")
+            times["floor_lens"].append(t)
+            t, result = timed(lambda: run_probes(copies["phaselens"], probes, progress=False), "phaselens")
             times["phaselens"].append(t)
             assert result.ok, result.failures
-            print(f"round {round_}: naive {times['naive'][-1]:.1f} s, floor {times['floor'][-1]:.1f} s, "
+            print(f"round {round_}: naive {times['naive'][-1]:.1f} s, floor {times['floor'][-1]:.1f} s "
+                  f"(with the logit lens' unembeddings {times['floor_lens'][-1]:.1f} s), "
                   f"phaselens {times['phaselens'][-1]:.1f} s")
         close_floor()
-        t_naive, t_floor, t_ours = (statistics.median(times[k]) for k in ("naive", "floor", "phaselens"))
+        t_naive, t_floor, t_lens, t_ours = (statistics.median(times[k]) for k in ("naive", "floor", "floor_lens", "phaselens"))
         rss_short = peak_rss(model_dir, root, text, names[:2], args.sequences, args.threads)
         rss_long = peak_rss(model_dir, root, text, names[: args.rss_revisions], args.sequences, args.threads)
     print(f"{args.revisions} revisions, probes {','.join(probes)}, probe batch {args.sequences}×128 tokens, "
           f"{args.threads} torch thread(s); import (with hashing) {import_seconds:.1f} s")
-    print(f"naive {t_naive:.1f} s ({naive_rows} rows), floor {t_floor:.1f} s, phaselens {t_ours:.1f} s ({result.rows} rows)")
+    print(f"naive {t_naive:.1f} s ({naive_rows} rows), floor {t_floor:.1f} s, floor with the logit lens' unembeddings "
+          f"{t_lens:.1f} s, phaselens {t_ours:.1f} s ({result.rows} rows)")
+    cpu = {side: statistics.median(values) for side, values in CPU.items()}
+    print(f"CPU seconds (all threads): naive {cpu['naive']:.1f}, floor {cpu['floor']:.1f}, phaselens {cpu['phaselens']:.1f}")
     print(f"peak RSS: 2 revisions {rss_short:.0f} MiB, {args.rss_revisions} revisions {rss_long:.0f} MiB")
     print(json.dumps({"benchmark": "series_scale", "ratio_vs_naive": round(t_naive / t_ours, 3),
                       "ratio_vs_floor": round(t_ours / t_floor, 3),
+                      "ratio_vs_floor_with_lens_unembeddings": round(t_ours / t_lens, 3),
                       f"peak_rss_ratio_{args.rss_revisions}_vs_2": round(rss_long / rss_short, 3),
                       "revisions": args.revisions,
-                      "seconds": {"naive": round(t_naive, 1), "floor": round(t_floor, 1), "phaselens": round(t_ours, 1)},
+                      "seconds": {"naive": round(t_naive, 1), "floor": round(t_floor, 1), "floor_lens": round(t_lens, 1),
+                                  "phaselens": round(t_ours, 1)},
+                      "cpu_seconds": {side: round(value, 1) for side, value in cpu.items()},
                       "peak_rss_mib": {"2": round(rss_short), str(args.rss_revisions): round(rss_long)},
                       "load": os.getloadavg()[0]}))
 

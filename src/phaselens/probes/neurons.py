@@ -40,6 +40,23 @@ def _over_tokens(act: torch.Tensor, reduce) -> torch.Tensor:
     raise ValueError(f"neuron activations must be (batch, pos, neurons) or (batch, heads, pos, neurons), got {tuple(act.shape)}")
 
 
+def _block_maxima(act: torch.Tensor) -> torch.Tensor:
+    """Each neuron's maximum over runs of up to 16 consecutive positions: (B, T, n) or (B, H, T, N) -> (M, n).
+
+    The k largest of them are k distinct activations of the chunk, so the k-th largest is a floor
+    under the chunk's own k-th value, however few sequences the chunk holds (one 2,048-token
+    window of a large model, say): only values above it can enter a top-k list.
+    """
+    T = act.shape[-2]
+    run = next(r for r in (16, 8, 4, 2, 1) if T % r == 0)
+    if act.dim() == 3:
+        B, _, n = act.shape
+        return act.reshape(B, T // run, run, n).amax(2).reshape(-1, n)  # (B·T/run, n)
+    B, H, _, N = act.shape
+    blocks = act.reshape(B, H, T // run, run, N).amax(3)  # (B, H, T/run, N)
+    return blocks.transpose(1, 2).reshape(-1, H * N)  # (B·T/run, H·N), neurons head-major
+
+
 def default_neuron_hook(model: torch.nn.Module) -> str:
     """The per-layer hook template whose units count as neurons: BDH's xy_sparse, else the MLP output."""
     names = model.hook_dict
@@ -89,25 +106,25 @@ class NeuronStats:
         fired = torch.gt(act, self.threshold, out=self._fired)  # 0/1 floats: exact sums up to 2^24 tokens a chunk
         self.count += _over_tokens(fired, torch.sum).long()
         self.total += _over_tokens(act, torch.sum).double()
-        seq_max = act.amax(-2).reshape(act.shape[0], -1)  # (B, n): each sequence's maximum
-        chunk_max = seq_max.amax(0)  # (n,)
+        block_max = _block_maxima(act)  # (M, n): maxima of short runs of positions, M = B · T / run length
+        chunk_max = block_max.amax(0)  # (n,)
         torch.maximum(self.max, chunk_max, out=self.max)
         if self.top_k and bool((chunk_max > self.top_values[-1]).any()):
-            self._merge_top(act, positions, seq_max)
+            self._merge_top(act, positions, block_max)
 
-    def _merge_top(self, act: torch.Tensor, positions: torch.Tensor, seq_max: torch.Tensor) -> None:
+    def _merge_top(self, act: torch.Tensor, positions: torch.Tensor, block_max: torch.Tensor) -> None:
         """Merge the chunk's values that can enter a neuron's top-k into it.
 
         A value can enter only if it reaches the neuron's current k-th value, and the chunk's own
-        k-th value, which is at least the k-th largest of its sequence maxima (k distinct elements).
+        k-th value, which is at least the k-th largest of its block maxima (k distinct elements).
         Under that floor lie few values per neuron, so this costs one comparison pass and a small
         sort, and never a copy of the chunk in another layout.
         """
         n, k = self.count.numel(), self.top_k
         firing = torch.nextafter(torch.tensor(float(self.threshold)), torch.tensor(float("inf"))).item()
         floor = self.top_values[-1].clamp(min=firing)  # (n,)
-        if seq_max.shape[0] >= k:
-            floor = torch.maximum(floor, seq_max.topk(k, dim=0).values[-1])
+        if block_max.shape[0] >= k:
+            floor = torch.maximum(floor, block_max.topk(k, dim=0).values[-1])
         if act.dim() == 4:
             B, H, T, N = act.shape
             hits = (act >= floor.view(H, 1, N)).nonzero()  # (E, 4): b, h, t, j

@@ -302,7 +302,8 @@ class RevisionLoader:
         self.model, self._targets, self._split = None, {}, []
         gc.collect()
         config = AutoConfig.from_pretrained(str(weights.files.config.parent))
-        hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=self.dtype)
+        with _no_init():  # every weight is copied in next: drawing random ones first is wasted time
+            hf_model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=self.dtype)
         own = {id(p) for p in hf_model.parameters()}
         # The bridge wraps the model's modules but keeps them (and their parameters): copying into
         # a module's own attribute updates the bridge.
@@ -350,6 +351,17 @@ def _checkpoint_targets(hf_model: Any, tensors: dict[str, torch.Tensor]) -> dict
     if uncovered:
         raise CheckpointError(f"the checkpoint has no tensor for parameter(s) {uncovered[:3]} of {type(hf_model).__name__}")
     return targets
+
+
+def _no_init():
+    """transformers' switch that skips weight initialisation (a no-op context where it does not exist)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _refresh_split_qkv(modules: list[torch.nn.Module]) -> None:
