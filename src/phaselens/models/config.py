@@ -45,9 +45,9 @@ def model_class(kind: str) -> type:
 
 
 def _load_builtin() -> None:
-    # the transformer registers below; other kinds add an import here
-    import phaselens.models.hf_config  # noqa: F401
-    import phaselens.models.bdh_config  # noqa: F401
+    from phaselens.plugins import load_package
+
+    load_package("phaselens.models", suffix="_config")  # the transformer registers below; every other kind in its *_config module
 
 
 @dataclass
