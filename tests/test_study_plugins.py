@@ -159,3 +159,12 @@ def test_probes_never_import_a_task_or_name_one():
 def test_every_yaml_block_of_the_study_section_is_a_valid_config():
     raw = yaml.safe_load(readme_block("yaml", "task: recall_first"))
     assert raw["data"]["task"] == "recall_first"
+
+
+def test_a_sweep_axis_over_a_probe_option_gives_each_run_its_value():
+    from phaselens.sweeps.grid import grid_points, parse_grid
+
+    points = grid_points(parse_grid(["telemetry.probe_options.logit_lens.first_token_only=true,false"]))
+    configs = [load_config("disamb_small", [f"{key}={value}" for key, value in point.items()]) for point in points]
+    assert [c.study.options_for("logit_lens", c.telemetry.probe_options) for c in configs] == [
+        {"positions": "first_target", "first_token_only": True}, {"positions": "first_target", "first_token_only": False}]
