@@ -86,3 +86,32 @@ def tiny_hf_models(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
     return paths
+
+
+PROBE_TEXT_WORDS = (["the cat", "a dog", "the old man", "my sister", "the bird"],
+                    ["sat on", "looked at", "ran to", "sang to", "found"],
+                    ["the mat", "a tree", "the house", "the river", "a song"])
+
+
+@pytest.fixture(scope="session")
+def imported_run(tmp_path_factory) -> Path:
+    """A tiny GPT-NeoX saved with `transformers` as revisions step0, step10, step30 (trained on short
+    grammar sentences, word-level tokenizer, embedding padded to 320 tokens as Pythia pads its own),
+    imported with `phaselens import-hf` as a user does. Read-only."""
+    import random
+
+    from typer.testing import CliRunner
+
+    from phaselens.cli import app
+    from phaselens.series.toy import save_toy_series
+
+    root = tmp_path_factory.mktemp("imported")
+    rng = random.Random(0)
+    text = "\n".join(" ".join(rng.choice(words) for words in PROBE_TEXT_WORDS) + " ." for _ in range(300))
+    (root / "probe.txt").write_text(text)
+    save_toy_series(root / "model", text, steps=(0, 10, 30), d_vocab=320)
+    result = CliRunner().invoke(app, ["import-hf", str(root / "model"), "--revisions", "step0,step10,step30",
+                                      "--out", str(root / "series"), "--text", str(root / "probe.txt"),
+                                      "--seq-len", "32", "--sequences", "8"])
+    assert result.exit_code == 0, result.output
+    return root / "series"

@@ -1,8 +1,10 @@
 """What the model view computes: per-token loss, attention, ablation, freezing, patching, gradients.
 
-Every function takes a hookable model and token ids. Hooks are registered on the model's
-`HookPoint`s for the length of one call and removed by their own handles, so hooks a user added
-in a notebook stay in place and run too (TransformerLens' `run_with_hooks` would reset them).
+Every function takes a model adapter (`phaselens.models.adapter`) and token ids, and learns hook
+names, dimensions and weights from it alone, so any adapter model works: a phaselens transformer,
+a `TransformerBridge`. Hooks are registered on the model's `HookPoint`s for the length of one call
+and removed by their own handles, so hooks a user added in a notebook stay in place and run too
+(TransformerLens' `run_with_hooks` would reset them).
 """
 
 from __future__ import annotations
@@ -12,16 +14,21 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from phaselens.models.adapter import ModelAdapter
 from phaselens.probes.heads import detection_patterns
 from phaselens.probes.loss import masked_mean, token_losses
 
 Hook = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
+TOP_K_TOKENS = 40  # tokens a head's circuits are shown on when the vocabulary is too large to show whole
+TOKEN_SPACE_MAX_VOCAB = 256
+
+
 @contextlib.contextmanager
-def temporary_hooks(model: torch.nn.Module, hooks: Sequence[tuple[str, Hook]]) -> Iterator[None]:
+def temporary_hooks(model: ModelAdapter, hooks: Sequence[tuple[str, Hook]]) -> Iterator[None]:
     """Forward hooks `fn(activation) -> replacement or None` on named hook points, for one block."""
-    points = model.hook_dict
+    points = model.hook_points
     handles = []
     try:
         for name, fn in hooks:
@@ -34,7 +41,7 @@ def temporary_hooks(model: torch.nn.Module, hooks: Sequence[tuple[str, Hook]]) -
             handle.remove()
 
 
-def run_caching(model: torch.nn.Module, tokens: torch.Tensor, names: Sequence[str],
+def run_caching(model: ModelAdapter, tokens: torch.Tensor, names: Sequence[str],
                 hooks: Sequence[tuple[str, Hook]] = ()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits (B, T, V) and the activations at `names`, with optional intervening hooks."""
     cache: dict[str, torch.Tensor] = {}
@@ -45,7 +52,7 @@ def run_caching(model: torch.nn.Module, tokens: torch.Tensor, names: Sequence[st
         return keep
 
     with temporary_hooks(model, [*hooks, *((n, keeper(n)) for n in names)]):
-        logits = model(tokens)
+        logits = model.logits(tokens)
     return logits, cache
 
 
@@ -68,29 +75,34 @@ def loss_view(logits: torch.Tensor, tokens: torch.Tensor) -> dict:
     return {"loss": losses.tolist(), "copy_positions": copies.tolist(), "mean_loss": float(losses.mean()), "copy_loss": copy_loss}
 
 
-def attention_pattern(model: torch.nn.Module, tokens: torch.Tensor, layer: int, head: int) -> torch.Tensor:
+def attention_pattern(model: ModelAdapter, tokens: torch.Tensor, layer: int, head: int) -> torch.Tensor:
     """One head's attention on one sequence: (T,) -> (Tq, Tk)."""
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = model.pattern_hook(layer)
     with torch.no_grad():
         _, cache = run_caching(model, tokens[None], [name])
     return cache[name][0, head]
 
 
-def node_hook_name(layer: int, head: int | None) -> str:
+def node_hook_name(model: ModelAdapter, layer: int, head: int | None) -> str:
     """Heads are cut at their mixed values (hook_z), so the head adds nothing through W_O; MLPs at their output."""
-    return f"blocks.{layer}.attn.hook_z" if head is not None else f"blocks.{layer}.hook_mlp_out"
+    return model.z_hook(layer) if head is not None else model.mlp_out_hook(layer)
 
 
-def node_values(model: torch.nn.Module, tokens: torch.Tensor, nodes: Sequence[tuple[int, int | None]]) -> dict:
+def per_head(z: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Mixed values as (B, T, H, d_head), a view of `z`: TransformerBridge hooks carry them flat, (B, T, H·d_head)."""
+    return z if z.dim() == 4 else z.view(*z.shape[:2], n_heads, -1)
+
+
+def node_values(model: ModelAdapter, tokens: torch.Tensor, nodes: Sequence[tuple[int, int | None]]) -> dict:
     """Each node's activation on `tokens` (B, T): {(layer, head): (B, T, dh) or (B, T, d_model)}."""
-    names = sorted({node_hook_name(layer, head) for layer, head in nodes})
+    names = sorted({node_hook_name(model, layer, head) for layer, head in nodes})
     with torch.no_grad():
         _, cache = run_caching(model, tokens, names)
-    return {(layer, head): cache[node_hook_name(layer, head)][:, :, head] if head is not None
-            else cache[node_hook_name(layer, head)] for layer, head in nodes}
+    return {(layer, head): per_head(cache[node_hook_name(model, layer, head)], model.n_heads)[:, :, head] if head is not None
+            else cache[node_hook_name(model, layer, head)] for layer, head in nodes}
 
 
-def ablation_hooks(nodes: Sequence[tuple[int, int | None]], replacements: dict | None) -> list[tuple[str, Hook]]:
+def ablation_hooks(model: ModelAdapter, nodes: Sequence[tuple[int, int | None]], replacements: dict | None) -> list[tuple[str, Hook]]:
     """Hooks that replace each node's activation: by zeros, or by `replacements[node]` (broadcast to (B, T, ·))."""
     hooks = []
     for layer, head in nodes:
@@ -98,23 +110,23 @@ def ablation_hooks(nodes: Sequence[tuple[int, int | None]], replacements: dict |
 
         def replace(x: torch.Tensor, head=head, value=value) -> torch.Tensor:
             x = x.clone()
-            target = x[:, :, head] if head is not None else x  # (B, T, dh) or (B, T, d_model)
+            target = per_head(x, model.n_heads)[:, :, head] if head is not None else x  # (B, T, dh) or (B, T, d_model)
             if value is None:
                 target.zero_()
             else:
                 target.copy_(value[..., : x.shape[1], :].expand_as(target))
             return x
 
-        hooks.append((node_hook_name(layer, head), replace))
+        hooks.append((node_hook_name(model, layer, head), replace))
     return hooks
 
 
-def ablated_logits(model: torch.nn.Module, tokens: torch.Tensor, hooks: Sequence[tuple[str, Hook]]) -> torch.Tensor:
+def ablated_logits(model: ModelAdapter, tokens: torch.Tensor, hooks: Sequence[tuple[str, Hook]]) -> torch.Tensor:
     with torch.no_grad(), temporary_hooks(model, hooks):
-        return model(tokens[None])
+        return model.logits(tokens[None])
 
 
-def mean_values(model: torch.nn.Module, tokens: torch.Tensor, nodes: Sequence[tuple[int, int | None]]) -> dict:
+def mean_values(model: ModelAdapter, tokens: torch.Tensor, nodes: Sequence[tuple[int, int | None]]) -> dict:
     """Each node's activation averaged over the batch and positions of `tokens` (B, T): {node: (1, 1, ·)}."""
     return {node: value.mean((0, 1), keepdim=True) for node, value in node_values(model, tokens, nodes).items()}
 
@@ -125,12 +137,12 @@ def logit_diff(logits: torch.Tensor, answer: int, wrong: int) -> float:
     return float(last[answer] - last[wrong])
 
 
-def patch_logit_diff(model: torch.nn.Module, clean: torch.Tensor, corrupted: torch.Tensor, hook_name: str,
+def patch_logit_diff(model: ModelAdapter, clean: torch.Tensor, corrupted: torch.Tensor, hook_name: str,
                      head: int | None, position: int | None, answer: int | None, wrong: int | None) -> dict:
     """Run the corrupted prompt with one node taken from the clean run; logit differences at the last position."""
     with torch.no_grad():
         clean_logits, cache = run_caching(model, clean[None], [hook_name])
-        corrupted_logits = model(corrupted[None])
+        corrupted_logits = model.logits(corrupted[None])
         answer = int(clean_logits[0, -1].argmax()) if answer is None else answer
         if wrong is None:  # the corrupted run's favourite, or the clean run's runner-up when they agree
             ranked = corrupted_logits[0, -1].argsort(descending=True).tolist()
@@ -143,11 +155,11 @@ def patch_logit_diff(model: torch.nn.Module, clean: torch.Tensor, corrupted: tor
             if head is None:
                 x[:, rows] = source[:, rows]
             else:
-                x[:, rows, head] = source[:, rows, head]
+                per_head(x, model.n_heads)[:, rows, head] = per_head(source, model.n_heads)[:, rows, head]
             return x
 
         with temporary_hooks(model, [(hook_name, patch)]):
-            patched_logits = model(corrupted[None])
+            patched_logits = model.logits(corrupted[None])
     diffs = [logit_diff(lg, answer, wrong) for lg in (clean_logits, corrupted_logits, patched_logits)]
     span = diffs[0] - diffs[1]
     return {
@@ -157,7 +169,7 @@ def patch_logit_diff(model: torch.nn.Module, clean: torch.Tensor, corrupted: tor
     }
 
 
-def embedding_gradients(model: torch.nn.Module, tokens: torch.Tensor, position: int | None) -> tuple[torch.Tensor, float]:
+def embedding_gradients(model: ModelAdapter, tokens: torch.Tensor, position: int | None) -> tuple[torch.Tensor, float]:
     """‖∂loss/∂embedding_t‖ per token (T,), for the mean loss or the loss of one prediction."""
     captured: dict[str, torch.Tensor] = {}
 
@@ -166,24 +178,47 @@ def embedding_gradients(model: torch.nn.Module, tokens: torch.Tensor, position: 
         captured["embed"] = x
         return x
 
-    with torch.enable_grad(), temporary_hooks(model, [("hook_embed", track)]):
-        logits = model(tokens[None])
+    with torch.enable_grad(), temporary_hooks(model, [(model.embed_hook, track)]):
+        logits = model.logits(tokens[None])
         losses = token_losses(logits, tokens[None])[0]  # (T-1,)
         loss = losses.mean() if position is None else losses[position]
         (grad,) = torch.autograd.grad(loss, captured["embed"])
     return grad[0].norm(dim=-1), float(loss.detach())  # (T,)
 
 
-def circuit_matrices(model: torch.nn.Module, layer: int, head: int, max_vocab: int = 256) -> dict:
-    """A head's QK and OV circuits: in token space when the vocabulary is small, else in the residual space."""
-    attn = model.blocks[layer].attn
-    W_Q, W_K, W_V, W_O = (w[head].detach() for w in (attn.W_Q, attn.W_K, attn.W_V, attn.W_O))  # (d, dh) x3, (dh, d)
+def ordinary_tokens(model: ModelAdapter, d_vocab: int) -> torch.Tensor:
+    """(d_vocab,) bool: ids that stand for text, i.e. neither special nor the padding past a Hugging Face tokenizer's end."""
+    tokenizer = model.tokenizer
+    ordinary = torch.zeros(d_vocab, dtype=torch.bool)
+    ordinary[: min(d_vocab, len(tokenizer.hf)) if tokenizer.kind == "hf" else d_vocab] = True
+    ordinary[[i for i in tokenizer.special_ids if i < d_vocab]] = False
+    return ordinary
+
+
+def circuit_matrices(model: ModelAdapter, layer: int, head: int) -> dict:
+    """A head's QK and OV circuits in token space: the whole vocabulary when it is small, else its top-k tokens.
+
+    QK = (W_E W_Q)(W_E W_K)ᵀ (query token × key token), OV = W_E W_V W_O W_U (attended token ×
+    promoted logit). Past `TOKEN_SPACE_MAX_VOCAB` tokens they are shown on the `TOP_K_TOKENS`
+    ordinary tokens (no special or padding ids) whose embedding the head's OV circuit moves most,
+    ‖W_E[t] W_V W_O‖, on both axes. A model without per-head weights gets a reason instead.
+    """
+    weights = model.head_weights()
+    if weights is None:
+        return {"space": "hidden", "ids": [], "qk": None, "ov": None,
+                "note": f"{model.architecture} has no per-head query, key, value and output weights to form circuits from"}
+    W_Q, W_K, W_V, W_O = (w[layer, head].detach().float() for w in (weights.W_Q, weights.W_K, weights.W_V, weights.W_O))  # (d, dh) x3, (dh, d)
     with torch.no_grad():
-        if model.W_E.shape[0] <= max_vocab:
-            W_E, W_U = model.W_E.detach(), model.W_U.detach()  # (V, d), (d, V)
-            qk = (W_E @ W_Q) @ (W_E @ W_K).T  # (V, V): query token x key token
-            ov = W_E @ W_V @ W_O @ W_U  # (V, V): attended token x promoted logit
-            return {"space": "token", "labels": [str(i) for i in range(W_E.shape[0])], "qk": qk, "ov": ov}
-        qk = W_Q @ W_K.T  # (d, d)
-        ov = W_V @ W_O  # (d, d)
-        return {"space": "residual", "labels": [str(i) for i in range(qk.shape[0])], "qk": qk, "ov": ov}
+        W_E, W_U = model.embedding().detach().float(), model.unembedding().detach().float()  # (V, d), (d, V)
+        if W_E.shape[0] <= TOKEN_SPACE_MAX_VOCAB:
+            ids = torch.arange(W_E.shape[0], device=W_E.device)
+            note = f"all {W_E.shape[0]} tokens"
+        else:
+            moved = (W_E @ W_V @ W_O).norm(dim=-1)  # (V,): how much the head moves each token's embedding
+            ordinary = ordinary_tokens(model, W_E.shape[0]).to(moved.device)
+            ids = moved.masked_fill(~ordinary, -1.0).topk(min(TOP_K_TOKENS, int(ordinary.sum()))).indices.sort().values
+            note = f"the {len(ids)} of {W_E.shape[0]} tokens this head's OV circuit moves most (‖W_E W_V W_O‖)"
+        E = W_E[ids]  # (k, d)
+        qk = (E @ W_Q) @ (E @ W_K).T  # (k, k): query token x key token
+        ov = E @ W_V @ W_O @ W_U[:, ids]  # (k, k): attended token x promoted logit
+    return {"space": "token" if len(ids) == W_E.shape[0] else "top_k", "ids": ids.tolist(), "qk": qk, "ov": ov, "note": note}

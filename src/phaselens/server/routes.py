@@ -7,9 +7,11 @@ from typing import Optional
 
 from fastapi import APIRouter
 
+from phaselens.errors import PhaselensError
 from phaselens.server import interventions as iv
 from phaselens.server import schemas as s
-from phaselens.server.session import KERNEL, BadInput, Session, read_neuron_reports, token_labels, tokenize
+from phaselens.server.session import (KERNEL, BadInput, Session, as_text, corrupt_first_half, induction_sample, read_neuron_reports,
+                                      text_hint, token_labels, tokenize)
 
 KEY_CONFIG = {"model": ("kind", "n_layers", "n_heads", "d_model", "d_mlp"), "data": ("task",), "train": ("steps", "lr", "batch_size", "seed")}
 MAX_METRIC_ROWS = 2_000_000
@@ -56,7 +58,7 @@ def runs_router(session: Session) -> APIRouter:
         if session.model_run == KERNEL:
             model = session.model
             runs.append(s.RunSummary(name=KERNEL, status="in-process", kernel_model=True,
-                                     config={"model.n_layers": model.cfg.n_layers, "model.n_heads": model.cfg.n_heads}))
+                                     config={"model.kind": model.architecture, "model.n_layers": model.n_layers, "model.n_heads": model.n_heads}))
         return s.RunList(runs=runs)
 
     @router.get("/runs/{run}/series", response_model=s.SeriesList)
@@ -96,23 +98,32 @@ def runs_router(session: Session) -> APIRouter:
         return s.TransitionList(run=run, transitions=rows)
 
     @router.get("/runs/{run}/sample", response_model=s.Sample)
-    def sample(run: str):
-        """A default text: the first sequence of the run's probe batch (an induction sequence for the demo)."""
+    def sample(run: str, step: Optional[int] = None):
+        """A default text: the first sequence of the run's probe batch, as text where the model has a tokenizer.
+
+        Without a probe batch (a model from the notebook), a repeated segment of random tokens.
+        The corrupted prompt for patching is the same with its first half changed.
+        """
         tokens = None
         if session.has_run(run):
             try:
                 tokens = session.run(run).probe_batch().tokens[0].tolist()
             except OSError:
-                pass  # no probe batch (an imported series): draw one below
-        if tokens is None:
-            import torch
-
-            from phaselens.tasks.induction import InductionTask
-
-            cfg = session.model.cfg if run == session.model_run else session.run(run).run_config().model
-            task = InductionTask(seq_len=cfg.n_ctx, vocab=cfg.d_vocab, max_len=min(24, cfg.n_ctx // 2))
-            tokens = task.sample(1, torch.Generator().manual_seed(0)).tokens[0].tolist()
-        return s.Sample(run=run, text=" ".join(map(str, tokens)), tokens=tokens)
+                pass  # an older import without a probe batch: draw one below
+        with session.lock:
+            try:
+                model, _ = session.model_for(run, step)
+            except PhaselensError:
+                if tokens is None:
+                    raise
+                model = None  # no checkpoint yet: the ids serve as they are
+            if tokens is None:
+                tokens = induction_sample(model)
+            tokens = tokens[: model.n_ctx] if model is not None else tokens
+            corrupted = corrupt_first_half(tokens)
+            if model is None:
+                return s.Sample(run=run, text=" ".join(map(str, tokens)), tokens=tokens, corrupted_text=" ".join(map(str, corrupted)))
+            return s.Sample(run=run, text=as_text(tokens, model), tokens=tokens, corrupted_text=as_text(corrupted, model))
 
     @router.get("/runs/{run}/neurons", response_model=s.NeuronsResponse)
     def neurons(run: str):
@@ -153,35 +164,40 @@ def model_router(session: Session) -> APIRouter:
 
     def prepare(request: s.TextRequest):
         model, source = session.model_for(request.run, request.step)
-        ids = tokenize(request.text, model.cfg.d_vocab, model.cfg.n_ctx)
+        return model, source, token_tensor(request.text, model)
+
+    def token_tensor(text: str, model):
         import torch
 
-        return model, source, torch.tensor(ids, device=model.W_E.device)
+        return torch.tensor(tokenize(text, model), device=model.device)
 
     def check_node(model, layer: int, head: int | None, mlp: bool = True) -> None:
         """Refuse a layer or head the model does not have; `head=None` means the MLP when `mlp`."""
-        cfg = model.cfg
-        if layer >= cfg.n_layers:
-            raise BadInput(f"layer {layer} does not exist: the model has {cfg.n_layers} layers (0–{cfg.n_layers - 1})")
-        if head is not None and head >= cfg.n_heads:
-            raise BadInput(f"head {head} does not exist: layers have {cfg.n_heads} heads (0–{cfg.n_heads - 1})")
-        if mlp and head is None and not getattr(model.blocks[layer], "has_mlp", False):
-            raise BadInput(f"layer {layer} has no MLP (the model is attention-only)")
+        if layer >= model.n_layers:
+            raise BadInput(f"layer {layer} does not exist: the model has {model.n_layers} layers (0–{model.n_layers - 1})")
+        if head is not None and not model.has_attention:
+            raise BadInput(f"{model.architecture} has no softmax attention heads to look at, ablate or patch")
+        if head is not None and head >= model.n_heads:
+            raise BadInput(f"head {head} does not exist: layers have {model.n_heads} heads (0–{model.n_heads - 1})")
+        if mlp and head is None and not model.has_mlp(layer):
+            raise BadInput(f"layer {layer} has no MLP" + ("" if model.mlp_layers else " (the model is attention-only)"))
 
-    def loss_response(logits, tokens) -> s.LossResponse:
+    def loss_response(logits, tokens, model) -> s.LossResponse:
         view = iv.loss_view(logits, tokens)
         ids = tokens.tolist()
-        return s.LossResponse(tokens=ids, labels=token_labels(ids, logits.shape[-1]), loss=[finite(v) or 0.0 for v in view["loss"]],
+        return s.LossResponse(tokens=ids, labels=token_labels(ids, model), loss=[finite(v) or 0.0 for v in view["loss"]],
                               copy_positions=view["copy_positions"], mean_loss=finite(view["mean_loss"]) or 0.0,
                               copy_loss=finite(view["copy_loss"]))
 
     @router.post("/architecture", response_model=s.Architecture)
     def architecture(request: s.ModelRef):
-        model, source = session.model_for(request.run, request.step)
-        cfg = model.cfg
-        has_mlp = any(getattr(block, "has_mlp", False) for block in model.blocks)
-        return s.Architecture(run=request.run, step=request.step, source=source, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                              has_mlp=has_mlp, d_model=cfg.d_model, d_vocab=cfg.d_vocab, n_ctx=cfg.n_ctx)
+        with session.lock:
+            model, source = session.model_for(request.run, request.step)
+            return s.Architecture(run=request.run, step=request.step, source=source, architecture=model.architecture,
+                                  n_layers=model.n_layers, n_heads=model.n_heads if model.has_attention else 0,
+                                  has_mlp=bool(model.mlp_layers), mlp_layers=list(model.mlp_layers), d_model=model.d_model,
+                                  d_head=model.d_head, d_vocab=model.d_vocab, n_ctx=model.n_ctx,
+                                  tokenizer=model.tokenizer.kind, text_hint=text_hint(model))
 
     @router.post("/loss", response_model=s.LossResponse)
     def loss(request: s.TextRequest):
@@ -190,8 +206,8 @@ def model_router(session: Session) -> APIRouter:
         with session.lock:
             model, _, tokens = prepare(request)
             with torch.no_grad():
-                logits = model(tokens[None])
-            return loss_response(logits, tokens)
+                logits = model.logits(tokens[None])
+            return loss_response(logits, tokens, model)
 
     @router.post("/attention", response_model=s.AttentionResponse)
     def attention(request: s.AttentionRequest):
@@ -199,8 +215,9 @@ def model_router(session: Session) -> APIRouter:
             model, _, tokens = prepare(request)
             check_node(model, request.layer, request.head)
             pattern = iv.attention_pattern(model, tokens, request.layer, request.head)  # (T, T)
-        ids = tokens.tolist()
-        return s.AttentionResponse(tokens=ids, labels=token_labels(ids, model.cfg.d_vocab),
+            ids = tokens.tolist()
+            labels = token_labels(ids, model)
+        return s.AttentionResponse(tokens=ids, labels=labels,
                                    pattern=(pattern.float() * 1e4).round().div(1e4).tolist())
 
     @router.post("/ablate", response_model=s.AblateResponse)
@@ -219,28 +236,24 @@ def model_router(session: Session) -> APIRouter:
             else:
                 if not request.reference_text.strip():
                     raise BadInput("freeze needs a reference_text: the text whose values the nodes are held at")
-                ref = torch.tensor(tokenize(request.reference_text, model.cfg.d_vocab, model.cfg.n_ctx), device=tokens.device)
+                ref = token_tensor(request.reference_text, model)
                 if len(ref) < len(tokens):
                     raise BadInput(f"the reference text has {len(ref)} tokens and the text {len(tokens)}: "
                                    "freezing holds each position at the reference's value, so it needs at least as many")
                 replacements = iv.node_values(model, ref[None], nodes)
             with torch.no_grad():
-                clean = model(tokens[None])
-            ablated = iv.ablated_logits(model, tokens, iv.ablation_hooks(nodes, replacements))
-        before, after = loss_response(clean, tokens), loss_response(ablated, tokens)
+                clean = model.logits(tokens[None])
+            ablated = iv.ablated_logits(model, tokens, iv.ablation_hooks(model, nodes, replacements))
+            before, after = loss_response(clean, tokens, model), loss_response(ablated, tokens, model)
         change = None if before.copy_loss is None or after.copy_loss is None else after.copy_loss - before.copy_loss
         return s.AblateResponse(clean=before, ablated=after, delta=[a - b for a, b in zip(after.loss, before.loss)],
                                 copy_loss_change=change)
 
     @router.post("/patch", response_model=s.PatchResponse)
     def patch(request: s.PatchRequest):
-        import torch
-
         with session.lock:
             model, _ = session.model_for(request.run, request.step)
-            cfg = model.cfg
-            clean = torch.tensor(tokenize(request.clean_text, cfg.d_vocab, cfg.n_ctx), device=model.W_E.device)
-            corrupted = torch.tensor(tokenize(request.corrupted_text, cfg.d_vocab, cfg.n_ctx), device=model.W_E.device)
+            clean, corrupted = token_tensor(request.clean_text, model), token_tensor(request.corrupted_text, model)
             if len(clean) != len(corrupted):
                 raise BadInput(f"the two prompts must have the same number of tokens ({len(clean)} and {len(corrupted)})")
             head = request.head if request.hook == "head" else None
@@ -250,13 +263,12 @@ def model_router(session: Session) -> APIRouter:
             if request.position is not None and request.position >= len(clean):
                 raise BadInput(f"position {request.position} is past the end of the prompts ({len(clean)} tokens)")
             for name, token in (("answer", request.answer), ("wrong", request.wrong)):
-                if token is not None and token >= cfg.d_vocab:
-                    raise BadInput(f"{name} token {token} is outside the vocabulary ({cfg.d_vocab})")
-            hook_name = {"head": f"blocks.{request.layer}.attn.hook_z", "resid_pre": f"blocks.{request.layer}.hook_resid_pre",
-                         "attn_out": f"blocks.{request.layer}.hook_attn_out", "mlp_out": f"blocks.{request.layer}.hook_mlp_out",
-                         "resid_post": f"blocks.{request.layer}.hook_resid_post"}[request.hook]
+                if token is not None and token >= model.d_vocab:
+                    raise BadInput(f"{name} token {token} is outside the vocabulary ({model.d_vocab})")
+            hook_name = patch_hook(model, request.hook, request.layer)
             result = iv.patch_logit_diff(model, clean, corrupted, hook_name, head, request.position, request.answer, request.wrong)
-        return s.PatchResponse(**result)
+            answer_label, wrong_label = token_labels([result["answer"], result["wrong"]], model)
+        return s.PatchResponse(**result, answer_label=answer_label, wrong_label=wrong_label)
 
     @router.post("/gradients", response_model=s.GradientResponse)
     def gradients(request: s.GradientRequest):
@@ -265,8 +277,9 @@ def model_router(session: Session) -> APIRouter:
             if request.position is not None and request.position >= len(tokens) - 1:
                 raise BadInput(f"position {request.position}: the text has {len(tokens) - 1} predictions (0–{len(tokens) - 2})")
             norms, loss = iv.embedding_gradients(model, tokens, request.position)
-        ids = tokens.tolist()
-        return s.GradientResponse(tokens=ids, labels=token_labels(ids, model.cfg.d_vocab), grad_norm=norms.tolist(), loss=loss)
+            ids = tokens.tolist()
+            labels = token_labels(ids, model)
+        return s.GradientResponse(tokens=ids, labels=labels, grad_norm=norms.tolist(), loss=loss)
 
     @router.post("/weights", response_model=s.WeightsResponse)
     def weights(request: s.WeightsRequest):
@@ -274,9 +287,31 @@ def model_router(session: Session) -> APIRouter:
             model, _ = session.model_for(request.run, request.step)
             check_node(model, request.layer, request.head)
             found = iv.circuit_matrices(model, request.layer, request.head)
-        return s.WeightsResponse(space=found["space"], labels=found["labels"],
-                                 qk=(found["qk"].float() * 1e4).round().div(1e4).tolist(),
-                                 ov=(found["ov"].float() * 1e4).round().div(1e4).tolist())
+            labels = token_labels(found["ids"], model)
+
+        return s.WeightsResponse(space=found["space"], note=found["note"], tokens=found["ids"], labels=labels,
+                                 qk=significant(found["qk"]), ov=significant(found["ov"]))
 
     return router
+
+
+def significant(matrix, digits: int = 4):
+    """A matrix as nested lists, rounded to `digits` significant digits of its largest entry (small weights keep their detail)."""
+    if matrix is None:
+        return None
+    matrix = matrix.float()
+    top = float(matrix.abs().max())
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(top))) if top > 0 and math.isfinite(top) else 1.0
+    return (matrix * scale).round().div(scale).tolist()
+
+
+def patch_hook(model, hook: str, layer: int) -> str:
+    """The hook point a patch request names: residual streams from the adapter's sites, heads and MLPs from its hooks."""
+    sites = model.residual_sites  # stream ℓ enters block ℓ; stream ℓ + 1 leaves it
+    name = {"head": lambda: model.z_hook(layer), "mlp_out": lambda: model.mlp_out_hook(layer),
+            "resid_pre": lambda: sites[layer].hook, "resid_post": lambda: sites[layer + 1].hook,
+            "attn_out": lambda: f"blocks.{layer}.hook_attn_out"}[hook]()
+    if name not in model.hook_points:
+        raise BadInput(f"{model.architecture} has no hook point {name!r} to patch")
+    return name
 

@@ -1,6 +1,8 @@
 """The dashboard's JSON API: request and response bodies, the contract the page and the tests share.
 
-Tokens travel as lists of ids; text the user types is turned into ids by `session.tokenize`.
+Tokens travel as lists of ids with their labels (decoded by the model's tokenizer); what the user
+types is turned into ids by `session.tokenize`: token ids separated by spaces, or text through the
+model's own tokenizer. Nothing here assumes a vocabulary size.
 A model is named by a run and a checkpoint step; `step=None` means the model the server was
 given in-process (`pl.serve(model=...)`), or the run's last checkpoint when there is none.
 """
@@ -86,7 +88,7 @@ class ModelRef(Strict):
 
 
 class TextRequest(ModelRef):
-    text: str = Field("", max_length=MAX_TEXT_CHARS, description="token ids separated by spaces, or text for byte-level models")
+    text: str = Field("", max_length=MAX_TEXT_CHARS, description="token ids separated by spaces, or text for the model's tokenizer")
 
 
 class Architecture(BaseModel):
@@ -95,18 +97,24 @@ class Architecture(BaseModel):
     run: str
     step: Optional[int]
     source: Literal["checkpoint", "kernel"]
+    architecture: str  # the model's class: Transformer, GPTNeoXForCausalLM, ...
     n_layers: int
-    n_heads: int
+    n_heads: int  # 0 when the model has no softmax attention heads
     has_mlp: bool
+    mlp_layers: list[int]
     d_model: int
+    d_head: int
     d_vocab: int
     n_ctx: int
+    tokenizer: Literal["ids", "bytes", "hf"]
+    text_hint: str  # what the text box takes
 
 
 class Sample(BaseModel):
     run: str
-    text: str
+    text: str  # decoded text when it tokenises back to `tokens`, else the ids
     tokens: list[int]
+    corrupted_text: str  # the same with its first half changed: the patching counterpart
 
 
 class AttentionRequest(TextRequest):
@@ -164,6 +172,8 @@ class PatchResponse(BaseModel):
     hook_name: str
     answer: int
     wrong: int
+    answer_label: str  # the two tokens as the model's tokenizer shows them
+    wrong_label: str
     clean_logit_diff: float
     corrupted_logit_diff: float
     patched_logit_diff: float
@@ -187,10 +197,14 @@ class WeightsRequest(ModelRef):
 
 
 class WeightsResponse(BaseModel):
-    space: Literal["token", "residual"]
+    """A head's circuits on token axes: every token (`token`), the top-k tokens (`top_k`), or none with the reason (`hidden`)."""
+
+    space: Literal["token", "top_k", "hidden"]
+    note: str  # which tokens the axes hold, or why there are no circuits
+    tokens: list[int]  # the ids on both axes
     labels: list[str]
-    qk: list[list[float]]  # (W_E W_Q)(W_E W_K)ᵀ in token space, or W_Q W_Kᵀ in the residual space
-    ov: list[list[float]]  # W_E W_V W_O W_U in token space, or W_V W_O
+    qk: Optional[list[list[float]]]  # (W_E W_Q)(W_E W_K)ᵀ: query token x key token
+    ov: Optional[list[list[float]]]  # W_E W_V W_O W_U: attended token x promoted logit
 
 
 # ---------------------------------------------------------------------------- neurons

@@ -2,7 +2,9 @@
 
 Runs are addressed by name only: the server never opens a path that came from a request. A
 model handed over in-process (`pl.serve(model=...)`) is kept by reference, so weight edits and
-hooks made in the notebook are what the next request computes with.
+hooks made in the notebook are what the next request computes with. Every model is read through
+its adapter (`phaselens.models.adapter`): a phaselens transformer, or any `TransformerBridge`,
+whether given in-process or booted from a revision of an imported series.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from phaselens.errors import PhaselensError
+from phaselens.models.adapter import ModelAdapter, adapter_for
 from phaselens.run import Run, open_run
 
 KERNEL = "kernel"  # the entry of a model given without a run
@@ -44,7 +47,7 @@ class Session:
                 suffix += 1
                 name = f"{path.name}-{suffix}"
             self.runs[name] = path
-        self.model = model
+        self.model = adapter_for(model) if model is not None else None  # refuses a model it cannot read, before serving
         if model is not None and model_run is None:
             model_run = next(iter(self.runs), KERNEL)
         self.model_run = model_run if model is not None else None
@@ -72,17 +75,13 @@ class Session:
 
     # -------------------------------------------------------------------- models
 
-    def model_for(self, run: str, step: int | None) -> tuple[Any, str]:
-        """The model of `run` at `step` and where it came from ('kernel' or 'checkpoint')."""
+    def model_for(self, run: str, step: int | None) -> tuple[ModelAdapter, str]:
+        """The adapter of `run`'s model at `step` and where it came from ('kernel' or 'checkpoint')."""
         if step is None and self.model is not None and run == self.model_run:
             return self.model, "kernel"
         if run == KERNEL and self.model_run == KERNEL:
             raise NotFound("the in-process model has no checkpoints; leave step empty")
         handle = self.run(run)
-        kind = (handle.config.get("model") or {}).get("kind", "transformer")
-        if kind != "transformer":  # the model view reads our transformer's weights and hook layout
-            raise BadInput(f"run {run!r} is a {kind!r} model: the model view shows phaselens transformers only; "
-                           "its timeline and metrics are available")
         steps = handle.checkpoint_steps()
         if not steps:
             raise NotFound(f"run {run!r} has no checkpoints yet")
@@ -91,13 +90,13 @@ class Session:
             raise NotFound(f"run {run!r} has no checkpoint at step {step}")
         key = (run, step)
         if key not in self._models:
-            self._models[key] = handle.load_model(step)
+            self._models[key] = adapter_for(handle.load_model(step))
             while len(self._models) > MODEL_CACHE_SIZE:
                 self._models.popitem(last=False)
         self._models.move_to_end(key)
         return self._models[key], "checkpoint"
 
-    def mean_values(self, run: str, step: int | None, source: str, model: Any, nodes: list, tokens: Any) -> dict:
+    def mean_values(self, run: str, step: int | None, source: str, model: ModelAdapter, nodes: list, tokens: Any) -> dict:
         """Mean activation of each node over the run's probe batch (over `tokens` when the run has none), cached."""
         from phaselens.server.interventions import mean_values
 
@@ -138,33 +137,80 @@ class Session:
         return files
 
 
-def tokenize(text: str, vocab: int, n_ctx: int) -> list[int]:
-    """Token ids from what the user typed: ids separated by spaces or commas, or bytes for byte-level models."""
+def tokenize(text: str, model: ModelAdapter) -> list[int]:
+    """Token ids from what the user typed: ids separated by spaces or commas, else text through the model's tokenizer."""
     text = text.strip()
+    vocab = model.d_vocab
     if not text:
-        raise BadInput("the text is empty: type token ids separated by spaces (e.g. 5 17 42 5 17)")
+        raise BadInput("the text is empty: type text, or token ids separated by spaces (e.g. 5 17 42 5 17)")
     parts = [p for p in re.split(r"[\s,]+", text) if p]
     if all(re.fullmatch(r"\d+", p) for p in parts):
         ids = [int(p) for p in parts]
         bad = [i for i in ids if i >= vocab]
         if bad:
             raise BadInput(f"token ids must be below the vocabulary size {vocab}; got {bad[:5]}")
-    elif vocab >= 256:
-        ids = list(text.encode("utf-8"))
     else:
-        raise BadInput(f"this model has {vocab} tokens: type token ids (0–{vocab - 1}) separated by spaces")
+        try:
+            ids = model.tokenizer.encode(text)
+        except ValueError as exc:  # a model of plain ids takes no text: the tokenizer says what it takes
+            raise BadInput(str(exc)) from None
     if len(ids) < 2:
-        raise BadInput("the text needs at least 2 tokens (a loss needs a next token)")
-    if len(ids) > n_ctx:
-        raise BadInput(f"the text has {len(ids)} tokens; the model's context holds {n_ctx}")
+        raise BadInput(f"the text is {len(ids)} token long: it needs at least 2 (a loss needs a next token)")
+    if len(ids) > model.n_ctx:
+        raise BadInput(f"the text has {len(ids)} tokens; the model's context holds {model.n_ctx}")
     return ids
 
 
-def token_labels(ids: list[int], vocab: int) -> list[str]:
-    """How tokens are shown: ids, or characters for byte-level models."""
-    if vocab == 256:
-        return [chr(i) if 32 <= i < 127 else f"\\x{i:02x}" for i in ids]
-    return [str(i) for i in ids]
+def token_labels(ids: list[int], model: ModelAdapter) -> list[str]:
+    """How tokens are shown: decoded by the model's tokenizer (ids, bytes, or its Hugging Face tokens)."""
+    return [label if label.strip() else f"{label}#{i}" if label else f"#{i}" for i, label in zip(ids, model.tokenizer.labels(ids))]
+
+
+def text_hint(model: ModelAdapter) -> str:
+    """What the text box takes, in the user's words."""
+    kind = model.tokenizer.kind
+    if kind == "ids":
+        return f"token ids (0–{model.d_vocab - 1}) separated by spaces"
+    what = "bytes (UTF-8)" if kind == "bytes" else "the model's own tokenizer"
+    return f"text, tokenised with {what}; or token ids separated by spaces"
+
+
+def as_text(ids: list[int], model: ModelAdapter) -> str:
+    """`ids` as the user would type them: decoded text when it tokenises back to exactly these ids, else the ids."""
+    tokenizer = model.tokenizer
+    if tokenizer.kind != "ids":
+        text = tokenizer.hf.decode(list(ids)) if tokenizer.kind == "hf" else "".join(tokenizer.labels(ids))
+        if not re.fullmatch(r"[\d\s,]*", text):
+            try:
+                if tokenizer.encode(text) == list(ids):
+                    return text
+            except ValueError:
+                pass
+    return " ".join(map(str, ids))
+
+
+def induction_sample(model: ModelAdapter, seq_len: int = 48) -> list[int]:
+    """Random ordinary tokens of the model's vocabulary with a segment repeated at a variable offset."""
+    import torch
+
+    from phaselens.server.interventions import ordinary_tokens
+    from phaselens.tasks.induction import InductionTask
+
+    allowed = ordinary_tokens(model, model.d_vocab).nonzero()[:, 0]  # (n,)
+    seq_len = min(seq_len, model.n_ctx)
+    task = InductionTask(seq_len=seq_len, vocab=len(allowed), max_len=min(24, seq_len // 2))
+    return allowed[task.sample(1, torch.Generator().manual_seed(0)).tokens[0]].tolist()
+
+
+def corrupt_first_half(ids: list[int]) -> list[int]:
+    """`ids` with each token of the first half replaced by the next larger token of the sequence (cyclically).
+
+    The patching counterpart of a sample: the same length, and only tokens the sample itself uses,
+    so it stays within the model's ordinary tokens whatever its vocabulary.
+    """
+    used = sorted(set(ids))
+    following = {token: used[(i + 1) % len(used)] for i, token in enumerate(used)}
+    return [following[t] if i < len(ids) / 2 else t for i, t in enumerate(ids)]
 
 
 def read_neuron_reports(files: list[Path], root: Path) -> dict:

@@ -56,14 +56,14 @@ async function selectRun(name) {
   slider.value = slider.max;
   state.step = state.steps.length ? state.steps[state.steps.length - 1] : null;
   updateStepLabel();
-  const sample = await get(`/api/runs/${enc(name)}/sample`);
+  const stepParam = state.useKernel || state.step === null ? "" : `?step=${state.step}`;
+  const sample = await get(`/api/runs/${enc(name)}/sample${stepParam}`);
   if (!current()) return;
   state.text = sample.text;
   $("text-input").value = sample.text;
-  if (!$("patch-clean").value) {
-    $("patch-clean").value = sample.text;
-    $("patch-corrupted").value = sample.tokens.map((t, i) => (i < sample.tokens.length / 2 ? (t + 1) % 64 : t)).join(" ");
-  }
+  // The patch prompts follow the run: the server writes both in the model's own vocabulary.
+  $("patch-clean").value = sample.text;
+  $("patch-corrupted").value = sample.corrupted_text;
   await loadSeries();
   if (!current()) return;
   await Promise.all([guarded(refreshTimeline), guarded(refreshModel), guarded(() => loadNeurons(state))]);
@@ -95,7 +95,9 @@ async function refreshModel() {
   const lossAtStart = generation("loss");
   const arch = await post("/api/model/architecture", { run: state.run, step: state.useKernel ? null : state.step });
   if (!current()) return;
-  $("model-source").textContent = arch.source === "kernel" ? "(the notebook's model)" : `(checkpoint at step ${state.step})`;
+  $("model-source").textContent = `${arch.architecture}, ${arch.n_layers} layers × ${arch.n_heads} heads, vocabulary ${arch.d_vocab} ` +
+    (arch.source === "kernel" ? "(the notebook's model)" : `(checkpoint at step ${state.step})`);
+  $("text-label").textContent = `text: ${arch.text_hint}`;
   const scores = await loadHeadScores(state);
   if (!current()) return;
   drawArchitecture(state, arch, scores, (node) => action(() => selectNode(node, arch, scores)));

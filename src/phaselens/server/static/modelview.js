@@ -42,41 +42,60 @@ export async function loadHeadScores(state) {
   return scores;
 }
 
+// The map's geometry from the model's size alone: a few heads get wide boxes with "H3" and a
+// "layer 3" caption; Pythia-410m's 24 layers x 16 heads get a compact grid (numbers in the boxes,
+// "L3" at the left) that still leaves every box a comfortable click target.
+export function mapLayout(arch) {
+  const nodes = arch.n_heads + (arch.has_mlp ? 1 : 0);
+  const compact = arch.n_layers > 8 || arch.n_heads > 4;
+  const rowH = compact ? Math.max(24, Math.min(40, Math.floor(640 / arch.n_layers))) : 64;
+  const nodeH = compact ? rowH - 6 : 26;
+  const headW = compact ? Math.max(22, Math.min(34, Math.floor(480 / nodes) - 3)) : 44;
+  const gap = compact ? 3 : 6;
+  const mlpW = Math.max(headW, 32);
+  const spine = compact ? 30 : 24;
+  const left = spine + (compact ? 10 : 20);
+  const width = Math.max(260, left + arch.n_heads * (headW + gap) + (arch.has_mlp ? mlpW + gap : 0) + 8);
+  return { compact, rowH, nodeH, headW, mlpW, gap, spine, left, width, top: 40, bottom: 60 };
+}
+
 export function drawArchitecture(state, arch, scores, onSelect) {
   const svg = document.getElementById("arch");
   svg.innerHTML = "";
   svg.dataset.step = state.useKernel ? "kernel" : String(state.step);  // which model the map shows
-  const rowH = 64, top = 40, width = 260;
-  const height = top + arch.n_layers * rowH + 60;
+  const L = mapLayout(arch);
+  const height = L.top + arch.n_layers * L.rowH + L.bottom;
   svg.setAttribute("height", height);
-  const spine = 24;
-  el("line", { x1: spine, y1: 18, x2: spine, y2: height - 18, stroke: "#889", "stroke-width": 4 }, svg);
+  svg.setAttribute("width", L.width);
+  el("line", { x1: L.spine, y1: 18, x2: L.spine, y2: height - 18, stroke: "#889", "stroke-width": 4 }, svg);
   const box = (y, text) => {
     el("rect", { x: 4, y: y - 11, width: 120, height: 22, fill: "#dde6f0", rx: 4 }, svg);
     el("text", { x: 10, y: y + 4 }, svg).textContent = text;
   };
-  box(height - 22, "embed + pos");
+  box(height - 22, "embed");
   box(22, "unembed");
   for (let layer = 0; layer < arch.n_layers; layer++) {
-    const y = height - 60 - layer * rowH - rowH / 2;
-    el("text", { x: spine + 6, y: y - 20, fill: "#555" }, svg).textContent = `layer ${layer}`;
+    const y = height - L.bottom - layer * L.rowH - L.rowH / 2;
+    if (L.compact) el("text", { x: 2, y: y + 4, fill: "#555", class: "layer-label" }, svg).textContent = `L${layer}`;
+    else el("text", { x: L.spine + 6, y: y - 20, fill: "#555", class: "layer-label" }, svg).textContent = `layer ${layer}`;
     const nodes = [];
-    for (let head = 0; head < arch.n_heads; head++) nodes.push({ layer, head, label: `H${head}` });
-    if (arch.has_mlp) nodes.push({ layer, head: null, label: "MLP" });
-    const w = Math.min(44, (width - spine - 30) / nodes.length - 6);
+    for (let head = 0; head < arch.n_heads; head++) nodes.push({ layer, head, label: L.compact ? String(head) : `H${head}`, w: L.headW });
+    if (arch.has_mlp) nodes.push({ layer, head: null, label: "MLP", w: L.mlpW });
+    const xs = [];
+    nodes.reduce((x, n) => { xs.push(x); return x + n.w + L.gap; }, L.left);
     // One connector from the backbone to the last node, drawn under the nodes and never clickable:
     // a node's own line would pass over its left neighbours and take their clicks.
-    el("line", { x1: spine, y1: y, x2: spine + 20 + (nodes.length - 1) * (w + 6), y2: y, stroke: "#bbb", "pointer-events": "none" }, svg);
+    el("line", { x1: L.spine, y1: y, x2: xs[xs.length - 1], y2: y, stroke: "#bbb", "pointer-events": "none" }, svg);
     nodes.forEach((n, i) => {
-      const x = spine + 20 + i * (w + 6);
+      const x = xs[i];
       const name = n.head === null ? `L${layer}MLP` : `L${layer}H${n.head}`;
       const s = scores[name] || {};
       const ind = s.induction ?? 0;
       const g = el("g", { class: "node", "data-node": name, "data-layer": layer, "data-head": n.head ?? "",
         "data-induction": s.induction ?? "", "data-prev-token": s.prev_token ?? "" }, svg);
       const fill = n.head === null ? "#f4e2c7" : `rgba(214, 60, 50, ${0.1 + 0.85 * Math.max(0, Math.min(1, ind))})`;
-      el("rect", { x, y: y - 13, width: w, height: 26, rx: 4, fill }, g);
-      el("text", { x: x + 5, y: y + 4 }, g).textContent = n.label;
+      el("rect", { x, y: y - L.nodeH / 2, width: n.w, height: L.nodeH, rx: 3, fill }, g);
+      el("text", { x: x + n.w / 2, y: y + 4, "text-anchor": "middle" }, g).textContent = n.label;
       const title = el("title", {}, g);
       title.textContent = n.head === null ? `layer ${layer} MLP` :
         `L${layer}H${n.head}: induction ${fmt(s.induction)}, previous-token ${fmt(s.prev_token)}, duplicate ${fmt(s.duplicate)}`;
@@ -122,7 +141,7 @@ export async function drawHead(state) {
   document.getElementById("select-hint").hidden = !!node;
   if (!node) return;
   document.getElementById("head-title").textContent = node.head === null ? `Layer ${node.layer} MLP` : `Head L${node.layer}H${node.head}`;
-  for (const id of ["attention-plot", "head-scores-plot", "qk-plot", "ov-plot"]) document.getElementById(id).hidden = node.head === null;
+  for (const id of ["attention-plot", "head-scores-plot", "qk-plot", "ov-plot", "circuits-note"]) document.getElementById(id).hidden = node.head === null;
   if (node.head === null) return;
   const current = newest("head");
   const ref = { ...modelRef(state), layer: node.layer, head: node.head };
@@ -136,11 +155,20 @@ export async function drawHead(state) {
     hovertemplate: "query %{y} → key %{x}: %{z:.3f}<extra></extra>" }],
     { title: { text: "attention on the text (query ↓, key →)", font: { size: 12 } }, margin: { t: 30, r: 10, b: 60, l: 60 },
       yaxis: { autorange: "reversed", tickfont: { size: 8 } }, xaxis: { tickfont: { size: 8 } } }, PLOT);
-  const circuit = (id, z, title) => Plotly.react(id, [{ type: "heatmap", z, x: weights.labels, y: weights.labels, colorscale: "RdBu", zmid: 0 }],
-    { title: { text: title, font: { size: 12 } }, margin: { t: 30, r: 10, b: 40, l: 40 }, yaxis: { autorange: "reversed" } }, PLOT);
-  const space = weights.space === "token" ? "token" : "residual";
-  await circuit("qk-plot", weights.qk, `QK circuit (${space}: query ↓, key →)`);
-  await circuit("ov-plot", weights.ov, `OV circuit (${space}: source ↓, logit →)`);
+  // Circuits on token axes: every token, or the top-k the server chose (the note says which), or
+  // none, with the reason, for a model without per-head weights.
+  document.getElementById("circuits-note").textContent = weights.space === "hidden" ? `No QK / OV circuits: ${weights.note}.`
+    : `QK and OV circuits over ${weights.note}.`;
+  const circuitAxis = weights.labels.map((t, i) => `${weights.tokens[i]}:${t}`);
+  const circuit = (id, z, title) => Plotly.react(id, [{ type: "heatmap", z, x: circuitAxis, y: circuitAxis, colorscale: "RdBu", zmid: 0,
+    hovertemplate: "%{y} → %{x}: %{z:.3f}<extra></extra>" }],
+    { title: { text: title, font: { size: 12 } }, margin: { t: 30, r: 10, b: 60, l: 70 }, yaxis: { autorange: "reversed", tickfont: { size: 8 } },
+      xaxis: { tickfont: { size: 8 } } }, PLOT);
+  for (const id of ["qk-plot", "ov-plot"]) document.getElementById(id).hidden = weights.space === "hidden";
+  if (weights.space !== "hidden") {
+    await circuit("qk-plot", weights.qk, "QK circuit (query token ↓, key token →)");
+    await circuit("ov-plot", weights.ov, "OV circuit (attended token ↓, promoted logit →)");
+  }
   const rows = state.headRows;
   if (rows) {
     const traces = [];
@@ -153,7 +181,8 @@ export async function drawHead(state) {
       }
       for (const s of toSeries(pick)) traces.push({ type: "scatter", mode: "lines", name: metric, x: s.x, y: s.y });
     }
-    await Plotly.react("head-scores-plot", traces, { title: { text: "head scores over training", font: { size: 12 } },
+    const title = traces.length ? "head scores over training" : "no head scores in this run yet: phaselens probe RUN --probes heads";
+    await Plotly.react("head-scores-plot", traces, { title: { text: title, font: { size: 12 } },
       margin: { t: 30, r: 10, b: 35, l: 40 }, yaxis: { range: [0, 1] },
       shapes: [{ type: "line", xref: "x", yref: "paper", x0: state.step ?? 0, x1: state.step ?? 0, y0: 0, y1: 1, line: { color: "#d33" } }] }, PLOT);
   }
@@ -187,7 +216,7 @@ export async function patch(state) {
     hook: value("patch-hook"), layer: Number(value("patch-layer")), head: value("patch-hook") === "head" ? Number(value("patch-head")) : null,
     position: position === "" ? null : Number(position) });
   document.getElementById("patch-result").textContent =
-    `${result.hook_name}: logit(${result.answer}) − logit(${result.wrong}) clean ${result.clean_logit_diff.toFixed(3)}, ` +
+    `${result.hook_name}: logit(${result.answer}:${result.answer_label}) − logit(${result.wrong}:${result.wrong_label}) clean ${result.clean_logit_diff.toFixed(3)}, ` +
     `corrupted ${result.corrupted_logit_diff.toFixed(3)}, patched ${result.patched_logit_diff.toFixed(3)}` +
     (result.recovered === null ? "" : ` (recovered ${(100 * result.recovered).toFixed(1)}%)`);
   return result;
