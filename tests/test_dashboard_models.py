@@ -178,3 +178,17 @@ def test_a_bridge_from_the_notebook_is_served_by_reference(imported_run):
 def test_a_model_phaselens_cannot_read_is_refused_when_served():
     with pytest.raises(pl.errors.PhaselensError, match="no model adapter"):
         build([], model=torch.nn.Linear(2, 2))
+
+
+def test_a_bdh_model_gets_the_views_that_apply_and_a_reason_for_the_rest():
+    from phaselens.models.bdh_config import BDHConfig
+
+    model = pl.build_model(BDHConfig(n_layers=2, d_model=32, n_heads=2, multiplier=4, n_ctx=64)).eval()
+    app, _ = build([], model=model)
+    with TestClient(app) as client:
+        arch = client.post("/api/model/architecture", json={"run": "kernel"}).json()
+        assert (arch["architecture"], arch["n_heads"], arch["mlp_layers"], arch["tokenizer"]) == ("BDH", 0, [], "bytes")
+        loss = client.post("/api/model/loss", json={"run": "kernel", "text": "to be or"}).json()
+        assert loss["labels"] == ["t", "o", "␣", "b", "e", "␣", "o", "r"] and len(loss["loss"]) == 7
+        refused = client.post("/api/model/attention", json={"run": "kernel", "text": "to be or", "layer": 0, "head": 0})
+        assert refused.status_code == 400 and "no softmax attention heads" in refused.json()["error"]

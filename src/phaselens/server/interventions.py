@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from phaselens.models.adapter import ModelAdapter
+from phaselens.models.adapter import HeadWeights, ModelAdapter
 from phaselens.probes.heads import detection_patterns
 from phaselens.probes.loss import masked_mean, token_losses
 
@@ -195,15 +195,14 @@ def ordinary_tokens(model: ModelAdapter, d_vocab: int) -> torch.Tensor:
     return ordinary
 
 
-def circuit_matrices(model: ModelAdapter, layer: int, head: int) -> dict:
+def circuit_matrices(model: ModelAdapter, layer: int, head: int, weights: HeadWeights | None) -> dict:
     """A head's QK and OV circuits in token space: the whole vocabulary when it is small, else its top-k tokens.
 
     QK = (W_E W_Q)(W_E W_K)ᵀ (query token × key token), OV = W_E W_V W_O W_U (attended token ×
     promoted logit). Past `TOKEN_SPACE_MAX_VOCAB` tokens they are shown on the `TOP_K_TOKENS`
     ordinary tokens (no special or padding ids) whose embedding the head's OV circuit moves most,
-    ‖W_E[t] W_V W_O‖, on both axes. A model without per-head weights gets a reason instead.
+    ‖W_E[t] W_V W_O‖, on both axes. A model without per-head weights (`weights` None) gets a reason instead.
     """
-    weights = model.head_weights()
     if weights is None:
         return {"space": "hidden", "ids": [], "qk": None, "ov": None,
                 "note": f"{model.architecture} has no per-head query, key, value and output weights to form circuits from"}

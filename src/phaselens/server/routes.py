@@ -284,9 +284,9 @@ def model_router(session: Session) -> APIRouter:
     @router.post("/weights", response_model=s.WeightsResponse)
     def weights(request: s.WeightsRequest):
         with session.lock:
-            model, _ = session.model_for(request.run, request.step)
+            model, source = session.model_for(request.run, request.step)
             check_node(model, request.layer, request.head)
-            found = iv.circuit_matrices(model, request.layer, request.head)
+            found = iv.circuit_matrices(model, request.layer, request.head, session.head_weights(model, source))
             labels = token_labels(found["ids"], model)
 
         return s.WeightsResponse(space=found["space"], note=found["note"], tokens=found["ids"], labels=labels,

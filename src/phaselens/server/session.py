@@ -54,6 +54,7 @@ class Session:
         self.lock = threading.RLock()  # one computation on a model at a time: hooks are per call
         self._models: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._means: dict[tuple, Any] = {}
+        self._head_weights: dict[int, Any] = {}  # id(checkpoint adapter) -> its HeadWeights, evicted with the model
         self.model_version = 0
 
     # -------------------------------------------------------------------- runs
@@ -92,7 +93,8 @@ class Session:
         if key not in self._models:
             self._models[key] = adapter_for(handle.load_model(step))
             while len(self._models) > MODEL_CACHE_SIZE:
-                self._models.popitem(last=False)
+                _, evicted = self._models.popitem(last=False)
+                self._head_weights.pop(id(evicted), None)
         self._models.move_to_end(key)
         return self._models[key], "checkpoint"
 
@@ -115,6 +117,14 @@ class Session:
                 cached = {}  # means of this text alone: not worth keeping
             cached.update(mean_values(model, reference, missing))
         return {node: cached[node] for node in nodes}
+
+    def head_weights(self, model: ModelAdapter, source: str) -> Any:
+        """The model's per-head weights (None without heads): a checkpoint's once, the notebook's model's as it is now."""
+        if source == "kernel":
+            return model.head_weights()
+        if id(model) not in self._head_weights:
+            self._head_weights[id(model)] = model.head_weights()
+        return self._head_weights[id(model)]
 
     def model_changed(self) -> None:
         """The in-process model was edited: forget cached values derived from it."""
@@ -161,9 +171,21 @@ def tokenize(text: str, model: ModelAdapter) -> list[int]:
     return ids
 
 
+VISIBLE_WHITESPACE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥", "\r": "↵"})
+
+
 def token_labels(ids: list[int], model: ModelAdapter) -> list[str]:
-    """How tokens are shown: decoded by the model's tokenizer (ids, bytes, or its Hugging Face tokens)."""
-    return [label if label.strip() else f"{label}#{i}" if label else f"#{i}" for i, label in zip(ids, model.tokenizer.labels(ids))]
+    """How tokens are shown: decoded by the model's tokenizer (ids, bytes, or its Hugging Face tokens).
+
+    Line breaks, and a token that is only whitespace, are drawn with visible marks; a token that
+    decodes to nothing (padding past the tokenizer's end) shows its id.
+    """
+    def visible(i: int, label: str) -> str:
+        if not label:
+            return f"#{i}"
+        return label.translate(VISIBLE_WHITESPACE) if not label.strip() else label.replace("\n", "↵").replace("\t", "⇥")
+
+    return [visible(int(i), label) for i, label in zip(ids, model.tokenizer.labels(ids))]
 
 
 def text_hint(model: ModelAdapter) -> str:

@@ -85,7 +85,7 @@ export function drawArchitecture(state, arch, scores, onSelect) {
     nodes.reduce((x, n) => { xs.push(x); return x + n.w + L.gap; }, L.left);
     // One connector from the backbone to the last node, drawn under the nodes and never clickable:
     // a node's own line would pass over its left neighbours and take their clicks.
-    el("line", { x1: L.spine, y1: y, x2: xs[xs.length - 1], y2: y, stroke: "#bbb", "pointer-events": "none" }, svg);
+    if (nodes.length) el("line", { x1: L.spine, y1: y, x2: xs[xs.length - 1], y2: y, stroke: "#bbb", "pointer-events": "none" }, svg);
     nodes.forEach((n, i) => {
       const x = xs[i];
       const name = n.head === null ? `L${layer}MLP` : `L${layer}H${n.head}`;
