@@ -89,8 +89,11 @@ def node_hook_name(model: ModelAdapter, layer: int, head: int | None) -> str:
 
 
 def per_head(z: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Mixed values as (B, T, H, d_head), a view of `z`: TransformerBridge hooks carry them flat, (B, T, H·d_head)."""
-    return z if z.dim() == 4 else z.view(*z.shape[:2], n_heads, -1)
+    """Mixed values as (B, T, H, d_head): TransformerBridge hooks carry them flat, (B, T, H·d_head).
+
+    A view of a contiguous `z` (the hooks below clone it first), so writing into it edits `z`.
+    """
+    return z if z.dim() == 4 else z.reshape(*z.shape[:2], n_heads, -1)
 
 
 def node_values(model: ModelAdapter, tokens: torch.Tensor, nodes: Sequence[tuple[int, int | None]]) -> dict:
