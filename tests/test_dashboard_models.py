@@ -192,3 +192,42 @@ def test_a_bdh_model_gets_the_views_that_apply_and_a_reason_for_the_rest():
         assert loss["labels"] == ["t", "o", "␣", "b", "e", "␣", "o", "r"] and len(loss["loss"]) == 7
         refused = client.post("/api/model/attention", json={"run": "kernel", "text": "to be or", "layer": 0, "head": 0})
         assert refused.status_code == 400 and "no softmax attention heads" in refused.json()["error"]
+
+
+OUTPUT_PROJECTION = {  # where each architecture mixes its heads' values back into the stream (a data table, not branches)
+    "gpt2": "transformer.h.{layer}.attn.c_proj",
+    "gpt_neox": "gpt_neox.layers.{layer}.attention.dense",
+    "llama": "model.layers.{layer}.self_attn.o_proj",
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(OUTPUT_PROJECTION))
+def test_every_bridge_architecture_gets_loss_attention_and_head_ablation_that_match_the_hf_model(tiny_hf_models, architecture):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    path = tiny_hf_models[architecture]
+    text = "the cat sat on the mat while the cat sat on the mat"
+    app, _ = build([], model=TransformerBridge.boot_transformers(str(path), device="cpu"))
+    with TestClient(app) as client:
+        arch = client.post("/api/model/architecture", json={"run": "kernel"}).json()
+        ablated = client.post("/api/model/ablate", json={"run": "kernel", "text": text, "nodes": [{"layer": 1, "head": 3}], "mode": "zero"}).json()
+        weights = client.post("/api/model/weights", json={"run": "kernel", "layer": 1, "head": 3}).json()
+    ids = AutoTokenizer.from_pretrained(path)(text, add_special_tokens=False)["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    d_head = arch["d_model"] // arch["n_heads"]
+
+    def drop_head(module, args):
+        z = args[0].clone()
+        z[..., 3 * d_head: 4 * d_head] = 0
+        return (z, *args[1:])
+
+    with torch.no_grad():
+        clean = next_token_losses(model(torch.tensor([ids])).logits, ids)
+        handle = model.get_submodule(OUTPUT_PROJECTION[architecture].format(layer=1)).register_forward_pre_hook(drop_head)
+        expected = next_token_losses(model(torch.tensor([ids])).logits, ids)
+        handle.remove()
+    assert (arch["n_layers"], arch["n_heads"], arch["tokenizer"]) == (2, 4, "hf")
+    assert ablated["clean"]["labels"] == text.split() and ablated["clean"]["loss"] == pytest.approx(clean, abs=1e-4)
+    assert ablated["ablated"]["loss"] == pytest.approx(expected, abs=1e-4)
+    assert weights["space"] == "token" and len(weights["qk"]) == 96  # 96 tokens: the whole vocabulary
