@@ -159,7 +159,7 @@ export async function drawHead(state) {
   // none, with the reason, for a model without per-head weights.
   document.getElementById("circuits-note").textContent = weights.space === "hidden" ? `No QK / OV circuits: ${weights.note}.`
     : `QK and OV circuits over ${weights.note}.`;
-  const circuitAxis = weights.labels.map((t, i) => `${weights.tokens[i]}:${t}`);
+  const circuitAxis = weights.labels.map((t, i) => (String(weights.tokens[i]) === t ? t : `${weights.tokens[i]}:${t}`));
   const circuit = (id, z, title) => Plotly.react(id, [{ type: "heatmap", z, x: circuitAxis, y: circuitAxis, colorscale: "RdBu", zmid: 0,
     hovertemplate: "%{y} → %{x}: %{z:.3f}<extra></extra>" }],
     { title: { text: title, font: { size: 12 } }, margin: { t: 30, r: 10, b: 60, l: 70 }, yaxis: { autorange: "reversed", tickfont: { size: 8 } },
