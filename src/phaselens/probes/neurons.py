@@ -40,8 +40,10 @@ def _over_tokens(act: torch.Tensor, reduce) -> torch.Tensor:
     raise ValueError(f"neuron activations must be (batch, pos, neurons) or (batch, heads, pos, neurons), got {tuple(act.shape)}")
 
 
-def _block_maxima(act: torch.Tensor) -> torch.Tensor:
-    """Each neuron's maximum over runs of up to 16 consecutive positions: (B, T, n) or (B, H, T, N) -> (M, n).
+def _block_maxima(act: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each neuron's maximum over runs of up to 16 consecutive positions, and the run length.
+
+    (B, T, n) -> (B, T/run, n); (B, H, T, N) -> (B, H, T/run, N).
 
     The k largest of them are k distinct activations of the chunk, so the k-th largest is a floor
     under the chunk's own k-th value, however few sequences the chunk holds (one 2,048-token
@@ -51,10 +53,9 @@ def _block_maxima(act: torch.Tensor) -> torch.Tensor:
     run = next(r for r in (16, 8, 4, 2, 1) if T % r == 0)
     if act.dim() == 3:
         B, _, n = act.shape
-        return act.reshape(B, T // run, run, n).amax(2).reshape(-1, n)  # (B·T/run, n)
+        return act.reshape(B, T // run, run, n).amax(2), run  # (B, T/run, n)
     B, H, _, N = act.shape
-    blocks = act.reshape(B, H, T // run, run, N).amax(3)  # (B, H, T/run, N)
-    return blocks.transpose(1, 2).reshape(-1, H * N)  # (B·T/run, H·N), neurons head-major
+    return act.reshape(B, H, T // run, run, N).amax(3), run  # (B, H, T/run, N)
 
 
 def default_neuron_hook(model: torch.nn.Module) -> str:
@@ -106,36 +107,46 @@ class NeuronStats:
         fired = torch.gt(act, self.threshold, out=self._fired)  # 0/1 floats: exact sums up to 2^24 tokens a chunk
         self.count += _over_tokens(fired, torch.sum).long()
         self.total += _over_tokens(act, torch.sum).double()
-        block_max = _block_maxima(act)  # (M, n): maxima of short runs of positions, M = B · T / run length
+        blocks, run = _block_maxima(act)  # (B, T/run, n) or (B, H, T/run, N): maxima of short runs of positions
+        block_max = blocks.reshape(-1, blocks.shape[-1]) if act.dim() == 3 else \
+            blocks.transpose(1, 2).reshape(-1, blocks.shape[1] * blocks.shape[-1])  # (M, n), neurons head-major
         chunk_max = block_max.amax(0)  # (n,)
         torch.maximum(self.max, chunk_max, out=self.max)
         if self.top_k and bool((chunk_max > self.top_values[-1]).any()):
-            self._merge_top(act, positions, block_max)
+            self._merge_top(act, positions, blocks, block_max, run)
 
-    def _merge_top(self, act: torch.Tensor, positions: torch.Tensor, block_max: torch.Tensor) -> None:
+    def _merge_top(self, act: torch.Tensor, positions: torch.Tensor, blocks: torch.Tensor, block_max: torch.Tensor,
+                   run: int) -> None:
         """Merge the chunk's values that can enter a neuron's top-k into it.
 
         A value can enter only if it reaches the neuron's current k-th value, and the chunk's own
         k-th value, which is at least the k-th largest of its block maxima (k distinct elements).
-        Under that floor lie few values per neuron, so this costs one comparison pass and a small
-        sort, and never a copy of the chunk in another layout.
+        Only the runs of positions whose maximum reaches that floor are read again, value by value:
+        one comparison over the block maxima (1/run of the chunk), a gather of the few candidate
+        runs and a small sort, and never a copy of the chunk in another layout.
         """
         n, k = self.count.numel(), self.top_k
         firing = torch.nextafter(torch.tensor(float(self.threshold)), torch.tensor(float("inf"))).item()
         floor = self.top_values[-1].clamp(min=firing)  # (n,)
         if block_max.shape[0] >= k:
             floor = torch.maximum(floor, block_max.topk(k, dim=0).values[-1])
+        steps = torch.arange(run, device=act.device)
         if act.dim() == 4:
             B, H, T, N = act.shape
-            hits = (act >= floor.view(H, 1, N)).nonzero()  # (E, 4): b, h, t, j
-            values = act[hits.unbind(1)]
-            neuron = hits[:, 1] * N + hits[:, 3]
+            runs = (blocks >= floor.view(H, 1, N)).nonzero()  # (C, 4): b, h, block, j
+            t = runs[:, 2:3] * run + steps  # (C, run)
+            candidates = act[runs[:, 0:1], runs[:, 1:2], t, runs[:, 3:4]]  # (C, run)
+            run_neuron = runs[:, 1] * N + runs[:, 3]  # (C,)
         else:
             B, T, _ = act.shape
-            hits = (act >= floor).nonzero()  # (E, 3): b, t, j
-            values = act[hits.unbind(1)]
-            neuron = hits[:, 2]
-        where = positions[hits[:, 0] * T + hits[:, -2]]  # (E,)
+            runs = (blocks >= floor).nonzero()  # (C, 3): b, block, j
+            t = runs[:, 1:2] * run + steps  # (C, run)
+            candidates = act[runs[:, 0:1], t, runs[:, 2:3]]  # (C, run)
+            run_neuron = runs[:, 2]  # (C,)
+        which, offset = (candidates >= floor[run_neuron][:, None]).nonzero(as_tuple=True)  # (E,) each
+        values = candidates[which, offset]  # (E,)
+        neuron = run_neuron[which]  # (E,)
+        where = positions[runs[which, 0] * T + t[which, offset]]  # (E,)
         touched = (torch.bincount(neuron, minlength=n) > 0).nonzero().squeeze(1)  # (c,)
         # Candidates per touched neuron: its k kept entries plus its new hits; keep the k largest.
         all_neuron = torch.cat((touched.repeat(k), neuron))
