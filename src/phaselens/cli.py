@@ -41,29 +41,47 @@ def _guard(fn):
     return wrapper
 
 
+class DemoStudy(str, Enum):
+    induction = "induction"
+    grokking = "grokking"
+
+
 @app.command()
 @_guard
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="Run directory (a previous phaselens run there is replaced; other files are never deleted)."),
-    layers: int = typer.Option(2, help="Layers; 2 forms an induction head, 1 is the control that cannot."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (a previous phaselens run there is replaced; other files are never "
+                                                  "deleted); default runs/demo, or runs/demo-grokking with --study grokking."),
+    layers: Optional[int] = typer.Option(None, help="Layers of the induction model (default 2); 1 is the control that cannot form an induction head."),
     seed: int = typer.Option(0, help="Seed for initialisation and data."),
-    steps: int = typer.Option(3000, help="Training steps."),
+    steps: Optional[int] = typer.Option(None, help="Training steps (default: 3000 for induction, the preset's for grokking)."),
+    study: DemoStudy = typer.Option(DemoStudy.induction, help="induction (the reference run) or grokking (the grokking_small preset)."),
 ):
-    """Train the reference induction model with live telemetry, then write the report."""
-    from phaselens.analysis.induction import summarize_induction
+    """Train the reference induction model (or, with --study grokking, modular addition) with live telemetry, then write the report."""
     from phaselens.report import write_report
-    from phaselens.run import open_run
-    from phaselens.store.run_dir import RunDir
     from phaselens.training.config import load_config
     from phaselens.training.trainer import train
 
+    if study is DemoStudy.grokking:
+        if layers is not None:
+            _fail("--layers applies to the induction demo; the grokking demo trains the grokking_small preset (1 layer)")
+        out = out or Path("runs/demo-grokking")
+        config = load_config("grokking_small", [f"train.seed={seed}", f"name=demo-grokking-seed{seed}"]
+                             + ([f"train.steps={steps}"] if steps is not None else []))
+        _replace_demo_run(out)
+        p = config.data.p
+        typer.echo(f"training a 1-layer transformer on (a + b) mod {p} from {config.data.train_fraction:.0%} of the {p * p} pairs "
+                   f"({config.train.steps} steps, full batch, progress measures every {config.telemetry.every} steps)")
+        result = train(config, out)
+        typer.echo(f"trained {result.steps_done} steps in {result.seconds:.0f} s")
+        _print_grokking(write_report(out), out)
+        return
+    from phaselens.analysis.induction import summarize_induction
+    from phaselens.run import open_run
+
+    layers, steps, out = 2 if layers is None else layers, 3000 if steps is None else steps, out or Path("runs/demo")
     overrides = [f"model.n_layers={layers}", f"train.seed={seed}", f"train.steps={steps}", f"name=demo-{layers}layer-seed{seed}"]
     config = load_config("induction", overrides)
-    if RunDir(out).exists():
-        RunDir(out).remove()  # refuses unless every file there is one phaselens wrote
-        typer.echo(f"replaced the previous run in {out}")
-    elif out.is_file() or (out.exists() and any(out.iterdir())):
-        _fail(f"{out} exists and is not a phaselens run; choose another --out")
+    _replace_demo_run(out)
     typer.echo(f"training a {layers}-layer attention-only transformer on the induction task ({steps} steps, telemetry every step)")
     result = train(config, out)
     typer.echo(f"trained {result.steps_done} steps in {result.seconds:.0f} s")
@@ -72,6 +90,26 @@ def demo(
     typer.echo("")
     typer.secho(f"report: {report}", bold=True)
     typer.echo(summary.text())
+
+
+def _replace_demo_run(out: Path) -> None:
+    """Clear a previous demo run at `out`; refuse a directory that is not a phaselens run."""
+    from phaselens.store.run_dir import RunDir
+
+    if RunDir(out).exists():
+        RunDir(out).remove()  # refuses unless every file there is one phaselens wrote
+        typer.echo(f"replaced the previous run in {out}")
+    elif out.is_file() or (out.exists() and any(out.iterdir())):
+        _fail(f"{out} exists and is not a phaselens run; choose another --out")
+
+
+def _print_grokking(report: Path, out: Path) -> None:
+    from phaselens.analysis.grokking import summarize_grokking
+    from phaselens.run import open_run
+
+    typer.echo("")
+    typer.secho(f"report: {report}", bold=True)
+    typer.echo(summarize_grokking(open_run(out)).text())
 
 
 @app.command("train")

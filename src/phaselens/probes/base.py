@@ -68,6 +68,9 @@ class Probe:
     # model: live telemetry may then measure it on a spare core while the optimizer updates the weights.
     off_thread: ClassVar[bool] = False
     every: int = 1  # live telemetry measures this probe only at steps that are a multiple of it
+    # True when training writes the probe's artifact at every checkpoint it measures there (small
+    # artifacts a report reads, such as the grokking probe's key frequencies); else only `phaselens probe` does.
+    checkpoint_artifacts: ClassVar[bool] = False
     options: dict[str, Any]
 
     def __init__(self, **options: Any):

@@ -77,3 +77,10 @@ class LossProbe(Probe):
             measured += [Measurement(f"{opts['shuffle']}_shuffled", shuffled),
                          Measurement(f"{opts['shuffle']}_shuffle_gap", shuffled - clean)]
         return measured
+
+
+def prediction_accuracy(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Share of the predictions in `mask` whose most likely token is the next token: logits (B, T, V),
+    tokens (B, T), mask (B, T-1) -> ()."""
+    right = (logits[:, :-1].argmax(-1) == tokens[:, 1:]).to(torch.float32)  # (B, T-1)
+    return masked_mean(right, mask)

@@ -61,6 +61,9 @@ class DataConfig:
 
     # What the task declares so that probes, report and compare need no branch on it.
     study: ClassVar[Study] = GENERIC
+    # True when the splits are fixed sets of examples: a size of 0 (probe_size, eval_size,
+    # train.batch_size) then means the whole split.
+    fixed_splits: ClassVar[bool] = False
 
     @classmethod
     def study_for(cls, task: str) -> Study:
@@ -73,9 +76,11 @@ class DataConfig:
         return task_config_class(raw.get("task", cls.task))
 
     def validate(self, model: Any) -> None:
+        least = 0 if self.fixed_splits else 1
         for key in ("probe_size", "eval_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"data.{key} must be >= 1, got {getattr(self, key)}")
+            if getattr(self, key) < least:
+                raise ConfigError(f"data.{key} must be >= {least}" + (" (0: the whole split)" if least == 0 else "")
+                                  + f", got {getattr(self, key)}")
         self.build(model).validate()
 
     def build(self, model: Any):

@@ -29,5 +29,10 @@ def write_training_unigram(config, path) -> None:
     from phaselens.store.unigram import write_unigram_counts
 
     rng = torch.Generator().manual_seed(config.train.seed + UNIGRAM_SEED_OFFSET)
-    counts = sample_token_counts(config.build_task(), config.model.d_vocab, config.train.batch_size, rng)
-    write_unigram_counts(path, counts.tolist(), f"{UNIGRAM_BATCHES} sampled training batches of {config.train.batch_size} sequences")
+    size = config.train.batch_size
+    if size == 0:  # full batch: the whole training split, counted once
+        counts = sample_token_counts(config.build_task(), config.model.d_vocab, 0, rng, batches=1)
+        write_unigram_counts(path, counts.tolist(), "the whole training split")
+        return
+    counts = sample_token_counts(config.build_task(), config.model.d_vocab, size, rng)
+    write_unigram_counts(path, counts.tolist(), f"{UNIGRAM_BATCHES} sampled training batches of {size} sequences")

@@ -28,7 +28,7 @@ SCHEDULES = ("constant", "cosine")
 @dataclass
 class TrainConfig:
     steps: int = 3000
-    batch_size: int = 32
+    batch_size: int = 32  # 0: full batch, every step trains on the whole training split (tasks with fixed splits)
     lr: float = 1e-3
     weight_decay: float = 0.01
     beta1: float = 0.9
@@ -89,13 +89,17 @@ class RunConfig:
         self.model.validate()
         t, d, tel = self.train, self.data, self.telemetry
         positive = {
-            "train.steps": t.steps, "train.batch_size": t.batch_size, "train.checkpoint_every": t.checkpoint_every,
+            "train.steps": t.steps, "train.checkpoint_every": t.checkpoint_every,
             "train.eval_every": t.eval_every, "telemetry.every": tel.every, "telemetry.flush_every": tel.flush_every,
             "telemetry.geometry_every": tel.geometry_every,
         }
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        if t.batch_size < 0 or (t.batch_size == 0 and not d.fixed_splits):
+            raise ConfigError(f"train.batch_size must be >= 1, got {t.batch_size}" + (
+                "; 0 (full batch) needs a task with a fixed training set, such as modular_addition, "
+                f"and data.task={d.task} draws new examples" if t.batch_size == 0 else ""))
         if t.threads < 0:
             raise ConfigError(f"train.threads must be >= 0 (0 = torch's default), got {t.threads}")
         if tel.rows < 0:

@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -31,9 +31,10 @@ from phaselens.models import build_model
 from phaselens.models.checkpoints import load_trainer_state, load_weights, save_checkpoint
 from phaselens.probes.base import Measurement, make_probe
 from phaselens.probes.live import Telemetry, ValueQueue
-from phaselens.probes.loss import token_losses
+from phaselens.probes.loss import prediction_accuracy, token_losses
 from phaselens.probes.measure import measure_model
 from phaselens.progress import progress_bar
+from phaselens.store.atomic import write_json
 from phaselens.store.metrics import MetricsStore, MetricsWriter
 from phaselens.store.run_dir import RunDir, versions
 from phaselens.store.unigram import unigram_path
@@ -44,6 +45,7 @@ from phaselens.training.config import RunConfig, config_differences
 PROBE_SEED_OFFSET = 1_000_003  # probe and eval batches use their own seeded streams
 EVAL_SEED_OFFSET = 2_000_003
 NAN_CHECK_EVERY = 50
+ANSWER = "answer"  # a task whose batches have this prediction set gets train_acc and eval_acc
 
 
 def pick_device(name: str) -> torch.device:
@@ -72,6 +74,13 @@ def task_loss(logits: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
     losses = token_losses(logits, batch.tokens)  # (B, T-1)
     mask = batch.loss_mask.to(losses.dtype)
     return (losses * mask).sum() / mask.sum()
+
+
+def answer_accuracy(metric: str, logits: torch.Tensor, batch: TaskBatch) -> list[Measurement]:
+    """Accuracy at the batch's `answer` predictions as `metric`, for tasks that declare that set; else nothing."""
+    if ANSWER not in batch.positions:
+        return []
+    return [Measurement(metric, prediction_accuracy(logits, batch.tokens, batch.predictions(ANSWER, metric)))]
 
 
 @dataclass
@@ -169,6 +178,8 @@ class Trainer:
             probe = self.task.sample(cfg.data.probe_size, torch.Generator().manual_seed(cfg.train.seed + PROBE_SEED_OFFSET), split="probe")
             probe.save(self.run.probe_batch)
         self.probe_batch = probe.to(self.device)
+        # Full batch (train.batch_size=0): the whole training split, built once; it draws nothing from the data RNG.
+        self.full_batch = self.task.sample(0, self.data_rng, split="train").to(self.device) if cfg.train.batch_size == 0 else None
         eval_rng = torch.Generator().manual_seed(cfg.train.seed + EVAL_SEED_OFFSET)
         self.eval_batch = self.task.sample(cfg.data.eval_size, eval_rng, split="eval").to(self.device)
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -309,7 +320,9 @@ class Trainer:
             group["lr"] = learning_rate(cfg, step)
         if step % cfg.train.eval_every == 0:
             self._evaluate(step)
-        batch = self.last_batch = self.task.sample(cfg.train.batch_size, self.data_rng).to(self.device)
+        batch = self.full_batch
+        if batch is None:
+            batch = self.task.sample(cfg.train.batch_size, self.data_rng).to(self.device)
         # Live probes read a few rows of the training forward: averages over 8 sequences are
         # steady, and the cost of the reductions stays a small fraction of the step.
         rows = slice(0, cfg.telemetry.rows or None)
@@ -317,7 +330,7 @@ class Trainer:
             logits = self.model(batch.tokens)  # (B, T, V)
         loss = task_loss(logits, batch)
         if telemetry.is_due(step):
-            telemetry.log(step, "loss", [Measurement("train", loss.detach())])
+            telemetry.log(step, "loss", [Measurement("train", loss.detach()), *answer_accuracy("train_acc", logits.detach(), batch)])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip > 0:
@@ -327,8 +340,9 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, step: int) -> None:
-        loss = task_loss(self.model(self.eval_batch.tokens), self.eval_batch)
-        self.telemetry.log(step, "loss", [Measurement("eval", loss)])
+        logits = self.model(self.eval_batch.tokens)  # (B, T, V)
+        loss = task_loss(logits, self.eval_batch)
+        self.telemetry.log(step, "loss", [Measurement("eval", loss), *answer_accuracy("eval_acc", logits, self.eval_batch)])
 
     @torch.no_grad()
     def _measure_final(self, step: int) -> None:
@@ -339,9 +353,14 @@ class Trainer:
         """Probe values on the fixed probe batch for the weights saved at `step` (source 'checkpoint')."""
         if not self.checkpoint_probes:
             return
-        for name, measurements in measure_model(self.model, self.probe_batch, self.checkpoint_probes):
+        wanted = {p.name for p in self.checkpoint_probes if p.checkpoint_artifacts}
+        artifacts: dict[str, Any] = {}
+        for name, measurements in measure_model(self.model, self.probe_batch, self.checkpoint_probes,
+                                                artifacts=artifacts if wanted else None):
             self.checkpoint_values.log(step, name, measurements)
         self.checkpoint_values.flush()
+        for name in wanted & set(artifacts):
+            write_json(self.run.artifacts / name / f"step_{step:08d}.json", artifacts[name], compact=True)
 
     def _check_finite(self, recent: list[tuple[int, torch.Tensor]]) -> float | None:
         """One device sync per NAN_CHECK_EVERY steps: raise on NaN/inf, else the mean loss."""

@@ -1,0 +1,94 @@
+"""`phaselens demo --study grokking` end to end: the grokking_small run shows what Nanda et al. (2023) report.
+
+One session-scoped run serves every test here (the `grokking_demo` fixture: see its docstring for its cost).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import phaselens as pl
+from phaselens.analysis.grokking import noise, series, summarize_grokking
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def grokking_demo(tmp_path_factory) -> tuple[Path, str, float]:
+    """`phaselens demo --study grokking` as a user runs it (the grokking_small preset), what it printed, and its seconds.
+
+    About a minute on one thread of an idle machine (see the README's grokking section). Read-only.
+    """
+    out = tmp_path_factory.mktemp("grokking") / "demo"
+    began = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "phaselens.cli", "demo", "--study", "grokking", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout, time.perf_counter() - began
+
+
+def first_step(frame, at_least: float) -> int:
+    return int(frame[frame["value"] >= at_least]["step"].iloc[0])
+
+
+def test_train_accuracy_reaches_one_long_before_test_accuracy_passes_95_percent(grokking_demo):
+    out, printed, _ = grokking_demo
+    metrics = pl.open_run(out).metrics(probe="loss", source="live")
+    train_solved = first_step(metrics[metrics["metric"] == "train_acc"], 1.0)
+    test_solved = first_step(metrics[metrics["metric"] == "eval_acc"], 0.95)
+    test_acc = metrics[metrics["metric"] == "eval_acc"].set_index("step")["value"]
+    assert test_solved - train_solved >= 3 * train_solved  # memorised early, generalised much later
+    assert test_acc[test_acc.index <= 2 * train_solved].max() < 0.5  # held-out pairs stay far from solved meanwhile
+    assert f"a lag of {test_solved - train_solved} steps" in printed
+
+
+def test_restricted_loss_falls_clearly_before_test_loss(grokking_demo):
+    out, _, _ = grokking_demo
+    summary = summarize_grokking(pl.open_run(out))
+    assert summary.restricted is not None and summary.restricted.fell  # during circuit formation, beyond 3σ
+    assert summary.restricted_half < summary.test_half  # halfway down earlier than the test loss
+    metrics = pl.open_run(out).metrics()
+    restricted = series(metrics, "grokking", "restricted_loss")
+    formation_start, cleanup_start = summary.phases[1].start, summary.phases[1].end
+    during = restricted[(restricted["step"] >= formation_start) & (restricted["step"] <= cleanup_start)]["value"]
+    assert during.iloc[0] - during.iloc[-1] > 3 * noise(restricted["value"].to_numpy())
+
+
+def test_excluded_loss_rises_during_circuit_formation(grokking_demo):
+    out, _, _ = grokking_demo
+    summary = summarize_grokking(pl.open_run(out))
+    assert [phase.name for phase in summary.phases] == ["memorisation", "circuit formation", "clean-up"]
+    assert summary.excluded is not None and summary.excluded.rose
+    train = series(pl.open_run(out).metrics(), "loss", "train")
+    end_of_formation = train[train["step"] <= summary.phases[1].end]["value"].iloc[-1]
+    assert summary.excluded.after > 10 * end_of_formation  # without the key frequencies the training pairs are lost
+
+
+def test_a_handful_of_key_frequencies_carry_the_embedding_at_the_end(grokking_demo):
+    out, _, _ = grokking_demo
+    run = pl.open_run(out)
+    last = max(run.checkpoint_steps())
+    artifact = json.loads((out / "artifacts" / "grokking" / f"step_{last:08d}.json").read_text())
+    keys, norms = artifact["key_frequencies"], artifact["norms"]
+    share = sum(norms[k - 1] ** 2 for k in keys) / sum(v ** 2 for v in norms)
+    assert 1 <= len(keys) <= 8 < len(norms)
+    assert share > 0.8
+    start = series(run.metrics(), "grokking", "key_frequency_share")
+    assert start["value"].iloc[0] < 0.2  # at initialisation no frequency stands out
+
+
+def test_the_demo_prints_and_writes_the_grokking_report(grokking_demo):
+    out, printed, seconds = grokking_demo
+    report = (out / "report" / "report.md").read_text()
+    assert f"report: {out / 'report' / 'report.md'}" in printed and "Phases:" in printed
+    for text in ("## Phases", "| memorisation |", "| circuit formation |", "| clean-up |", "Key frequencies at step",
+                 "progress_measures.png", "fourier_norms.png"):
+        assert text in report
+    assert (out / "report" / "progress_measures.png").stat().st_size > 10_000
+    print(f"grokking demo: {seconds:.0f} s")  # the cost of this shared run, shown with -s
