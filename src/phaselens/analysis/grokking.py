@@ -4,10 +4,11 @@ Nanda et al. (2023) split grokking into memorisation, circuit formation and clea
 boundaries come from the measured series:
 
 * memorisation ends when train accuracy first reaches 1.0 (every training pair right);
-* clean-up is the test (held-out) loss's fall: from the step it has made 10% of its steepest drop to
-  the step it has made 90% of it (the transition detector's window);
-* circuit formation is what lies between: train accuracy is perfect and test loss has not moved,
-  while the Fourier circuit grows, seen as restricted loss falling and excluded loss rising.
+* clean-up is the rise of test (held-out) accuracy: from the step it has made 10% of its rise to the
+  step it has made 90% of it, the rise counted from its level at the end of memorisation to its
+  final level (the median of its last 5%);
+* circuit formation is what lies between: train accuracy is perfect and test accuracy has barely
+  moved, while the Fourier circuit grows, seen as restricted loss falling and excluded loss rising.
 
 A claim about a measure in a phase is made only when its change there exceeds 3σ of that series'
 step-to-step noise (σ from the median absolute deviation of its differences).
@@ -22,7 +23,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from phaselens.analysis.transitions import find_transitions
 from phaselens.run import Run
 
 TRAIN_SOLVED = 1.0  # train accuracy that ends memorisation
@@ -67,12 +67,14 @@ class GrokkingSummary:
     p: int | None
     train_solved: int | None  # first step with train accuracy 1.0
     test_solved: int | None  # first step with test accuracy >= 0.95
-    cleanup: dict | None  # the test-loss fall: step, start, end, before, after
+    cleanup: tuple[int, int] | None  # the 10%–90% window of the test-accuracy rise
     restricted_half: int | None  # first step the restricted loss is halfway from its peak to its final level
     test_half: int | None  # the same for the test loss
     restricted: Change | None = None  # over circuit formation
     excluded: Change | None = None  # over circuit formation
     weight_norm: Change | None = None  # over clean-up
+    test_loss: Change | None = None  # over clean-up
+    memorised_test_loss: Change | None = None  # the test loss over memorisation
     gini: Change | None = None  # first to last value
     final_key_share: float | None = None
     key_frequencies: list[int] | None = None  # at the last step with an artifact
@@ -85,10 +87,6 @@ class GrokkingSummary:
         if self.train_solved is None or self.test_solved is None:
             return None
         return self.test_solved - self.train_solved
-
-    @property
-    def grokked(self) -> bool:
-        return self.lag is not None and self.lag > 0
 
     def text(self) -> str:
         if self.train_solved is None:
@@ -164,26 +162,37 @@ def first_step(frame: pd.DataFrame, at_least: float) -> int | None:
     return int(hits["step"].iloc[0]) if len(hits) else None
 
 
-def halfway_down(frame: pd.DataFrame, until: int | None = None) -> int | None:
-    """First step after the series' peak (before `until`) where it is halfway down to its final level."""
+def halfway_down(frame: pd.DataFrame) -> int | None:
+    """First step after the series' peak where it is halfway down to its final level (the median of its last 5%)."""
     if len(frame) < 3:
         return None
     steps, values = frame["step"].to_numpy(), frame["value"].to_numpy()
-    head = steps <= (until if until is not None else steps[-1])
-    peak = int(np.nanargmax(np.where(head, values, -np.inf)))
+    peak = int(np.nanargmax(values))
     final = float(np.median(values[-max(1, len(values) // 20):]))
     half = (values[peak] + final) / 2
     below = np.nonzero((np.arange(len(values)) > peak) & (values <= half))[0]
     return int(steps[below[0]]) if len(below) else None
 
 
-def test_loss_fall(test_loss: pd.DataFrame) -> dict | None:
-    """The steepest downward transition of the test loss (step, start, end, before, after), or None."""
-    falls = [t for t in find_transitions(test_loss["step"].to_numpy(), test_loss["value"].to_numpy()) if t.after < t.before]
-    if not falls:
+def accuracy_rise(test_acc: pd.DataFrame, after: int) -> tuple[int, int] | None:
+    """The steps where test accuracy first makes 10% and 90% of its rise after step `after`, or None.
+
+    The rise runs from the level at `after` to the final level (the median of the last 5%) and must
+    exceed 3σ of the series' noise.
+    """
+    if len(test_acc) < 3:
         return None
-    t = max(falls, key=lambda t: t.before - t.after)
-    return {"step": t.step, "start": t.start, "end": t.end, "before": t.before, "after": t.after}
+    steps, values = test_acc["step"].to_numpy(), test_acc["value"].to_numpy()
+    start = level(test_acc, after)
+    final = float(np.median(values[-max(1, len(values) // 20):]))
+    if final - start <= NOISE_SIGMAS * noise(values):
+        return None
+    later = steps > after
+    ten = np.nonzero(later & (values >= start + 0.1 * (final - start)))[0]
+    ninety = np.nonzero(later & (values >= start + 0.9 * (final - start)))[0]
+    if not len(ten) or not len(ninety):
+        return None
+    return int(steps[ten[0]]), int(steps[ninety[0]])
 
 
 def key_frequency_artifact(run: Run) -> tuple[int, dict] | None:
@@ -205,9 +214,10 @@ def summarize_grokking(run: Run) -> GrokkingSummary:
     train_acc, test_acc = series(metrics, "loss", "train_acc"), series(metrics, "loss", "eval_acc")
     test_loss = series(metrics, "loss", "eval")
     restricted, excluded = series(metrics, "grokking", "restricted_loss"), series(metrics, "grokking", "excluded_loss")
-    cleanup = test_loss_fall(test_loss) if len(test_loss) else None
+    train_solved = first_step(train_acc, TRAIN_SOLVED)
+    cleanup = accuracy_rise(test_acc, train_solved) if train_solved is not None else None
     summary = GrokkingSummary(
-        steps=steps, p=data.get("p"), train_solved=first_step(train_acc, TRAIN_SOLVED), test_solved=first_step(test_acc, TEST_SOLVED),
+        steps=steps, p=data.get("p"), train_solved=train_solved, test_solved=first_step(test_acc, TEST_SOLVED),
         cleanup=cleanup, restricted_half=halfway_down(restricted), test_half=halfway_down(test_loss),
     )
     gini, share = series(metrics, "grokking", "fourier_gini"), series(metrics, "grokking", "key_frequency_share")
@@ -219,11 +229,13 @@ def summarize_grokking(run: Run) -> GrokkingSummary:
     if found is not None:
         summary.key_step, artifact = found
         summary.key_frequencies = list(artifact["key_frequencies"])
-    if summary.train_solved is not None and cleanup is not None and summary.train_solved < cleanup["start"]:
-        formation = (summary.train_solved, cleanup["start"])
-        summary.phases = [Phase("memorisation", 0, summary.train_solved), Phase("circuit formation", *formation),
-                          Phase("clean-up", cleanup["start"], cleanup["end"])]
+    if cleanup is not None and train_solved < cleanup[0]:
+        formation = (train_solved, cleanup[0])
+        summary.phases = [Phase("memorisation", 0, train_solved), Phase("circuit formation", *formation),
+                          Phase("clean-up", *cleanup)]
         summary.restricted = change(restricted, *formation)
         summary.excluded = change(excluded, *formation)
-        summary.weight_norm = change(series(metrics, "grokking", "weight_norm"), cleanup["start"], cleanup["end"])
+        summary.weight_norm = change(series(metrics, "grokking", "weight_norm"), *cleanup)
+        summary.test_loss = change(test_loss, *cleanup)
+        summary.memorised_test_loss = change(test_loss, 0, train_solved)
     return summary

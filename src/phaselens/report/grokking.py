@@ -47,14 +47,18 @@ def grokking_study(run: Run, out: Path) -> StudyReport:
 
 def phase_table(summary: GrokkingSummary) -> str:
     if not summary.phases:
-        return ("No phases: they need train accuracy at 1.0 before a clear fall of the test loss "
+        return ("No phases: they need train accuracy at 1.0 before a clear rise of the test accuracy "
                 "(memorisation, then circuit formation, then clean-up).")
     rows = ["| phase | steps | what the measures do |", "|---|---|---|"]
     said = {
-        "memorisation": "train accuracy rises to 1.0; test loss stays high",
+        "memorisation": "train accuracy rises to 1.0" + (
+            f"; test loss {summary.memorised_test_loss.before:.2f} → {summary.memorised_test_loss.after:.2f}"
+            if summary.memorised_test_loss is not None else ""),
         "circuit formation": _formation_text(summary),
-        "clean-up": "test loss falls" + (f"; weight norm {summary.weight_norm.before:.1f} → {summary.weight_norm.after:.1f}"
-                                          if summary.weight_norm is not None and summary.weight_norm.fell else ""),
+        "clean-up": "; ".join(["test accuracy rises (10% to 90% of its rise)"] + [
+            f"{name} {c.before:.{digits}f} → {c.after:.{digits}f}"
+            for name, c, digits in (("test loss", summary.test_loss, 2), ("weight norm", summary.weight_norm, 1))
+            if c is not None and c.fell]),
     }
     for phase in summary.phases:
         rows.append(f"| {phase.name} | {phase.start}–{phase.end} | {said[phase.name]} |")
