@@ -177,3 +177,21 @@ def test_unknown_grokking_options_are_refused():
         make_probe("grokking", keys=[1])
     with pytest.raises(ValueError, match="key_ratio must be > 1"):
         make_probe("grokking", key_ratio=0.5)
+
+
+def test_compare_reports_the_grokking_headline_on_the_declared_axes(tiny_run, tmp_path):
+    from phaselens.sweeps.compare import compare_runs
+
+    comparison = compare_runs([tiny_run], tmp_path / "compare")
+    row = comparison.table.iloc[0]
+    assert row["lr·wd"] == pytest.approx(3e-3 * 2.0) and row["train_fraction"] == 0.4
+    assert row["tau"] is None or math.isnan(row["tau"])  # six steps: test accuracy never reached 0.95
+
+
+def test_the_grokking_demo_refuses_the_induction_only_layers_option():
+    from typer.testing import CliRunner
+
+    from phaselens.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--study", "grokking", "--layers", "1"])
+    assert result.exit_code == 2 and "--layers applies to the induction demo" in result.output

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from phaselens.analysis.headlines import register_headline
 from phaselens.run import Run
 
 TRAIN_SOLVED = 1.0  # train accuracy that ends memorisation
@@ -239,3 +240,10 @@ def summarize_grokking(run: Run) -> GrokkingSummary:
         summary.test_loss = change(test_loss, *cleanup)
         summary.memorised_test_loss = change(test_loss, 0, train_solved)
     return summary
+
+
+@register_headline("grokking")
+def grokking_headline(run: Run) -> dict[str, object]:
+    """`compare`'s row of a run: τ (test accuracy >= 0.95), the step train accuracy reached 1.0, and the lag."""
+    summary = summarize_grokking(run)
+    return {"tau": summary.test_solved, "memorised": summary.train_solved, "lag": summary.lag}

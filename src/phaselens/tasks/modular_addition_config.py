@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from phaselens.errors import ConfigError
 from phaselens.tasks.config import DataConfig, register_task
-from phaselens.tasks.study import Study
+from phaselens.tasks.study import Axis, Headline, Study
 
 SEQ_LEN = 4  # a b = c: the model reads `a b =` and predicts c at the `=` position
 
@@ -34,6 +34,8 @@ class ModularAdditionData(DataConfig):
 
     fixed_splits: ClassVar[bool] = True
     # position sets: `answer` (the prediction of c) and `train_pairs` (that prediction, on training pairs only)
+    # compare: the grokking step against lr·weight decay (the rate weight decay shrinks the weights at)
+    # and the training fraction
     study: ClassVar[Study] = Study(
         live_probes=("loss", "grokking"),
         post_hoc_probes=("loss", "grokking"),
@@ -44,6 +46,11 @@ class ModularAdditionData(DataConfig):
             "patching": "modular addition batches have no pairs to patch",
             "random_z": "modular addition batches have no selector z",
         },
+        headline=Headline(
+            "grokking", "tau", description="τ = first step where test accuracy is at least 0.95",
+            axes=(Axis("lr·wd", ("train.lr", "train.weight_decay"), description="learning rate × weight decay"),
+                  Axis("train_fraction", ("data.train_fraction",), description="share of the pairs trained on")),
+        ),
     )
 
     def build(self, model: Any):
