@@ -32,7 +32,8 @@ def grokking_study(run: Run, out: Path) -> StudyReport:
     captions = {
         "progress_measures": "Every measure on one timeline, the phases shaded (grey: memorisation, orange: circuit "
                              "formation, green: clean-up). Grokking shows as train accuracy at 1.0 long before test accuracy "
-                             "moves; meanwhile restricted loss falls and excluded loss rises, and clean-up shrinks the weights.",
+                             "passes 0.95; in between, restricted loss falls and excluded loss rises, and clean-up shrinks "
+                             "the weights. Steps in the Fourier measures are frequencies crossing the key-frequency line.",
         "fourier_norms": "The embedding's norm per frequency k (numbers as waves cos/sin(2πka/p)) at the last step with "
                          "an artifact; key frequencies (red) carry most of it.",
     }
