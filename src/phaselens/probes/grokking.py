@@ -36,6 +36,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from phaselens.models.adapter import adapter_for
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
 
 KEY_RATIO = 3.0  # a key frequency's squared norm is at least this many times the median's
@@ -203,7 +204,7 @@ class GrokkingProbe(Probe):
             was_training = inputs.model.training
             inputs.model.eval()
             try:
-                logits = inputs.model(grid_tokens(p, tokens.device))[:, 2]  # (p², V)
+                logits = adapter_for(inputs.model).logits(grid_tokens(p, tokens.device))[:, 2]  # (p², V)
             finally:
                 inputs.model.train(was_training)
         train = batch.predictions(self.options["train"], "probe 'grokking'").any(-1)  # (B,)
@@ -212,7 +213,7 @@ class GrokkingProbe(Probe):
         return p, logits.view(p, p, -1), pairs
 
     def _embedding(self, model: torch.nn.Module, p: int) -> torch.Tensor:
-        return model.W_E[:p]  # (p, d_model): the number tokens
+        return adapter_for(model).embedding()[:p]  # (p, d_model): the number tokens
 
     def _keys(self, norms: torch.Tensor) -> torch.Tensor:
         if self.fixed_keys is not None:
