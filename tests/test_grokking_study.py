@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def grokking_demo(tmp_path_factory) -> tuple[Path, str, float]:
     """`phaselens demo --study grokking` as a user runs it (the grokking_small preset), what it printed, and its seconds.
 
-    About a minute on one thread of an idle machine (see the README's grokking section). Read-only.
+    About 80 s of CPU (1,400 full-batch steps, progress measures every 10); 3–5 min on the shared 2-core machine. Read-only.
     """
     out = tmp_path_factory.mktemp("grokking") / "demo"
     began = time.perf_counter()
