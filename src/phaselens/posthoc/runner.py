@@ -24,6 +24,7 @@ from phaselens.store.run_dir import RunDir
 
 SOURCE = "checkpoint"
 COMMIT_SECONDS = 1.0  # how often a sweep commits the rows measured so far
+TRAINING_SAMPLE_SEED_OFFSET = 7_000_003  # the llc sample's generator: apart from the training, eval and probe streams
 
 
 @dataclass
@@ -228,6 +229,23 @@ def ensure_unigram(run_dir: RunDir) -> None:
         write_training_unigram(open_run(run_dir.path).run_config(), unigram_path(run_dir.path))
 
 
+def ensure_training_sample(run_dir: RunDir, options: dict | None) -> None:
+    """Write the run's fixed, seeded sample of training sequences that the `llc` probe samples from (once per n, seed)."""
+    from phaselens.probes.llc import SGLDOptions
+
+    settings = SGLDOptions.from_options(options or {})
+    path = run_dir.training_sample(settings.n, settings.seed)
+    if not path.is_file():
+        import torch
+
+        from phaselens.run import open_run
+
+        task = open_run(run_dir.path).run_config().build_task()
+        generator = torch.Generator().manual_seed(TRAINING_SAMPLE_SEED_OFFSET + settings.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        task.sample(settings.n, generator, split="train").save(path)
+
+
 def _for_architecture(names: list[str], run_dir: RunDir, explicit: bool) -> list[str]:
     """Leave out default probes the run's model cannot run (BDH has no attention pattern); refuse requested ones."""
     from phaselens.errors import ConfigError
@@ -287,6 +305,8 @@ def run_probes(
     chosen = resolve_options(names, info["config"], options)
     if "geometry" in names:
         ensure_unigram(run_dir)
+    if "llc" in names:
+        ensure_training_sample(run_dir, chosen.get("llc"))
     store = MetricsStore(run_dir.metrics_db)
     tasks, skipped = plan(run_dir, store, names, steps)
     execute = get_backend(backend)

@@ -16,6 +16,7 @@ from phaselens.probes.patching import PatchingProbe, patching_effects
 from phaselens.probes.geometry import GeometryProbe, interaction_energy, kl_to_unigram
 from phaselens.probes.random_z import RandomZProbe, selector_swap_effect
 from phaselens.probes.neurons import NeuronStats, NeuronsProbe
+from phaselens.probes.llc import LLCEstimator, LLCProbe, SGLDOptions
 from phaselens.probes.measure import measure_cache
 
 __all__ = [
@@ -33,6 +34,9 @@ __all__ = [
     "AttentionProbe",
     "HeadsProbe",
     "LossProbe",
+    "LLCEstimator",
+    "LLCProbe",
+    "SGLDOptions",
     "NeuronStats",
     "NeuronsProbe",
     "Measurement",

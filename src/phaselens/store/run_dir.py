@@ -3,6 +3,7 @@
     run.json          name, status, resolved config, model + task spec, versions
     checkpoints/      step_00001000/ model.safetensors, trainer.safetensors, trainer.json
     probe_batch.safetensors   the fixed probe batch every step and checkpoint is measured on
+    samples/          fixed, seeded samples of the training data (the `llc` probe's n-sample)
     metrics.sqlite    one row per value
     artifacts/        non-scalar probe results (JSON)
     report/           report.md and PNG figures
@@ -71,6 +72,10 @@ class RunDir:
     @property
     def probe_batch(self) -> Path:
         return self.path / "probe_batch.safetensors"
+
+    def training_sample(self, n: int, seed: int) -> Path:
+        """The fixed, seeded sample of n training sequences the `llc` probe draws its minibatches from."""
+        return self.path / "samples" / f"train_n{n}_seed{seed}.safetensors"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:08d}"

@@ -1,0 +1,324 @@
+"""The local learning coefficient (LLC) at a checkpoint, estimated with batched SGLD chains.
+
+`LLCEstimator` is the formula; `LLCProbe` measures it on every checkpoint of a run (post-hoc
+only), on a fixed, seeded sample of the task's training data stored with the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+
+from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.probes.loss import token_losses
+from phaselens.tasks.batch import TaskBatch
+
+# A loss: (call, rows) -> mean loss (), where call(*inputs) runs the model at the weights being sampled
+# and rows holds one minibatch (each tensor (m, ...)).
+LossFn = Callable[[Callable[..., torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
+
+DIVERGED_FACTOR = 3.0  # a chain whose loss exceeds 3·L_n(w*) + 1 nat has blown up
+UNSETTLED_DRIFT = 0.2  # draws' second half vs first half moving by 20% of the mean excess loss: not settled
+
+
+@dataclass(frozen=True)
+class SGLDOptions:
+    """Settings of the SGLD chains (the `llc` probe's options; `phaselens probe --probe-option llc.KEY=V`)."""
+
+    epsilon: float = 1e-3  # step size ε
+    gamma: float = 100.0  # localization strength γ
+    n_beta: float | None = None  # inverse temperature nβ; default n / log n (β = 1/log n)
+    chains: int = 8  # C
+    draws: int = 100  # steps averaged into λ̂, after burn-in
+    burnin: int = 100  # steps discarded before the draws
+    batch_size: int = 16  # minibatch size m
+    n: int = 1024  # size of the training-data sample the minibatches come from
+    seed: int = 0  # seeds the sample's minibatches and the chains' noise
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> "SGLDOptions":
+        """Options from a probe's keyword options, with a clear error for an unknown key or a bad value."""
+        from phaselens.errors import ConfigError
+
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ConfigError(f"llc probe: unknown option(s) {unknown}; options: {', '.join(known)}")
+        values = {}
+        for key, raw in options.items():
+            cast = float if key in ("epsilon", "gamma", "n_beta") else int
+            try:
+                values[key] = None if raw is None else cast(raw)
+            except (TypeError, ValueError):
+                raise ConfigError(f"llc probe: option {key}={raw!r} is not a number") from None
+        made = cls(**values)
+        made.validate()
+        return made
+
+    def validate(self) -> None:
+        from phaselens.errors import ConfigError
+
+        positive = {"epsilon": self.epsilon, "chains": self.chains, "draws": self.draws, "batch_size": self.batch_size}
+        for key, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"llc probe: {key} must be > 0, got {value}")
+        if self.gamma < 0 or self.burnin < 0:
+            raise ConfigError(f"llc probe: gamma and burnin must be >= 0, got gamma={self.gamma}, burnin={self.burnin}")
+        if self.n < 2:
+            raise ConfigError(f"llc probe: n must be >= 2 (β = 1/log n), got {self.n}")
+        if self.n_beta is not None and not self.n_beta > 0:
+            raise ConfigError(f"llc probe: n_beta must be > 0, got {self.n_beta}")
+
+    @property
+    def inverse_temperature(self) -> float:
+        """nβ: as given, or n / log n."""
+        return float(self.n_beta) if self.n_beta is not None else self.n / math.log(self.n)
+
+
+@dataclass
+class LLCResult:
+    """One estimate: λ̂ and its spread over chains, with the loss traces the diagnostics read."""
+
+    llc: float  # mean over the chains that stayed finite of each chain's estimate
+    llc_std: float  # standard deviation of the chains' estimates
+    chain_llc: list[float]
+    init_loss: float  # L_n(w*)
+    n_beta: float
+    traces: np.ndarray  # (C, burnin + draws): minibatch loss L_m(w_t) before each step
+    options: SGLDOptions
+    batched: bool  # all chains in one vmapped forward/backward per step
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+    def artifact(self) -> dict[str, Any]:
+        """The JSON the `llc` probe writes per checkpoint (read back by `phaselens.store.llc.LLCArtifact`)."""
+        return {
+            "llc": self.llc, "llc_std": self.llc_std, "chain_llc": self.chain_llc, "init_loss": self.init_loss,
+            "n_beta": self.n_beta, "options": asdict(self.options), "batched": self.batched,
+            "seconds": round(self.seconds, 3), "warnings": self.warnings,
+            "traces": [[round(v, 6) if math.isfinite(v) else None for v in row] for row in self.traces.tolist()],
+        }
+
+
+def chain_warnings(traces: np.ndarray, burnin: int, init_loss: float, chain_llc: np.ndarray) -> list[str]:
+    """What is wrong with a set of chains, in words (empty when nothing is):
+
+    * diverged: a chain's loss became NaN/inf or exceeded 3·L_n(w*) + 1;
+    * λ̂ < 0: the chains found lower loss than w* (w* is not a local minimum, or ε is too large);
+    * not settled: over the draws, the mean loss of the second half differs from the first half's by more
+      than 20% of the mean excess loss E[L_m] − L_n(w*), clearly beyond the chains' spread.
+    """
+    out = []
+    C = traces.shape[0]
+    bad = ~np.isfinite(traces).all(axis=1) | (np.nan_to_num(traces, nan=np.inf).max(axis=1) > DIVERGED_FACTOR * init_loss + 1)
+    if bad.any():
+        out.append(f"{int(bad.sum())} of {C} SGLD chains diverged (loss NaN/inf or above {DIVERGED_FACTOR:g}·L_n(w*) + 1): "
+                   "lower epsilon")
+    good = traces[~bad, burnin:]
+    if len(good):
+        estimate = float(np.mean(chain_llc[~bad]))
+        if estimate < 0:
+            out.append(f"λ̂ = {estimate:.3g} < 0: the chains found lower loss than the checkpoint (not a local minimum, "
+                       "or epsilon too large)")
+        half = good.shape[1] // 2
+        if half >= 2:
+            drift = good[:, half:].mean(axis=1) - good[:, :half].mean(axis=1)  # (C',)
+            excess = float(good.mean() - init_loss)
+            noise = 3 * float(drift.std()) / math.sqrt(len(drift)) if len(drift) > 1 else 0.0
+            if abs(drift.mean()) > max(UNSETTLED_DRIFT * abs(excess), noise):
+                way = "rising" if drift.mean() > 0 else "falling"
+                out.append(f"SGLD loss still {way} after burn-in (second half of the draws vs the first: "
+                           f"{drift.mean():+.3g} against a mean excess loss of {excess:.3g}): raise burnin or epsilon")
+    return out
+
+
+class LLCEstimator:
+    """Local learning coefficient at weights w* by stochastic-gradient Langevin dynamics (Lau et al. 2023).
+
+    C chains start at w* and take `burnin + draws` steps, each on its own minibatch of m rows drawn
+    with replacement from the n-sample:
+
+        Δw = −(ε/2)·(nβ·∇L_m(w) + γ·(w − w*)) + N(0, ε),        β = 1/log n by default,
+
+    and the estimate is the standard (unpaired) form
+
+        λ̂ = nβ·(mean over chains and post-burn-in draws of L_m(w_t) − L_n(w*)),
+
+    where L_m(w_t) is the minibatch loss at the chain's weights before step t (computed in the
+    forward that gives the gradient) and L_n(w*) the mean loss over the whole n-sample. `llc` is
+    that mean, `llc_std` the standard deviation of the per-chain estimates.
+
+    Batched (default): the C chains' weights are one (C, P) tensor and every step is a single
+    `vmap` of `grad_and_value` of the model through `torch.func.functional_call`, so C chains cost
+    one batched forward/backward. Each chain's minibatches and noise come from its own generator,
+    seeded from (seed, chain), so batched and one-after-another runs give the same chains.
+
+    Args:
+        model: any module; its parameters are w* (left unchanged).
+        loss: (call, rows) -> mean loss, `call(*inputs)` running the model (see `LossFn`).
+        sample: the n-sample as tensors with n rows each (the minibatches are drawn from it).
+        options: the SGLD settings.
+    """
+
+    def __init__(self, model: torch.nn.Module, loss: LossFn, sample: Mapping[str, torch.Tensor], options: SGLDOptions):
+        options.validate()
+        self.model, self.loss, self.options = model, loss, options
+        self.sample = dict(sample)
+        self.n_rows = len(next(iter(self.sample.values())))
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.names = [name for name, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+        self.buffers = dict(model.named_buffers())
+        self.device = named[0][1].device
+        self.w_star = torch.cat([p.detach().reshape(-1).float() for _, p in named])  # (P,)
+        self._work: torch.nn.Module | None = None  # the sequential path's working copy of the model
+
+    def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's parameters as views of one flat weight vector (P,)."""
+        return {name: piece.view(shape) for name, piece, shape in zip(self.names, flat.split(self.sizes), self.shapes)}
+
+    def _loss_at(self, flat: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        params = self._params(flat)
+        return self.loss(lambda *inputs: torch.func.functional_call(self.model, (params, self.buffers), inputs), rows)
+
+    def full_loss(self, chunk: int = 256) -> float:
+        """L_n(w*): the mean minibatch loss over the n-sample in chunks (chunks weighted by rows)."""
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, self.n_rows, chunk):
+                rows = {k: v[start:start + chunk] for k, v in self.sample.items()}
+                total += float(self._loss_at(self.w_star, rows)) * len(next(iter(rows.values())))
+        return total / self.n_rows
+
+    def _generators(self) -> tuple[list[torch.Generator], list[torch.Generator]]:
+        """Per chain: a CPU generator for its minibatches and one on the model's device for its noise."""
+        states = np.random.SeedSequence([self.options.seed, 0x11C]).spawn(self.options.chains)
+        seeds = [int(s.generate_state(1, dtype=np.uint64)[0] >> 1) for s in states]
+        rows = [torch.Generator().manual_seed(s) for s in seeds]
+        noise = [torch.Generator(device=self.device).manual_seed(s + 1) for s in seeds]
+        return rows, noise
+
+    def estimate(self, batched: bool = True, progress: Callable[[int], None] | None = None) -> LLCResult:
+        """Run the chains and return λ̂; `progress(k)` is called after each step with k = steps done."""
+        o = self.options
+        began = time.perf_counter()
+        n_beta = o.inverse_temperature
+        init_loss = self.full_loss()
+        row_rng, noise_rng = self._generators()
+        steps = o.burnin + o.draws
+        C, P = o.chains, self.w_star.numel()
+        w = self.w_star.repeat(C, 1)  # (C, P)
+        noise = torch.empty(C, P, device=self.device)
+        traces = torch.empty(C, steps)
+        step_fn = self._batched_step if batched else self._sequential_step
+        notes = []
+        with torch.inference_mode(False), torch.enable_grad():
+            for t in range(steps):
+                index = torch.stack([torch.randint(self.n_rows, (o.batch_size,), generator=g) for g in row_rng]).to(self.device)  # (C, m)
+                rows = {k: v[index] for k, v in self.sample.items()}  # each (C, m, ...)
+                try:
+                    grads, losses = step_fn(w, rows)  # (C, P), (C,)
+                except (RuntimeError, NotImplementedError) as exc:  # an op without a vmap rule: one chain at a time
+                    if step_fn != self._batched_step or t > 0:
+                        raise
+                    notes.append(f"chains ran one after another: the model does not run under torch.func.vmap ({exc})")
+                    step_fn, batched = self._sequential_step, False
+                    grads, losses = step_fn(w, rows)
+                for c, g in enumerate(noise_rng):
+                    torch.randn(P, generator=g, device=self.device, out=noise[c])
+                with torch.no_grad():
+                    drift = grads.mul_(n_beta).add_(w - self.w_star, alpha=o.gamma)  # (C, P)
+                    w.add_(drift, alpha=-o.epsilon / 2).add_(noise, alpha=math.sqrt(o.epsilon))
+                traces[:, t] = losses.detach().float().cpu()
+                if progress is not None:
+                    progress(t + 1)
+        traces_np = traces.numpy().astype(float)
+        chain_llc = n_beta * (traces_np[:, o.burnin:].mean(axis=1) - init_loss)  # (C,)
+        warnings = notes + chain_warnings(traces_np, o.burnin, init_loss, chain_llc)
+        finite = np.isfinite(chain_llc)
+        llc = float(chain_llc[finite].mean()) if finite.any() else float("nan")
+        llc_std = float(chain_llc[finite].std()) if finite.sum() > 1 else 0.0 if finite.any() else float("nan")
+        return LLCResult(llc, llc_std, [float(v) for v in chain_llc], init_loss, n_beta, traces_np, o, batched,
+                         time.perf_counter() - began, warnings)
+
+    def _batched_step(self, w: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gradient and loss of every chain in one vmapped forward/backward: w (C, P) -> (C, P), (C,)."""
+        return torch.func.vmap(torch.func.grad_and_value(self._loss_at))(w, rows)
+
+    def _sequential_step(self, w: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same step one chain after another, as a per-chain sampler does: for each chain, its weights
+        copied into a working model, a plain forward and `autograd.grad`."""
+        if self._work is None:
+            import copy
+
+            self._work = copy.deepcopy(self.model)
+        params = [p for p in self._work.parameters() if p.requires_grad]
+        grads, losses = [], []
+        for c in range(w.shape[0]):
+            with torch.no_grad():
+                torch.nn.utils.vector_to_parameters(w[c], params)
+            loss = self.loss(self._work, {k: v[c] for k, v in rows.items()})
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+            losses.append(loss.detach())
+        return torch.stack(grads), torch.stack(losses)
+
+
+def masked_token_loss(call: Callable[..., torch.Tensor], rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss of a task batch: mean next-token cross-entropy over `loss_mask` (rows: tokens (m, T), loss_mask (m, T-1))."""
+    losses = token_losses(call(rows["tokens"]), rows["tokens"])  # (m, T-1)
+    mask = rows["loss_mask"].to(losses.dtype)
+    return (losses * mask).sum() / mask.sum()
+
+
+@register_probe
+class LLCProbe(Probe):
+    """`llc` and `llc_std` per model: the SGLD estimate of the local learning coefficient at the checkpoint
+    (see `LLCEstimator`), on the run's fixed sample of n training sequences (`RunDir.training_sample`).
+
+    Post-hoc only. Options are `SGLDOptions`' fields; the per-chain loss traces are the artifact.
+    """
+
+    name = "llc"
+    live = False  # hundreds of forward/backward passes per checkpoint: measure it on checkpoints
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.settings = SGLDOptions.from_options(options)
+        self.sample: TaskBatch | None = None
+        self._last: tuple[int, LLCResult] | None = None
+
+    def bind_run(self, run_dir: Any) -> None:
+        from phaselens.errors import RunError
+        from phaselens.store.run_dir import RunDir
+
+        path = RunDir(run_dir).training_sample(self.settings.n, self.settings.seed)
+        if not path.is_file():
+            raise RunError(f"{path} is missing: `phaselens probe RUN --probes llc` writes the run's training sample first")
+        self.sample = TaskBatch.load(path)
+
+    def estimator(self, model: torch.nn.Module) -> LLCEstimator:
+        """The estimator at `model`'s weights on the run's training sample."""
+        if self.sample is None:
+            raise RuntimeError("the llc probe measures a run's checkpoints: call bind_run(run_dir) first")
+        device = next(model.parameters()).device
+        rows = {"tokens": self.sample.tokens.to(device), "loss_mask": self.sample.loss_mask.to(device)}
+        return LLCEstimator(model, masked_token_loss, rows, self.settings)
+
+    def compute(self, inputs: ProbeInputs) -> list[Measurement]:
+        with torch.inference_mode(False):  # post-hoc probes run in inference mode; SGLD needs gradients
+            result = self.estimator(inputs.model).estimate()
+        self._last = (id(inputs), result)
+        device = next(inputs.model.parameters()).device
+        return [Measurement("llc", torch.tensor(result.llc, device=device)),
+                Measurement("llc_std", torch.tensor(result.llc_std, device=device))]
+
+    def artifact(self, inputs: ProbeInputs) -> dict[str, Any] | None:
+        if self._last is None or self._last[0] != id(inputs):
+            return None
+        return self._last[1].artifact()

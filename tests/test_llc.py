@@ -1,0 +1,116 @@
+"""The `llc` probe: SGLD estimates of the local learning coefficient, their diagnostics, and the probe over checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from phaselens.probes.llc import LLCEstimator, SGLDOptions
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small ops: one torch thread is fastest (and two thrash on a shared two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def half_mse(call, rows):
+    """Negative log-likelihood per sample of y = x·w + N(0, 1), up to a constant."""
+    return 0.5 * ((call(rows["x"]).squeeze(-1) - rows["y"]) ** 2).mean()
+
+
+def linear_regression(d: int, n: int, offset: float = 0.0) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A linear model at its least-squares fit (plus `offset` on every weight) on n Gaussian samples."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=g)
+    y = x @ torch.randn(d, generator=g) + torch.randn(n, generator=g)
+    model = torch.nn.Linear(d, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.linalg.lstsq(x, y[:, None]).solution.T + offset)
+    return model, {"x": x, "y": y}
+
+
+def test_llc_of_linear_regression_is_half_its_parameter_count():
+    d, n = 10, 2000
+    model, sample = linear_regression(d, n)
+    options = SGLDOptions(epsilon=1e-4, gamma=1.0, chains=8, draws=600, burnin=200, batch_size=500, n=n)
+    result = LLCEstimator(model, half_mse, sample, options).estimate()
+    assert result.llc == pytest.approx(d / 2, rel=0.15)
+    assert result.llc_std > 0 and len(result.chain_llc) == 8
+    assert result.traces.shape == (8, 800)
+    assert result.warnings == []
+    assert result.n_beta == pytest.approx(n / np.log(n))
+
+
+def test_llc_is_deterministic_for_a_seed_and_batched_chains_equal_sequential_ones():
+    model, sample = linear_regression(4, 500)
+    options = SGLDOptions(epsilon=1e-4, gamma=1.0, chains=3, draws=40, burnin=10, batch_size=50, n=500, seed=3)
+    first = LLCEstimator(model, half_mse, sample, options).estimate()
+    again = LLCEstimator(model, half_mse, sample, options).estimate()
+    one_by_one = LLCEstimator(model, half_mse, sample, options).estimate(batched=False)
+    other_seed = LLCEstimator(model, half_mse, sample, SGLDOptions(**{**options.__dict__, "seed": 4})).estimate()
+    assert first.batched and not one_by_one.batched
+    assert np.array_equal(first.traces, again.traces) and first.llc == again.llc
+    np.testing.assert_allclose(one_by_one.traces, first.traces, rtol=1e-4)
+    assert not np.allclose(other_seed.traces, first.traces)
+    weights = model.weight.detach().clone()
+    LLCEstimator(model, half_mse, sample, options).estimate()
+    assert torch.equal(model.weight, weights)  # w* is left as it was
+
+
+def test_diagnostics_name_divergence_negative_llc_and_an_unsettled_trace():
+    model, sample = linear_regression(4, 500)
+    diverged = LLCEstimator(model, half_mse, sample, SGLDOptions(epsilon=0.5, chains=2, draws=20, burnin=0, batch_size=50, n=500)).estimate()
+    assert any("diverged" in w for w in diverged.warnings)
+
+    off_minimum, sample = linear_regression(4, 500, offset=1.0)  # w* far from the minimum: the chains roll downhill
+    options = SGLDOptions(epsilon=1e-4, gamma=1.0, chains=2, draws=100, burnin=20, batch_size=100, n=500)
+    negative = LLCEstimator(off_minimum, half_mse, sample, options).estimate()
+    assert negative.llc < 0
+    assert any("< 0" in w for w in negative.warnings)
+
+    model, sample = linear_regression(50, 500)  # relaxes over ~250 steps at this step size
+    unsettled = SGLDOptions(epsilon=1e-4, gamma=1.0, chains=4, draws=200, burnin=0, batch_size=500, n=500)
+    assert any("still rising after burn-in" in w for w in LLCEstimator(model, half_mse, sample, unsettled).estimate().warnings)
+    settled = SGLDOptions(**{**unsettled.__dict__, "burnin": 800})
+    assert LLCEstimator(model, half_mse, sample, settled).estimate().warnings == []
+
+
+def test_llc_probe_measures_every_checkpoint_on_the_runs_stored_training_sample(run_copy):
+    from phaselens.posthoc.runner import run_probes
+    from phaselens.run import open_run
+    from phaselens.store.run_dir import RunDir
+
+    options = {"llc": {"chains": 2, "draws": 6, "burnin": 2, "batch_size": 4, "n": 32, "seed": 1}}
+    result = run_probes(run_copy, ["llc"], options=options, progress=False)
+    assert result.ok and result.measured == [0, 10, 20]
+    sample = RunDir(run_copy).training_sample(32, 1)
+    assert sample.is_file()
+    rows = open_run(run_copy).metrics(probe="llc")
+    assert sorted(rows["metric"].unique()) == ["llc", "llc_std"]
+    assert rows.groupby("metric")["step"].apply(list).to_dict() == {"llc": [0, 10, 20], "llc_std": [0, 10, 20]}
+    assert rows["layer"].isna().all() and np.isfinite(rows["value"]).all()
+    artifact = json.loads((run_copy / "artifacts" / "llc" / "step_00000020.json").read_text())
+    assert np.array(artifact["traces"]).shape == (2, 8)
+    assert artifact["options"]["chains"] == 2 and artifact["init_loss"] > 0
+    llc = rows[(rows["metric"] == "llc") & (rows["step"] == 20)]["value"].item()
+    assert llc == pytest.approx(artifact["llc"], rel=1e-5)
+    assert llc == pytest.approx(np.mean(artifact["chain_llc"]), rel=1e-5)
+
+
+def test_llc_probe_refuses_an_unknown_or_bad_option():
+    from phaselens.errors import ConfigError
+    from phaselens.probes.base import make_probe
+
+    with pytest.raises(ConfigError, match="unknown option.*chian"):
+        make_probe("llc", chian=4)
+    with pytest.raises(ConfigError, match="epsilon must be > 0"):
+        make_probe("llc", epsilon=0)
+    with pytest.raises(ConfigError, match="draws=.*not a number"):
+        make_probe("llc", draws="many")
