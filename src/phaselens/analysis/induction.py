@@ -8,12 +8,29 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from phaselens.analysis.transitions import detect_transitions, smooth
+from phaselens.analysis.transitions import detect_transitions, moving_with, series_label, smooth
 
 COPY_LOSS_SOLVED = 1.0  # copy loss below this after the drop: the model copies
 INDUCTION_FORMED = 0.5  # a head's induction score above this afterwards
 PREV_TOKEN_FORMED = 0.25
 MIN_COPY_DROP = 0.5  # nats: a smaller move of the copy loss is not the induction transition
+MOVERS_SHOWN = 5  # series named as moving with each copy-loss transition
+
+
+@dataclass
+class StoryEvent:
+    """One transition of the headline series (the copy-position loss) and what moved with it."""
+
+    step: int
+    start: int
+    end: int
+    before: float
+    after: float
+    moved: list[str] = field(default_factory=list)  # "prev_token L0H1 0.08 → 0.63", strongest first
+
+    def text(self) -> str:
+        line = f"- step {self.step} (10–90% window {self.start}–{self.end}): copy-position loss {self.before:.2f} → {self.after:.2f}"
+        return line + ("; moving with it: " + ", ".join(self.moved) if self.moved else "") + "."
 
 
 @dataclass
@@ -37,6 +54,7 @@ class InductionSummary:
     induction_head: HeadChange | None
     prev_token_head: HeadChange | None
     settle_steps: dict[int, int] = field(default_factory=dict)  # layer -> step its attention settled
+    story: list[StoryEvent] = field(default_factory=list)  # every copy-loss transition, in order
 
     @property
     def found(self) -> bool:
@@ -53,6 +71,13 @@ class InductionSummary:
         return min(self.settle_steps, key=self.settle_steps.get) if self.settle_steps else None
 
     def text(self) -> str:
+        """What happened, in sentences: the verdict, then every copy-loss transition and what moved with it."""
+        verdict = self._verdict()
+        if not self.story:
+            return verdict
+        return verdict + "\nCopy-position loss transitions, in order:\n" + "\n".join(event.text() for event in self.story)
+
+    def _verdict(self) -> str:
         ln_v = math.log(self.vocab)
         if math.isnan(self.copy_loss_final):
             return "No copy-position loss was recorded, so there is nothing to say about induction."
@@ -157,4 +182,23 @@ def summarize_induction(run) -> InductionSummary:
     induction = _head_change(heads, "induction", window, None)
     prev = _head_change(heads, "prev_token", window, 0 if n_layers > 1 else None)
     attention = metrics[metrics["probe"] == "attention"]
-    return InductionSummary(vocab, steps, transition, final, initial, induction, prev, settle_steps(attention))
+    story = _story(transitions, metrics) if len(transitions) else []
+    return InductionSummary(vocab, steps, transition, final, initial, induction, prev, settle_steps(attention), story)
+
+
+def _value(value: float) -> str:
+    return f"{value:.2f}" if abs(value) >= 0.01 else f"{value:.2g}"
+
+
+def _story(copy_transitions: pd.DataFrame, metrics: pd.DataFrame) -> list[StoryEvent]:
+    """Every copy-loss transition, earliest first, with the strongest transitions of other series inside its window."""
+    shown = metrics[~((metrics["probe"] == "loss") & (metrics["metric"] == "copy")) & (metrics["metric"] != "head_variance")]
+    others = detect_transitions(shown)
+    events = []
+    for t in copy_transitions.sort_values("step").itertuples(index=False):
+        movers = moving_with(others, int(t.start), int(t.end))
+        movers = pd.concat([movers[movers["probe"] == "heads"], movers[movers["probe"] != "heads"]]).head(MOVERS_SHOWN)
+        moved = [f"{series_label(m)}{' loss' if m['probe'] == 'loss' else ''} {_value(m['before'])} → {_value(m['after'])}"
+                 for _, m in movers.iterrows()]
+        events.append(StoryEvent(int(t.step), int(t.start), int(t.end), float(t.before), float(t.after), moved))
+    return events

@@ -2,12 +2,16 @@
 
 A transition is a sustained move of a series from one level to another. For each series we
 smooth it (rolling median, then mean), take the step of steepest change, extend outwards
-while the slope stays above a tenth of that peak slope (so a plateau ends it), and read the
+while the slope stays above 30% of that peak slope (so a plateau ends it), and read the
 levels before and after. It is reported when
 
 * the change is large against the noise: |after − before| > 3σ and > 10σ/√w, with σ the
   robust (MAD) spread of the raw values around the smooth curve and w the smoothing window;
-* it is a transition, not a drift: the 10%–90% window spans at most 40% of the series.
+* it is a transition, not a drift: the 10%–90% window spans at most 40% of the series, and just
+  before and just after the window the curve moves at less than half the rate it moves inside it.
+
+The window is read off the smooth curve between where the climb begins and where it levels
+off, and the reported step is the steepest point inside that window, so start ≤ step ≤ end.
 
 Each side of a found transition is searched again, so a bump (up, then down) gives two.
 """
@@ -23,6 +27,8 @@ COLUMNS = ["probe", "metric", "layer", "head", "step", "start", "end", "before",
 MIN_POINTS = 12
 MAX_PER_SERIES = 4
 MAX_WINDOW_FRACTION = 0.4
+CLIMB = 0.3  # a transition's climb begins and ends where the smooth slope falls under 30% of its peak
+DRIFT_RATE = 0.5  # a move is a drift when next to its window the curve moves at half its rate or more
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,33 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
     series = pd.Series(values)
     med = series.rolling(window, center=True, min_periods=1).median()
     return med.rolling(window, center=True, min_periods=1).mean().to_numpy()
+
+
+def _window(smoothed: np.ndarray, a: int, b: int, direction: float) -> tuple[int, int]:
+    """Indices where the smooth curve has covered 10% and 90% of its move from index a to index b."""
+    move = direction * (smoothed[a: b + 1] - smoothed[a])  # (b − a + 1,), rising to the total move
+    total = move[-1]
+    if not total > 0:
+        return a, b
+    i10 = a + int(np.argmax(move >= 0.1 * total))
+    i90 = a + int(np.argmax(move >= 0.9 * total))
+    return i10, max(i10, i90)
+
+
+def _drift(steps: np.ndarray, smoothed: np.ndarray, i10: int, i90: int, direction: float, window: int) -> bool:
+    """True when, next to its window, the curve moves the same way at half its rate or more: a slow drift.
+
+    Compares the mean rate inside the 10–90% window with the rate, in the same direction, over a
+    stretch as long as the window just before and just after it. A move the other way (a bump
+    going back) does not count, and a stretch shorter than the smoothing window is not judged.
+    """
+    def rate(i: int, j: int) -> float:
+        return direction * (smoothed[j] - smoothed[i]) / max(1, steps[j] - steps[i])
+
+    inside = rate(i10, i90)
+    width = max(i90 - i10, window)
+    stretches = ((max(0, i10 - width), i10), (i90, min(len(steps) - 1, i90 + width)))
+    return any(rate(i, j) >= DRIFT_RATE * inside for i, j in stretches if j - i >= window)
 
 
 def find_transitions(steps: np.ndarray, values: np.ndarray) -> list[Transition]:
@@ -78,14 +111,14 @@ def find_transitions(steps: np.ndarray, values: np.ndarray) -> list[Transition]:
         a = b = center
         quiet = 0
         for i in range(center - 1, lo - 1, -1):  # back to where the climb began
-            quiet = 0 if slope[i - lo] >= 0.1 * peak else quiet + 1
+            quiet = 0 if slope[i - lo] >= CLIMB * peak else quiet + 1
             if quiet > window:
                 break
             if quiet == 0:
                 a = i
         quiet = 0
         for j in range(center + 1, hi):  # on to where it levels off
-            quiet = 0 if slope[j - lo] >= 0.1 * peak else quiet + 1
+            quiet = 0 if slope[j - lo] >= CLIMB * peak else quiet + 1
             if quiet > window:
                 break
             if quiet == 0:
@@ -95,11 +128,11 @@ def find_transitions(steps: np.ndarray, values: np.ndarray) -> list[Transition]:
         after = float(np.median(values[b - half: min(hi, b + window + 1)]))
         change = after - before
         if abs(change) > threshold and np.sign(change) == direction:
-            progress = direction * (smoothed[a: b + 1] - before) / abs(change)
-            i10 = a + int(np.argmax(progress >= 0.1))
-            i90 = a + int(np.argmax(progress >= 0.9)) if (progress >= 0.9).any() else b
-            if (steps[i90] - steps[i10]) <= MAX_WINDOW_FRACTION * span:
-                found.append(Transition(int(steps[center]), int(steps[i10]), int(steps[i90]), before, after,
+            i10, i90 = _window(smoothed, a, b, direction)
+            # the steepest change inside its own window (the search's centre can sit on a shoulder of it)
+            step = i10 + int(np.argmax(direction * rate[i10: i90 + 1]))
+            if (steps[i90] - steps[i10]) <= MAX_WINDOW_FRACTION * span and not _drift(steps, smoothed, i10, i90, direction, window):
+                found.append(Transition(int(steps[step]), int(steps[i10]), int(steps[i90]), before, after,
                                         abs(change) / max(sigma, scale)))
         search(lo, a)
         search(b + 1, hi)
@@ -126,3 +159,22 @@ def detect_transitions(metrics: pd.DataFrame) -> pd.DataFrame:
                              "head": None if head < 0 else head, **asdict(t)})
     out = pd.DataFrame(rows, columns=COLUMNS)
     return out.astype({"layer": "Int64", "head": "Int64"})
+
+
+def moving_with(transitions: pd.DataFrame, start: int, end: int, exclude: tuple[str, str] | None = None) -> pd.DataFrame:
+    """Transitions of other series whose step falls in the window [start, end], strongest first.
+
+    One row per (probe, metric, layer, head) series; `exclude` leaves out one (probe, metric) series.
+    """
+    inside = transitions[(transitions["step"] >= start) & (transitions["step"] <= end)]
+    if exclude is not None:
+        inside = inside[~((inside["probe"] == exclude[0]) & (inside["metric"] == exclude[1]))]
+    inside = inside.sort_values("strength", ascending=False)
+    return inside.drop_duplicates(["probe", "metric", "layer", "head"])
+
+
+def series_label(row) -> str:
+    """`prev_token L0H1`, `coherence L0`, `copy`: how the report names one series."""
+    layer, head = row["layer"], row["head"]
+    where = "" if pd.isna(layer) else f" L{int(layer)}" + ("" if pd.isna(head) else f"H{int(head)}")
+    return f"{row['metric']}{where}"
