@@ -114,3 +114,81 @@ def test_llc_probe_refuses_an_unknown_or_bad_option():
         make_probe("llc", epsilon=0)
     with pytest.raises(ConfigError, match="draws=.*not a number"):
         make_probe("llc", draws="many")
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from phaselens.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+TINY = ["--probe-option", "llc.chains=2", "--probe-option", "llc.draws=6", "--probe-option", "llc.burnin=2",
+        "--probe-option", "llc.batch_size=4", "--probe-option", "llc.n=32"]
+
+
+def test_probe_command_takes_llc_options_and_warns_when_chains_diverge(run_copy):
+    result = invoke("probe", run_copy, "--probes", "llc", "--steps", "20", *TINY, "--probe-option", "llc.epsilon=10")
+    assert result.exit_code == 0, result.output
+    assert "warning: llc at step 20: 2 of 2 SGLD chains diverged" in result.output
+    assert f"phaselens llc-calibrate {run_copy} --step 20" in result.output
+    artifact = json.loads((run_copy / "artifacts" / "llc" / "step_00000020.json").read_text())
+    assert artifact["options"]["epsilon"] == 10 and artifact["options"]["chains"] == 2
+    bad = invoke("probe", run_copy, "--probes", "llc", "--probe-option", "llc.chains")
+    assert bad.exit_code == 2 and "must look like" in bad.output
+    unknown = invoke("probe", run_copy, "--probes", "llc", "--probe-option", "llc.chians=2")
+    assert unknown.exit_code == 2 and "unknown option(s) ['chians']" in unknown.output
+
+
+def test_llc_calibrate_draws_the_grid_and_recommends_the_largest_healthy_step(run_copy):
+    result = invoke("llc-calibrate", run_copy, "--step", "20", "--epsilons", "1e-3,10", "--gammas", "100", *TINY,
+                    "--probe-option", "llc.burnin=40", "--probe-option", "llc.draws=20")
+    assert result.exit_code == 0, result.output
+    assert "recommended: epsilon=0.001 gamma=100" in result.output  # ε = 10 diverges
+    assert "ε=10" in result.output and "diverged" in result.output
+    figure = run_copy / "artifacts" / "llc_calibrate" / "step_00000020.png"
+    assert f"figure: {figure}" in result.output and figure.stat().st_size > 10_000
+    missing = invoke("llc-calibrate", run_copy, "--step", "15")
+    assert missing.exit_code == 2 and "no checkpoint at step 15" in missing.output
+
+
+def test_stages_are_cut_at_the_plateau_between_two_rises_of_the_llc_and_list_the_transitions_inside():
+    import pandas as pd
+
+    from phaselens.analysis.stages import developmental_stages
+
+    steps = np.arange(0, 3100, 100)
+    llc = 30 + 90 / (1 + np.exp(-(steps - 1100) / 60)) + 30 / (1 + np.exp(-(steps - 2100) / 60))  # two rises
+    transitions = pd.DataFrame([
+        {"probe": "loss", "metric": "copy", "layer": None, "head": None, "step": 1132, "start": 1083, "end": 1216,
+         "before": 3.87, "after": 1.43, "strength": 35.0},
+        {"probe": "heads", "metric": "induction", "layer": 1, "head": 1, "step": 1102, "start": 1049, "end": 1184,
+         "before": 0.08, "after": 0.74, "strength": 40.0},
+        {"probe": "loss", "metric": "copy", "layer": None, "head": None, "step": 2100, "start": 1915, "end": 2206,
+         "before": 1.05, "after": 0.45, "strength": 9.0},
+    ])
+    stages, points = developmental_stages(pd.Series(llc, index=steps), None, transitions)
+    assert len(points["llc"]) == 1 and 1400 <= points["llc"][0] <= 1800
+    assert [(s.start, s.end) for s in stages] == [(0, points["llc"][0]), (points["llc"][0], 3000)]
+    assert [s.llc_trend for s in stages] == ["rising", "rising"]
+    assert stages[0].transitions == ["induction L1H1 ↑ 0.08 → 0.74 at 1102", "copy loss ↓ 3.87 → 1.43 at 1132"]
+    assert stages[1].transitions == ["copy loss ↓ 1.05 → 0.45 at 2100"]
+    flat, _ = developmental_stages(pd.Series(np.full(len(steps), 50.0), index=steps))
+    assert len(flat) == 1 and flat[0].llc_trend == "flat"
+
+
+def test_report_shows_the_llc_curve_stage_table_and_traces_once_the_probe_ran(run_copy):
+    from phaselens.posthoc.runner import run_probes
+    from phaselens.report import write_report
+
+    options = {"llc": {"chains": 2, "draws": 6, "burnin": 2, "batch_size": 4, "n": 32}}
+    assert "Local learning coefficient" not in write_report(run_copy).read_text()
+    run_probes(run_copy, ["llc"], options=options, progress=False)
+    text = write_report(run_copy).read_text()
+    section = text.split("## Local learning coefficient and developmental stages", 1)[1]
+    assert "![llc](llc.png)" in section and "![llc_traces](llc_traces.png)" in section
+    assert "| stage | steps | λ̂ (smoothed) |" in section and "\n| 1 | 0–" in section
+    assert "chains=2" in section
+    for figure in ("llc.png", "llc_traces.png"):
+        assert (run_copy / "report" / figure).stat().st_size > 10_000

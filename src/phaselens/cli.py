@@ -199,9 +199,55 @@ def probe(
         typer.echo(f"note: {note}")
     for line in result.identical:
         typer.secho(line, fg=typer.colors.YELLOW)
+    _echo_llc_warnings(run, result.measured)
     if result.failures:
         typer.secho(f"{len(result.failures)} checkpoint(s) failed:\n{failures_text(result)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
+
+
+def _echo_llc_warnings(run: Path, measured: list[int]) -> None:
+    """The SGLD diagnostics of the checkpoints just measured, in yellow, one line each."""
+    from phaselens.store.llc import llc_artifact_paths, LLCArtifact
+
+    paths = llc_artifact_paths(run)
+    warned = [LLCArtifact.read(paths[step]) for step in measured if step in paths]
+    warned = [a for a in warned if a.warnings]
+    for a in warned:
+        typer.secho(f"warning: llc at step {a.step}: " + "; ".join(a.warnings), fg=typer.colors.YELLOW, err=True)
+    if warned:
+        typer.secho(f"check the SGLD settings: phaselens llc-calibrate {run} --step {warned[0].step}", fg=typer.colors.YELLOW, err=True)
+
+
+@app.command("llc-calibrate")
+@_guard
+def llc_calibrate(
+    run: Path = typer.Argument(..., help="Run directory."),
+    step: Optional[int] = typer.Option(None, help="Checkpoint step to calibrate on (default: the last)."),
+    epsilons: str = typer.Option("1e-4,3e-4,1e-3,3e-3", help="Step sizes ε to try, comma-separated."),
+    gammas: str = typer.Option("10,100,1000", help="Localization strengths γ to try, comma-separated."),
+    probe_option: Optional[List[str]] = typer.Option(None, "--probe-option", help="Other llc options, e.g. llc.chains=8 (repeatable)."),
+):
+    """Run the llc probe on one checkpoint over an ε × γ grid; draw the chains' traces and recommend a setting."""
+    from phaselens.posthoc.llc_calibrate import calibrate_llc
+    from phaselens.report.llc import plot_calibration
+    from phaselens.store.run_dir import RunDir
+
+    try:
+        grid = [float(v) for v in epsilons.split(",") if v.strip()], [float(v) for v in gammas.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"--epsilons {epsilons!r} / --gammas {gammas!r}: comma-separated numbers, e.g. 1e-4,1e-3")
+    from phaselens.training.config import parse_probe_options
+
+    options = parse_probe_options(probe_option or [])
+    unknown = sorted(set(options) - {"llc"})
+    if unknown:
+        _fail(f"--probe-option: llc-calibrate only takes llc.* options, got {', '.join(unknown)}")
+    calibration = calibrate_llc(run, step, grid[0], grid[1], options.get("llc"))
+    out = RunDir(run).artifacts / "llc_calibrate"  # not report/: a new report clears the figures it did not draw
+    out.mkdir(parents=True, exist_ok=True)
+    figure = plot_calibration(calibration, out / f"step_{calibration.step:08d}.png")
+    typer.echo(calibration.text())
+    typer.echo(f"figure: {figure.path}")
 
 
 @app.command("import-hf")

@@ -33,10 +33,10 @@ class SGLDOptions:
     epsilon: float = 1e-3  # step size ε
     gamma: float = 100.0  # localization strength γ
     n_beta: float | None = None  # inverse temperature nβ; default n / log n (β = 1/log n)
-    chains: int = 8  # C
+    chains: int = 4  # C
     draws: int = 100  # steps averaged into λ̂, after burn-in
-    burnin: int = 100  # steps discarded before the draws
-    batch_size: int = 16  # minibatch size m
+    burnin: int = 50  # steps discarded before the draws
+    batch_size: int = 8  # minibatch size m (sequences)
     n: int = 1024  # size of the training-data sample the minibatches come from
     seed: int = 0  # seeds the sample's minibatches and the chains' noise
 
@@ -132,8 +132,8 @@ def chain_warnings(traces: np.ndarray, burnin: int, init_loss: float, chain_llc:
             noise = 3 * float(drift.std()) / math.sqrt(len(drift)) if len(drift) > 1 else 0.0
             if abs(drift.mean()) > max(UNSETTLED_DRIFT * abs(excess), noise):
                 way = "rising" if drift.mean() > 0 else "falling"
-                out.append(f"SGLD loss still {way} after burn-in (second half of the draws vs the first: "
-                           f"{drift.mean():+.3g} against a mean excess loss of {excess:.3g}): raise burnin or epsilon")
+                out.append(f"SGLD loss still {way} after burn-in: the second half of the draws averages {drift.mean():+.3g} "
+                           f"against the first, for a mean excess loss of {excess:.3g}; raise burnin or epsilon")
     return out
 
 

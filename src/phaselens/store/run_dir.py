@@ -27,7 +27,7 @@ STATUSES = ("running", "finished", "failed", "stopped")  # stopped: interrupted 
 # What phaselens writes at the top of a run directory; anything else there is the user's.
 RUN_ENTRIES = frozenset({
     "run.json", "checkpoints", "probe_batch.safetensors", "metrics.sqlite", "metrics.sqlite-wal", "metrics.sqlite-shm",
-    "metrics.sqlite-journal", "artifacts", "report", "unigram.json", "metrics.csv", "metrics.json", "metrics.parquet",
+    "metrics.sqlite-journal", "artifacts", "report", "unigram.json", "samples", "metrics.csv", "metrics.json", "metrics.parquet",
 })
 _TEMP_FILE = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # store.atomic's temporary sibling of a file being written
 

@@ -1,0 +1,122 @@
+"""Developmental stages: training cut at the critical points of the smoothed LLC curve (and of the loss).
+
+A critical point of a curve is where its derivative vanishes: a turning point (a maximum or a
+minimum that a move of 10% of the curve's range confirms, as for the geometry phases) or a
+plateau between two moves (a local minimum of the smoothed |slope| below 10% of its peak, with
+the curve moving faster than 30% of the peak on both sides). The critical points of the LLC and
+of the loss together cut the checkpoints into stages; each stage lists the mechanistic
+transitions (head scores, copy loss, …) whose step falls inside it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from phaselens.analysis.phases import critical_points, smooth_curve
+from phaselens.analysis.transitions import series_label
+
+PLATEAU_SLOPE = 0.1  # |slope| under 10% of its peak: the curve rests
+MOVING_SLOPE = 0.3  # ... between stretches where it moves at 30% of its peak or more
+MIN_GAP = 3  # a loss critical point within three checkpoints of an LLC one is the same boundary
+TRANSITIONS_SHOWN = 6
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    start: int
+    end: int
+    llc: tuple[float, float]  # smoothed LLC at start and end
+    loss: tuple[float, float] | None  # smoothed loss at start and end (None when no loss was recorded)
+    transitions: list[str] = field(default_factory=list)  # "copy ↓ 1132", strongest first
+
+    @property
+    def llc_trend(self) -> str:
+        change = self.llc[1] - self.llc[0]
+        scale = max(abs(self.llc[0]), abs(self.llc[1]), 1e-12)
+        return "flat" if abs(change) < 0.05 * scale else ("rising" if change > 0 else "falling")
+
+
+def plateau_points(steps: np.ndarray, smoothed: np.ndarray) -> list[int]:
+    """Indices of plateaus between two moves of a smoothed curve: per rest between two moves, the point of least
+    |slope|, when that is under 10% of the peak slope and the curve moves at 30% of it or more on both sides."""
+    if len(smoothed) < 5:
+        return []
+    slope = np.abs(np.gradient(smoothed, steps.astype(float)))  # (n,)
+    peak = float(slope.max())
+    if not peak > 0:
+        return []
+    moving = np.flatnonzero(slope >= MOVING_SLOPE * peak)
+    points = []
+    for a, b in zip(moving, moving[1:]):  # consecutive moving points: a rest lies between them if they are apart
+        if b - a < 2:
+            continue
+        i = a + 1 + int(np.argmin(slope[a + 1: b]))
+        if slope[i] < PLATEAU_SLOPE * peak:
+            points.append(i)
+    return points
+
+
+def curve_critical_points(steps: np.ndarray, values: np.ndarray) -> list[int]:
+    """Indices of the critical points (turning points and plateaus) of the smoothed curve."""
+    smoothed = smooth_curve(np.asarray(values, dtype=float))
+    return sorted({*critical_points(smoothed), *plateau_points(np.asarray(steps), smoothed)})
+
+
+def _merge(primary: list[int], secondary: list[int]) -> list[int]:
+    """The LLC's critical points, and the loss's that are at least MIN_GAP checkpoints from every kept point."""
+    kept = sorted(set(primary))
+    for p in sorted(secondary):
+        if all(abs(p - k) >= MIN_GAP for k in kept):
+            kept = sorted(kept + [p])
+    return kept
+
+
+def developmental_stages(llc: pd.Series, loss: pd.Series | None = None, transitions: pd.DataFrame | None = None
+                         ) -> tuple[list[Stage], dict[str, list[int]]]:
+    """Stages between the critical points of the LLC (and loss) curves, and those points as steps per curve.
+
+    llc, loss: values indexed by checkpoint step (the loss is read at the LLC's steps where it has them).
+    transitions: a `detect_transitions` frame; each stage lists those whose step lies in it.
+    """
+    llc = llc.dropna().sort_index()
+    steps = llc.index.to_numpy()
+    if len(steps) < 2:
+        return [], {"llc": [], "loss": []}
+    points = {"llc": curve_critical_points(steps, llc.to_numpy())}
+    loss_curve = None
+    if loss is not None and len(loss.dropna()):
+        aligned = loss.dropna().sort_index()
+        aligned = aligned[~aligned.index.duplicated()]
+        # a dense (live) loss: its mean over the points around each checkpoint, read at the checkpoints
+        loss_gap = float(np.median(np.diff(aligned.index.to_numpy()))) if len(aligned) > 1 else 1.0
+        per_checkpoint = max(1, int(float(np.median(np.diff(steps))) / max(loss_gap, 1.0)))
+        aligned = aligned.rolling(per_checkpoint, center=True, min_periods=1).mean().reindex(steps, method="nearest")
+        loss_curve = smooth_curve(aligned.to_numpy())
+        points["loss"] = curve_critical_points(steps, aligned.to_numpy())
+    else:
+        points["loss"] = []
+    cuts = [0, *_merge(points["llc"], points["loss"])]
+    cuts = [c for c in cuts if c < len(steps) - 1] + [len(steps) - 1]
+    llc_curve = smooth_curve(llc.to_numpy())
+    stages = []
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:]), 1):
+        lo, hi = int(steps[a]), int(steps[b])
+        inside = _inside(transitions, lo, hi, last=b == len(steps) - 1)
+        stages.append(Stage(i, lo, hi, (float(llc_curve[a]), float(llc_curve[b])),
+                            None if loss_curve is None else (float(loss_curve[a]), float(loss_curve[b])), inside))
+    return stages, {name: [int(steps[i]) for i in idx] for name, idx in points.items()}
+
+
+def _inside(transitions: pd.DataFrame | None, start: int, end: int, last: bool) -> list[str]:
+    """The strongest transitions (head scores and losses first) with start <= step < end (<= end for the last stage)."""
+    if transitions is None or transitions.empty:
+        return []
+    upper = transitions["step"] <= end if last else transitions["step"] < end
+    rows = transitions[(transitions["step"] >= start) & upper & transitions["probe"].isin(("heads", "loss"))]
+    rows = rows.sort_values("strength", ascending=False).drop_duplicates(["probe", "metric", "layer", "head"])
+    return [f"{series_label(r)}{' loss' if r['probe'] == 'loss' else ''} {'↑' if r['after'] > r['before'] else '↓'} "
+            f"{r['before']:.2f} → {r['after']:.2f} at {int(r['step'])}" for _, r in rows.head(TRANSITIONS_SHOWN).iterrows()]

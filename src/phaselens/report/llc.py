@@ -1,0 +1,196 @@
+"""The report's `llc` section: the LLC curve over checkpoints, its developmental stages, the SGLD
+traces and every diagnostic warning (any run the `llc` probe measured)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from phaselens.analysis.stages import Stage, developmental_stages
+from phaselens.report import figures_section, register_section
+from phaselens.report.figures import DPI, TRANSITION_COLOR, Figure, plt
+from phaselens.run import Run
+from phaselens.store.llc import LLCArtifact, read_llc_artifacts
+
+STAGE_COLORS = ("#e8eef8", "#f6ecdf")  # alternating bands
+TRACE_PANELS = 4  # checkpoints whose traces are drawn (warned ones first, then spread over training)
+
+
+def llc_series(run: Run) -> tuple[pd.Series, pd.Series]:
+    """λ̂ and its std over chains, indexed by checkpoint step."""
+    rows = run.metrics(probe="llc", source="checkpoint")
+    series = {m: rows[rows["metric"] == m].set_index("step")["value"].sort_index() for m in ("llc", "llc_std")}
+    return series["llc"], series["llc_std"]
+
+
+def stage_loss(run: Run) -> pd.Series | None:
+    """The loss the stages are cut on as well: the training loss (live), else the probe-batch loss at checkpoints."""
+    for source, metric in (("live", "train"), ("checkpoint", "all")):
+        rows = run.metrics(probe="loss", metric=metric, source=source)
+        if len(rows):
+            return rows.groupby("step")["value"].mean().sort_index()
+    return None
+
+
+def headline_transitions(transitions: pd.DataFrame) -> pd.DataFrame:
+    """The copy-loss transitions (the induction story) when there are any, else every loss transition."""
+    copy = transitions[(transitions["probe"] == "loss") & (transitions["metric"] == "copy")]
+    return copy if len(copy) else transitions[transitions["probe"] == "loss"]
+
+
+def plot_llc(llc: pd.Series, std: pd.Series, loss: pd.Series | None, stages: list[Stage], marks: pd.DataFrame, path: Path) -> Figure:
+    """λ̂ ± std against step over stage bands, with the loss on a second axis and the headline transitions marked."""
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for i, stage in enumerate(stages):
+        ax.axvspan(stage.start, stage.end, color=STAGE_COLORS[i % 2], lw=0)
+        ax.text((stage.start + stage.end) / 2, 1.0, f"stage {stage.index}", transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", fontsize=8)
+    steps = llc.index.to_numpy()
+    ax.fill_between(steps, (llc - std).to_numpy(), (llc + std).to_numpy(), color="#3060b0", alpha=0.25, lw=0)
+    ax.plot(steps, llc.to_numpy(), color="#3060b0", marker="o", ms=3, lw=1.6, label="λ̂ (LLC) ± std over chains")
+    ax.set_xlabel("step")
+    ax.set_ylabel("local learning coefficient λ̂")
+    for _, t in marks.iterrows():
+        ax.axvline(t["step"], color=TRANSITION_COLOR, ls="--", lw=1)
+    handles = ax.get_legend_handles_labels()
+    if loss is not None:
+        twin = ax.twinx()
+        twin.plot(loss.index, loss.to_numpy(), color="#555555", lw=0.8, alpha=0.8, label="loss")
+        twin.set_ylabel("loss (nats)")
+        extra = twin.get_legend_handles_labels()
+        handles = (handles[0] + extra[0], handles[1] + extra[1])
+    if len(marks):
+        from matplotlib.lines import Line2D
+
+        handles = (handles[0] + [Line2D([], [], color=TRANSITION_COLOR, ls="--")], handles[1] + ["copy-loss transitions"])
+    ax.legend(*handles, fontsize=8, loc="center right")
+    ax.grid(alpha=0.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return Figure(path)
+
+
+def trace_steps(artifacts: list[LLCArtifact], panels: int = TRACE_PANELS) -> list[LLCArtifact]:
+    """The checkpoints whose traces are drawn: those with warnings first, then spread evenly over training."""
+    warned = [a for a in artifacts if a.warnings][:panels]
+    rest = [a for a in artifacts if not a.warnings]
+    picks = [rest[int(round(i))] for i in np.linspace(0, len(rest) - 1, min(len(rest), panels - len(warned)))] if rest else []
+    return sorted({a.step: a for a in warned + picks}.values(), key=lambda a: a.step)
+
+
+def plot_traces(artifacts: list[LLCArtifact], path: Path, title: str = "") -> Figure:
+    """Each chain's minibatch loss over its SGLD steps, one panel per checkpoint, burn-in shaded, L_n(w*) dotted."""
+    if not artifacts:
+        return Figure(None, ["llc traces"])
+    cols = min(4, len(artifacts))
+    rows = -(-len(artifacts) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, a in zip(axes.flat, artifacts):
+        traces = np.array([[np.nan if v is None else v for v in row] for row in a.traces], dtype=float)  # (C, steps)
+        ax.axvspan(0, a.burnin, color="#eeeeee", lw=0)
+        for chain in traces:
+            ax.plot(chain, lw=0.7)
+        ax.axhline(a.init_loss, color="black", ls=":", lw=1)
+        label = a.options.get("label") or f"step {a.step}"
+        ax.set_title(f"{label}: λ̂ = {a.llc:.1f} ± {a.llc_std:.1f}" + (" ⚠" if a.warnings else ""), fontsize=9,
+                     color=TRANSITION_COLOR if a.warnings else "black")
+        ax.set_xlabel("SGLD step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(artifacts):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("minibatch loss L_m(w_t)", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return Figure(path)
+
+
+def stage_table(stages: list[Stage]) -> str:
+    rows = ["| stage | steps | λ̂ (smoothed) | loss (smoothed) | transitions inside (strongest first) |", "|---|---|---|---|---|"]
+    for s in stages:
+        loss = f"{s.loss[0]:.3f} → {s.loss[1]:.3f}" if s.loss else "–"
+        rows.append(f"| {s.index} | {s.start}–{s.end} | {s.llc[0]:.1f} → {s.llc[1]:.1f} ({s.llc_trend}) | {loss} | "
+                    f"{'; '.join(s.transitions) or '–'} |")
+    return "\n".join(rows)
+
+
+def llc_warnings(artifacts: list[LLCArtifact]) -> list[str]:
+    """One line per checkpoint whose chains raised a diagnostic."""
+    return [f"step {a.step}: " + "; ".join(a.warnings) for a in artifacts if a.warnings]
+
+
+@register_section
+def llc_section(run: Run, out: Path) -> str | None:
+    """The LLC curve with its stages, the stage table, the chains' traces and the diagnostics."""
+    llc, std = llc_series(run)
+    if llc.empty:
+        return None
+    artifacts = read_llc_artifacts(run.path)
+    transitions = run.transitions()
+    loss = stage_loss(run)
+    stages, points = developmental_stages(llc, loss, transitions)
+    marks = headline_transitions(transitions)
+    options = artifacts[-1].options if artifacts else {}
+    figures = {
+        "llc": plot_llc(llc, std, loss, stages, marks, out / "llc.png"),
+        "llc_traces": plot_traces(trace_steps(artifacts), out / "llc_traces.png"),
+    }
+    captions = {
+        "llc": "Local learning coefficient λ̂ at every checkpoint (band: ± std over chains), over the developmental stages "
+               "(shaded); grey: the loss; dashed: the copy-loss transitions.",
+        "llc_traces": "SGLD chains' minibatch loss at a few checkpoints (grey: burn-in; dotted: L_n(w*)); a healthy trace rises "
+                      "from L_n(w*) and levels off within the burn-in. ⚠ marks a checkpoint with a warning.",
+    }
+    settings = ", ".join(f"{k}={v}" for k, v in options.items())
+    intro = (f"Measured by the `llc` probe on {len(llc)} checkpoints ({settings}). λ̂ = nβ·(mean over chains and draws of "
+             "L_m(w_t) − L_n(w*)), SGLD chains localized at each checkpoint's weights, on a fixed sample of the training data.")
+    warned = llc_warnings(artifacts)
+    warning_text = ("\n\n**Warnings.** The SGLD diagnostics flagged " + f"{len(warned)} checkpoint(s); their λ̂ is not to be trusted "
+                    "as is (calibrate with `phaselens llc-calibrate RUN --step S`):\n\n" + "\n".join(f"- {w}" for w in warned)
+                    if warned else "\n\nNo SGLD diagnostic fired: no chain diverged, every λ̂ > 0, every trace settled after burn-in.")
+    critical = (f"Critical points: LLC at steps {', '.join(map(str, points['llc'])) or 'none'}; "
+                f"loss at steps {', '.join(map(str, points['loss'])) or 'none'}.")
+    return ("## Local learning coefficient and developmental stages\n\n" + intro + warning_text + "\n\n"
+            + figures_section(figures, captions) + "\n\n### Stages\n\n" + critical + "\n\n" + stage_table(stages))
+
+
+def plot_calibration(calibration, path: Path) -> Figure:
+    """The `llc-calibrate` grid: one panel per (ε, γ) with every chain's trace; rows ε, columns γ; the recommendation framed."""
+    points = calibration.points
+    epsilons = sorted({p.epsilon for p in points})
+    gammas = sorted({p.gamma for p in points})
+    fig, axes = plt.subplots(len(epsilons), len(gammas), figsize=(3.0 * len(gammas), 2.3 * len(epsilons)), squeeze=False,
+                             sharex=True)
+    for p in points:
+        ax = axes[epsilons.index(p.epsilon)][gammas.index(p.gamma)]
+        traces = np.array([[np.nan if v is None else v for v in row] for row in p.traces], dtype=float)
+        ax.axvspan(0, p.burnin, color="#eeeeee", lw=0)
+        finite = traces[np.isfinite(traces)]
+        for chain in traces:
+            ax.plot(chain, lw=0.7)
+        ax.axhline(p.init_loss, color="black", ls=":", lw=1)
+        if len(finite):  # a diverged chain would flatten the others: clip the axis to the healthy range
+            top = min(float(finite.max()), 3 * p.init_loss + 1)
+            ax.set_ylim(min(float(finite.min()), p.init_loss) - 0.02, top + 0.02)
+        state = "ok" if p.healthy else "⚠ " + p.warnings[0].split(":")[0][:38]
+        ax.set_title(f"ε={p.epsilon:g} γ={p.gamma:g}: λ̂={p.llc:.1f}\n{state}", fontsize=8,
+                     color="black" if p.healthy else TRANSITION_COLOR)
+        ax.tick_params(labelsize=7)
+        if p is calibration.recommended:
+            for spine in ax.spines.values():
+                spine.set_edgecolor("#20a040")
+                spine.set_linewidth(2.5)
+    for ax in axes[-1]:
+        ax.set_xlabel("SGLD step", fontsize=8)
+    for row, epsilon in zip(axes, epsilons):
+        row[0].set_ylabel(f"ε={epsilon:g}\nL_m(w_t)", fontsize=8)
+    fig.suptitle(f"llc-calibrate, step {calibration.step} (grey: burn-in; dotted: L_n(w*); green frame: recommended)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return Figure(path)

@@ -1,0 +1,58 @@
+"""The `llc` probe's artifact: one JSON per checkpoint, `artifacts/llc/step_XXXXXXXX.json` (torch-free reader).
+
+Schema (written by `phaselens.probes.llc.LLCResult.artifact`):
+    llc, llc_std: float            λ̂ and its standard deviation over chains
+    chain_llc: list[float] (C,)    each chain's estimate
+    init_loss: float               L_n(w*), the loss on the whole n-sample at the checkpoint
+    n_beta: float                  the inverse temperature nβ
+    options: dict                  the SGLD options (epsilon, gamma, n_beta, chains, draws, burnin, batch_size, n, seed)
+    batched: bool, seconds: float  how the chains ran, and how long it took
+    warnings: list[str]            diagnostics: divergence, λ̂ < 0, not settled after burn-in
+    traces: list[list[float|None]] (C, burnin + draws) minibatch loss before each step (None: NaN/inf)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from phaselens.store.run_dir import RunDir
+
+
+@dataclass(frozen=True)
+class LLCArtifact:
+    step: int
+    llc: float
+    llc_std: float
+    chain_llc: list[float]
+    init_loss: float
+    n_beta: float
+    options: dict
+    batched: bool
+    seconds: float
+    warnings: list[str]
+    traces: list[list[float | None]]
+
+    @property
+    def burnin(self) -> int:
+        return int(self.options.get("burnin", 0))
+
+    @classmethod
+    def read(cls, path: Path) -> "LLCArtifact":
+        data = json.loads(path.read_text())
+        step = int(path.stem.split("_")[-1])
+        return cls(step=step, **{k: data[k] for k in cls.__dataclass_fields__ if k != "step"})
+
+
+def llc_artifact_paths(run: Path | str) -> dict[int, Path]:
+    """Step -> artifact file of every checkpoint the `llc` probe measured."""
+    folder = RunDir(run).artifacts / "llc"
+    if not folder.is_dir():
+        return {}
+    return {int(p.stem.split("_")[-1]): p for p in sorted(folder.glob("step_*.json"))}
+
+
+def read_llc_artifacts(run: Path | str) -> list[LLCArtifact]:
+    """Every `llc` artifact of a run, by step."""
+    return [LLCArtifact.read(path) for _, path in sorted(llc_artifact_paths(run).items())]
