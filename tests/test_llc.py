@@ -192,3 +192,20 @@ def test_report_shows_the_llc_curve_stage_table_and_traces_once_the_probe_ran(ru
     assert "chains=2" in section
     for figure in ("llc.png", "llc_traces.png"):
         assert (run_copy / "report" / figure).stat().st_size > 10_000
+
+
+def test_dashboard_serves_the_stages_the_timeline_draws_as_bands(run_copy):
+    from fastapi.testclient import TestClient
+
+    from phaselens.posthoc.runner import run_probes
+    from phaselens.server import build
+
+    app, _ = build([run_copy])
+    with TestClient(app) as client:
+        assert client.get(f"/api/runs/{run_copy.name}/stages").json() == {"run": run_copy.name, "stages": []}
+        run_probes(run_copy, ["llc"], options={"llc": {"chains": 2, "draws": 6, "burnin": 2, "batch_size": 4, "n": 32}},
+                   progress=False)
+        stages = client.get(f"/api/runs/{run_copy.name}/stages").json()["stages"]
+    assert stages[0]["index"] == 1 and stages[0]["start"] == 0 and stages[-1]["end"] == 20
+    assert all(a["end"] == b["start"] for a, b in zip(stages, stages[1:]))
+    assert {"llc_start", "llc_end", "transitions"} <= set(stages[0])

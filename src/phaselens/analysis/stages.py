@@ -120,3 +120,27 @@ def _inside(transitions: pd.DataFrame | None, start: int, end: int, last: bool) 
     rows = rows.sort_values("strength", ascending=False).drop_duplicates(["probe", "metric", "layer", "head"])
     return [f"{series_label(r)}{' loss' if r['probe'] == 'loss' else ''} {'↑' if r['after'] > r['before'] else '↓'} "
             f"{r['before']:.2f} → {r['after']:.2f} at {int(r['step'])}" for _, r in rows.head(TRANSITIONS_SHOWN).iterrows()]
+
+
+def llc_curve(metrics: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """λ̂ and its std over chains, indexed by checkpoint step, from a run's metrics rows."""
+    rows = metrics[(metrics["probe"] == "llc") & (metrics["source"] == "checkpoint")]
+    series = {m: rows[rows["metric"] == m].groupby("step")["value"].mean().sort_index() for m in ("llc", "llc_std")}
+    return series["llc"], series["llc_std"]
+
+
+def stage_loss(metrics: pd.DataFrame) -> pd.Series | None:
+    """The loss the stages are also cut on: the training loss (live), else the probe-batch loss at checkpoints."""
+    for source, metric in (("live", "train"), ("checkpoint", "all")):
+        rows = metrics[(metrics["probe"] == "loss") & (metrics["metric"] == metric) & (metrics["source"] == source)]
+        if len(rows):
+            return rows.groupby("step")["value"].mean().sort_index()
+    return None
+
+
+def run_stages(metrics: pd.DataFrame, transitions: pd.DataFrame) -> tuple[list[Stage], dict[str, list[int]]]:
+    """A run's developmental stages from its metrics rows and detected transitions (none before the `llc` probe ran)."""
+    llc, _ = llc_curve(metrics)
+    if llc.empty:
+        return [], {"llc": [], "loss": []}
+    return developmental_stages(llc, stage_loss(metrics), transitions)

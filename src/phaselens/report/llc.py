@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from phaselens.analysis.stages import Stage, developmental_stages
+from phaselens.analysis.stages import Stage, llc_curve, run_stages, stage_loss
 from phaselens.report import figures_section, register_section
 from phaselens.report.figures import DPI, TRANSITION_COLOR, Figure, plt
 from phaselens.run import Run
@@ -16,22 +16,6 @@ from phaselens.store.llc import LLCArtifact, read_llc_artifacts
 
 STAGE_COLORS = ("#e8eef8", "#f6ecdf")  # alternating bands
 TRACE_PANELS = 4  # checkpoints whose traces are drawn (warned ones first, then spread over training)
-
-
-def llc_series(run: Run) -> tuple[pd.Series, pd.Series]:
-    """λ̂ and its std over chains, indexed by checkpoint step."""
-    rows = run.metrics(probe="llc", source="checkpoint")
-    series = {m: rows[rows["metric"] == m].set_index("step")["value"].sort_index() for m in ("llc", "llc_std")}
-    return series["llc"], series["llc_std"]
-
-
-def stage_loss(run: Run) -> pd.Series | None:
-    """The loss the stages are cut on as well: the training loss (live), else the probe-batch loss at checkpoints."""
-    for source, metric in (("live", "train"), ("checkpoint", "all")):
-        rows = run.metrics(probe="loss", metric=metric, source=source)
-        if len(rows):
-            return rows.groupby("step")["value"].mean().sort_index()
-    return None
 
 
 def headline_transitions(transitions: pd.DataFrame) -> pd.DataFrame:
@@ -127,13 +111,14 @@ def llc_warnings(artifacts: list[LLCArtifact]) -> list[str]:
 @register_section
 def llc_section(run: Run, out: Path) -> str | None:
     """The LLC curve with its stages, the stage table, the chains' traces and the diagnostics."""
-    llc, std = llc_series(run)
+    metrics = run.metrics()
+    llc, std = llc_curve(metrics)
     if llc.empty:
         return None
     artifacts = read_llc_artifacts(run.path)
     transitions = run.transitions()
-    loss = stage_loss(run)
-    stages, points = developmental_stages(llc, loss, transitions)
+    loss = stage_loss(metrics)
+    stages, points = run_stages(metrics, transitions)
     marks = headline_transitions(transitions)
     options = artifacts[-1].options if artifacts else {}
     figures = {
@@ -159,13 +144,20 @@ def llc_section(run: Run, out: Path) -> str | None:
             + figures_section(figures, captions) + "\n\n### Stages\n\n" + critical + "\n\n" + stage_table(stages))
 
 
+def warning_kind(warning: str) -> str:
+    """A diagnostic's short name for a figure panel: diverged, λ̂ < 0 or not settled."""
+    if "diverged" in warning:
+        return "diverged"
+    return "λ̂ < 0" if "< 0" in warning else "not settled"
+
+
 def plot_calibration(calibration, path: Path) -> Figure:
     """The `llc-calibrate` grid: one panel per (ε, γ) with every chain's trace; rows ε, columns γ; the recommendation framed."""
     points = calibration.points
     epsilons = sorted({p.epsilon for p in points})
     gammas = sorted({p.gamma for p in points})
-    fig, axes = plt.subplots(len(epsilons), len(gammas), figsize=(3.0 * len(gammas), 2.3 * len(epsilons)), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(len(epsilons), len(gammas), figsize=(max(6.0, 3.0 * len(gammas)), 2.4 * len(epsilons) + 0.6),
+                             squeeze=False, sharex=True)
     for p in points:
         ax = axes[epsilons.index(p.epsilon)][gammas.index(p.gamma)]
         traces = np.array([[np.nan if v is None else v for v in row] for row in p.traces], dtype=float)
@@ -177,7 +169,7 @@ def plot_calibration(calibration, path: Path) -> Figure:
         if len(finite):  # a diverged chain would flatten the others: clip the axis to the healthy range
             top = min(float(finite.max()), 3 * p.init_loss + 1)
             ax.set_ylim(min(float(finite.min()), p.init_loss) - 0.02, top + 0.02)
-        state = "ok" if p.healthy else "⚠ " + p.warnings[0].split(":")[0][:38]
+        state = "ok" if p.healthy else "⚠ " + ", ".join(warning_kind(w) for w in p.warnings)
         ax.set_title(f"ε={p.epsilon:g} γ={p.gamma:g}: λ̂={p.llc:.1f}\n{state}", fontsize=8,
                      color="black" if p.healthy else TRANSITION_COLOR)
         ax.tick_params(labelsize=7)
@@ -189,7 +181,7 @@ def plot_calibration(calibration, path: Path) -> Figure:
         ax.set_xlabel("SGLD step", fontsize=8)
     for row, epsilon in zip(axes, epsilons):
         row[0].set_ylabel(f"ε={epsilon:g}\nL_m(w_t)", fontsize=8)
-    fig.suptitle(f"llc-calibrate, step {calibration.step} (grey: burn-in; dotted: L_n(w*); green frame: recommended)", fontsize=10)
+    fig.suptitle(f"llc-calibrate, step {calibration.step}\ngrey: burn-in; dotted: L_n(w*); green frame: recommended", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -97,6 +97,17 @@ def runs_router(session: Session) -> APIRouter:
                 for r in frame.astype(object).itertuples(index=False)]
         return s.TransitionList(run=run, transitions=rows)
 
+    @router.get("/runs/{run}/stages", response_model=s.StageList)
+    def stages(run: str):
+        from phaselens.analysis.stages import run_stages
+        from phaselens.analysis.transitions import detect_transitions
+
+        frame = _metrics(session, run)
+        found, _ = run_stages(frame, detect_transitions(frame)) if len(frame) else ([], {})
+        rows = [s.StageRow(index=st.index, start=st.start, end=st.end, llc_start=finite(st.llc[0]) or 0.0,
+                           llc_end=finite(st.llc[1]) or 0.0, transitions=st.transitions) for st in found]
+        return s.StageList(run=run, stages=rows)
+
     @router.get("/runs/{run}/sample", response_model=s.Sample)
     def sample(run: str, step: Optional[int] = None):
         """A default text: the first sequence of the run's probe batch, as text where the model has a tokenizer.

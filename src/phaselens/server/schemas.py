@@ -79,6 +79,22 @@ class TransitionList(BaseModel):
     transitions: list[TransitionRow]
 
 
+class StageRow(BaseModel):
+    """A developmental stage: between critical points of the LLC (and loss) curve; see analysis/stages.py."""
+
+    index: int
+    start: int
+    end: int
+    llc_start: float
+    llc_end: float
+    transitions: list[str]  # the mechanistic transitions inside it, strongest first
+
+
+class StageList(BaseModel):
+    run: str
+    stages: list[StageRow]  # empty until the `llc` probe has measured the run
+
+
 # ---------------------------------------------------------------------------- the model view
 
 

@@ -6,7 +6,7 @@ import { loadNeurons } from "./neurons.js";
 
 const state = {
   runs: [], run: null, compare: "", steps: [], step: null, useKernel: false,
-  metric: null, heatmap: null, transitions: [], text: "", selected: null, headRows: null,
+  metric: null, heatmap: null, transitions: [], stages: [], text: "", selected: null, headRows: null,
 };
 window.phaselens = state;  // for the console, tests and benchmarks
 
@@ -70,9 +70,10 @@ async function selectRun(name) {
 }
 
 async function loadSeries() {
-  const [{ series }, { transitions }] = await Promise.all([
-    get(`/api/runs/${enc(state.run)}/series`), get(`/api/runs/${enc(state.run)}/transitions`)]);
+  const [{ series }, { transitions }, { stages }] = await Promise.all([
+    get(`/api/runs/${enc(state.run)}/series`), get(`/api/runs/${enc(state.run)}/transitions`), get(`/api/runs/${enc(state.run)}/stages`)]);
   state.transitions = transitions;
+  state.stages = stages;
   const names = series.map((s) => `${s.probe}/${s.metric}`);
   const heat = series.filter((s) => s.per === "head").map((s) => `${s.probe}/${s.metric}`);
   $("metric-select").innerHTML = names.map((n) => `<option>${n}</option>`).join("");

@@ -29,6 +29,20 @@ export async function loadMetric(run, probe, metric) {
   return toSeries(await get(`/api/runs/${enc(run)}/metrics?probe=${enc(probe)}&metric=${enc(metric)}`));
 }
 
+// Developmental stages (cut at the critical points of the LLC curve) as alternating bands behind every curve.
+const STAGE_COLORS = ["#dbe6f7", "#f7ead8"];
+
+function stageBands(stages) {
+  return stages.map((st, i) => ({ type: "rect", xref: "x", yref: "paper", x0: st.start, x1: st.end, y0: 0, y1: 1, layer: "below",
+    fillcolor: STAGE_COLORS[i % 2], opacity: 0.6, line: { width: 0 }, name: `stage ${st.index}` }));
+}
+
+function stageLabels(stages) {
+  return stages.map((st) => ({ x: (st.start + st.end) / 2, y: 1, xref: "x", yref: "paper", yanchor: "bottom", showarrow: false,
+    text: `stage ${st.index}`, font: { size: 10, color: "#555" },
+    hovertext: `steps ${st.start}–${st.end}: LLC ${st.llc_start.toFixed(1)} → ${st.llc_end.toFixed(1)}<br>${st.transitions.join("<br>")}` }));
+}
+
 function stepLine(step) {
   return { type: "line", xref: "x", yref: "paper", x0: step, x1: step, y0: 0, y1: 1, line: { color: "#d33", width: 2 }, name: "step" };
 }
@@ -45,14 +59,15 @@ export async function drawTimeline(state) {
   }
   if (!current()) return;
   const marks = state.transitions.filter((t) => t.probe === probe && t.metric === metric);
-  const shapes = [];
+  const shapes = stageBands(state.stages || []);
   for (const t of marks) {
     shapes.push({ type: "rect", xref: "x", yref: "paper", x0: t.start, x1: t.end, y0: 0, y1: 1, fillcolor: "#999", opacity: 0.12, line: { width: 0 } });
     shapes.push({ type: "line", xref: "x", yref: "paper", x0: t.step, x1: t.step, y0: 0, y1: 1, line: { color: "#555", dash: "dot", width: 1 } });
   }
   state.timelineShapes = shapes;
   const layout = { title: { text: `${probe} / ${metric}`, font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 45 },
-    xaxis: { title: { text: "step" } }, shapes: [...shapes, stepLine(state.step ?? 0)], legend: { font: { size: 10 } } };
+    xaxis: { title: { text: "step" } }, shapes: [...shapes, stepLine(state.step ?? 0)], legend: { font: { size: 10 } },
+    annotations: stageLabels(state.stages || []) };
   await Plotly.react("timeline-plot", traces, layout, { displaylogo: false, responsive: true });
 }
 
