@@ -209,3 +209,21 @@ def test_dashboard_serves_the_stages_the_timeline_draws_as_bands(run_copy):
     assert stages[0]["index"] == 1 and stages[0]["start"] == 0 and stages[-1]["end"] == 20
     assert all(a["end"] == b["start"] for a, b in zip(stages, stages[1:]))
     assert {"llc_start", "llc_end", "transitions"} <= set(stages[0])
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "gpt_neox", "llama"])
+def test_batched_chains_run_on_hugging_face_models_through_the_bridge(tiny_hf_models, architecture):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from phaselens.probes.llc import masked_token_loss
+
+    bridge = TransformerBridge.boot_transformers(str(tiny_hf_models[architecture]), device="cpu")
+    bridge.eval()
+    tokens = torch.randint(2, 96, (16, 24), generator=torch.Generator().manual_seed(0))
+    sample = {"tokens": tokens, "loss_mask": torch.ones(16, 23, dtype=torch.bool)}
+    options = SGLDOptions(chains=2, draws=4, burnin=2, batch_size=4, n=16)
+    batched = LLCEstimator(bridge, masked_token_loss, sample, options).estimate()
+    one_by_one = LLCEstimator(bridge, masked_token_loss, sample, options).estimate(batched=False)
+    assert batched.batched, batched.warnings
+    assert np.isfinite(batched.traces).all() and batched.init_loss > 0
+    np.testing.assert_allclose(batched.traces, one_by_one.traces, rtol=1e-3, atol=1e-4)

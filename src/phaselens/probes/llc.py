@@ -174,18 +174,37 @@ class LLCEstimator:
         self.names = [name for name, _ in named]
         self.shapes = [p.shape for _, p in named]
         self.sizes = [p.numel() for _, p in named]
-        self.buffers = dict(model.named_buffers())
+        # Every path to a parameter (a wrapper such as TransformerBridge reaches one module by several),
+        # so the sampled weights replace it wherever the forward reads it.
+        first = {id(p): name for name, p in named}
+        self.aliases = [(name, first[id(p)]) for name, p in model.named_parameters(remove_duplicate=False)
+                        if id(p) in first and first[id(p)] != name]
+        self.buffers = dict(model.named_buffers(remove_duplicate=False))
         self.device = named[0][1].device
         self.w_star = torch.cat([p.detach().reshape(-1).float() for _, p in named])  # (P,)
-        self._work: torch.nn.Module | None = None  # the sequential path's working copy of the model
+        self._copies: dict[str, torch.nn.Module] = {}  # working copies: the caller's model (and w*) is never touched
 
     def _params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model's parameters as views of one flat weight vector (P,)."""
-        return {name: piece.view(shape) for name, piece, shape in zip(self.names, flat.split(self.sizes), self.shapes)}
+        params = {name: piece.view(shape) for name, piece, shape in zip(self.names, flat.split(self.sizes), self.shapes)}
+        params.update({alias: params[name] for alias, name in self.aliases})
+        return params
+
+    def working_model(self, use: str) -> torch.nn.Module:
+        """A copy of the model for one use ("functional" calls or "plain" in-place weights), made once.
+
+        Two copies, because `functional_call` may leave a wrapper that reaches a parameter by several
+        paths with some of them swapped; the plain copy never goes through it.
+        """
+        if use not in self._copies:
+            import copy
+
+            self._copies[use] = copy.deepcopy(self.model)
+        return self._copies[use]
 
     def _loss_at(self, flat: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        params = self._params(flat)
-        return self.loss(lambda *inputs: torch.func.functional_call(self.model, (params, self.buffers), inputs), rows)
+        params, model = self._params(flat), self.working_model("functional")
+        return self.loss(lambda *inputs: torch.func.functional_call(model, (params, self.buffers), inputs, tie_weights=False), rows)
 
     def full_loss(self, chunk: int = 256) -> float:
         """L_n(w*): the mean minibatch loss over the n-sample in chunks (chunks weighted by rows)."""
@@ -254,17 +273,15 @@ class LLCEstimator:
     def _sequential_step(self, w: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The same step one chain after another, as a per-chain sampler does: for each chain, its weights
         copied into a working model, a plain forward and `autograd.grad`."""
-        if self._work is None:
-            import copy
-
-            self._work = copy.deepcopy(self.model)
-        params = [p for p in self._work.parameters() if p.requires_grad]
+        model = self.working_model("plain")
+        params = [p for p in model.parameters() if p.requires_grad]
         grads, losses = [], []
         for c in range(w.shape[0]):
             with torch.no_grad():
                 torch.nn.utils.vector_to_parameters(w[c], params)
-            loss = self.loss(self._work, {k: v[c] for k, v in rows.items()})
-            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+            loss = self.loss(model, {k: v[c] for k, v in rows.items()})
+            found = torch.autograd.grad(loss, params, allow_unused=True)  # a wrapper may hold parameters its forward skips
+            grads.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(found, params)]))
             losses.append(loss.detach())
         return torch.stack(grads), torch.stack(losses)
 
