@@ -154,8 +154,8 @@ class LLCEstimator:
     that mean, `llc_std` the standard deviation of the per-chain estimates.
 
     Batched (default): the C chains' weights are one (C, P) tensor and every step is a single
-    `vmap` of `grad_and_value` of the model through `torch.func.functional_call`, so C chains cost
-    one batched forward/backward. Each chain's minibatches and noise come from its own generator,
+    `vmap` of the model's loss through `torch.func.functional_call` and one backward, so C chains
+    cost one batched forward/backward. Each chain's minibatches and noise come from its own generator,
     seeded from (seed, chain), so batched and one-after-another runs give the same chains.
 
     Args:
@@ -267,8 +267,15 @@ class LLCEstimator:
                          time.perf_counter() - began, warnings)
 
     def _batched_step(self, w: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gradient and loss of every chain in one vmapped forward/backward: w (C, P) -> (C, P), (C,)."""
-        return torch.func.vmap(torch.func.grad_and_value(self._loss_at))(w, rows)
+        """Gradient and loss of every chain in one vmapped forward and one backward: w (C, P) -> (C, P), (C,).
+
+        The chains are independent, so the gradient of their summed losses is each chain's own gradient;
+        plain autograd through `vmap` costs less per step than a nested `grad` transform.
+        """
+        w = w.detach().requires_grad_(True)
+        losses = torch.func.vmap(self._loss_at)(w, rows)  # (C,)
+        (grads,) = torch.autograd.grad(losses.sum(), w)
+        return grads, losses.detach()
 
     def _sequential_step(self, w: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The same step one chain after another, as a per-chain sampler does: for each chain, its weights
