@@ -13,6 +13,9 @@ measured on a background thread while the backward pass and the optimizer run.
             loss = loss_fn(model(batch.tokens), batch)
         loss.backward(); optimizer.step(); optimizer.zero_grad()
     telemetry.close()
+
+In a `torch.distributed` job only rank 0 measures and writes: on every other rank a Telemetry
+installs no hooks, opens no store and measures nothing, so the same loop runs on every rank.
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ def model_shape(model: torch.nn.Module) -> tuple[int, int]:
     names = getattr(model, "hook_dict", {})
     n_layers = len({n.split(".")[1] for n in names if n.startswith("blocks.") and n.endswith("attn.hook_pattern")})
     return n_layers, 0
+
+
+def distributed_rank() -> int:
+    """This process's rank in a torch.distributed job: the initialised group's, else torchrun's RANK, else 0."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def run_probes(probes: Sequence[Probe], inputs: ProbeInputs) -> list[tuple[str, list[Measurement]]]:
@@ -136,6 +148,9 @@ class Telemetry:
         source: the `source` column of the rows.
         background: measure probes that read only activations on a background thread while the
             step goes on. None (default): when the model is on the CPU and a core is spare.
+
+    In a `torch.distributed` job, only rank 0 measures: create the Telemetry after
+    `init_process_group` (or under torchrun, which sets RANK) and the other ranks' is inert.
     """
 
     def __init__(
@@ -158,11 +173,15 @@ class Telemetry:
             probe.bind(model)
         self.every, self.flush_every, self.source = every, flush_every, source
         self.n_layers, self.n_heads = model_shape(model)
+        self.rank = distributed_rank()
+        if self.rank != 0:  # another rank writes nothing, not even the store's schema
+            store = None
         if store is None:
             self.sink: Any = MemorySink()
         elif isinstance(store, (str, Path)):
             from phaselens.store.metrics import MetricsWriter
 
+            Path(store).parent.mkdir(parents=True, exist_ok=True)
             self.sink = MetricsWriter(store)
         else:
             self.sink = store
@@ -172,6 +191,9 @@ class Telemetry:
         self._unflushed = 0  # measured steps since the last flush
         self.values = ValueQueue(self.sink, source)
         self._handles: list[Any] = []
+        if self.rank != 0:
+            self._background = None
+            return
         self._install_hooks()
         # With a background thread, every change to `values` happens on it, in submission order.
         use_thread = _spare_core(model) if background is None else background
@@ -206,7 +228,8 @@ class Telemetry:
         return self._background is not None
 
     def is_due(self, step: int) -> bool:
-        return step % self.every == 0
+        """Whether `step` is measured (never on a rank other than 0)."""
+        return self.rank == 0 and step % self.every == 0
 
     @contextlib.contextmanager
     def step(self, step: int, batch: TaskBatch | torch.Tensor, rows: slice | None = None) -> Iterator[None]:
@@ -261,7 +284,9 @@ class Telemetry:
             self._background.submit(fn)
 
     def log(self, step: int, probe: str, measurements: list[Measurement]) -> None:
-        """Queue values computed elsewhere (the training loss, say) under `probe` at `step`."""
+        """Queue values computed elsewhere (the training loss, say) under `probe` at `step` (rank 0 only)."""
+        if self.rank != 0:
+            return
         self._submit(lambda: self.values.log(step, probe, measurements))
 
     def flush(self) -> None:
