@@ -19,6 +19,7 @@ _LAZY = {
     "open_run": "phaselens.run",
     "Run": "phaselens.run",
     "Telemetry": "phaselens.probes.live",
+    "TelemetryCallback": "phaselens.training.trainer_callback",
     "Probe": "phaselens.probes.base",
     "Measurement": "phaselens.probes.base",
     "ProbeInputs": "phaselens.probes.base",
