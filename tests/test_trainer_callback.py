@@ -57,9 +57,9 @@ def trained(tmp_path_factory):
     code = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "pl.TelemetryCallback(" in b)
     code = (code.replace("models/tiny-neox", str(model_dir)).replace("checkpoints/tiny-neox", str(root / "hf"))
             .replace("runs/tiny-neox", str(root / "run")).replace("max_steps=300, save_steps=50", "max_steps=6, save_steps=2")
-            .replace("report_to=[])", "report_to=[], use_cpu=True, disable_tqdm=True, save_only_model=True)"))
+            .replace("report_to=[])", "report_to=[], use_cpu=True, disable_tqdm=True)"))
     exec(code, {"dataset": dataset})
-    return root / "run", root / "hf", dataset
+    return root / "run", root / "hf", dataset, code
 
 
 def invoke(*args):
@@ -70,7 +70,7 @@ def invoke(*args):
 
 @pytest.mark.slow  # a Trainer run, then probe: ~25 s on 2 cores
 def test_trainer_run_is_a_phaselens_run_whose_live_rows_equal_its_checkpoints(trained):
-    run_dir, output_dir, dataset = trained
+    run_dir, output_dir, dataset, _ = trained
     run = pl.open_run(run_dir)
     assert run.status == "finished" and run.info["steps_done"] == 6
     assert run.checkpoint_steps() == [2, 4, 6]
@@ -100,7 +100,7 @@ def test_trainer_run_is_a_phaselens_run_whose_live_rows_equal_its_checkpoints(tr
 
 @pytest.mark.slow
 def test_report_and_dashboard_open_the_trainer_run(trained):
-    run_dir, _, _ = trained
+    run_dir, _, _, _ = trained
     invoke("report", run_dir)
     report = (run_dir / "report" / "report.md").read_text()
     assert "trained by `transformers.Trainer`" in report and "GPTNeoXForCausalLM" in report
@@ -147,3 +147,18 @@ def test_a_live_probe_that_needs_the_residual_stream_is_refused_with_the_post_ho
     with pytest.raises(ConfigError, match="phaselens probe RUN --probes logit_lens"):
         callback.on_train_begin(args, TrainerState(), None, model=_tiny_model())
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.slow  # last in the module: it adds steps to the shared run
+def test_a_resumed_trainer_continues_its_run_and_measures_the_resumed_steps_again(trained):
+    run_dir, output_dir, dataset, code = trained
+    before = pl.open_run(run_dir).metrics(source="live")
+    resumed = code.replace("max_steps=6", "max_steps=8").replace("trainer.train()", f"trainer.train(resume_from_checkpoint={str(output_dir / 'checkpoint-4')!r})")
+    exec(resumed, {"dataset": dataset})
+    run = pl.open_run(run_dir)
+    after = run.metrics(source="live")
+    assert run.status == "finished" and run.checkpoint_steps() == [2, 4, 6, 8]
+    assert sorted(after["step"].unique()) == list(range(8)) and len(after) == 8 * len(before) // 6  # no step twice
+    key = ["step", "probe", "metric", "layer", "head"]
+    kept = after[after["step"] < 4].set_index(key)["value"]
+    assert kept.equals(before[before["step"] < 4].set_index(key)["value"].loc[kept.index])  # earlier steps untouched
