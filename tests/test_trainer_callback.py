@@ -153,11 +153,14 @@ def test_a_live_probe_that_needs_the_residual_stream_is_refused_with_the_post_ho
 def test_a_resumed_trainer_continues_its_run_and_measures_the_resumed_steps_again(trained):
     run_dir, output_dir, dataset, code = trained
     before = pl.open_run(run_dir).metrics(source="live")
-    resumed = code.replace("max_steps=6", "max_steps=8").replace("trainer.train()", f"trainer.train(resume_from_checkpoint={str(output_dir / 'checkpoint-4')!r})")
+    resumed = (code.replace("max_steps=6", "max_steps=8, save_total_limit=2")
+               .replace("trainer.train()", f"trainer.train(resume_from_checkpoint={str(output_dir / 'checkpoint-4')!r})"))
     exec(resumed, {"dataset": dataset})
     run = pl.open_run(run_dir)
     after = run.metrics(source="live")
-    assert run.status == "finished" and run.checkpoint_steps() == [2, 4, 6, 8]
+    # save_total_limit=2: the Trainer deleted checkpoint-2 and -4, and the run's references to them went too
+    assert run.status == "finished" and run.checkpoint_steps() == [6, 8]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000006", "step_00000008"]
     assert sorted(after["step"].unique()) == list(range(8)) and len(after) == 8 * len(before) // 6  # no step twice
     key = ["step", "probe", "metric", "layer", "head"]
     kept = after[after["step"] < 4].set_index(key)["value"]

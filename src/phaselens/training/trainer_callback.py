@@ -240,10 +240,11 @@ class TelemetryCallback(TrainerCallback):
             if step.isdigit() and (folder / "config.json").is_file():
                 saved[int(step)] = folder.name
         for step in self.run.checkpoint_steps():
-            if step not in saved:  # deleted by save_total_limit: remove the reference we wrote, and its folder
+            if step not in saved:  # deleted by save_total_limit: remove the reference we wrote (and its folder, if empty)
                 reference = self.run.checkpoint(step) / REFERENCE_FILE
-                reference.unlink()
-                reference.parent.rmdir()
+                reference.unlink(missing_ok=True)
+                if not any(reference.parent.iterdir()):
+                    reference.parent.rmdir()
         for step, revision in saved.items():
             reference = self.run.checkpoint(step) / REFERENCE_FILE
             if not reference.is_file():
