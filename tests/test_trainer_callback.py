@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 from pathlib import Path
 
 import pytest
@@ -35,11 +37,10 @@ class Sequences(torch.utils.data.Dataset):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The README's Trainer example, 6 steps, a checkpoint every 2; every batch is the whole (shuffled) dataset."""
+def neox(tmp_path_factory) -> tuple[Path, Sequences]:
+    """A 2-layer GPT-NeoX with random weights and a word-level tokenizer, saved; 16 sequences of 24 tokens."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    root = tmp_path_factory.mktemp("trainer")
     text = " ".join(f"the {a} saw a {b} near the {c} ." for a, b, c in zip(["cat", "dog", "bird"] * 40, ["tree", "house"] * 60,
                                                                          ["river", "mat", "song", "hill"] * 30))
     tokenizer = toy_tokenizer(text)
@@ -48,16 +49,27 @@ def trained(tmp_path_factory):
                            intermediate_size=64, max_position_embeddings=64, rotary_pct=0.25, bos_token_id=1, eos_token_id=1,
                            tie_word_embeddings=False)
     torch.manual_seed(0)
-    model_dir = root / "tiny-neox"
+    model_dir = tmp_path_factory.mktemp("neox") / "tiny-neox"
     GPTNeoXForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    dataset = Sequences(ids[: SEQUENCES * LENGTH].view(SEQUENCES, LENGTH))
+    return model_dir, Sequences(ids[: SEQUENCES * LENGTH].view(SEQUENCES, LENGTH))
 
+
+def readme_trainer_code(model_dir: Path, root: Path, steps: int) -> str:
+    """The README's Trainer example with local paths, `steps` steps and a checkpoint every 2."""
     code = next(b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S) if "pl.TelemetryCallback(" in b)
-    code = (code.replace("models/tiny-neox", str(model_dir)).replace("checkpoints/tiny-neox", str(root / "hf"))
-            .replace("runs/tiny-neox", str(root / "run")).replace("max_steps=300, save_steps=50", "max_steps=6, save_steps=2")
+    return (code.replace("models/tiny-neox", str(model_dir)).replace("checkpoints/tiny-neox", str(root / "hf"))
+            .replace("runs/tiny-neox", str(root / "run")).replace("max_steps=300, save_steps=50", f"max_steps={steps}, save_steps=2")
             .replace("report_to=[])", "report_to=[], use_cpu=True, disable_tqdm=True)"))
+
+
+@pytest.fixture(scope="module")
+def trained(neox, tmp_path_factory):
+    """The README's Trainer example, 6 steps, a checkpoint every 2; every batch is the whole (shuffled) dataset."""
+    model_dir, dataset = neox
+    root = tmp_path_factory.mktemp("trainer")
+    code = readme_trainer_code(model_dir, root, steps=6)
     exec(code, {"dataset": dataset})
     return root / "run", root / "hf", dataset, code
 
@@ -147,6 +159,49 @@ def test_a_live_probe_that_needs_the_residual_stream_is_refused_with_the_post_ho
     with pytest.raises(ConfigError, match="phaselens probe RUN --probes logit_lens"):
         callback.on_train_begin(args, TrainerState(), None, model=_tiny_model())
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def _trainer_worker(rank: int, code: str, port: int, dataset: Sequences, out: str) -> None:
+    """One process of a 2-process gloo Trainer; it records whether its callback was measuring at each step."""
+    from transformers import TrainerCallback
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    measuring, namespace = [], {"dataset": dataset}
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            measuring.append(namespace["telemetry_callback"].telemetry is not None)
+
+    code = code.replace('report_to=[]', 'report_to=[], ddp_backend="gloo"')
+    code = code.replace("callbacks=[pl.TelemetryCallback(", "callbacks=[Spy(), telemetry_callback := pl.TelemetryCallback(")
+    namespace["Spy"] = Spy
+    exec(code, namespace)
+    Path(out, f"rank{rank}.json").write_text(json.dumps(measuring))
+
+
+@pytest.mark.slow  # ~20 s on 2 busy cores (most of it importing the Trainer); seconds on an idle machine
+def test_a_distributed_trainer_on_two_gloo_processes_writes_one_run_from_process_zero(neox, tmp_path):
+    import torch._dynamo  # noqa: F401  (DDP imports it: once here rather than in each worker)
+    import torch.multiprocessing as mp
+    from transformers import Trainer  # noqa: F401  (imported before the fork, not in each worker)
+
+    model_dir, dataset = neox
+    code = readme_trainer_code(model_dir, tmp_path, steps=4).replace("per_device_train_batch_size=16", "per_device_train_batch_size=8")
+    mp.start_processes(_trainer_worker, args=(code, _free_port(), dataset, str(tmp_path)), nprocs=2, start_method="fork")
+
+    assert json.loads((tmp_path / "rank0.json").read_text()) == [True] * 4
+    assert json.loads((tmp_path / "rank1.json").read_text()) == [False] * 4  # process 1 never measured
+    run = pl.open_run(tmp_path / "run")
+    assert run.status == "finished" and run.checkpoint_steps() == [2, 4]
+    live = run.metrics(source="live")
+    assert sorted(live["step"].unique()) == [0, 1, 2, 3] and len(live) == 4 * (6 * 8 + 2 * 2 + 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.mark.slow  # last in the module: it adds steps to the shared run
