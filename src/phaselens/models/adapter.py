@@ -398,6 +398,31 @@ class BDHAdapter(ModelAdapter):
         return self.model.lm_head
 
 
+class HFModelAdapter(ModelAdapter):
+    """A plain Hugging Face causal LM (e.g. the model a `transformers.Trainer` trains): dimensions only.
+
+    It has no hook points: what a probe may read comes from its forward's own outputs (attention
+    patterns with `output_attentions=True`, logits), as `pl.TelemetryCallback` does. Wrap it in a
+    `TransformerBridge` for everything else.
+    """
+
+    kind = "hf"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
+        super().__init__(model, tokenizer)
+        config = model.config
+        self.n_layers, self.n_heads, self.d_model = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
+        self.d_head = getattr(config, "head_dim", None) or self.d_model // self.n_heads
+        self.d_vocab, self.n_ctx = config.vocab_size, getattr(config, "max_position_embeddings", 0) or 0
+
+    @property
+    def hook_points(self) -> dict[str, Any]:
+        return {}
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens).logits  # (B, T, d_vocab)
+
+
 # ---------------------------------------------------------------------------- lookup
 
 def _adapter_class(model: Any) -> type[ModelAdapter] | None:
@@ -413,6 +438,11 @@ def _adapter_class(model: Any) -> type[ModelAdapter] | None:
 
         if isinstance(model, TransformerBridge):
             return BridgeAdapter
+    if type(model).__module__.startswith("transformers."):
+        from transformers import PreTrainedModel
+
+        if isinstance(model, PreTrainedModel):
+            return HFModelAdapter
     return None
 
 

@@ -25,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from phaselens.errors import ConfigError, RunError
+from phaselens.models.adapter import adapter_for
 from phaselens.probes.base import Probe
 from phaselens.probes.live import Telemetry
 from phaselens.store.atomic import write_json
@@ -41,8 +42,8 @@ class _ForwardTelemetry(Telemetry):
     """Telemetry fed by a Hugging Face model's forward outputs (attentions and logits) instead of hook points."""
 
     def _install_hooks(self) -> None:
-        config = self.model.config
-        self.n_layers, self.n_heads = int(config.num_hidden_layers), int(config.num_attention_heads)
+        adapter = adapter_for(self.model)
+        self.n_layers, self.n_heads = adapter.n_layers, adapter.n_heads
         check_live_probes(self.probes, self.n_layers)
         self._wants_patterns = any(probe.hook_names(self.n_layers) for probe in self.probes)
         self._armed_step: int | None = None
@@ -132,9 +133,10 @@ class TelemetryCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         if not state.is_world_process_zero:
             return
-        if model is None or not hasattr(model, "config"):
-            raise ConfigError("TelemetryCallback needs a Hugging Face model (a PreTrainedModel) in the Trainer")
-        check_live_probes(self.probes, int(model.config.num_hidden_layers))
+        if model is None:
+            raise ConfigError("TelemetryCallback needs the Trainer's model")
+        adapter = adapter_for(model)
+        check_live_probes(self.probes, adapter.n_layers)
         self._output_dir = Path(args.output_dir).resolve()
         resuming = self._open_run(state.global_step)
         if getattr(model.config, "_attn_implementation", "eager") != "eager":
@@ -188,7 +190,7 @@ class TelemetryCallback(TrainerCallback):
     def _write_run(self, args, state, model, train_dataloader) -> None:
         from phaselens.models.hf_config import HFModelConfig
         from phaselens.tasks.hf_trainer_config import HFTrainerData
-        from phaselens.training.trainer import versions
+        from phaselens.store.run_dir import versions
 
         dataset = getattr(train_dataloader, "dataset", None)
         if dataset is None:
@@ -196,11 +198,10 @@ class TelemetryCallback(TrainerCallback):
         probe_batch = _probe_batch(dataset, self.probe_size)
         self.run.path.mkdir(parents=True, exist_ok=True)
         probe_batch.save(self.run.probe_batch)
-        config = model.config
-        model_spec = HFModelConfig(source=str(self._output_dir), local=True, architecture=type(model).__name__,
-                                   n_layers=int(config.num_hidden_layers), n_heads=int(config.num_attention_heads),
-                                   d_model=int(config.hidden_size), d_vocab=int(config.vocab_size),
-                                   n_ctx=int(getattr(config, "max_position_embeddings", 0) or 0))
+        adapter = adapter_for(model)
+        model_spec = HFModelConfig(source=str(self._output_dir), local=True, architecture=adapter.architecture,
+                                   n_layers=adapter.n_layers, n_heads=adapter.n_heads, d_model=adapter.d_model,
+                                   d_vocab=adapter.d_vocab, n_ctx=adapter.n_ctx)
         counts, counted = _token_counts(dataset, model_spec.d_vocab)
         write_unigram_counts(unigram_path(self.run.path), counts, f"tokens of the first {counted} sequences of the train dataset")
         data = HFTrainerData(probe_size=len(probe_batch), seq_len=probe_batch.tokens.shape[1],
