@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 from pathlib import Path
 
 import pytest
@@ -159,49 +157,6 @@ def test_a_live_probe_that_needs_the_residual_stream_is_refused_with_the_post_ho
     with pytest.raises(ConfigError, match="phaselens probe RUN --probes logit_lens"):
         callback.on_train_begin(args, TrainerState(), None, model=_tiny_model())
     assert not (tmp_path / "run").exists()  # refused before anything was written
-
-
-def _trainer_worker(rank: int, code: str, port: int, dataset: Sequences, out: str) -> None:
-    """One process of a 2-process gloo Trainer; it records whether its callback was measuring at each step."""
-    from transformers import TrainerCallback
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    measuring, namespace = [], {"dataset": dataset}
-
-    class Spy(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            measuring.append(namespace["telemetry_callback"].telemetry is not None)
-
-    code = code.replace('report_to=[]', 'report_to=[], ddp_backend="gloo"')
-    code = code.replace("callbacks=[pl.TelemetryCallback(", "callbacks=[Spy(), telemetry_callback := pl.TelemetryCallback(")
-    namespace["Spy"] = Spy
-    exec(code, namespace)
-    Path(out, f"rank{rank}.json").write_text(json.dumps(measuring))
-
-
-@pytest.mark.slow  # ~20 s on 2 busy cores (most of it importing the Trainer); seconds on an idle machine
-def test_a_distributed_trainer_on_two_gloo_processes_writes_one_run_from_process_zero(neox, tmp_path):
-    import torch._dynamo  # noqa: F401  (DDP imports it: once here rather than in each worker)
-    import torch.multiprocessing as mp
-    from transformers import Trainer  # noqa: F401  (imported before the fork, not in each worker)
-
-    model_dir, dataset = neox
-    code = readme_trainer_code(model_dir, tmp_path, steps=4).replace("per_device_train_batch_size=16", "per_device_train_batch_size=8")
-    mp.start_processes(_trainer_worker, args=(code, _free_port(), dataset, str(tmp_path)), nprocs=2, start_method="fork")
-
-    assert json.loads((tmp_path / "rank0.json").read_text()) == [True] * 4
-    assert json.loads((tmp_path / "rank1.json").read_text()) == [False] * 4  # process 1 never measured
-    run = pl.open_run(tmp_path / "run")
-    assert run.status == "finished" and run.checkpoint_steps() == [2, 4]
-    live = run.metrics(source="live")
-    assert sorted(live["step"].unique()) == [0, 1, 2, 3] and len(live) == 4 * (6 * 8 + 2 * 2 + 1)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow  # last in the module: it adds steps to the shared run
