@@ -119,19 +119,33 @@ def train_command(
     overrides: Optional[List[str]] = typer.Argument(None, help="Dotted overrides, e.g. train.steps=600 model.n_layers=1."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed or interrupted run from its last checkpoint."),
+    new_metrics: bool = typer.Option(False, "--new-metrics", help="With --resume: continue although metrics.sqlite is missing "
+                                                                  "or damaged, in a new store (a damaged one is kept beside it)."),
 ):
     """Train a preset or YAML config with live telemetry and checkpoints."""
+    from phaselens.store.run_dir import RunDir
     from phaselens.training.config import load_config
     from phaselens.training.trainer import train
 
     config = load_config(preset, overrides or [])
     out = out or Path("runs") / config.name
-    result = train(config, out, resume=resume)
+    again = f"phaselens train {preset} {' '.join(overrides or [])} --out {out} --resume".replace("  ", " ")
+    try:
+        result = train(config, out, resume=resume, new_metrics=new_metrics)
+    except KeyboardInterrupt:
+        saved = RunDir(out).checkpoint_steps()
+        _stop(f"interrupted: the last checkpoint is step {saved[-1]} (metrics up to it are saved); continue with: {again}"
+              if saved else "interrupted before the first checkpoint: nothing was saved; run the same command again to start over")
     if result.status == "finished":
         typer.echo(f"finished {result.steps_done} steps in {result.seconds:.0f} s: {out}")
     else:
-        typer.echo(f"stopped at step {result.steps_done}; continue with: phaselens train {preset} {' '.join(overrides or [])} --out {out} --resume")
-        raise typer.Exit(130)
+        _stop(f"stopped at step {result.steps_done}: checkpoint and metrics up to it are saved; continue with: {again}")
+
+
+def _stop(message: str) -> None:
+    """Ctrl-C: say what was saved and exit with the shell's status for an interrupt."""
+    typer.echo(message)
+    raise typer.Exit(130)
 
 
 @app.command()
@@ -367,15 +381,21 @@ def export(
 
     frame = open_run(run).metrics()
     out = out or run / f"metrics.{format.value}"
-    if format is ExportFormat.csv:
-        frame.to_csv(out, index=False)
-    elif format is ExportFormat.json:
-        frame.to_json(out, orient="records", indent=1)
-    else:
-        try:
+    if out.is_dir():
+        _fail(f"--out {out} is a directory; give a file name, e.g. {out / f'metrics.{format.value}'}")
+    if not out.parent.is_dir():
+        _fail(f"--out {out}: the directory {out.parent} does not exist")
+    try:
+        if format is ExportFormat.csv:
+            frame.to_csv(out, index=False)
+        elif format is ExportFormat.json:
+            frame.to_json(out, orient="records", indent=1)
+        else:
             frame.to_parquet(out, index=False)
-        except ImportError:
-            _fail("parquet export needs pyarrow: pip install 'phaselens[parquet]'")
+    except ImportError:
+        _fail("parquet export needs pyarrow: pip install 'phaselens[parquet]'")
+    except OSError as exc:
+        _fail(f"cannot write {out}: {exc.strerror or exc}")
     typer.echo(f"wrote {len(frame)} rows to {out}")
 
 

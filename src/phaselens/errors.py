@@ -17,5 +17,9 @@ class RunError(PhaselensError):
     """A run directory is missing or malformed."""
 
 
+class StoreError(RunError):
+    """A run's metrics.sqlite is missing or damaged."""
+
+
 class TrainingDiverged(PhaselensError):
     """The loss became NaN or infinite."""

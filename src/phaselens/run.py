@@ -44,7 +44,7 @@ class Run:
 
     @cached_property
     def _store(self) -> MetricsStore:
-        return MetricsStore(self.dir.metrics_db)
+        return MetricsStore(self.dir.metrics_db, create=False)  # a reader never creates a store
 
     def metrics(
         self,

@@ -33,6 +33,8 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a PyTorch checkpoint")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -45,8 +47,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
             f"{found}. Save the config as a dict, e.g. "
             "torch.save({'model': model.state_dict(), 'config': dataclasses.asdict(config)}, path)"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable PyTorch file (corrupt or truncated?): {exc}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError) as exc:  # what torch.load raises on other files
+        raise CheckpointError(f"{path} is not a readable PyTorch file (corrupt, truncated, or not a checkpoint at all): "
+                              f"{str(exc) or type(exc).__name__}") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} holds a {type(raw).__name__}; expected a dict with a state_dict and a config")
     state = next((raw[k] for k in STATE_KEYS if isinstance(raw.get(k), dict)), None)

@@ -11,7 +11,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Iterator, Sequence
 
-from phaselens.errors import PhaselensError
+from phaselens.errors import ConfigError, PhaselensError
 
 
 def _one_thread() -> None:
@@ -74,6 +74,12 @@ def ray_map(function: Callable[..., Any], calls: Sequence[tuple], workers: int =
 
 
 BACKENDS: dict[str, Callable[..., Iterator[Any]]] = {"local": local_map, "ray": ray_map}
+
+
+def check_workers(workers: int) -> None:
+    """Refuse a worker count below one (it would silently run as one)."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {workers}")
 
 
 def get_backend(name: str) -> Callable[..., Iterator[Any]]:

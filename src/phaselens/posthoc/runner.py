@@ -285,8 +285,9 @@ def run_probes(
         options: probe name -> options, over the task's defaults and the run's `telemetry.probe_options`
             (e.g. {"logit_lens": {"first_token_only": True}}).
     """
-    from phaselens.posthoc.backends import get_backend
+    from phaselens.posthoc.backends import check_workers, get_backend
 
+    check_workers(workers)
     began = time.time()
     run_dir = RunDir(run)
     info = run_dir.read()  # a clear error when this is not a run

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from phaselens.errors import ConfigError
+
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
 
 RARE_RATE = 0.01  # a neuron is rare when it fires on fewer than 1% of tokens
@@ -64,8 +66,8 @@ def default_neuron_hook(model: torch.nn.Module) -> str:
     for template in NEURON_HOOKS:
         if template.format(0) in names:
             return template
-    raise ValueError("the model has neither blocks.{l}.hook_xy_sparse (BDH) nor blocks.{l}.mlp.hook_post (a transformer "
-                     "with MLPs); name the hook to measure with --hook")
+    raise ConfigError("the model has no neurons to measure: neither blocks.{l}.hook_xy_sparse (BDH) nor blocks.{l}.mlp.hook_post "
+                      "(a transformer with MLPs; an attention-only model has none); name another hook with --hook")
 
 
 class NeuronStats:

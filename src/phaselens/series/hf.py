@@ -18,6 +18,7 @@ from typing import Sequence
 
 from phaselens.errors import CheckpointError, ConfigError, RunError
 from phaselens.store.atomic import write_json
+from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir, versions
 from phaselens.store.unigram import read_unigram_counts, unigram_path, write_unigram_counts
 
@@ -105,6 +106,9 @@ def import_hf(
     if len(steps) != len(names):
         raise ConfigError(f"revisions {names} name the same step twice")
     local = Path(source).is_dir()
+    if not local and (Path(source).exists() or source.startswith(("/", "./", "../", "~")) or source.count("/") > 1):
+        raise ConfigError(f"{source}: no such directory (a local series is a directory with one saved model per "
+                          "revision: DIR/step100/config.json, ...); a Hub model is named org/name")
     if local:
         missing = [r for r in names if not (Path(source) / r / "config.json").is_file()]
         if missing:
@@ -176,4 +180,5 @@ def import_hf(
                     hashes[step] = digest
                 update(advance=1)
         record_hashes(run, hashes)
+    MetricsStore(run.metrics_db).close()  # an empty store until `phaselens probe` measures the revisions
     return run.path

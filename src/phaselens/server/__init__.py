@@ -22,6 +22,14 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK
 
 
+def check_port(port: int) -> None:
+    """Refuse a port no socket can bind (the server would otherwise announce a URL and never answer)."""
+    if not 0 <= port <= 65535:
+        from phaselens.errors import ConfigError
+
+        raise ConfigError(f"--port must be between 0 and 65535, got {port}")
+
+
 def _paths(run: Any) -> list[Path]:
     if run is None:
         return []
@@ -80,6 +88,7 @@ def serve(run: Any = None, model: Any = None, host: str = "127.0.0.1", port: int
     """
     import uvicorn
 
+    check_port(port)
     app, token = build(_paths(run), model=model, host=host, token=token)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=2)
@@ -101,6 +110,7 @@ def run_forever(runs: Sequence[Any], host: str = "127.0.0.1", port: int = 8050, 
     """Serve until interrupted (the `phaselens serve` command)."""
     import uvicorn
 
+    check_port(port)
     app, token = build(runs, host=host)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     announce(f"phaselens dashboard: http://{shown}:{port}/" + (f"?token={token}" if token else ""))

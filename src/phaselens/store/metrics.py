@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 import pandas as pd
 
 from phaselens.background import OrderedThread
+from phaselens.errors import StoreError
 
 COLUMNS = ["step", "probe", "metric", "layer", "head", "value", "source"]
 Row = tuple  # (step, probe, metric, layer | None, head | None, value, source)
@@ -50,12 +51,58 @@ def connect(path: Path, readonly: bool = False) -> sqlite3.Connection:
     return conn
 
 
-class MetricsStore:
-    """Read and write access to one run's metrics.sqlite."""
+def damaged(path: Path, exc: Exception) -> StoreError:
+    """The error for a metrics.sqlite SQLite cannot read: the file, what is wrong, and what survives."""
+    return StoreError(
+        f"{path} is damaged ({exc}): its metric rows cannot be read. The run's checkpoints, run.json and artifacts "
+        f"are separate files and intact; move {path.name} aside and measure the checkpoints again with "
+        f"`phaselens probe {path.parent}` (live telemetry is only in the damaged file)")
 
-    def __init__(self, path: Path | str):
+
+def integrity_problem(path: Path) -> str | None:
+    """What SQLite's quick_check finds wrong with the metrics store at `path` (None: it reads cleanly)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            result = [row[0] for row in conn.execute("PRAGMA quick_check").fetchall()]
+            conn.execute("SELECT count(*) FROM metrics").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        return str(exc)
+    return None if result == ["ok"] else "; ".join(result[:3])
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged store (and its WAL files) to metrics.sqlite.damaged[-N]; returns the new path."""
+    n, kept = 1, path.with_name(path.name + ".damaged")
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"{path.name}.damaged-{n}")
+    path.rename(kept)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(kept.with_name(kept.name + suffix))
+    return kept
+
+
+class MetricsStore:
+    """Read and write access to one run's metrics.sqlite.
+
+    `create=False` (readers: reports, exports, the dashboard) never creates a store: a missing
+    file raises StoreError, as does one SQLite cannot read.
+    """
+
+    def __init__(self, path: Path | str, create: bool = True):
         self.path = Path(path)
-        self._conn = connect(self.path)
+        if not create and not self.path.is_file():
+            raise StoreError(f"{self.path} is missing: this run has no metric rows (a run keeps them in metrics.sqlite; "
+                             f"`phaselens probe {self.path.parent}` measures its checkpoints into a new one)")
+        try:
+            self._conn = connect(self.path) if create else sqlite3.connect(str(self.path), timeout=30)
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from exc
 
     def write(self, rows: Iterable[Row]) -> None:
         """Insert rows; a row with the same (probe, metric, source, step, layer, head) is replaced."""
@@ -89,7 +136,10 @@ class MetricsStore:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY probe, metric, source, step, layer, head"
-        frame = pd.read_sql_query(sql, self._conn, params=args)
+        try:
+            frame = pd.read_sql_query(sql, self._conn, params=args)
+        except (sqlite3.DatabaseError, pd.errors.DatabaseError) as exc:
+            raise damaged(self.path, exc) from exc
         for column in ("layer", "head"):
             frame[column] = frame[column].astype("Int64")
         return frame

@@ -29,6 +29,7 @@ RUN_ENTRIES = frozenset({
     "run.json", "checkpoints", "probe_batch.safetensors", "metrics.sqlite", "metrics.sqlite-wal", "metrics.sqlite-shm",
     "metrics.sqlite-journal", "artifacts", "report", "unigram.json", "samples", "metrics.csv", "metrics.json", "metrics.parquet",
 })
+_KEPT_STORE = re.compile(r"^metrics\.sqlite\.damaged(-\d+)?(-wal|-shm)?$")  # set aside by a resume with --new-metrics
 _TEMP_FILE = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # store.atomic's temporary sibling of a file being written
 
 
@@ -102,8 +103,12 @@ class RunDir:
             data = json.loads(self.run_json.read_text())
         except json.JSONDecodeError as exc:
             raise RunError(f"{self.run_json} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict) or "config" not in data:
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
             raise RunError(f"{self.run_json} has no 'config' section")
+        missing = [key for key in ("model", "data") if not isinstance(data["config"].get(key), dict)]
+        if missing:  # a default would silently stand in for how the run was really trained
+            raise RunError(f"{self.run_json}: its config has no {' or '.join(repr(k) for k in missing)} section, "
+                           "so the run's model and task cannot be known; restore it from a copy of the run")
         return data
 
     def foreign_entries(self) -> list[str]:
@@ -113,7 +118,7 @@ class RunDir:
         foreign = []
         for entry in sorted(self.path.iterdir()):
             temp = _TEMP_FILE.match(entry.name)
-            if entry.name not in RUN_ENTRIES and not (temp and temp.group(1) in RUN_ENTRIES):
+            if entry.name not in RUN_ENTRIES and not (temp and temp.group(1) in RUN_ENTRIES) and not _KEPT_STORE.match(entry.name):
                 foreign.append(entry.name)
         if self.checkpoints.is_dir():
             foreign += [f"checkpoints/{entry.name}" for entry in sorted(self.checkpoints.iterdir())

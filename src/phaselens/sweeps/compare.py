@@ -254,17 +254,20 @@ def compare_runs(paths: list[Path | str], out: Path | str | None = None) -> Comp
             if fit is not None:
                 comparison.fits.append(fit)
     out = Path(out) if out is not None else (sweep_dir if sweep_dir is not None else Path("compare"))
-    out.mkdir(parents=True, exist_ok=True)
-    comparison.files["csv"] = out / "compare.csv"
-    table.to_csv(comparison.files["csv"], index=False)
-    if comparison.joint is not None and comparison.joint.slopes:
-        comparison.files["axes_figure"] = plot_axis_fits(table, comparison.joint, out / "tau_axes.png")
-    if headline is not None:
-        figure = plot_tau_fits(table, comparison.fits, [k for k in swept if k not in covered], out / "tau_fit.png", headline.metric)
-        if figure is not None:
-            comparison.files["figure"] = figure
-    comparison.files["markdown"] = out / "compare.md"
-    comparison.files["markdown"].write_text(compare_markdown(comparison))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        comparison.files["csv"] = out / "compare.csv"
+        table.to_csv(comparison.files["csv"], index=False)
+        if comparison.joint is not None and comparison.joint.slopes:
+            comparison.files["axes_figure"] = plot_axis_fits(table, comparison.joint, out / "tau_axes.png")
+        if headline is not None:
+            figure = plot_tau_fits(table, comparison.fits, [k for k in swept if k not in covered], out / "tau_fit.png", headline.metric)
+            if figure is not None:
+                comparison.files["figure"] = figure
+        comparison.files["markdown"] = out / "compare.md"
+        comparison.files["markdown"].write_text(compare_markdown(comparison))
+    except OSError as exc:
+        raise RunError(f"cannot write the comparison into --out {out}: {exc.strerror or exc}") from exc
     return comparison
 
 

@@ -106,9 +106,10 @@ def run_sweep(
         workers: local processes, or the CPUs of a local Ray cluster.
         address: a Ray cluster to join (it must see `out`).
     """
-    from phaselens.posthoc.backends import get_backend
+    from phaselens.posthoc.backends import check_workers, get_backend
 
     execute = get_backend(backend)
+    check_workers(workers)
     began = time.time()
     out = Path(out)
     points = plan_sweep(preset, axes, fixed)

@@ -107,8 +107,10 @@ class RunConfig:
         if not (t.lr > 0 and math.isfinite(t.lr)):
             raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
         for key in ("weight_decay", "grad_clip", "warmup"):
-            if getattr(t, key) < 0:
-                raise ConfigError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+            if not (getattr(t, key) >= 0 and math.isfinite(getattr(t, key))):  # NaN compares false both ways
+                raise ConfigError(f"train.{key} must be a finite number >= 0, got {getattr(t, key)}")
+        if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\") or Path(self.name).is_absolute():
+            raise ConfigError(f"name must be a plain directory name (it becomes runs/<name>), got {self.name!r}")
         if t.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
         if not 0 <= t.min_lr_ratio <= 1:
@@ -158,6 +160,8 @@ def load_config(source: str | Path, overrides: list[str] | None = None) -> RunCo
     """A validated `RunConfig` from a preset name or YAML path plus `key=value` overrides."""
     path = Path(source)
     if path.suffix in (".yaml", ".yml") or path.exists():
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory; give a YAML file or a preset ({', '.join(preset_names())})")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         origin = str(path)

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 import torch
 
-from phaselens.errors import CheckpointError, RunError, TrainingDiverged
+from phaselens.errors import CheckpointError, RunError, StoreError, TrainingDiverged
 from phaselens.models import build_model
 from phaselens.models.checkpoints import load_trainer_state, load_weights, save_checkpoint
 from phaselens.probes.base import Measurement, make_probe
@@ -35,12 +35,13 @@ from phaselens.probes.loss import prediction_accuracy, token_losses
 from phaselens.probes.measure import measure_model
 from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
-from phaselens.store.metrics import MetricsStore, MetricsWriter
+from phaselens.store.metrics import MetricsStore, MetricsWriter, integrity_problem, set_aside
 from phaselens.store.run_dir import RunDir, versions
 from phaselens.store.unigram import unigram_path
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.unigram import write_training_unigram
 from phaselens.training.config import RunConfig, config_differences
+from phaselens.training.memory import check_memory
 
 PROBE_SEED_OFFSET = 1_000_003  # probe and eval batches use their own seeded streams
 EVAL_SEED_OFFSET = 2_000_003
@@ -120,13 +121,16 @@ class _StopFlag:
 class Trainer:
     """Trains one run into `out`; `resume=True` continues from its last good checkpoint."""
 
-    def __init__(self, config: RunConfig, out: Path | str, resume: bool = False, progress: bool = True):
+    def __init__(self, config: RunConfig, out: Path | str, resume: bool = False, progress: bool = True,
+                 new_metrics: bool = False):
         config.validate()
         self.config = config
         self.run = RunDir(out)
         self.resume = resume
+        self.new_metrics = new_metrics
         self.progress = progress
         self.device = pick_device(config.train.device)
+        check_memory(config, self.device)
 
     # ------------------------------------------------------------------ set-up
 
@@ -142,6 +146,7 @@ class Trainer:
             if changed:
                 raise RunError(f"cannot resume {run.path}: its config differs in {', '.join(changed)}; resume with the same config")
             if run.checkpoint_steps():
+                self._check_metrics_store()
                 return
         elif run.exists() and run.checkpoint_steps():
             raise RunError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
@@ -165,6 +170,22 @@ class Trainer:
             "steps_done": 0,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
+        MetricsStore(run.metrics_db).close()  # readers find a store from the start
+
+    def _check_metrics_store(self) -> None:
+        """A resume continues the rows in metrics.sqlite: refuse when they are gone or damaged, unless
+        `new_metrics` (a damaged file is then kept beside the new one, never deleted)."""
+        path = self.run.metrics_db
+        problem = "is missing" if not path.is_file() else integrity_problem(path)
+        if problem is None:
+            return
+        if not self.new_metrics:
+            raise StoreError(f"cannot resume {self.run.path}: {path.name} {problem if problem == 'is missing' else f'is damaged ({problem})'}, "
+                             "so the metric rows before the last checkpoint would be lost; pass --new-metrics to continue "
+                             "with a new store (only rows from the resumed steps on)")
+        if path.is_file():
+            kept = set_aside(path)
+            print(f"kept the damaged {path.name} as {kept.name}; continuing with a new one")
 
     def _build(self) -> None:
         cfg = self.config
@@ -231,13 +252,19 @@ class Trainer:
     def setup(self) -> int:
         """Create or reopen the run directory, build everything, and return the first step to train."""
         self._prepare_directory()
+        return self._start()
+
+    def _start(self) -> int:
+        """Build everything in the prepared run directory and return the first step to train."""
         self._build()
         start = 0
         if self.resume:
             start = self._restore()
             store = MetricsStore(self.run.metrics_db)
-            for source in ("live", "checkpoint"):  # rows from the checkpoint on are rewritten below
-                store.delete_from_step(start, source=source)
+            # Live rows from the checkpoint on are rewritten below; checkpoint rows at `start` describe
+            # weights that do not change (post-hoc probes' among them), so only later ones go.
+            store.delete_from_step(start, source="live")
+            store.delete_from_step(start + 1, source="checkpoint")
             store.close()
             self.run.update(status="running", stop_reason=None)
         tel = self.config.telemetry
@@ -276,40 +303,53 @@ class Trainer:
 
     def _train(self) -> TrainResult:
         started = time.time()
-        start = self.setup()
+        self._prepare_directory()  # refuses what is in the way before anything is written
         cfg = self.config
         stop = _StopFlag()
-        step = start
+        step = start = 0
         status, reason = "failed", None
         try:
-            bar = progress_bar(f"train {cfg.name}", cfg.train.steps, completed=start, enabled=self.progress, field="loss")
-            with stop.installed(), bar as update:
-                recent: list[tuple[int, torch.Tensor]] = []
-                for step in range(start, cfg.train.steps):
-                    recent.append((step, self.step(step)))
-                    done = step + 1
-                    if len(recent) >= NAN_CHECK_EVERY or done % cfg.train.checkpoint_every == 0 or stop.requested:
-                        loss = self._check_finite(recent)
-                        update(completed=done, value=None if loss is None else f"{loss:.3f}")
-                        recent = []
-                    if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
-                        self._save(done)
-                        self.run.update(steps_done=done)
-                    if stop.requested:
-                        step = done
-                        reason = f"interrupted at step {done}; continue with --resume"
-                        break
-                else:
-                    step = cfg.train.steps
-                    self._measure_final(step)
-                    status = "finished"
-                update(completed=step)
+            with stop.installed():
+                step = start = self._start()
+                bar = progress_bar(f"train {cfg.name}", cfg.train.steps, completed=start, enabled=self.progress, field="loss")
+                with bar as update:
+                    recent: list[tuple[int, torch.Tensor]] = []
+                    for step in range(start, cfg.train.steps):
+                        recent.append((step, self.step(step)))
+                        done = step + 1
+                        if len(recent) >= NAN_CHECK_EVERY or done % cfg.train.checkpoint_every == 0 or stop.requested:
+                            loss = self._check_finite(recent)
+                            update(completed=done, value=None if loss is None else f"{loss:.3f}")
+                            recent = []
+                        if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
+                            self._save(done)
+                            self.run.update(steps_done=done)
+                        if stop.requested:
+                            step = done
+                            status, reason = "stopped", f"interrupted at step {done} (checkpoint saved); continue with --resume"
+                            break
+                    else:
+                        step = cfg.train.steps
+                        self._measure_final(step)
+                        status = "finished"
+                    update(completed=step)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop at once; the last checkpoint is where a resume starts
+            saved = self.run.checkpoint_steps()
+            status = "stopped"
+            reason = (f"interrupted during step {step}; last checkpoint: step {saved[-1]}, continue with --resume" if saved
+                      else "interrupted before the first checkpoint; run the same command again to start over")
+            raise
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, TrainingDiverged) else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+            if _out_of_memory(exc):
+                raise RunError(f"out of memory at step {step} of {self.run.path} ({_first_line(exc)}); "
+                               "lower train.batch_size or model.n_ctx") from exc
             raise
         finally:
-            self.checkpoint_values.flush()
-            self.telemetry.close()
+            if hasattr(self, "checkpoint_values"):
+                self.checkpoint_values.flush()
+            if hasattr(self, "telemetry"):
+                self.telemetry.close()
             self.run.update(status=status, stop_reason=reason, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         return TrainResult(self.run.path, step, status, time.time() - started)
 
@@ -379,6 +419,17 @@ class Trainer:
         return float(losses.mean())
 
 
-def train(config: RunConfig, out: Path | str, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train `config` into run directory `out` (see `Trainer`)."""
-    return Trainer(config, out, resume=resume, progress=progress).train()
+def _out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and ("not enough memory" in str(exc) or "out of memory" in str(exc)))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def train(config: RunConfig, out: Path | str, resume: bool = False, progress: bool = True,
+          new_metrics: bool = False) -> TrainResult:
+    """Train `config` into run directory `out` (see `Trainer`); `new_metrics` lets a resume start a new
+    metrics.sqlite when the old one is missing or damaged."""
+    return Trainer(config, out, resume=resume, progress=progress, new_metrics=new_metrics).train()
