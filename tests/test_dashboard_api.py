@@ -15,13 +15,14 @@ import phaselens as pl
 from phaselens.server import build
 
 SAMPLE_IDS = "5 17 42 9 33 5 17 42 9 33 5 17"
+LOCAL = "http://127.0.0.1:8050"  # a server bound to loopback answers only requests addressed to this machine
 
 
 @pytest.fixture(scope="module")
 def client(induction_run):
     app, token = build([induction_run])
     assert token is None  # 127.0.0.1 needs no token
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         yield client
 
 
@@ -206,7 +207,7 @@ def test_ablating_the_strongest_induction_head_after_the_transition_raises_its_c
     assert strongest["layer"] == 1 and strongest["value"] > 0.5
     node = {"layer": int(strongest["layer"]), "head": int(strongest["head"])}
     app, _ = build([induced_run])
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         text = client.get(f"/api/runs/{induced_run.name}/sample").json()["text"]
         after = client.post("/api/model/ablate", json={"run": induced_run.name, "step": 1600, "text": text, "nodes": [node], "mode": "mean"}).json()
         before = client.post("/api/model/ablate", json={"run": induced_run.name, "step": 400, "text": text, "nodes": [node], "mode": "mean"}).json()
@@ -215,22 +216,33 @@ def test_ablating_the_strongest_induction_head_after_the_transition_raises_its_c
     assert abs(before["copy_loss_change"]) < 0.3  # before the transition the same head did not copy
 
 
-def test_neuron_reports_are_read_defensively_and_only_from_inside_the_run(run_copy, tmp_path):
+def test_the_neuron_view_shows_the_artifact_phaselens_neurons_wrote_and_only_files_inside_the_run(run_copy, tmp_path):
+    from phaselens.analysis.neurons import neurons_report
+    from phaselens.store.neuron_artifact import read_neuron_artifact
+
     app, _ = build([run_copy])
-    with TestClient(app) as client:
-        assert client.get(f"/api/runs/{run_copy.name}/neurons").json() == {"available": False, "files": [], "layers": [], "neurons": []}
+    with TestClient(app, base_url=LOCAL) as client:
+        assert client.get(f"/api/runs/{run_copy.name}/neurons").json()["available"] is False
+        # the residual stream's units as "neurons": this attention-only run has no MLP
+        result = neurons_report(run_copy, hook="resid_post", n_tokens=1024, top_k=4, window=8, progress=False)
         folder = run_copy / "artifacts" / "neurons"
-        folder.mkdir(parents=True)
-        (folder / "step_00000020.json").write_text(json.dumps({
-            "layers": [{"hook": "blocks.0.mlp.hook_post", "firing_rate": [0.1, 0.0, 0.02], "selectivity": [3.0, 0.0, 9.5]}],
-            "top_contexts": [{"layer": "blocks.0.mlp.hook_post", "neuron": 2, "contexts": [{"text": "ROMEO:", "value": 4.5}, ["JULIET:", 3.9]]}],
-        }))
-        (folder / "broken.json").write_text("{not json")
+        (folder / "z_broken.json").write_text("{not json")
         outside = tmp_path / "secret.json"
         outside.write_text(json.dumps({"firing_rate": [0.5, 0.5]}))
         (folder / "link.json").symlink_to(outside)
         report = client.get(f"/api/runs/{run_copy.name}/neurons").json()
-    assert report["available"] and "artifacts/neurons/link.json" not in report["files"]
-    assert report["layers"] == [{"name": "blocks.0.mlp.hook_post", "values": {"firing_rate": [0.1, 0.0, 0.02], "selectivity": [3.0, 0.0, 9.5]}}]
-    assert report["neurons"] == [{"layer": "blocks.0.mlp.hook_post", "neuron": 2,
-                                  "contexts": [{"text": "ROMEO:", "value": 4.5}, {"text": "JULIET:", "value": 3.9}]}]
+    written = read_neuron_artifact(result.artifact)
+    assert report["available"] and report["step"] == 20 and "artifacts/neurons/link.json" not in report["files"]
+    assert report["problems"] == ["artifacts/neurons/z_broken.json is not valid JSON: Expecting property name enclosed in "
+                                  "double quotes: line 1 column 2 (char 1)"]
+    assert [(l["layer"], l["name"]) for l in report["layers"]] == [(0, "blocks.0.hook_resid_post"), (1, "blocks.1.hook_resid_post")]
+    for shown, layer in zip(report["layers"], written.layers):
+        assert shown["values"] == {"firing_rate": layer.firing_rate, "mean": layer.mean, "max": layer.max, "selectivity": layer.selectivity}
+    neuron = report["neurons"][0]
+    first = written.layers[0].most_selective[0]
+    assert (neuron["layer"], neuron["neuron"]) == ("blocks.0.hook_resid_post", first.neuron)
+    context = neuron["contexts"][0]
+    assert context["token"] and context["before"]  # the text around the activation, not an empty string
+    stream = written.stream_tokens  # token ids, shown as "5 17 42 "
+    position = first.contexts[0].position
+    assert context["token"] == f"{stream[position]} " and context["before"].split() == [str(t) for t in stream[position - 8:position]]

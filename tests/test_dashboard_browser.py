@@ -23,10 +23,27 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def page(induced_run, induction_run):
+def text_run(tmp_path_factory) -> Path:
+    """A tiny byte-level transformer with MLPs on the Shakespeare corpus, and the neuron report
+    `phaselens neurons` wrote for it (RUN/artifacts/neurons/step_00000010.json)."""
+    from phaselens.analysis.neurons import neurons_report
+    from phaselens.training.config import load_config
+    from phaselens.training.trainer import train
+
+    tiny = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_mlp=64", "model.n_ctx=32", "train.steps=10",
+            "train.batch_size=8", "train.checkpoint_every=10", "train.eval_every=10", "train.warmup=0", "train.threads=1",
+            "telemetry.every=5", "data.probe_size=8", "data.eval_size=8", "name=text"]
+    path = tmp_path_factory.mktemp("text") / "text"
+    train(load_config("gpt_shakespeare", tiny), path, progress=False)
+    neurons_report(path, n_tokens=4096, top_k=4, window=24, progress=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def page(induced_run, induction_run, text_run):
     from playwright.sync_api import sync_playwright
 
-    handle = pl.serve(run=[induction_run, induced_run])
+    handle = pl.serve(run=[induction_run, induced_run, text_run])
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -95,3 +112,23 @@ def test_patching_and_gradients_render_and_bad_input_shows_a_message(page, induc
     page.wait_for_selector("#error-bar:not([hidden])")
     assert "vocabulary size 64" in page.inner_text("#error-bar")
     assert not page.errors
+
+
+def test_the_neuron_view_shows_the_contexts_of_the_artifact_phaselens_neurons_wrote(page, text_run):
+    from phaselens.store.neuron_artifact import read_neuron_artifact
+
+    artifact = read_neuron_artifact(next((text_run / "artifacts" / "neurons").glob("step_*.json")))
+    page.select_option("#run-select", text_run.name)
+    page.wait_for_function(f"window.phaselens.run === '{text_run.name}' && {IDLE}")
+    page.wait_for_selector("#neurons-view:not([hidden]) #neuron-contexts li")
+    assert page.locator("#neuron-layer option").all_text_contents() == ["layer 0 (blocks.0.mlp.hook_post)"]
+    assert page.locator("#neuron-hist .main-svg").count() > 0
+    first = artifact.layers[0].most_selective[0]
+    items = page.locator("#neuron-contexts li")
+    assert items.count() == len(first.contexts)
+    shown = items.first
+    assert shown.locator("mark").inner_text() == first.contexts[0].token.replace("\n", "↵")
+    text = shown.inner_text()
+    assert first.contexts[0].before.replace("\n", "↵")[-12:] in text  # the Shakespeare text before the activating byte
+    page.locator("#neurons-view").screenshot(path=str(SCREENSHOTS / "dashboard_neurons.png"))
+    assert page.locator("#error-bar").is_hidden() and not page.errors

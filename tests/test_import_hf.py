@@ -124,7 +124,7 @@ def test_dashboard_serves_an_imported_series_timeline_and_its_model_view(series,
     model_dir, text = series
     out = import_hf(model_dir, tmp_path / "run", revisions=["step0"], text=text, seq_len=16, sequences=4)
     app, _ = build([out])
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1:8050") as client:
         assert client.get("/api/runs").status_code == 200
         arch = client.post("/api/model/architecture", json={"run": out.name, "step": 0})
     assert arch.status_code == 200, arch.text  # the model view reads it through its adapter (tests/test_dashboard_models.py)

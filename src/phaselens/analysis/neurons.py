@@ -24,6 +24,7 @@ from phaselens.errors import ConfigError
 from phaselens.probes.live import _spare_core
 from phaselens.probes.neurons import NeuronStats, default_neuron_hook
 from phaselens.progress import progress_bar
+from phaselens.store.neuron_artifact import NeuronArtifact, NeuronContext, NeuronLayer, SelectiveNeuron, write_neuron_artifact
 
 CHUNK_ELEMENTS = 2**22  # activation values per layer and chunk (16 MB in float32)
 DEFAULT_TOKENS = 200_000
@@ -191,22 +192,18 @@ def bare_forward(model: torch.nn.Module, stream: TokenStream, n_tokens: int, row
             model(seqs[start:start + rows].to(device))
 
 
-# ---------------------------------------------------------------------------- the JSON artifact
-
-FORMAT = "phaselens.neurons/1"
+# ---------------------------------------------------------------------------- the artifact
 
 
 def _floats(values: torch.Tensor, digits: int = 6) -> list:
     return [None if (isinstance(v, float) and math.isnan(v)) else round(v, digits) for v in values.double().cpu().tolist()]
 
 
-def context(stream: TokenStream, position: int, window: int) -> dict[str, str]:
+def context(stream: TokenStream, position: int, window: int, value: float) -> NeuronContext:
     """The text around `position`: `window` tokens before it, the token, and window // 4 after."""
-    return {
-        "before": stream.show(position - window, position),
-        "token": stream.show(position, position + 1),
-        "after": stream.show(position + 1, position + 1 + window // 4),
-    }
+    return NeuronContext(value=round(value, 6), position=position, before=stream.show(position - window, position),
+                         token=stream.show(position, position + 1),
+                         after=stream.show(position + 1, position + 1 + window // 4))
 
 
 def most_selective(stats: NeuronStats, count: int, min_firings: int) -> list[int]:
@@ -217,45 +214,28 @@ def most_selective(stats: NeuronStats, count: int, min_firings: int) -> list[int
     return [int(i) for i in order if selectivity[i] > 0]
 
 
-def scan_to_json(scan: NeuronScan, window: int = 40, show: int = 8) -> dict[str, Any]:
-    """Everything the report and the dashboard read, as JSON-able data (format `phaselens.neurons/1`)."""
+def scan_to_artifact(scan: NeuronScan, window: int = 40, show: int = 8) -> NeuronArtifact:
+    """Everything the report and the dashboard read (the `phaselens.neurons/1` artifact)."""
     layers = []
     for (layer, name), stats in zip(scan.hooks, scan.stats):
         summary = {k: float(v) for k, v in stats.summary().items()}
         summary["rate_quantiles"] = {str(q): v for q, v in stats.rate_quantiles().items()}
         top = []
         for neuron in most_selective(stats, show, max(1, scan.top_k)):
-            entries = []
-            for value, position in zip(stats.top_values[:, neuron].tolist(), stats.top_positions[:, neuron].tolist()):
-                if position >= 0 and value > scan.threshold:
-                    entries.append({"value": round(value, 6), "position": position, **context(scan.stream, position, window)})
-            top.append({"neuron": neuron, "firing_rate": float(stats.firing_rate()[neuron]),
-                        "selectivity": float(stats.selectivity()[neuron]), "contexts": entries})
-        layers.append({
-            "layer": layer,
-            "hook": name,
-            "n_neurons": int(stats.count.numel()),
-            "summary": summary,
-            "firing_rate": _floats(stats.firing_rate()),
-            "mean": _floats(stats.mean()),
-            "max": _floats(stats.max),
-            "selectivity": _floats(stats.selectivity(), 3),
-            "top_values": [_floats(row, 5) for row in stats.top_values.clamp(min=-1e30)],
-            "top_positions": stats.top_positions.cpu().tolist(),
-            "most_selective": top,
-        })
-    return {
-        "format": FORMAT,
-        "step": scan.step,
-        "tokens": scan.tokens,
-        "threshold": scan.threshold,
-        "top_k": scan.top_k,
-        "window": window,
-        "source": scan.stream.description,
-        **scan.meta,
-        "stream": {"kind": scan.stream.kind, "tokens": scan.stream.tokens.tolist()},
-        "layers": layers,
-    }
+            entries = [context(scan.stream, position, window, value)
+                       for value, position in zip(stats.top_values[:, neuron].tolist(), stats.top_positions[:, neuron].tolist())
+                       if position >= 0 and value > scan.threshold]
+            top.append(SelectiveNeuron(neuron, float(stats.firing_rate()[neuron]), float(stats.selectivity()[neuron]), entries))
+        layers.append(NeuronLayer(
+            layer=layer, hook=name, n_neurons=int(stats.count.numel()), summary=summary,
+            firing_rate=_floats(stats.firing_rate()), mean=_floats(stats.mean()), max=_floats(stats.max),
+            selectivity=_floats(stats.selectivity(), 3),
+            top_values=[_floats(row, 5) for row in stats.top_values.clamp(min=-1e30)],
+            top_positions=stats.top_positions.cpu().tolist(), most_selective=top,
+        ))
+    return NeuronArtifact(step=scan.step, tokens=scan.tokens, threshold=scan.threshold, top_k=scan.top_k, window=window,
+                          source=scan.stream.description, stream_kind=scan.stream.kind,
+                          stream_tokens=scan.stream.tokens.tolist(), layers=layers, origin=dict(scan.meta))
 
 
 def open_target(target: Path | str, step: int | None = None, text: str | None = None) -> tuple[torch.nn.Module, Callable[[int], TokenStream], dict]:
@@ -293,7 +273,7 @@ class NeuronsResult:
     figure: Path | None
     artifact: Path
     lines: list[str]
-    data: dict[str, Any]
+    data: NeuronArtifact
 
 
 def neurons_report(
@@ -314,7 +294,6 @@ def neurons_report(
     a checkpoint file gets neurons.md, neurons.png and neurons.json in `out` (default: <file>_neurons/ beside it).
     """
     from phaselens.analysis.neuron_report import summary_lines, write_neuron_report
-    from phaselens.store.atomic import write_json
 
     for name, value in (("--tokens", n_tokens), ("--top-k", top_k), ("--window", window)):
         if value < 1:
@@ -324,7 +303,7 @@ def neurons_report(
     scan = scan_neurons(model, stream_for(n_tokens), hook, n_tokens, threshold, top_k, progress=progress)
     scan.step = info.get("step")
     scan.meta = {"model": info["model"], **({"run": info["run"]} if "run" in info else {"checkpoint": info.get("checkpoint")})}
-    data = scan_to_json(scan, window=window)
+    data = scan_to_artifact(scan, window=window)
     if "run" in info:
         from phaselens.store.run_dir import RunDir
 
@@ -334,6 +313,6 @@ def neurons_report(
     else:
         out = Path(out) if out else target.parent / f"{target.stem}_neurons"
         artifact = out / "neurons.json"
-    write_json(artifact, data)
+    write_neuron_artifact(artifact, data)
     report, figure = write_neuron_report(data, out)
     return NeuronsResult(report, figure, artifact, summary_lines(data), data)

@@ -46,7 +46,7 @@ def build(runs: Sequence[Any] = (), model: Any = None, host: str = "127.0.0.1", 
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(24)
     session = Session(_paths(runs), model=model)
-    return create_app(session, token=token), token
+    return create_app(session, token=token, local_only=is_loopback(host)), token
 
 
 @dataclass

@@ -3,15 +3,18 @@
 Security: only the runs given to the `Session` are served, by name; static files come from the
 package's own folder; request bodies and texts are size-limited; with a token, every request
 must carry it (query `?token=`, the cookie the page gets, or `Authorization: Bearer`); errors
-are JSON `{"error": message}`, never a traceback.
+are JSON `{"error": message}` naming files relative to the runs, never a traceback. Bound to loopback,
+it answers only requests whose Host and Origin are this machine (DNS-rebinding protection).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 from contextlib import asynccontextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
@@ -89,13 +92,56 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def is_local_name(host: str) -> bool:
+    """True for localhost and loopback addresses (`127.0.0.1`, `[::1]`), with or without a port."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8050
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:  # 127.0.0.1:8050, localhost:8050
+        host = host.split(":", 1)[0]
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class LocalOnly:
+    """ASGI middleware for a server bound to loopback: refuse a foreign `Host` header and a foreign
+    `Origin` (DNS rebinding: a web page whose name now points at 127.0.0.1 must not reach the API)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        host, origin = headers.get("host"), headers.get("origin")
+        problem = None
+        if host is not None and not is_local_name(host):
+            problem = f"Host {host!r} is not this machine"
+        elif origin is not None and origin != "null" and not is_local_name(urlsplit(origin).netloc):
+            problem = f"requests from {origin!r} are not accepted"
+        elif origin == "null":
+            problem = "requests from an opaque origin are not accepted"
+        if problem is None:
+            return await self.app(scope, receive, send)
+        if scope["type"] == "websocket":
+            return await send({"type": "websocket.close", "code": 1008})
+        message = f"refused: {problem} (DNS-rebinding protection); open the dashboard at http://127.0.0.1:<port>/"
+        await JSONResponse({"error": message}, status_code=403)(scope, receive, send)
+
+
 async def _too_large(scope, receive, send, limit: int) -> None:
     response = JSONResponse({"error": f"request body over {limit // 1024} KiB"}, status_code=413)
     await response(scope, receive, send)
 
 
-def create_app(session: Session, token: str | None = None) -> FastAPI:
-    """The dashboard app for `session`; `token` set: every request must carry it."""
+def create_app(session: Session, token: str | None = None, local_only: bool = True) -> FastAPI:
+    """The dashboard app for `session`; `token` set: every request must carry it; `local_only` (a server
+    bound to loopback): requests must name this machine as their Host and Origin."""
     hub = EventHub()
 
     @asynccontextmanager
@@ -112,7 +158,7 @@ def create_app(session: Session, token: str | None = None) -> FastAPI:
         if token is None:
             return True
         offered = params.get("token") or cookies.get(TOKEN_COOKIE) or headers.get("authorization", "").removeprefix("Bearer ").strip()
-        return bool(offered) and hmac.compare_digest(offered, token)
+        return bool(offered) and hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token.encode())
 
     @app.middleware("http")
     async def check_token(request: Request, call_next):
@@ -124,16 +170,19 @@ def create_app(session: Session, token: str | None = None) -> FastAPI:
         return response
 
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    if local_only:
+        app.add_middleware(LocalOnly)  # added last: it runs first
 
     # ------------------------------------------------------------------ errors as JSON
 
+    # Messages name runs and files relative to the runs served, never by the server's absolute paths.
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):
-        return JSONResponse({"error": str(exc)}, status_code=404)
+        return JSONResponse({"error": session.redact(str(exc))}, status_code=404)
 
     @app.exception_handler(PhaselensError)
     async def refused(request: Request, exc: PhaselensError):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse({"error": session.redact(str(exc))}, status_code=400)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -147,7 +196,7 @@ def create_app(session: Session, token: str | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception):
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
+        return JSONResponse({"error": session.redact(f"internal error ({type(exc).__name__}): {exc}")}, status_code=500)
 
     # ------------------------------------------------------------------ page and assets
 

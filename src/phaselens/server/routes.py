@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from phaselens.errors import PhaselensError
 from phaselens.server import interventions as iv
 from phaselens.server import schemas as s
-from phaselens.server.session import (KERNEL, BadInput, Session, as_text, corrupt_first_half, induction_sample, read_neuron_reports,
+from phaselens.server.session import (KERNEL, BadInput, Session, as_text, corrupt_first_half, induction_sample, neuron_view,
                                       text_hint, token_labels, tokenize)
 
 KEY_CONFIG = {"model": ("kind", "n_layers", "n_heads", "d_model", "d_mlp"), "data": ("task",), "train": ("steps", "lr", "batch_size", "seed")}
@@ -38,6 +38,21 @@ def runs_signature(session: Session) -> tuple:
 # ---------------------------------------------------------------------------- runs
 
 
+def run_summary(session: Session, name: str) -> s.RunSummary:
+    """Status, last step, checkpoints and key settings of one served run (PhaselensError if it is unreadable)."""
+    run = session.run(name)
+    config = run.config
+    key = {f"{section}.{k}": config.get(section, {}).get(k) for section, keys in KEY_CONFIG.items() for k in keys
+           if k in (config.get(section) or {})}
+    checkpoints = run.checkpoint_steps()
+    trained = run.metrics(probe="loss", metric="train")["step"]
+    known = [int(trained.max())] if len(trained) else []
+    last = max(known + checkpoints[-1:]) if known or checkpoints else None
+    return s.RunSummary(name=name, status=run.status, last_step=last, checkpoints=checkpoints,
+                        kernel_model=session.model_run == name, config=key)
+
+
+
 def runs_router(session: Session) -> APIRouter:
     router = APIRouter(prefix="/api")
 
@@ -45,16 +60,11 @@ def runs_router(session: Session) -> APIRouter:
     def list_runs():
         runs = []
         for name in session.runs:
-            run = session.run(name)
-            config = run.config
-            key = {f"{section}.{k}": config.get(section, {}).get(k) for section, keys in KEY_CONFIG.items() for k in keys
-                   if k in (config.get(section) or {})}
-            checkpoints = run.checkpoint_steps()
-            trained = run.metrics(probe="loss", metric="train")["step"]
-            known = [int(trained.max())] if len(trained) else []
-            last = max(known + checkpoints[-1:]) if known or checkpoints else None
-            runs.append(s.RunSummary(name=name, status=run.status, last_step=last, checkpoints=checkpoints,
-                                     kernel_model=session.model_run == name, config=key))
+            try:
+                runs.append(run_summary(session, name))
+            except PhaselensError as exc:  # one broken run is listed with its reason; the others are served
+                runs.append(s.RunSummary(name=name, status="unreadable", error=session.redact(str(exc)),
+                                         kernel_model=session.model_run == name))
         if session.model_run == KERNEL:
             model = session.model
             runs.append(s.RunSummary(name=KERNEL, status="in-process", kernel_model=True,
@@ -144,9 +154,7 @@ def runs_router(session: Session) -> APIRouter:
         if not files:
             return s.NeuronsResponse(available=False)
         root = session.runs[run].resolve()
-        found = read_neuron_reports(files, root)
-        return s.NeuronsResponse(available=bool(found["layers"] or found["neurons"]),
-                                 files=[str(f.relative_to(root)) for f in files], **found)
+        return s.NeuronsResponse(files=[str(f.relative_to(root)) for f in files], **neuron_view(files, root))
 
     return router
 
@@ -158,6 +166,10 @@ def _optional_int(value) -> int | None:
 
 
 def _metrics(session: Session, run: str, **filters):
+    for key in ("layer", "head"):
+        value = filters.get(key)
+        if value is not None and not -2**63 <= value < 2**63:
+            raise BadInput(f"{key}={value} is out of range")
     if run == KERNEL and session.model_run == KERNEL:
         import pandas as pd
 

@@ -30,6 +30,7 @@ class RunSummary(BaseModel):
     checkpoints: list[int] = []
     kernel_model: bool = False  # a model handed over in-process is attached to this entry
     config: dict[str, object] = {}  # a few key settings: layers, heads, d_model, task, lr, steps
+    error: Optional[str] = None  # why the run cannot be read (status "unreadable"); the others are served
 
 
 class RunList(BaseModel):
@@ -227,21 +228,33 @@ class WeightsResponse(BaseModel):
 
 
 class NeuronLayer(BaseModel):
-    name: str
-    values: dict[str, list[float]]  # metric -> one value per neuron
+    name: str  # the hook measured, e.g. blocks.0.mlp.hook_post
+    layer: int
+    values: dict[str, list[Optional[float]]]  # statistic -> one value per neuron (null: e.g. selectivity of a neuron that never fired)
+
+
+class NeuronContext(BaseModel):
+    before: str  # the text before the activating token
+    token: str
+    after: str
+    value: float  # the activation
 
 
 class NeuronContexts(BaseModel):
-    layer: str
+    layer: str  # the hook
     neuron: int
-    contexts: list[dict[str, object]]  # each: text, value
+    firing_rate: float
+    selectivity: float
+    contexts: list[NeuronContext]
 
 
 class NeuronsResponse(BaseModel):
     available: bool
-    files: list[str] = []
+    files: list[str] = []  # the run's neuron artifacts; the newest readable one is shown
+    step: Optional[int] = None  # the checkpoint step the shown artifact measured
     layers: list[NeuronLayer] = []
     neurons: list[NeuronContexts] = []
+    problems: list[str] = []  # artifacts that could not be read, and why
 
 
 class ErrorBody(BaseModel):

@@ -9,20 +9,20 @@ whether given in-process or booted from a revision of an imported series.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from phaselens.errors import PhaselensError
+from phaselens.errors import PhaselensError, RunError
 from phaselens.models.adapter import ModelAdapter, adapter_for
 from phaselens.run import Run, open_run
 
 KERNEL = "kernel"  # the entry of a model given without a run
 MODEL_CACHE_SIZE = 4
 MAX_NEURON_FILE_BYTES = 20_000_000
+ABSOLUTE_PATH = re.compile(r"(^|[\s'\"(=])(/[^\s'\"():,;]+)")  # a path outside the served runs: shown by its last part
 
 
 class NotFound(PhaselensError):
@@ -40,7 +40,8 @@ class Session:
         self.runs: dict[str, Path] = {}
         for path in runs:
             path = Path(path).resolve()
-            open_run(path)  # refuse a directory that is not a run before serving anything
+            if not path.is_dir():  # a typo is refused; a damaged run is served and listed with its problem
+                raise RunError(f"{path} is not a run directory")
             name = path.name
             suffix = 1
             while name in self.runs or name == KERNEL:
@@ -73,6 +74,12 @@ class Session:
 
     def has_run(self, name: str) -> bool:
         return name in self.runs
+
+    def redact(self, message: str) -> str:
+        """`message` with the server's absolute paths replaced by run-relative names (errors go to the browser)."""
+        for name, path in sorted(self.runs.items(), key=lambda item: -len(str(item[1]))):
+            message = message.replace(str(path), name)
+        return ABSOLUTE_PATH.sub(lambda m: m.group(1) + m.group(2).rsplit("/", 1)[-1], message)
 
     # -------------------------------------------------------------------- models
 
@@ -235,58 +242,23 @@ def corrupt_first_half(ids: list[int]) -> list[int]:
     return [following[t] if i < len(ids) / 2 else t for i, t in enumerate(ids)]
 
 
-def read_neuron_reports(files: list[Path], root: Path) -> dict:
-    """Per-layer value lists and top contexts from neuron reports, whatever their exact layout.
+def neuron_view(files: list[Path], root: Path) -> dict:
+    """The newest readable neuron artifact among `files` as the view's fields (see `schemas.NeuronsResponse`);
+    files that are not `phaselens.neurons/1` artifacts are listed under `problems`, by run-relative name."""
+    from phaselens.store.neuron_artifact import ArtifactError, NeuronLayer, read_neuron_artifact
 
-    Reads defensively: any list of numbers under a key naming a per-neuron statistic becomes a
-    histogram, and any object with a neuron index and a list of contexts becomes a context list.
-    """
-    layers: dict[str, dict[str, list[float]]] = {}
-    neurons: list[dict] = []
-
-    def numbers(value: Any) -> list[float] | None:
-        if isinstance(value, list) and len(value) >= 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            return [float(v) for v in value]
-        return None
-
-    def layer_name(obj: dict, fallback: str) -> str:
-        for key in ("hook", "layer_name", "name", "layer"):
-            if key in obj and isinstance(obj[key], (str, int)):
-                return str(obj[key])
-        return fallback
-
-    def walk(obj: Any, where: str) -> None:
-        if isinstance(obj, dict):
-            contexts = next((obj[k] for k in ("contexts", "top_contexts", "top") if isinstance(obj.get(k), list)), None)
-            if contexts is not None and isinstance(obj.get("neuron"), int):
-                neurons.append({"layer": layer_name(obj, where), "neuron": obj["neuron"],
-                                "contexts": [_context(c) for c in contexts[:50]]})
-                return
-            for key, value in obj.items():
-                values = numbers(value)
-                if values is not None and key not in ("tokens", "shape"):
-                    layers.setdefault(layer_name(obj, where), {})[str(key)] = values
-                elif isinstance(value, (dict, list)):
-                    walk(value, f"{where}/{key}" if not (isinstance(value, dict) and layer_name(value, "")) else layer_name(value, key))
-        elif isinstance(obj, list):
-            for i, item in enumerate(obj[:10_000]):
-                walk(item, f"{where}[{i}]")
-
-    for path in files:
+    problems, artifact = [], None
+    for path in reversed(files):  # step_<S>.json sorts by step: the newest first
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a half-written or foreign file: skip it
-        walk(data, path.relative_to(root).stem)
-    return {"layers": [{"name": k, "values": v} for k, v in layers.items()], "neurons": neurons}
-
-
-def _context(item: Any) -> dict:
-    if isinstance(item, dict):
-        text = item.get("text", item.get("context", item.get("tokens", "")))
-        value = item.get("value", item.get("activation", item.get("act")))
-        return {"text": text if isinstance(text, str) else " ".join(map(str, text)) if isinstance(text, list) else str(text),
-                "value": float(value) if isinstance(value, (int, float)) else None}
-    if isinstance(item, (list, tuple)) and len(item) == 2:
-        return {"text": str(item[0]), "value": float(item[1]) if isinstance(item[1], (int, float)) else None}
-    return {"text": str(item), "value": None}
+            artifact = read_neuron_artifact(path, name=str(path.relative_to(root)))
+            break
+        except ArtifactError as exc:
+            problems.append(str(exc))
+    if artifact is None:
+        return {"available": False, "problems": problems}
+    layers = [{"name": layer.hook, "layer": layer.layer, "values": {k: getattr(layer, k) for k in NeuronLayer.STATISTICS}}
+              for layer in artifact.layers]
+    neurons = [{"layer": layer.hook, "neuron": item.neuron, "firing_rate": item.firing_rate, "selectivity": item.selectivity,
+                "contexts": [{"before": c.before, "token": c.token, "after": c.after, "value": c.value} for c in item.contexts]}
+               for layer in artifact.layers for item in layer.most_selective]
+    return {"available": True, "step": artifact.step, "layers": layers, "neurons": neurons, "problems": problems}

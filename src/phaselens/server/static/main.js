@@ -28,7 +28,8 @@ async function loadRuns() {
     row.dataset.run = r.name;
     if (r.name === state.run) row.classList.add("selected");
     const config = Object.entries(r.config).map(([k, v]) => `${k.split(".")[1]}=${v}`).join(" ");
-    for (const text of [r.name, r.status + (r.kernel_model ? " (+ notebook model)" : ""), r.last_step ?? "–", r.checkpoints.length, config]) {
+    const status = r.error ? `unreadable: ${r.error}` : r.status + (r.kernel_model ? " (+ notebook model)" : "");
+    for (const text of [r.name, status, r.last_step ?? "–", r.checkpoints.length, config]) {
       const cell = document.createElement("td");
       cell.textContent = text;
       row.appendChild(cell);
@@ -179,7 +180,8 @@ async function start() {
   wire();
   await guarded(async () => {
     await loadRuns();
-    if (state.runs.length) await selectRun(state.runs[0].name);
+    const readable = state.runs.find((r) => !r.error);
+    if (readable) await selectRun(readable.name);
   });
   listen();
   document.body.dataset.ready = "1";

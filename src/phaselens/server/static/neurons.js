@@ -10,25 +10,32 @@ export async function loadNeurons(state) {
   const statSelect = document.getElementById("neuron-stat");
   const neuronSelect = document.getElementById("neuron-select");
   const layers = report.layers;
-  layerSelect.innerHTML = layers.map((l, i) => `<option value="${i}">${escape(l.name)}</option>`).join("");
+  layerSelect.innerHTML = layers.map((l, i) => `<option value="${i}">layer ${l.layer} (${escape(l.name)})</option>`).join("");
   const drawHistogram = () => {
     const layer = layers[Number(layerSelect.value)];
     if (!layer) { Plotly.purge("neuron-hist"); return; }
     const stats = Object.keys(layer.values);
     if (!stats.includes(statSelect.value)) statSelect.innerHTML = stats.map((s) => `<option>${escape(s)}</option>`).join("");
-    const values = layer.values[statSelect.value] || [];
+    const values = (layer.values[statSelect.value] || []).filter((v) => v !== null);  // null: no value (never fired)
     Plotly.react("neuron-hist", [{ type: "histogram", x: values, nbinsx: 50, marker: { color: "#9467bd" } }],
       { title: { text: `${layer.name}: ${statSelect.value} over ${values.length} neurons`, font: { size: 12 } },
         margin: { t: 30, r: 10, b: 35, l: 45 }, yaxis: { type: "log" } }, { displaylogo: false, responsive: true });
   };
-  neuronSelect.innerHTML = report.neurons.map((n, i) => `<option value="${i}">${escape(n.layer)} #${n.neuron}</option>`).join("");
+  neuronSelect.innerHTML = report.neurons.map((n, i) =>
+    `<option value="${i}">${escape(n.layer)} #${n.neuron} (fires on ${(100 * n.firing_rate).toFixed(2)}%)</option>`).join("");
   const drawContexts = () => {
     const neuron = report.neurons[Number(neuronSelect.value)];
     const list = document.getElementById("neuron-contexts");
     list.innerHTML = "";
     for (const c of neuron ? neuron.contexts : []) {
+      // The text before, the activating token highlighted, the text after (newlines shown as ↵).
       const item = document.createElement("li");
-      item.textContent = `${c.value === null ? "" : Number(c.value).toFixed(3) + "  "}${c.text}`;
+      const value = document.createElement("span");
+      value.className = "neuron-value";
+      value.textContent = Number(c.value).toFixed(3) + "  ";
+      const token = document.createElement("mark");
+      token.textContent = visible(c.token);
+      item.append(value, visible(c.before), token, visible(c.after));
       list.appendChild(item);
     }
   };
@@ -37,6 +44,10 @@ export async function loadNeurons(state) {
   neuronSelect.onchange = drawContexts;
   drawHistogram();
   drawContexts();
+}
+
+function visible(text) {
+  return String(text).replace(/\n/g, "↵").replace(/\t/g, "⇥");
 }
 
 function escape(text) {

@@ -1,0 +1,134 @@
+"""The dashboard server on hostile or broken input: each case once gave a 500, leaked a path, let a
+foreign page in, or let one broken run take the others down. The corpus only grows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from fastapi.testclient import TestClient
+
+from phaselens.server import build
+
+LOCAL = "http://127.0.0.1:8050"
+
+
+def damage(store) -> None:
+    data = bytearray(store.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = b"\xff" * 4096
+    store.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def three_runs(induction_run, tmp_path):
+    """A good run, one with a damaged metrics.sqlite, one whose run.json is not JSON."""
+    runs = {}
+    for name in ("good", "bad-store", "bad-json"):
+        runs[name] = tmp_path / name
+        shutil.copytree(induction_run, runs[name])
+    damage(runs["bad-store"] / "metrics.sqlite")
+    (runs["bad-json"] / "run.json").write_text("{not json")
+    return runs
+
+
+def test_one_broken_run_is_listed_with_its_reason_and_the_others_are_served(three_runs):
+    app, _ = build(list(three_runs.values()))
+    with TestClient(app, base_url=LOCAL) as client:
+        response = client.get("/api/runs")
+        assert response.status_code == 200, response.text
+        runs = {r["name"]: r for r in response.json()["runs"]}
+        assert runs["good"]["status"] == "finished" and runs["good"]["error"] is None and runs["good"]["checkpoints"] == [0, 10, 20]
+        assert runs["bad-store"]["status"] == "unreadable" and "metrics.sqlite is damaged" in runs["bad-store"]["error"]
+        assert runs["bad-json"]["status"] == "unreadable" and "not valid JSON" in runs["bad-json"]["error"]
+        assert client.get("/api/runs/good/series").status_code == 200
+        assert client.get("/api/runs/bad-store/series").status_code == 400
+
+
+def test_a_missing_run_json_is_listed_not_fatal_and_no_store_is_created(induction_run, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(induction_run, broken)
+    (broken / "run.json").unlink()
+    (broken / "metrics.sqlite").unlink()
+    app, _ = build([induction_run, broken])
+    with TestClient(app, base_url=LOCAL) as client:
+        runs = {r["name"]: r for r in client.get("/api/runs").json()["runs"]}
+        assert runs[induction_run.name]["error"] is None and "run.json is missing" in runs["broken"]["error"]
+        client.get("/api/runs/broken/metrics")
+    assert not (broken / "metrics.sqlite").exists()  # a reader never creates a store
+
+
+def test_errors_name_files_relative_to_the_run_never_by_absolute_server_paths(run_copy):
+    (run_copy / "checkpoints" / "step_00000010" / "model.safetensors").write_bytes(b"garbage")
+    app, token = build([run_copy], host="0.0.0.0")
+    with TestClient(app) as client:
+        response = client.post("/api/model/architecture", json={"run": run_copy.name, "step": 10}, headers={"Authorization": f"Bearer {token}"})
+    error = response.json()["error"]
+    assert response.status_code == 400 and "is corrupt" in error
+    assert f"{run_copy.name}/checkpoints/step_00000010/model.safetensors" in error and str(run_copy.parent) not in error
+
+
+def test_a_non_ascii_token_is_refused_with_401(induction_run):
+    app, _ = build([induction_run], host="0.0.0.0")
+    with TestClient(app) as client:
+        assert client.get("/api/runs", params={"token": "jetön"}).status_code == 401
+        assert client.get("/api/runs", headers={"Authorization": "Bearer jetön".encode()}).status_code == 401
+
+
+def test_a_huge_integer_in_a_query_string_is_a_400(induction_run):
+    app, _ = build([induction_run])
+    with TestClient(app, base_url=LOCAL) as client:
+        response = client.get(f"/api/runs/{induction_run.name}/metrics", params={"layer": 10**30})
+    assert response.status_code == 400 and "out of range" in response.json()["error"]
+
+
+@pytest.mark.parametrize("host", ["evil.example:8050", "attacker.com"])
+def test_on_loopback_a_foreign_host_header_is_refused(induction_run, host):
+    app, _ = build([induction_run])
+    with TestClient(app, base_url=LOCAL) as client:
+        assert client.get("/api/runs").status_code == 200
+        for local in ("localhost:8050", "127.0.0.1", "[::1]:8050"):
+            assert client.get("/api/runs", headers={"Host": local}).status_code == 200
+        refused = client.get("/api/runs", headers={"Host": host})
+    assert refused.status_code == 403 and "DNS-rebinding" in refused.json()["error"]
+
+
+def test_on_loopback_a_websocket_from_a_foreign_origin_is_refused(induction_run):
+    from starlette.websockets import WebSocketDisconnect
+
+    app, _ = build([induction_run])
+    with TestClient(app, base_url=LOCAL) as client:
+        with client.websocket_connect("ws://127.0.0.1:8050/api/events", headers={"Origin": "http://127.0.0.1:8050"}) as socket:
+            assert socket.receive_json()["type"] == "hello"
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect("ws://127.0.0.1:8050/api/events", headers={"Origin": "http://evil.example"}) as socket:
+                socket.receive_json()
+        assert client.post("/api/model/loss", json={"run": induction_run.name, "text": "1 2 3"},
+                           headers={"Origin": "http://evil.example"}).status_code == 403
+
+
+def test_bound_beyond_loopback_the_token_not_the_host_decides(induction_run):
+    app, token = build([induction_run], host="0.0.0.0")
+    with TestClient(app) as client:  # any Host: the machine's name or address on the network
+        assert client.get("/api/runs", headers={"Host": "lab-box:8050", "Authorization": f"Bearer {token}"}).status_code == 200
+
+
+def test_an_impossible_port_is_refused_before_anything_is_announced():
+    from phaselens.errors import ConfigError
+    from phaselens.server import run_forever
+
+    announced = []
+    with pytest.raises(ConfigError, match="99999"):
+        run_forever([], port=99999, announce=announced.append)
+    assert announced == []
+
+
+def test_an_artifact_that_is_not_json_does_not_hide_the_run(run_copy):
+    folder = run_copy / "artifacts" / "neurons"
+    folder.mkdir(parents=True)
+    (folder / "step_00000020.json").write_text(json.dumps({"format": "something else"}))
+    app, _ = build([run_copy])
+    with TestClient(app, base_url=LOCAL) as client:
+        assert client.get("/api/runs").status_code == 200
+        assert client.get(f"/api/runs/{run_copy.name}/neurons").status_code == 200
