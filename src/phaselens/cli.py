@@ -84,6 +84,9 @@ def demo(
     _replace_demo_run(out)
     typer.echo(f"training a {layers}-layer attention-only transformer on the induction task ({steps} steps, telemetry every step)")
     result = train(config, out)
+    if result.status != "finished":
+        _stop(f"stopped at step {result.steps_done}: checkpoint and metrics up to it are saved; continue with: "
+              f"phaselens train induction {' '.join(overrides)} --out {out} --resume")
     typer.echo(f"trained {result.steps_done} steps in {result.seconds:.0f} s")
     report = write_report(out)
     summary = summarize_induction(open_run(out))
