@@ -162,11 +162,19 @@ def test_resume_keeps_the_post_hoc_rows_of_the_checkpoint_it_starts_from(run_cop
 # ---------------------------------------------------------------------------- damaged or missing metrics in readers
 
 
-@pytest.mark.parametrize("command", [["report"], ["export"], ["compare"]])
-def test_a_damaged_metrics_sqlite_is_named_not_a_traceback(run_copy, command, tmp_path):
+@pytest.mark.parametrize("command", [["report"], ["export"]])
+def test_a_damaged_metrics_sqlite_is_named_not_a_traceback(run_copy, command):
     damage(run_copy / "metrics.sqlite")
-    extra = ["--out", tmp_path / "cmp"] if command == ["compare"] else []
-    refused(*command, run_copy, *extra, says="metrics.sqlite is damaged")
+    refused(*command, run_copy, says="metrics.sqlite is damaged")
+
+
+def test_compare_names_a_damaged_metrics_sqlite(tmp_path):
+    # a disambiguation run: its task declares the headline (τ) that compare reads from the metrics
+    tiny = ["data.k=2", "data.n_unique_b=4", "model.n_layers=1", "model.d_model=32", "model.d_head=8", "train.steps=10",
+            "train.warmup=0", "train.checkpoint_every=10", "train.eval_every=5", "telemetry.every=5"]
+    assert run_cli("train", "disamb_small", *tiny, "--out", tmp_path / "run").exit_code == 0
+    damage(tmp_path / "run" / "metrics.sqlite")
+    refused("compare", tmp_path / "run", "--out", tmp_path / "cmp", says="metrics.sqlite is damaged")
 
 
 def test_readers_never_create_a_missing_metrics_store(run_copy):

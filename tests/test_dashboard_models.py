@@ -17,12 +17,13 @@ import phaselens as pl
 from phaselens.server import build
 
 TEXT = "the cat sat on the mat . the cat sat on the mat ."
+LOCAL = "http://127.0.0.1:8050"  # a server bound to loopback answers only requests addressed to this machine
 
 
 @pytest.fixture(scope="module")
 def client(imported_run):
     app, _ = build([imported_run])
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         yield client
 
 
@@ -185,7 +186,7 @@ def test_a_bdh_model_gets_the_views_that_apply_and_a_reason_for_the_rest():
 
     model = pl.build_model(BDHConfig(n_layers=2, d_model=32, n_heads=2, multiplier=4, n_ctx=64)).eval()
     app, _ = build([], model=model)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         arch = client.post("/api/model/architecture", json={"run": "kernel"}).json()
         assert (arch["architecture"], arch["n_heads"], arch["mlp_layers"], arch["tokenizer"]) == ("BDH", 0, [], "bytes")
         loss = client.post("/api/model/loss", json={"run": "kernel", "text": "to be or"}).json()
@@ -209,7 +210,7 @@ def test_every_bridge_architecture_gets_loss_attention_and_head_ablation_that_ma
     path = tiny_hf_models[architecture]
     text = "the cat sat on the mat while the cat sat on the mat"
     app, _ = build([], model=TransformerBridge.boot_transformers(str(path), device="cpu"))
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         arch = client.post("/api/model/architecture", json={"run": "kernel"}).json()
         ablated = client.post("/api/model/ablate", json={"run": "kernel", "text": text, "nodes": [{"layer": 1, "head": 3}], "mode": "zero"}).json()
         weights = client.post("/api/model/weights", json={"run": "kernel", "layer": 1, "head": 3}).json()
