@@ -201,7 +201,7 @@ def test_dashboard_serves_the_stages_the_timeline_draws_as_bands(run_copy):
     from phaselens.server import build
 
     app, _ = build([run_copy])
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1:8050") as client:  # loopback: Host must be this machine
         assert client.get(f"/api/runs/{run_copy.name}/stages").json() == {"run": run_copy.name, "stages": []}
         run_probes(run_copy, ["llc"], options={"llc": {"chains": 2, "draws": 6, "burnin": 2, "batch_size": 4, "n": 32}},
                    progress=False)

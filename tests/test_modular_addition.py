@@ -110,7 +110,7 @@ def test_the_dashboard_timeline_lists_the_progress_measures_like_any_metric(tiny
     from phaselens.server import build
 
     app, _ = build([tiny_run])
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1:8050") as client:  # loopback: Host must be this machine
         listed = {(s["probe"], s["metric"]) for s in client.get(f"/api/runs/{tiny_run.name}/series").json()["series"]}
         rows = client.get(f"/api/runs/{tiny_run.name}/metrics",
                           params={"probe": "grokking", "metric": "restricted_loss", "source": "live"}).json()
