@@ -36,11 +36,17 @@ from phaselens.probes.attention_to import attention_mass
 from phaselens.probes.heads import detection_patterns, head_score
 from phaselens.probes.logit_lens import logit_lens_stats
 from phaselens.probes.loss import masked_mean, token_losses
-from phaselens.probes.patching import corrupt_positions, residual_hooks, target_probability
+from phaselens.models.sites import residual_sites
+from phaselens.probes.patching import corrupt_positions, target_probability
 from phaselens.store.metrics import MetricsStore
 from phaselens.models.checkpoints import load_weights
 from phaselens.training.config import load_config
 from phaselens.training.trainer import train
+
+
+def site_hooks(n_layers: int) -> list[str]:
+    """The hook of each residual stream 0..n_layers."""
+    return [site.hook for site in residual_sites(n_layers)]
 
 
 def fresh_copy(run: Path, root: Path, name: str) -> Path:
@@ -92,7 +98,7 @@ def naive_sweep(path: Path) -> int:
             weights = batch.positions["copy"].float()
             baseline = (target_probability(model(corrupted), batch.tokens) * weights).sum(-1) / weights.sum(-1)
             effects = []
-            for layer, name in enumerate(residual_hooks(L)):  # one patched forward per layer
+            for layer, name in enumerate(site_hooks(L)):  # one patched forward per layer
                 def patch(activation, hook, clean=cache[name]):
                     return torch.where(batch.positions["source"][..., None], clean, activation)
                 patched = model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])

@@ -56,7 +56,7 @@ def test_residual_sites_are_the_embeddings_then_each_block_output():
     assert [(s.index, s.hook, s.label) for s in adapter.residual_sites] == [
         (0, "blocks.0.hook_resid_pre", "embeddings"),
         (1, "blocks.0.hook_resid_post", "after block 0"),
-        (2, "blocks.1.hook_resid_post", "after block 1"),
+        (2, "blocks.1.hook_resid_post", "after block 1 (output)"),
     ]
     assert adapter.final_norm_site.hook == "ln_final.hook_normalized"
 

@@ -8,7 +8,6 @@ the induction preset briefly and sweep its checkpoints with `run_probes`.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -16,18 +15,25 @@ import torch
 
 from phaselens.errors import ConfigError
 from phaselens.models import ModelConfig, build_model
-from phaselens.models.transformer import Transformer  # noqa: F401  (TransformerLens loads slowly: pay it at collection)
+from phaselens.models.adapter import adapter_for
+from phaselens.models.sites import residual_sites
+from phaselens.models.transformer import Transformer
 from phaselens.posthoc.runner import run_probes
 from phaselens.probes.attention_to import AttentionToProbe, attention_mass, position_mask
 from phaselens.probes.base import ProbeInputs
 from phaselens.probes.logit_lens import LogitLensProbe, lens_positions, logit_lens_stats
 from phaselens.probes.measure import measure_cache, measure_model
-from phaselens.probes.patching import PatchingProbe, _patching_effects_batched, corrupt_positions, patching_effects, residual_hooks
+from phaselens.probes.patching import PatchingProbe, _patching_effects_batched, corrupt_positions, patching_effects
 from phaselens.run import open_run
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.induction import InductionTask
 from phaselens.training.config import load_config
 from phaselens.training.trainer import train
+
+
+def site_hooks(n_layers: int) -> list[str]:
+    """The hook of each residual stream 0..n_layers."""
+    return [site.hook for site in residual_sites(n_layers)]
 
 
 def h(*probs: float) -> float:
@@ -41,10 +47,12 @@ LN3, LN9 = math.log(3), math.log(9)
 # ---------------------------------------------------------------------------- logit lens
 
 
-def lens_model() -> SimpleNamespace:
-    """ln_final = identity, unembed reads the first two of three dimensions as the logits of tokens 0 and 1."""
-    W_U = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # (d_model=3, vocab=2)
-    return SimpleNamespace(ln_final=lambda x: x, unembed=lambda x: x @ W_U)
+def lens_model() -> Transformer:
+    """No final norm; the unembedding reads the first two of three dimensions as the logits of tokens 0 and 1."""
+    model = Transformer(ModelConfig(n_layers=1, n_heads=1, d_model=3, d_vocab=2, normalization="none"))
+    with torch.no_grad():
+        model.W_U.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))  # (d_model=3, vocab=2)
+    return model
 
 
 def lens_resid() -> torch.Tensor:
@@ -215,14 +223,14 @@ def positions(*where: int, length: int = 8) -> torch.Tensor:
 
 def effects_of(model, clean, corrupted, patched: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        _, cache = model.run_with_cache(clean, names_filter=residual_hooks(2))
-        streams = {name: cache[name] for name in residual_hooks(2)}
+        _, cache = model.run_with_cache(clean, names_filter=site_hooks(2))
+        streams = {name: cache[name] for name in site_hooks(2)}
         return patching_effects(model, streams, corrupted, clean, patched, targets)  # (L+1, B)
 
 
-def test_patching_hooks_are_resid_pre_of_each_block_then_the_last_resid_post():
-    assert residual_hooks(2) == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"]
-    assert PatchingProbe().hook_names(2) == residual_hooks(2)
+def test_patching_hooks_are_the_residual_streams_embeddings_then_each_block_output():
+    assert site_hooks(2) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert PatchingProbe().hook_names(2) == site_hooks(2)
 
 
 def test_patching_every_position_restores_the_clean_prediction_at_every_layer():
@@ -294,10 +302,10 @@ def explicit_patching_effects(model, clean_tokens, corrupted, positions, targets
         return (next_token_probability(logits, clean_tokens) * weights).sum(-1) / weights.sum(-1)
 
     with torch.no_grad():
-        _, cache = model.run_with_cache(clean_tokens, names_filter=residual_hooks(model.cfg.n_layers))
+        _, cache = model.run_with_cache(clean_tokens, names_filter=site_hooks(model.cfg.n_layers))
         baseline = mean_p(model(corrupted))
         effects = []
-        for name in residual_hooks(model.cfg.n_layers):
+        for name in site_hooks(model.cfg.n_layers):
             patch = lambda act, hook, name=name: torch.where(positions[..., None], cache[name], act)
             effects.append(mean_p(model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)])) - baseline)
     return torch.stack(effects).float()
@@ -319,11 +327,11 @@ def test_patching_reusing_the_corrupted_prefix_equals_one_hooked_forward_per_lay
     expected = explicit_patching_effects(model, batch.tokens, corrupted, positions, targets)
     assert expected.abs().max() > 1e-3, "the corruption must matter for this test to mean anything"
     with torch.no_grad():
-        logits, cache = model.run_with_cache(batch.tokens, names_filter=residual_hooks(3))
-        streams = {name: cache[name] for name in residual_hooks(3)}
+        logits, cache = model.run_with_cache(batch.tokens, names_filter=site_hooks(3))
+        streams = {name: cache[name] for name in site_hooks(3)}
         fast = patching_effects(model, streams, corrupted, batch.tokens, positions, targets, clean_logits=logits)
         without_logits = patching_effects(model, streams, corrupted, batch.tokens, positions, targets)
-        batched = _patching_effects_batched(model, streams, corrupted, positions,
+        batched = _patching_effects_batched(adapter_for(model), streams, corrupted, positions,
                                             lambda lg: _read_targets(lg, batch.tokens, targets))
     for effects in (fast, without_logits, batched):
         torch.testing.assert_close(effects, expected, atol=1e-5, rtol=0)

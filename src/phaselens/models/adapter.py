@@ -15,7 +15,7 @@ unknown model fails here, with a message that says what is supported.
 | per-head mixed values        | `z_hook(l)`                              | `blocks.{l}.attn.hook_z` (B, T, H, d_head)       |
 | MLP blocks                   | `has_mlp(l)`, `mlp_layers`, `mlp_out_hook(l)` | bool; tuple of layers; `blocks.{l}.hook_mlp_out` |
 | token embedding hook         | `embed_hook`                             | `hook_embed` (B, T, d_model)                    |
-| residual stream ℓ            | `residual_sites`                         | n_layers + 1 `ResidualSite(index, hook, label)`: 0 = embeddings, ℓ = after block ℓ−1 |
+| residual stream ℓ            | `residual_sites`                         | n_layers + 1 `ResidualSite(index, hook, label)`: 0 = embeddings, ℓ = after block ℓ−1 (see `models.sites`) |
 | after the final norm         | `final_norm_site`                        | `ResidualSite` of `ln_final.hook_normalized`, or None |
 | final norm, unembedding      | `final_norm(x)`, `unembed(x)`, `logits_from(x)` | (..., d_model) -> (..., d_model) / (..., d_vocab) |
 | embedding, unembedding       | `embedding()`, `unembedding()`           | W_E (d_vocab, d_model), W_U (d_model, d_vocab)  |
@@ -40,32 +40,13 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from phaselens.errors import PhaselensError
+from phaselens.models.sites import ResidualSite, final_norm_site, residual_sites
 
 FAST_PATHS = ("residual_streams", "stream_from", "forward_from")
-FINAL_NORM_HOOK = "ln_final.hook_normalized"
 
 
 class UnsupportedModel(PhaselensError, TypeError):
     """A model phaselens has no adapter for, or a capability the model's adapter does not declare."""
-
-
-@dataclass(frozen=True)
-class ResidualSite:
-    """One residual stream: its index ℓ, the hook point that carries it, and how figures label it."""
-
-    index: int
-    hook: str
-    label: str
-
-
-def residual_sites(n_layers: int) -> tuple[ResidualSite, ...]:
-    """Residual stream ℓ for ℓ = 0..n_layers: 0 the embeddings entering block 0, ℓ the output of block ℓ−1.
-
-    The stream entering block ℓ > 0 is the output of block ℓ−1, so one hook serves both readings
-    (`forward_from(stream ℓ, ℓ)` re-runs from exactly this stream).
-    """
-    return (ResidualSite(0, "blocks.0.hook_resid_pre", "embeddings"),) + tuple(
-        ResidualSite(layer + 1, f"blocks.{layer}.hook_resid_post", f"after block {layer}") for layer in range(n_layers))
 
 
 @dataclass(frozen=True)
@@ -215,7 +196,7 @@ class ModelAdapter:
 
     @property
     def final_norm_site(self) -> ResidualSite | None:
-        return ResidualSite(self.n_layers + 1, FINAL_NORM_HOOK, "after the final norm")
+        return final_norm_site(self.n_layers)
 
     # ---- reading predictions off a stream
     def final_norm(self, resid: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Mapping
 
 import torch
 
+from phaselens.models.adapter import ModelAdapter, adapter_for
 from phaselens.tasks.batch import TaskBatch
 
 
@@ -29,12 +30,17 @@ class ProbeInputs:
 
     acts: Mapping[str, torch.Tensor]  # hook name -> activation, rows of `batch` only
     batch: TaskBatch
-    model: torch.nn.Module
+    model: Any  # the model or its ModelAdapter; probes read it through `adapter`
     logits: torch.Tensor | None = None  # (B, T, vocab), when the probe sets needs_logits
     n_layers: int = 0
     n_heads: int = 0
     _stacked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _rolled: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        """The model as probes see it: dimensions, residual sites, unembedding, fast paths (`models.adapter`)."""
+        return adapter_for(self.model)
 
     def stack(self, template: str) -> torch.Tensor:
         """Stack one hook over layers: `stack("blocks.{}.attn.hook_pattern")` -> (L, ...).
@@ -52,7 +58,7 @@ class ProbeInputs:
         """
         if name not in self._rolled:
             with torch.no_grad():
-                self._rolled[name] = self.model(self.batch.rolled(name, reader))
+                self._rolled[name] = self.adapter.logits(self.batch.rolled(name, reader))
         return self._rolled[name]
 
 
@@ -76,8 +82,8 @@ class Probe:
     def __init__(self, **options: Any):
         self.options = options
 
-    def bind(self, model: torch.nn.Module) -> None:
-        """Called with the model before `hook_names`, so a probe can pick hook points by architecture."""
+    def bind(self, adapter: ModelAdapter) -> None:
+        """Called with the model's adapter before `hook_names`, so a probe can pick hook points by architecture."""
 
     def hook_names(self, n_layers: int) -> list[str]:
         """The hook points whose activations `compute` reads."""

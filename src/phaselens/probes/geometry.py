@@ -5,9 +5,8 @@ lies in [e^{-β}, e^{β}]: e^{β} when every position points the same way, ~1 wh
 are spread out. `kl_unigram` = mean over predictions of KL(p_model ‖ p_unigram): near 0 while a
 model only predicts token frequencies, growing as it uses the context.
 
-Layers follow the logit lens: 0 is the embeddings (`blocks.0.hook_resid_pre`), ℓ the stream
-after block ℓ−1 (`blocks.{ℓ−1}.hook_resid_post`), and L+1 the stream after the final norm
-(`ln_final.hook_normalized`, before its learned scale and bias).
+Layers are residual streams (`models.sites`), as in the logit lens: 0 is the embeddings, ℓ the
+stream after block ℓ−1, and L+1 the stream after the final norm (before its learned scale and bias).
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from phaselens.models.sites import final_norm_site, residual_sites
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
 from phaselens.store.unigram import UNIGRAM_FILE, read_unigram_counts, unigram_path
 
@@ -108,8 +108,7 @@ class GeometryProbe(Probe):
             self._log_unigram = None
 
     def hook_names(self, n_layers: int) -> list[str]:
-        return (["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
-                + ["ln_final.hook_normalized"])
+        return [site.hook for site in residual_sites(n_layers) + (final_norm_site(n_layers),)]
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         opts = self.options

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from phaselens.background import OrderedThread
+from phaselens.models.adapter import ModelAdapter, adapter_for
 from phaselens.probes.base import Layout, Measurement, Probe, ProbeInputs, flatten, make_probe
 from phaselens.tasks.batch import TaskBatch
 
@@ -46,16 +47,6 @@ class MemorySink:
 
     def close(self) -> None:
         pass
-
-
-def model_shape(model: torch.nn.Module) -> tuple[int, int]:
-    """(n_layers, n_heads) of a TransformerLens-style model."""
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and hasattr(cfg, "n_layers"):
-        return int(cfg.n_layers), int(cfg.n_heads)
-    names = getattr(model, "hook_dict", {})
-    n_layers = len({n.split(".")[1] for n in names if n.startswith("blocks.") and n.endswith("attn.hook_pattern")})
-    return n_layers, 0
 
 
 def distributed_rank() -> int:
@@ -126,10 +117,10 @@ class ValueQueue:
         self.sink.write(rows)
 
 
-def _spare_core(model: torch.nn.Module) -> bool:
+def _spare_core(adapter: ModelAdapter) -> bool:
     """True when the model computes on the CPU and the process has a core its torch threads leave free."""
     try:
-        device = next(model.parameters()).device
+        device = adapter.device
     except StopIteration:
         return False
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -168,11 +159,12 @@ class Telemetry:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
         self.model = model
+        self.adapter = adapter_for(model)
         self.probes = [make_probe(p) for p in probes]
         for probe in self.probes:
-            probe.bind(model)
+            probe.bind(self.adapter)
         self.every, self.flush_every, self.source = every, flush_every, source
-        self.n_layers, self.n_heads = model_shape(model)
+        self.n_layers, self.n_heads = self.adapter.n_layers, self.adapter.n_heads
         self.rank = distributed_rank()
         if self.rank != 0:  # another rank writes nothing, not even the store's schema
             store = None
@@ -196,12 +188,12 @@ class Telemetry:
             return
         self._install_hooks()
         # With a background thread, every change to `values` happens on it, in submission order.
-        use_thread = _spare_core(model) if background is None else background
+        use_thread = _spare_core(self.adapter) if background is None else background
         self._background = OrderedThread("phaselens-telemetry", "live telemetry", depth=4) if use_thread else None
 
     def _install_hooks(self) -> None:
         names = sorted({n for p in self.probes for n in p.hook_names(self.n_layers)})
-        hook_dict = self.model.hook_dict
+        hook_dict = self.adapter.hook_points
         missing = [n for n in names if n not in hook_dict]
         if missing:
             raise ValueError(f"the model has no hook point(s) {missing}; probes need them")
@@ -272,7 +264,7 @@ class Telemetry:
         index = rows if rows is not None else slice(None)
         with torch.inference_mode():  # no autograd views of the training graph, on any thread
             # No detach: `flatten` detaches what the probes return.
-            inputs = ProbeInputs(acts={name: act[index] for name, act in acts.items()}, batch=batch, model=self.model,
+            inputs = ProbeInputs(acts={name: act[index] for name, act in acts.items()}, batch=batch, model=self.adapter,
                                  logits=logits[index] if logits is not None else None, n_layers=self.n_layers, n_heads=self.n_heads)
             return run_probes(probes, inputs)
 

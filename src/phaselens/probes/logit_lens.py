@@ -1,7 +1,8 @@
 """Logit lens: read the residual stream after each layer through the final norm and unembedding.
 
-Layer 0 is the embeddings (`blocks.0.hook_resid_pre`), layer ℓ the stream after block ℓ−1
-(`blocks.{ℓ−1}.hook_resid_post`); the last layer is the model's own prediction.
+Layer ℓ is residual stream ℓ (`models.sites`): 0 the embeddings, ℓ the stream after block ℓ−1;
+the last layer is the model's own prediction. The final norm and unembedding are the model
+adapter's, so the lens reads any architecture the same way.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from phaselens.models.adapter import ModelAdapter, adapter_for
+from phaselens.models.sites import residual_sites
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
 from phaselens.tasks.batch import TaskBatch
 
@@ -24,15 +27,9 @@ def lens_positions(batch: TaskBatch, positions: str, first_token_only: bool) -> 
     return mask
 
 
-def weights_dtype(model) -> torch.dtype | None:
-    """The dtype of a model's weights (None for an object without parameters)."""
-    parameters = getattr(model, "parameters", None)
-    return next(parameters()).dtype if parameters is not None else None
-
-
 def logit_lens_stats(
     resid: torch.Tensor | Sequence[torch.Tensor],
-    model: torch.nn.Module,
+    model: torch.nn.Module | ModelAdapter,
     tokens: torch.Tensor,
     mask: torch.Tensor,
     final_logits: torch.Tensor | None = None,
@@ -49,9 +46,10 @@ def logit_lens_stats(
     def pick(x: torch.Tensor) -> torch.Tensor:  # (B, T-1, ...) -> (N, ...) at the masked predictions
         return x.flatten(0, 1) if every else x[mask]
 
+    adapter = adapter_for(model)
     streams = list(resid)
-    dtype = weights_dtype(model)  # streams may have been widened to float32 from the model's dtype
-    lenses = [model.unembed(model.ln_final(pick(stream[:, :-1]).to(dtype or stream.dtype))) for stream in (streams if final_logits is None else streams[:-1])]
+    dtype = adapter.dtype  # streams may have been widened to float32 from the model's dtype
+    lenses = [adapter.logits_from(pick(stream[:, :-1]).to(dtype)) for stream in (streams if final_logits is None else streams[:-1])]
     if final_logits is not None:
         lenses.append(pick(final_logits[:, :-1]))
     target = pick(tokens[:, 1:, None])  # (N, 1): the token each prediction should name
@@ -85,11 +83,11 @@ class LogitLensProbe(Probe):
         super().__init__(positions=positions, first_token_only=first_token_only)
 
     def hook_names(self, n_layers: int) -> list[str]:
-        return ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+        return [site.hook for site in residual_sites(n_layers)]
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         names = self.hook_names(inputs.n_layers)
         resid = [inputs.acts[name] for name in names]  # L+1 streams (B, T, d_model)
         mask = lens_positions(inputs.batch, self.options["positions"], self.options["first_token_only"])
-        stats = logit_lens_stats(resid, inputs.model, inputs.batch.tokens, mask, final_logits=inputs.logits)
+        stats = logit_lens_stats(resid, inputs.adapter, inputs.batch.tokens, mask, final_logits=inputs.logits)
         return [Measurement(name, value) for name, value in stats.items()]

@@ -7,7 +7,8 @@ from typing import Mapping, Sequence
 import torch
 
 from phaselens.probes.base import Probe, ProbeInputs, make_probe, to_rows
-from phaselens.probes.live import model_shape, run_probes
+from phaselens.models.adapter import ModelAdapter, adapter_for
+from phaselens.probes.live import run_probes
 from phaselens.tasks.batch import TaskBatch
 
 
@@ -35,7 +36,8 @@ def measure_cache(
 
     probes = [make_probe(p) for p in probes]
     if model is not None:
-        n_layers, n_heads = model_shape(model)
+        model = adapter_for(model)
+        n_layers, n_heads = model.n_layers, model.n_heads
         for probe in probes:
             probe.bind(model)
     else:
@@ -53,7 +55,7 @@ def measure_cache(
 
 
 def measure_model(
-    model: torch.nn.Module, batch: TaskBatch, probes: Sequence[Probe], artifacts: dict | None = None
+    model: torch.nn.Module | ModelAdapter, batch: TaskBatch, probes: Sequence[Probe], artifacts: dict | None = None
 ) -> list[tuple[str, list]]:
     """Run `probes` on one no-grad forward of `batch`, caching only the hook points they read.
 
@@ -62,21 +64,21 @@ def measure_model(
     each probe's optional JSON artifact too. Probes reduce in float32 whatever the model's
     dtype: activations held in bfloat16 or float16 are widened before any probe reads them.
     """
-    n_layers, n_heads = model_shape(model)
+    adapter = adapter_for(model)
     for probe in probes:
-        probe.bind(model)
-    names = sorted({n for p in probes for n in p.hook_names(n_layers)})
-    was_training = model.training
-    model.eval()
+        probe.bind(adapter)
+    names = sorted({n for p in probes for n in p.hook_names(adapter.n_layers)})
+    was_training = adapter.model.training
+    adapter.model.eval()
     try:
         with torch.no_grad():
-            logits, cache = model.run_with_cache(batch.tokens, names_filter=names)
+            logits, cache = adapter.run_with_cache(batch.tokens, names)
     finally:
-        model.train(was_training)
+        adapter.model.train(was_training)
     if logits.dtype in (torch.bfloat16, torch.float16):
         cache = {name: act.float() if act.is_floating_point() else act for name, act in cache.items()}
         logits = logits.float()
-    inputs = ProbeInputs(acts=cache, batch=batch, model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
+    inputs = ProbeInputs(acts=cache, batch=batch, model=adapter, logits=logits, n_layers=adapter.n_layers, n_heads=adapter.n_heads)
     results = run_probes(probes, inputs)
     if artifacts is not None:
         with torch.no_grad():

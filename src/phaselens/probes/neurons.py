@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from phaselens.errors import ConfigError
-
+from phaselens.models.adapter import ModelAdapter, adapter_for
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
 
 RARE_RATE = 0.01  # a neuron is rare when it fires on fewer than 1% of tokens
@@ -60,9 +60,9 @@ def _block_maxima(act: torch.Tensor) -> tuple[torch.Tensor, int]:
     return act.reshape(B, H, T // run, run, N).amax(3), run  # (B, H, T/run, N)
 
 
-def default_neuron_hook(model: torch.nn.Module) -> str:
+def default_neuron_hook(model: torch.nn.Module | ModelAdapter) -> str:
     """The per-layer hook template whose units count as neurons: BDH's xy_sparse, else the MLP output."""
-    names = model.hook_dict
+    names = adapter_for(model).hook_points
     for template in NEURON_HOOKS:
         if template.format(0) in names:
             return template
@@ -208,8 +208,8 @@ class NeuronsProbe(Probe):
     name = "neurons"
     off_thread = True  # reads activations and the batch only
 
-    def bind(self, model: torch.nn.Module) -> None:
-        self.template = self.options.get("hook") or default_neuron_hook(model)
+    def bind(self, adapter: ModelAdapter) -> None:
+        self.template = self.options.get("hook") or default_neuron_hook(adapter)
 
     def hook_names(self, n_layers: int) -> list[str]:
         template = getattr(self, "template", None) or self.options.get("hook") or NEURON_HOOKS[0]

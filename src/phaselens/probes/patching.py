@@ -8,8 +8,7 @@ positions replaced by the clean one's and measure
 
 at the positions that predict the clean target. `z_dependence` = mean over pairs of max_ℓ e_ℓ:
 how much the prediction depends on the information at the patched positions, wherever it is.
-Layer ℓ patches `blocks.{ℓ}.hook_resid_pre` (ℓ = 0 is the embeddings); ℓ = L patches
-`blocks.{L−1}.hook_resid_post`.
+Layer ℓ patches residual stream ℓ (`models.sites`): 0 the embeddings, ℓ the stream after block ℓ−1.
 
 The probe reads the task's position sets by name (options, declared by the task): `patch`, the
 token set patched; `read`, the prediction set read; `corrupt`, where the corrupted input comes
@@ -23,13 +22,10 @@ from __future__ import annotations
 
 import torch
 
+from phaselens.models.adapter import FAST_PATHS, ModelAdapter, adapter_for
+from phaselens.models.sites import residual_sites
 from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
-from phaselens.probes.logit_lens import weights_dtype
 from phaselens.tasks.batch import TaskBatch
-
-
-def residual_hooks(n_layers: int) -> list[str]:
-    return [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
 
 
 def corrupt_positions(tokens: torch.Tensor, positions: torch.Tensor, vocab: int, seed: int) -> torch.Tensor:
@@ -45,7 +41,7 @@ def target_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tens
 
 
 def patching_effects(
-    model: torch.nn.Module,
+    model: torch.nn.Module | ModelAdapter,
     clean: dict[str, torch.Tensor],
     corrupted_tokens: torch.Tensor,
     clean_tokens: torch.Tensor,
@@ -56,13 +52,13 @@ def patching_effects(
     """e_ℓ per pair: (n_layers + 1, B).
 
     Args:
-        clean: residual streams of the clean run, hook name -> (B, T, d_model), in `residual_hooks` order.
+        clean: residual streams 0..L of the clean run, hook name -> (B, T, d_model), in `residual_sites` order.
         corrupted_tokens, clean_tokens: (B, T).
         positions: (B, T) bool, where the residual stream is patched.
         targets: (B, T-1) bool, the predictions whose clean target probability is read.
         clean_logits: the clean run's logits (B, T, V), when the caller has them: see below.
 
-    A model with `residual_streams`, `stream_from` and `forward_from` (phaselens transformers) runs
+    A model whose adapter declares the fast paths `residual_streams`, `stream_from` and `forward_from` runs
     the corrupted input once, keeping its residual streams, and each patched stream re-runs only the
     blocks above it: the blocks below are the corrupted run's. The last block runs only at the
     predictions read, and the last site needs no block at all. Patching the embeddings wherever the
@@ -70,8 +66,8 @@ def patching_effects(
     (causally: no difference left at or before it), e_0 comes from `clean_logits` with no forward
     at all. Other models get one batched forward with a row group per patched stream.
     """
-    dtype = weights_dtype(model)  # the cache may have been widened to float32 for the probes
-    clean = {name: resid.to(dtype or resid.dtype) for name, resid in clean.items()}
+    adapter = adapter_for(model)
+    clean = {name: resid.to(adapter.dtype) for name, resid in clean.items()}  # the cache may have been widened to float32
     rows, cols = targets.nonzero(as_tuple=True)  # the predictions read: (N,) each
     answers = clean_tokens[:, 1:][rows, cols]  # (N,)
     counts = targets.sum(-1).clamp_min(1).float()  # (B,)
@@ -80,14 +76,12 @@ def patching_effects(
         p = picked.float().softmax(-1).gather(-1, answers.expand(*picked.shape[:-1])[..., None])[..., 0]  # (..., N)
         return torch.zeros(*p.shape[:-1], len(counts), device=p.device).index_add_(-1, rows, p) / counts
 
-    if not all(hasattr(model, name) for name in ("residual_streams", "stream_from", "forward_from")):
-        return _patching_effects_batched(model, clean, corrupted_tokens, positions, lambda logits: read(logits[..., rows, cols, :]))
+    if not all(adapter.supports(name) for name in FAST_PATHS):
+        return _patching_effects_batched(adapter, clean, corrupted_tokens, positions, lambda logits: read(logits[..., rows, cols, :]))
     last = len(clean) - 1  # the last site: the last block's output
-    corrupted = model.residual_streams(corrupted_tokens, n_blocks=last - 1)  # the streams entering each block
-    final = model.stream_from(corrupted[-1], last - 1, at=(rows, cols))  # (N, d): the last block's output, where read
-
-    def logits(resid: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, V)
-        return model.unembed(model.ln_final(resid))
+    corrupted = adapter.residual_streams(corrupted_tokens, n_blocks=last - 1)  # the streams entering each block
+    final = adapter.stream_from(corrupted[-1], last - 1, at=(rows, cols))  # (N, d): the last block's output, where read
+    logits = adapter.logits_from  # (N, d) -> (N, V)
 
     baseline = read(logits(final))
     effects = []
@@ -98,7 +92,7 @@ def patching_effects(
             effects.append(read(logits(torch.where(positions[rows, cols, None], resid[rows, cols], final))) - baseline)
         else:
             patched = torch.where(positions[..., None], resid, corrupted[layer])
-            effects.append(read(model.forward_from(patched, layer, at=(rows, cols))) - baseline)
+            effects.append(read(adapter.forward_from(patched, layer, at=(rows, cols))) - baseline)
     return torch.stack(effects)
 
 
@@ -109,7 +103,7 @@ def _embedding_patch_is_clean(corrupted_tokens, clean_tokens, positions, targets
     return not bool((targets & differs_so_far[:, :-1]).any())
 
 
-def _patching_effects_batched(model, clean, corrupted_tokens, positions, read) -> torch.Tensor:
+def _patching_effects_batched(adapter: ModelAdapter, clean, corrupted_tokens, positions, read) -> torch.Tensor:
     """One forward for all layers: row group g patches site g, the last group is the unpatched baseline."""
     B = corrupted_tokens.shape[0]
     n = len(clean)
@@ -123,7 +117,7 @@ def _patching_effects_batched(model, clean, corrupted_tokens, positions, read) -
         return patch
 
     hooks = [(name, patcher(group, resid)) for group, (name, resid) in enumerate(clean.items())]
-    logits = model.run_with_hooks(tokens, fwd_hooks=hooks)  # ((n+1)·B, T, V)
+    logits = adapter.run_with_hooks(tokens, hooks)  # ((n+1)·B, T, V)
     per_pair = read(logits.view(n + 1, B, *logits.shape[1:]))  # (n+1, B)
     return per_pair[:n] - per_pair[n]
 
@@ -148,7 +142,7 @@ class PatchingProbe(Probe):
         super().__init__(patch=patch, read=read, corrupt=corrupt, seed=seed)
 
     def hook_names(self, n_layers: int) -> list[str]:
-        return residual_hooks(n_layers)
+        return [site.hook for site in residual_sites(n_layers)]
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         batch, opts = inputs.batch, self.options
@@ -159,10 +153,9 @@ class PatchingProbe(Probe):
         targets = batch.predictions(opts["read"], "patching")  # (B, T-1)
         if opts["corrupt"] == "partner":
             return self._partners(inputs, positions, targets)
-        clean = {name: inputs.acts[name] for name in residual_hooks(inputs.n_layers)}
-        vocab = int(inputs.model.W_U.shape[-1])
-        corrupted = corrupt_positions(batch.tokens, positions, vocab, opts["seed"])
-        effects = patching_effects(inputs.model, clean, corrupted, batch.tokens, positions, targets, clean_logits=inputs.logits)
+        clean = {name: inputs.acts[name] for name in self.hook_names(inputs.n_layers)}
+        corrupted = corrupt_positions(batch.tokens, positions, inputs.adapter.d_vocab, opts["seed"])
+        effects = patching_effects(inputs.adapter, clean, corrupted, batch.tokens, positions, targets, clean_logits=inputs.logits)
         return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]
 
     def _partners(self, inputs: ProbeInputs, positions: torch.Tensor, targets: torch.Tensor) -> list[Measurement]:
@@ -174,8 +167,8 @@ class PatchingProbe(Probe):
         if len(ones) == 0:
             return []
         twos = batch.pair_index[ones]  # (P,)
-        clean = {name: inputs.acts[name][twos] for name in residual_hooks(inputs.n_layers)}
+        clean = {name: inputs.acts[name][twos] for name in self.hook_names(inputs.n_layers)}
         logits = None if inputs.logits is None else inputs.logits[twos]
-        effects = patching_effects(inputs.model, clean, batch.tokens[ones], batch.tokens[twos], positions[ones], targets[ones],
+        effects = patching_effects(inputs.adapter, clean, batch.tokens[ones], batch.tokens[twos], positions[ones], targets[ones],
                                    clean_logits=logits)
         return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]

@@ -21,6 +21,8 @@ from matplotlib.patches import Patch  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from phaselens.models.sites import residual_label  # noqa: E402
+
 DPI = 110
 SCORES = ("induction", "prev_token", "duplicate")
 SCORE_TITLES = {"induction": "induction score", "prev_token": "previous-token score", "duplicate": "duplicate-token score"}
@@ -234,9 +236,7 @@ def plot_head_scores(metrics: pd.DataFrame, transition: dict | None, path: Path)
 
 def stream_label(layer: int, n_layers: int) -> str:
     """Residual stream ℓ of the logit lens and of patching: 0 = embeddings, ℓ = after block ℓ−1."""
-    if layer == 0:
-        return "0: embeddings"
-    return f"{layer}: after block {layer - 1}" + (" (output)" if layer == n_layers else "")
+    return residual_label(layer, n_layers)
 
 
 def _per_layer(frame: pd.DataFrame) -> pd.DataFrame:

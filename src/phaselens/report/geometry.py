@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from phaselens.analysis.phases import Phase, geometry_phases
+from phaselens.models.sites import residual_label
 from phaselens.report import StudyReport, figures_section, register_section, register_study
 from phaselens.report.figures import DPI, Figure, _per_layer, _series, plt
 from phaselens.run import Run
@@ -20,11 +21,7 @@ KL_METRICS = {"kl_unigram": "KL(p_model ‖ p_unigram)", "kl_unigram_reverse": "
 
 def ie_label(layer: int, n_layers: int) -> str:
     """IE layer ℓ: 0 = embeddings, ℓ = after block ℓ−1, L+1 = after the final norm."""
-    if layer == 0:
-        return "0: embeddings"
-    if layer == n_layers + 1:
-        return f"{layer}: after the final norm"
-    return f"{layer}: after block {layer - 1}"
+    return residual_label(layer, n_layers)
 
 
 def log_spaced(steps: np.ndarray) -> bool:
