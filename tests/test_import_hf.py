@@ -62,13 +62,14 @@ def test_import_probe_report_gives_the_geometry_figure_and_phase_table(series, t
            "--text", text, "--seq-len", 24, "--sequences", 8)
     run = pl.open_run(out)
     assert run.imported and run.checkpoint_steps() == list(STEPS)
-    assert not list(out.rglob("*.safetensors"))[1:]  # only the probe batch: no weights are copied
+    # only the text probe batch and the induction batch: no weights are copied
+    assert sorted(p.name for p in out.rglob("*.safetensors")) == ["induction_batch.safetensors", "probe_batch.safetensors"]
     assert json.loads((out / "checkpoints" / "step_00000040" / "reference.json").read_text())["revision"] == "step40"
     assert run.config["model"]["kind"] == "hf" and run.probe_batch().tokens.shape == (8, 24)
 
-    invoke("probe", out)  # the imported series' default probes: attention, loss, logit_lens, geometry
+    invoke("probe", out)  # the imported series' default probes, head scores and patching on its induction batch
     rows = run.metrics(source="checkpoint")
-    assert set(rows["probe"]) == {"attention", "loss", "logit_lens", "geometry"}
+    assert set(rows["probe"]) == {"attention", "heads", "loss", "logit_lens", "geometry", "attention_to", "patching"}
     ie = rows[(rows["probe"] == "geometry") & (rows["metric"] == "interaction_energy")]
     assert sorted(ie["layer"].unique()) == [0, 1, 2, 3] and len(ie) == 4 * len(STEPS)
     loss = rows[(rows["probe"] == "loss")].set_index("step")["value"]
@@ -97,12 +98,25 @@ def test_load_model_boots_the_referenced_revision_through_the_bridge(series, tmp
     assert not torch.allclose(run.load_model(0)(tokens), logits, atol=1e-2)
 
 
-def test_probes_that_need_induction_masks_are_refused_on_an_imported_series(series, tmp_path):
+def test_head_scores_attention_to_and_patching_read_the_series_induction_batch(series, tmp_path):
+    """The induction batch: ordinary ids of the model's tokenizer, a segment repeated at a variable offset."""
+    from transformers import AutoTokenizer
+
     model_dir, text = series
-    out = import_hf(model_dir, tmp_path / "run", revisions=["step0"], text=text, seq_len=16, sequences=4)
-    result = CliRunner().invoke(app, ["probe", str(out), "--probes", "geometry,heads"])
-    assert result.exit_code == 2
-    assert "['heads'] do not apply" in result.output and "geometry" in result.output
+    out = import_hf(model_dir, tmp_path / "run", revisions=["step0", "step160"], text=text, seq_len=32, sequences=6)
+    run = pl.open_run(out)
+    batch = run.probe_batches()["induction"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "step0")
+    assert batch.tokens.shape == (6, 32) and int(batch.tokens.max()) < len(tokenizer)
+    assert not set(batch.tokens.flatten().tolist()) & set(tokenizer.all_special_ids)
+    offsets = {int(r.nonzero()[0, 0]) for r in batch.copy_mask}
+    assert len(offsets) > 1  # the repeat starts at a different place in different sequences
+    invoke("probe", out, "--probes", "heads,attention_to,patching")
+    rows = run.metrics(source="checkpoint")
+    induction = rows[(rows["probe"] == "heads") & (rows["metric"] == "induction")]
+    assert len(induction) == 2 * 2 * 4 and induction["value"].between(0, 1).all()
+    effect = rows[(rows["probe"] == "patching") & (rows["metric"] == "effect")]
+    assert sorted(effect["layer"].unique()) == [0, 1, 2]
 
 
 def test_import_refuses_missing_revisions_and_an_existing_run(series, tmp_path):

@@ -110,6 +110,16 @@ class Run:
 
         return TaskBatch.load(self.dir.probe_batch)
 
+    def probe_batches(self) -> dict:
+        """The run's fixed batches by the name probes read them under (`Probe.reads_batch`): "probe", and
+        "induction" where the run stores one beside a text probe batch."""
+        from phaselens.tasks.batch import TaskBatch
+
+        batches = {"probe": self.probe_batch()}
+        if self.dir.induction_batch.is_file():
+            batches["induction"] = TaskBatch.load(self.dir.induction_batch)
+        return batches
+
     def transitions(self, probe: str | None = None, metric: str | None = None) -> pd.DataFrame:
         """Detected phase transitions: probe, metric, layer, head, step, start, end, before, after.
 

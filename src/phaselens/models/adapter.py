@@ -22,7 +22,7 @@ unknown model fails here, with a message that says what is supported.
 | per-head weights             | `head_weights()`                         | `HeadWeights` W_Q W_K W_V (L, H, d_model, d_head), W_O (L, H, d_head, d_model); None without heads |
 | hook points                  | `hook_points`                            | {name: HookPoint}                               |
 | forward passes               | `logits(tokens)`, `run_with_cache(tokens, names)` | (B, T, d_vocab); and {name: activation} |
-| text <-> ids                 | `tokenizer`                              | `Tokenizer`: `kind` ("bytes" / "ids" / "hf"), `encode`, `labels`, `special_ids` |
+| text <-> ids                 | `tokenizer`                              | `Tokenizer`: `kind` ("bytes" / "ids" / "hf"), `encode`, `labels`, `special_ids`, `ordinary_ids()` |
 | optional fast paths          | `capabilities` ⊆ `FAST_PATHS`            | frozenset of names; call them on the adapter    |
 
 Fast paths (`adapter.supports(name)` before calling; calling an undeclared one raises):
@@ -75,6 +75,16 @@ class Tokenizer:
         """Ids that never stand for text (end of text, padding): kept out of random probe batches."""
         return frozenset()
 
+    @property
+    def n_tokens(self) -> int:
+        """How many ids the tokenizer can produce (an embedding may be padded beyond them)."""
+        return self.d_vocab
+
+    def ordinary_ids(self) -> list[int]:
+        """The ids that stand for text: every id the tokenizer produces but the special ones."""
+        special = self.special_ids
+        return [i for i in range(min(self.n_tokens, self.d_vocab)) if i not in special]
+
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
@@ -122,6 +132,10 @@ class HFTokenizer(Tokenizer):
     @property
     def special_ids(self) -> frozenset[int]:
         return frozenset(int(i) for i in self.hf.all_special_ids)
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.hf)
 
     def encode(self, text: str) -> list[int]:
         return [int(i) for i in self.hf(text, add_special_tokens=False)["input_ids"]]

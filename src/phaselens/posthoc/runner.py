@@ -63,7 +63,7 @@ _WORKER_CACHE: dict[Any, Any] = {}  # per worker process: run state, and probes 
 
 
 def _worker_state(run_path: str, device: str | None = None, dtype: str | None = None):
-    """Model skeleton (a `RevisionLoader` for an imported series), probe batch and device, built once per worker."""
+    """Model skeleton (a `RevisionLoader` for an imported series), the run's probe batches by name and device, built once per worker."""
     key = (run_path, device, dtype)
     state = _WORKER_CACHE.get(key)
     if state is None:
@@ -86,7 +86,8 @@ def _worker_state(run_path: str, device: str | None = None, dtype: str | None = 
             model = RevisionLoader(references, device=where, dtype=precision, hashes={int(s): h for s, h in stored})
         else:
             model = build_model(run.run_config().model).to(device=where, dtype=precision)
-        state = _WORKER_CACHE[key] = (model, run.probe_batch().to(where), where)
+        batches = {name: batch.to(where) for name, batch in run.probe_batches().items()}
+        state = _WORKER_CACHE[key] = (model, batches, where)
     return state
 
 
@@ -137,16 +138,16 @@ def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], opt
         import phaselens.probes  # noqa: F401  (registers the built-in probes)
         from phaselens.errors import CheckpointError
         from phaselens.probes.base import to_rows
-        from phaselens.probes.measure import measure_model
+        from phaselens.probes.measure import measure_batches
 
-        _, batch, _ = _worker_state(run_path, device, dtype)
+        _, batches, _ = _worker_state(run_path, device, dtype)
         try:
             model, result.weights_hash, result.note = _checkpoint_model(run_path, step, ahead, device, dtype)
         except CheckpointError as exc:
             result.error = str(exc)
             return result
         probes = _worker_probes(run_path, probe_names, options)
-        result.rows = to_rows(step, SOURCE, measure_model(model, batch, probes, artifacts=result.artifacts))
+        result.rows = to_rows(step, SOURCE, measure_batches(model, batches, probes, artifacts=result.artifacts))
     except Exception as exc:  # a sweep records the failure and goes on
         result.error = f"{type(exc).__name__}: {exc}"
     finally:

@@ -47,6 +47,7 @@ class AttentionToProbe(Probe):
     """
 
     name = "attention_to"
+    reads_batch = "induction"
     live = False
 
     def __init__(self, query: str | Sequence[int] | None = None, key: str | Sequence[int] | None = None):

@@ -73,6 +73,10 @@ class Probe:
     # True when `compute` reads only `inputs.acts`, `inputs.logits` and `inputs.batch`, never the
     # model: live telemetry may then measure it on a spare core while the optimizer updates the weights.
     off_thread: ClassVar[bool] = False
+    # The run batch a probe measures post-hoc and at checkpoints: "probe", the task's own batch, or
+    # "induction", random tokens with a segment repeated at a variable offset in the model's vocabulary,
+    # which runs with a text probe batch store beside it (elsewhere the task's batch serves).
+    reads_batch: ClassVar[str] = "probe"
     every: int = 1  # live telemetry measures this probe only at steps that are a multiple of it
     # True when training writes the probe's artifact at every checkpoint it measures there (small
     # artifacts a report reads, such as the grokking probe's key frequencies); else only `phaselens probe` does.

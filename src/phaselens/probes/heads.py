@@ -86,6 +86,7 @@ class HeadsProbe(Probe):
     """Induction, previous-token and duplicate-token scores per head on the probe batch."""
 
     name = "heads"
+    reads_batch = "induction"
     off_thread = True  # reads activations and the batch only
 
     def __init__(self, **options):

@@ -30,6 +30,24 @@ def masked_means(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return (weights @ values.reshape(-1, 1)).view(-1) / weights.sum(-1)
 
 
+def icl_score(losses: torch.Tensor, mask: torch.Tensor, late: int = 500, early: int = 50) -> torch.Tensor | None:
+    """In-context-learning score (Olsson et al. 2022): mean loss of token `late` minus mean loss of token `early`.
+
+    Token indices count from 0, so token k's loss is the prediction at position k−1. Both indices are
+    clipped to the context (the last token is T−1); None when fewer than two distinct indices remain.
+    Negative when later tokens, which see more context, are predicted better.
+    losses (B, T-1), mask (B, T-1) -> ().
+    """
+    last = losses.shape[1]  # the last token index, T-1
+    late, early = min(late, last), min(early, last)
+    if early >= late or early < 1:
+        return None
+    picks = torch.zeros(2, *mask.shape, dtype=losses.dtype, device=losses.device)  # (2, B, T-1)
+    picks[0, :, late - 1], picks[1, :, early - 1] = 1, 1
+    late_loss, early_loss = masked_means(losses, picks * mask.to(losses.dtype)).unbind()
+    return late_loss - early_loss
+
+
 @register_probe
 class LossProbe(Probe):
     """Loss of the measured batch: `all` counted positions, and the loss on the task's named prediction sets.
@@ -41,6 +59,8 @@ class LossProbe(Probe):
             that set moved one row on (a derangement of the rows), as `<set>_shuffled`, and
             `<set>_shuffle_gap` = shuffled − clean: how much the model relies on it. This costs one extra
             no-grad forward, shared with the `random_z` probe.
+        icl_score: also report `icl_score` (text studies), the loss of token `icl_late` minus that of
+            token `icl_early` (see `icl_score`).
 
     The trainer adds `train` (the full training batch) and `eval` (the held-out batch).
     """
@@ -49,10 +69,14 @@ class LossProbe(Probe):
     needs_logits = True
     off_thread = True
 
-    def __init__(self, positions: Sequence[str] = (), complements: Sequence[str] = (), shuffle: str | None = None):
+    def __init__(self, positions: Sequence[str] = (), complements: Sequence[str] = (), shuffle: str | None = None,
+                 icl_score: bool = False, icl_late: int = 500, icl_early: int = 50):
         if shuffle and not positions:
             raise ValueError("loss shuffle needs a prediction set in `positions` to read the shuffled loss at")
-        super().__init__(positions=list(positions), complements=list(complements), shuffle=shuffle or None)
+        if not 1 <= icl_early < icl_late:
+            raise ValueError(f"loss icl_early and icl_late must satisfy 1 <= icl_early < icl_late, got {icl_early} and {icl_late}")
+        super().__init__(positions=list(positions), complements=list(complements), shuffle=shuffle or None,
+                         icl_score=icl_score, icl_late=icl_late, icl_early=icl_early)
 
     def runs_off_thread(self, batch: TaskBatch) -> bool:
         return self.options["shuffle"] is None  # the shuffled loss runs the model: measure it in step
@@ -76,6 +100,9 @@ class LossProbe(Probe):
                                    batch.predictions(at, "loss"))
             measured += [Measurement(f"{opts['shuffle']}_shuffled", shuffled),
                          Measurement(f"{opts['shuffle']}_shuffle_gap", shuffled - clean)]
+        if opts["icl_score"]:
+            score = icl_score(losses, batch.loss_mask, opts["icl_late"], opts["icl_early"])
+            measured += [Measurement("icl_score", score)] if score is not None else []
         return measured
 
 

@@ -54,6 +54,22 @@ def measure_cache(
     return pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64", "head": "Int64"})
 
 
+def measure_batches(
+    model: torch.nn.Module | ModelAdapter, batches: Mapping[str, TaskBatch], probes: Sequence[Probe], artifacts: dict | None = None
+) -> list[tuple[str, list]]:
+    """Each probe measured on the batch it reads (`Probe.reads_batch`; the "probe" batch where the run has no such one).
+
+    One `measure_model` forward per batch in use; results in the order of `probes`.
+    """
+    groups: dict[str, list[Probe]] = {}
+    for probe in probes:
+        groups.setdefault(probe.reads_batch if probe.reads_batch in batches else "probe", []).append(probe)
+    results = {}
+    for name, group in groups.items():
+        results.update(measure_model(model, batches[name], group, artifacts))
+    return [(probe.name, results[probe.name]) for probe in probes]
+
+
 def measure_model(
     model: torch.nn.Module | ModelAdapter, batch: TaskBatch, probes: Sequence[Probe], artifacts: dict | None = None
 ) -> list[tuple[str, list]]:

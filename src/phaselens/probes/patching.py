@@ -20,6 +20,8 @@ clean (late disambiguation: same B, other z and first target; z patched, first t
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from phaselens.models.adapter import FAST_PATHS, ModelAdapter, adapter_for
@@ -28,10 +30,14 @@ from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_prob
 from phaselens.tasks.batch import TaskBatch
 
 
-def corrupt_positions(tokens: torch.Tensor, positions: torch.Tensor, vocab: int, seed: int) -> torch.Tensor:
-    """Tokens (B, T) with every position in `positions` (B, T) replaced by a random token (fixed seed): (B, T)."""
+def corrupt_positions(tokens: torch.Tensor, positions: torch.Tensor, vocab: int | Sequence[int], seed: int) -> torch.Tensor:
+    """Tokens (B, T) with every position in `positions` (B, T) replaced by a random token (fixed seed): (B, T).
+
+    `vocab`: the vocabulary size, or the ids to draw from (a tokenizer's ordinary ids: no special tokens).
+    """
+    ids = torch.arange(vocab) if isinstance(vocab, int) else torch.as_tensor(list(vocab), dtype=torch.long)  # (n,)
     rng = torch.Generator().manual_seed(seed)
-    noise = torch.randint(0, vocab, tokens.shape, generator=rng).to(tokens.device)
+    noise = ids[torch.randint(0, len(ids), tokens.shape, generator=rng)].to(tokens.device)
     return torch.where(positions, noise, tokens)
 
 
@@ -134,6 +140,7 @@ class PatchingProbe(Probe):
     """
 
     name = "patching"
+    reads_batch = "induction"
     live = False  # n_layers + 2 extra forwards: measure it on checkpoints
 
     def __init__(self, patch: str | None = None, read: str | None = None, corrupt: str = "noise", seed: int = 0):
@@ -154,7 +161,7 @@ class PatchingProbe(Probe):
         if opts["corrupt"] == "partner":
             return self._partners(inputs, positions, targets)
         clean = {name: inputs.acts[name] for name in self.hook_names(inputs.n_layers)}
-        corrupted = corrupt_positions(batch.tokens, positions, inputs.adapter.d_vocab, opts["seed"])
+        corrupted = corrupt_positions(batch.tokens, positions, inputs.adapter.tokenizer.ordinary_ids(), opts["seed"])
         effects = patching_effects(inputs.adapter, clean, corrupted, batch.tokens, positions, targets, clean_logits=inputs.logits)
         return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]
 

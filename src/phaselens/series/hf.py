@@ -4,7 +4,9 @@ The run directory looks like a trained run's, except that `checkpoints/step_N/` 
 `reference.json` (source and revision): no weights are copied. `Run.load_model(step)` and
 `phaselens probe` boot each revision through `TransformerBridge` when they need it, one at a
 time. The probe batch is a fixed, seeded set of crops of a local text file tokenised with the
-model's tokenizer; `unigram.json` counts that file's tokens (or holds counts the user gives).
+model's tokenizer; `unigram.json` counts that file's tokens (or holds counts the user gives). Beside it,
+`induction_batch.safetensors` holds the induction task's construction in the model's vocabulary (random
+ordinary tokens, a segment repeated at a variable offset), which `heads`, `attention_to` and `patching` read.
 """
 
 from __future__ import annotations
@@ -93,10 +95,12 @@ def import_hf(
     """
     import torch
 
+    from phaselens.models.adapter import HFTokenizer
     from phaselens.models.hf import REFERENCE_FILE, boot_revision
     from phaselens.models.hf_config import HFModelConfig
     from phaselens.series.integrity import record_hashes
     from phaselens.series.revisions import resolve_device, resolve_dtype, revision_hash
+    from phaselens.tasks.induction import induction_probe_batch
     from phaselens.tasks.tokenized_text_config import TokenizedTextData
 
     if bool(revisions) == bool(pythia):
@@ -140,9 +144,12 @@ def import_hf(
                     tokenizer_revision="" if local else first, seq_len=seq_len, probe_size=sequences)
     task = data.build(model, tokenizer=tokenizer)
     probe_batch = task.sample(sequences, torch.Generator().manual_seed(seed), split="probe")
+    ordinary = HFTokenizer(tokenizer, model.d_vocab).ordinary_ids()
+    induction_batch = induction_probe_batch(ordinary, seq_len, sequences, torch.Generator().manual_seed(seed + 1))
 
     run.path.mkdir(parents=True, exist_ok=True)
     probe_batch.save(run.probe_batch)
+    induction_batch.save(run.induction_batch)
     if unigram:
         counts, origin = read_unigram_counts(unigram), f"user counts from {Path(unigram).resolve()}"
         if len(counts) > model.d_vocab:

@@ -4,6 +4,7 @@
     checkpoints/      step_00001000/ model.safetensors, trainer.safetensors, trainer.json
     probe_batch.safetensors   the fixed probe batch every step and checkpoint is measured on
     samples/          fixed, seeded samples of the training data (the `llc` probe's n-sample)
+    induction_batch.safetensors   random tokens with a repeated segment, for head scores (imported series)
     metrics.sqlite    one row per value
     artifacts/        non-scalar probe results (JSON)
     report/           report.md and PNG figures
@@ -77,6 +78,10 @@ class RunDir:
     def training_sample(self, n: int, seed: int) -> Path:
         """The fixed, seeded sample of n training sequences the `llc` probe draws its minibatches from."""
         return self.path / "samples" / f"train_n{n}_seed{seed}.safetensors"
+
+    @property
+    def induction_batch(self) -> Path:
+        return self.path / "induction_batch.safetensors"
 
     def checkpoint(self, step: int) -> Path:
         return self.checkpoints / f"step_{step:08d}"

@@ -11,13 +11,15 @@ back solves it without any induction mechanism; keep it only to demonstrate that
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Sequence
 
 import torch
 
 from phaselens.tasks.batch import TaskBatch
 
 VARIANTS = ("variable_offset", "half_repeat")
+PROBE_MIN_LEN, PROBE_MAX_LEN = 8, 24
 
 
 @dataclass(frozen=True)
@@ -74,3 +76,23 @@ class InductionTask:
                 raise ConfigError(
                     f"data.max_len={self.max_len}: a segment and its repeat need 2*max_len <= model.n_ctx={self.seq_len}"
                 )
+
+
+def induction_probe_batch(token_ids: Sequence[int], seq_len: int, sequences: int, generator: torch.Generator) -> TaskBatch:
+    """The induction task's construction in a model's own vocabulary: random tokens drawn from `token_ids`
+    (a tokenizer's ordinary ids: no end-of-text or padding), one segment repeated at a variable offset.
+
+    Sequences of `seq_len` tokens; segments of 8 to 24 tokens (at most seq_len // 2). Heads, attention_to
+    and patching read it on runs whose own probe batch is text.
+    """
+    from phaselens.errors import ConfigError
+
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long)  # (n,)
+    if len(ids) < 2:
+        raise ConfigError(f"an induction probe batch needs at least 2 ordinary token ids, got {len(ids)}")
+    max_len = min(PROBE_MAX_LEN, seq_len // 2)
+    if max_len < PROBE_MIN_LEN:
+        raise ConfigError(f"an induction probe batch needs sequences of at least {2 * PROBE_MIN_LEN} tokens, got {seq_len}")
+    task = InductionTask(seq_len=seq_len, vocab=len(ids), min_len=PROBE_MIN_LEN, max_len=max_len)
+    batch = task.sample(sequences, generator, split="probe")
+    return replace(batch, tokens=ids[batch.tokens])  # positions 0..n-1 of the task become the model's ids

@@ -9,6 +9,14 @@ from phaselens.tasks.config import DataConfig, register_task
 from phaselens.tasks.study import POST_HOC_PROBES, Study
 
 
+# How attention_to and patching read an induction batch (this task's, or the induction batch an
+# imported series stores beside its text batch): from the copies to the first occurrence.
+INDUCTION_BATCH_OPTIONS = {
+    "attention_to": {"query": "copy", "key": "source"},
+    "patching": {"patch": "source", "read": "copy", "corrupt": "noise"},
+}
+
+
 @register_task("induction")
 @dataclass
 class InductionData(DataConfig):
@@ -23,8 +31,7 @@ class InductionData(DataConfig):
         post_hoc_probes=(*POST_HOC_PROBES, "attention_to", "patching"),
         probe_options={
             "loss": {"positions": ["copy"], "complements": ["copy"]},  # copy, non_copy
-            "attention_to": {"query": "copy", "key": "source"},
-            "patching": {"patch": "source", "read": "copy", "corrupt": "noise"},
+            **INDUCTION_BATCH_OPTIONS,
         },
         inapplicable_probes={"random_z": "induction batches have no selector z"},
     )

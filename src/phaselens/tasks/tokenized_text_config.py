@@ -1,7 +1,8 @@
 """The `data` section of the tokenized_text task: fixed-length crops of a local text file (torch-free).
 
 An imported checkpoint series measures its probes on such crops, tokenised with the model's
-own tokenizer. The task has no copy or source masks, so the probes that need them are refused.
+own tokenizer. The task has no copy or source positions: heads, attention_to and patching read the
+series' induction batch instead (`series.hf`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any, ClassVar
 
 from phaselens.errors import ConfigError
 from phaselens.tasks.config import DataConfig, register_task
-from phaselens.tasks.study import Study
+from phaselens.tasks.induction_config import INDUCTION_BATCH_OPTIONS
+from phaselens.tasks.study import POST_HOC_PROBES, Study
 
 
 @register_task("tokenized_text")
@@ -26,15 +28,11 @@ class TokenizedTextData(DataConfig):
     tokenizer_revision: str = ""
     seq_len: int = 128
 
-    # probes that read what text batches lack (a repeated segment, position sets), and why
+    # heads, attention_to and patching read the series' induction batch, stored beside the text one
     study: ClassVar[Study] = Study(
-        post_hoc_probes=("attention", "loss", "logit_lens", "geometry"),
-        inapplicable_probes={
-            "heads": "head scores need the induction probe batch (a segment repeated at a variable offset)",
-            "attention_to": "needs the task's copy and source positions",
-            "patching": "needs pairs of prompts with the task's source positions",
-            "random_z": "text batches have no selector z",
-        },
+        post_hoc_probes=(*POST_HOC_PROBES, "geometry", "attention_to", "patching"),
+        probe_options={**INDUCTION_BATCH_OPTIONS, "loss": {"icl_score": True}},
+        inapplicable_probes={"random_z": "text batches have no selector z"},
     )
 
     def build(self, model: Any, tokenizer: Any = None):
