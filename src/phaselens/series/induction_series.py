@@ -40,7 +40,7 @@ def probe_text(n_words: int = 4000, seed: int = 0, vocab: int = VOCAB) -> str:
 
 def save_induction_series(
     model_dir: str | Path,
-    steps: Sequence[int] = tuple(range(0, 2401, 200)),
+    steps: Sequence[int] = tuple(range(0, 1401, 100)),
     lr: float = 1e-3,
     batch_size: int = 32,
     seed: int = 0,
@@ -51,7 +51,8 @@ def save_induction_series(
 
     Args:
         steps: the revisions to save (the model after s AdamW updates).
-        d_mlp: the MLP width (8: the head forms by about 1,500 steps at lr 1e-3).
+        d_mlp: the MLP width (8: a layer-1 head's induction score goes from ~0.05 to ~0.8 between
+            steps 600 and 1,000 at lr 1e-3, seed 0).
     """
     import torch
     import transformers
