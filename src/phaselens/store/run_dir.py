@@ -27,8 +27,8 @@ STEP_DIR = re.compile(r"^step_(\d{8,})$")
 STATUSES = ("running", "finished", "failed", "stopped")  # stopped: interrupted (Ctrl-C), resumable
 # What phaselens writes at the top of a run directory; anything else there is the user's.
 RUN_ENTRIES = frozenset({
-    "run.json", "checkpoints", "probe_batch.safetensors", "metrics.sqlite", "metrics.sqlite-wal", "metrics.sqlite-shm",
-    "metrics.sqlite-journal", "artifacts", "report", "unigram.json", "samples", "metrics.csv", "metrics.json", "metrics.parquet",
+    "run.json", "checkpoints", "probe_batch.safetensors", "induction_batch.safetensors", "metrics.sqlite", "metrics.sqlite-wal",
+    "metrics.sqlite-shm", "metrics.sqlite-journal", "artifacts", "report", "unigram.json", "samples", "metrics.csv", "metrics.json", "metrics.parquet",
 })
 _KEPT_STORE = re.compile(r"^metrics\.sqlite\.damaged(-\d+)?(-wal|-shm)?$")  # set aside by a resume with --new-metrics
 _TEMP_FILE = re.compile(r"^\.(.+)\.[^.]+\.tmp$")  # store.atomic's temporary sibling of a file being written
