@@ -55,6 +55,8 @@ def test_a_layer_1_induction_head_forms_and_its_transition_is_found(probed_serie
     found = run.transitions(probe="heads", metric="induction")
     found = found[(found["layer"] == 1) & (found["head"] == best)]
     assert len(found) >= 1 and found.iloc[0]["after"] > found.iloc[0]["before"] + 0.3
+    invoke("report", run.path)
+    assert f"| heads | induction | 1 | {best} |" in (run.path / "report" / "report.md").read_text()
 
 
 def test_stored_head_scores_equal_the_hf_models_own_attentions(probed_series):

@@ -30,17 +30,20 @@ class ProbeInputs:
 
     acts: Mapping[str, torch.Tensor]  # hook name -> activation, rows of `batch` only
     batch: TaskBatch
-    model: Any  # the model or its ModelAdapter; probes read it through `adapter`
+    model: Any  # the model itself; probes read it through `adapter`
     logits: torch.Tensor | None = None  # (B, T, vocab), when the probe sets needs_logits
     n_layers: int = 0
     n_heads: int = 0
     _stacked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _rolled: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _adapter: ModelAdapter | None = field(default=None, repr=False)
 
     @property
     def adapter(self) -> ModelAdapter:
         """The model as probes see it: dimensions, residual sites, unembedding, fast paths (`models.adapter`)."""
-        return adapter_for(self.model)
+        if self._adapter is None:
+            self._adapter = adapter_for(self.model)
+        return self._adapter
 
     def stack(self, template: str) -> torch.Tensor:
         """Stack one hook over layers: `stack("blocks.{}.attn.hook_pattern")` -> (L, ...).

@@ -264,8 +264,9 @@ class Telemetry:
         index = rows if rows is not None else slice(None)
         with torch.inference_mode():  # no autograd views of the training graph, on any thread
             # No detach: `flatten` detaches what the probes return.
-            inputs = ProbeInputs(acts={name: act[index] for name, act in acts.items()}, batch=batch, model=self.adapter,
-                                 logits=logits[index] if logits is not None else None, n_layers=self.n_layers, n_heads=self.n_heads)
+            inputs = ProbeInputs(acts={name: act[index] for name, act in acts.items()}, batch=batch, model=self.model,
+                                 logits=logits[index] if logits is not None else None, n_layers=self.n_layers, n_heads=self.n_heads,
+                                 _adapter=self.adapter)
             return run_probes(probes, inputs)
 
     def _submit(self, fn: Any) -> None:

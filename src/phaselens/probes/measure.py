@@ -49,7 +49,8 @@ def measure_cache(
             raise KeyError(f"probe {probe.name!r} needs {missing} in the cache; run_with_cache with those names")
         if probe.needs_logits and logits is None:
             raise ValueError(f"probe {probe.name!r} reads logits: pass logits=model output")
-    inputs = ProbeInputs(acts=cache, batch=TaskBatch.coerce(batch), model=model, logits=logits, n_layers=n_layers, n_heads=n_heads)
+    inputs = ProbeInputs(acts=cache, batch=TaskBatch.coerce(batch), model=None if model is None else model.model, logits=logits,
+                         n_layers=n_layers, n_heads=n_heads)
     rows = to_rows(step, source, run_probes(probes, inputs))
     return pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64", "head": "Int64"})
 
@@ -94,7 +95,8 @@ def measure_model(
     if logits.dtype in (torch.bfloat16, torch.float16):
         cache = {name: act.float() if act.is_floating_point() else act for name, act in cache.items()}
         logits = logits.float()
-    inputs = ProbeInputs(acts=cache, batch=batch, model=adapter, logits=logits, n_layers=adapter.n_layers, n_heads=adapter.n_heads)
+    inputs = ProbeInputs(acts=cache, batch=batch, model=adapter.model, logits=logits, n_layers=adapter.n_layers,
+                         n_heads=adapter.n_heads, _adapter=adapter)
     results = run_probes(probes, inputs)
     if artifacts is not None:
         with torch.no_grad():
