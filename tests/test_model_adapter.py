@@ -42,6 +42,7 @@ def test_phaselens_transformer_adapter_reads_its_config_and_weights():
     assert weights.W_Q.shape == (3, 2, 16, 8) and weights.W_O.shape == (3, 2, 8, 16)
     assert torch.equal(weights.W_K[1], model.blocks[1].attn.W_K)
     assert adapter.tokenizer.kind == "ids" and adapter.tokenizer.encode("3 4, 19") == [3, 4, 19]
+    assert adapter.tokenizer.decode([3, 4, 19]) == "3 4 19"
     with pytest.raises(ValueError, match="below the vocabulary size 20"):
         adapter.tokenizer.encode("3 25")
 
@@ -130,6 +131,7 @@ def test_bridge_tokenizer_is_the_models_own(bridges, tiny_hf_models):
     ids = adapter.tokenizer.encode("the cat sat on the mat")
     assert ids == own("the cat sat on the mat", add_special_tokens=False)["input_ids"]
     assert adapter.tokenizer.labels(ids) == ["the", "cat", "sat", "on", "the", "mat"]
+    assert adapter.tokenizer.decode(ids) == own.decode(ids)
     assert adapter.tokenizer.special_ids == frozenset(own.all_special_ids) and adapter.tokenizer.special_ids
 
 
@@ -139,6 +141,7 @@ def test_bdh_adapter_offers_what_applies():
     assert adapter.kind == "bdh" and not adapter.has_attention and adapter.head_weights() is None
     assert adapter.tokenizer.kind == "bytes" and adapter.tokenizer.encode("hé") == [104, 195, 169]
     assert adapter.tokenizer.labels([104, 10]) == ["h", "\\x0a"]
+    assert adapter.tokenizer.decode([104, 195, 169]) == "hé"
     assert adapter.final_norm_site is None
     with pytest.raises(UnsupportedModel, match="no softmax pattern"):
         adapter.pattern_hook(0)

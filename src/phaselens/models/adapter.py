@@ -22,7 +22,7 @@ unknown model fails here, with a message that says what is supported.
 | per-head weights             | `head_weights()`                         | `HeadWeights` W_Q W_K W_V (L, H, d_model, d_head), W_O (L, H, d_head, d_model); None without heads |
 | hook points                  | `hook_points`                            | {name: HookPoint}                               |
 | forward passes               | `logits(tokens)`, `run_with_cache(tokens, names)` | (B, T, d_vocab); and {name: activation} |
-| text <-> ids                 | `tokenizer`                              | `Tokenizer`: `kind` ("bytes" / "ids" / "hf"), `encode`, `labels`, `special_ids`, `ordinary_ids()` |
+| text <-> ids                 | `tokenizer`                              | `Tokenizer`: `kind` ("bytes" / "ids" / "hf"), `encode`, `decode`, `labels`, `special_ids`, `ordinary_ids()` |
 | optional fast paths          | `capabilities` ⊆ `FAST_PATHS`            | frozenset of names; call them on the adapter    |
 
 Fast paths (`adapter.supports(name)` before calling; calling an undeclared one raises):
@@ -89,7 +89,12 @@ class Tokenizer:
         raise NotImplementedError
 
     def labels(self, ids: Sequence[int]) -> list[str]:
+        """How each token is shown (on attention axes, say)."""
         return [str(int(i)) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of a sequence of ids."""
+        return " ".join(self.labels(ids))
 
 
 class IdTokenizer(Tokenizer):
@@ -119,6 +124,9 @@ class ByteTokenizer(Tokenizer):
     def labels(self, ids: Sequence[int]) -> list[str]:
         return [chr(i) if 32 <= i < 127 else f"\\x{int(i):02x}" for i in ids]
 
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
 
 class HFTokenizer(Tokenizer):
     """A Hugging Face tokenizer (the one saved with the model)."""
@@ -142,6 +150,9 @@ class HFTokenizer(Tokenizer):
 
     def labels(self, ids: Sequence[int]) -> list[str]:
         return [self.hf.decode([int(i)]) for i in ids]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.hf.decode([int(i) for i in ids])
 
 
 # ---------------------------------------------------------------------------- adapters
