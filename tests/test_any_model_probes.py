@@ -17,7 +17,7 @@ from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.induction import induction_probe_batch
 
 ARCHITECTURES = ("gpt2", "gpt_neox", "llama")
-PROBES = ("attention", "heads", "loss", "logit_lens", "geometry", "attention_to", "patching")
+PROBES = ("attention", "heads", "loss", "logit_lens", "geometry", "attention_to", "patching", "neurons")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,7 @@ def test_every_probe_measures_a_hugging_face_model(bridges, name):
     assert shapes[("heads", "induction")] == (L, H) and shapes[("attention_to", "mass")] == (L, H)
     assert shapes[("logit_lens", "p_correct")] == (L + 1,) and shapes[("patching", "effect")] == (L + 1,)
     assert shapes[("geometry", "interaction_energy")] == (L + 2,) and shapes[("attention", "entropy")] == (L, H)
+    assert shapes[("neurons", "firing_rate_mean")] == (L,)  # the MLP neurons (blocks.{l}.mlp.hook_post)
     assert all(torch.isfinite(m.value).all() for ms in results.values() for m in ms)
 
     text = batches["probe"].tokens
