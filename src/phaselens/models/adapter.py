@@ -21,12 +21,12 @@ unknown model fails here, with a message that says what is supported.
 | embedding, unembedding       | `embedding()`, `unembedding()`           | W_E (d_vocab, d_model), W_U (d_model, d_vocab)  |
 | per-head weights             | `head_weights()`                         | `HeadWeights` W_Q W_K W_V (L, H, d_model, d_head), W_O (L, H, d_head, d_model); None without heads |
 | hook points                  | `hook_points`                            | {name: HookPoint}                               |
-| forward passes               | `logits(tokens)`, `run_with_cache(tokens, names)` | (B, T, d_vocab); and {name: activation} |
+| forward passes               | `logits(tokens)`, `run_with_cache(tokens, names)`, `run_with_hooks(tokens, hooks)` | (B, T, d_vocab); and {name: activation} |
 | text <-> ids                 | `tokenizer`                              | `Tokenizer`: `kind` ("bytes" / "ids" / "hf"), `encode`, `decode`, `labels`, `special_ids`, `ordinary_ids()` |
 | optional fast paths          | `capabilities` ⊆ `FAST_PATHS`            | frozenset of names; call them on the adapter    |
 
 Fast paths (`adapter.supports(name)` before calling; calling an undeclared one raises):
-  `residual_streams(tokens, n_blocks)`  the streams entering blocks 0..n_blocks−1 plus the next one's: n_blocks + 1 × (B, T, d)
+  `residual_streams(tokens, n_blocks)`  residual streams 0..n_blocks (all of them by default): each (B, T, d_model)
   `stream_from(resid, layer, at)`       the last block's output from the stream entering block `layer`
   `forward_from(resid, layer, at)`      logits from the stream entering block `layer`; `at` = (rows, cols) computes those positions only
 """
