@@ -67,7 +67,7 @@ def measure_batches(
         groups.setdefault(probe.reads_batch if probe.reads_batch in batches else "probe", []).append(probe)
     results = {}
     for name, group in groups.items():
-        results.update(measure_model(model, batches[name], group, artifacts))
+        results.update(measure_model(model, batches[name], group, artifacts=artifacts))
     return [(probe.name, results[probe.name]) for probe in probes]
 
 
