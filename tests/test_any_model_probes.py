@@ -15,6 +15,7 @@ from phaselens.probes.measure import measure_batches
 from phaselens.probes.patching import patching_effects, target_probability
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.induction import induction_probe_batch
+from phaselens.tasks.induction_config import INDUCTION_BATCH_OPTIONS
 
 ARCHITECTURES = ("gpt2", "gpt_neox", "llama")
 PROBES = ("attention", "heads", "loss", "logit_lens", "geometry", "attention_to", "patching", "neurons")
@@ -52,10 +53,10 @@ def test_induction_probe_batch_draws_ordinary_ids_and_repeats_a_segment(bridges)
     assert ids and not set(ids) & adapter.tokenizer.special_ids and max(ids) < adapter.tokenizer.n_tokens
     batch = induction_probe_batch(ids, 48, 16, torch.Generator().manual_seed(1))
     assert set(batch.tokens.unique().tolist()) <= set(ids)
-    rows, cols = batch.copy_mask.nonzero(as_tuple=True)
+    rows, cols = batch.positions["copy"].nonzero(as_tuple=True)
     # a copy prediction's next token was seen after an earlier occurrence of the current token
     assert detection_patterns(batch.tokens)["induction"][rows, cols].any(-1).all()
-    starts = {int(r.nonzero()[0, 0]) for r in batch.copy_mask}
+    starts = {int(r.nonzero()[0, 0]) for r in batch.positions["copy"]}
     assert len(starts) > 3  # a variable offset
 
 
@@ -63,7 +64,8 @@ def test_induction_probe_batch_draws_ordinary_ids_and_repeats_a_segment(bridges)
 def test_every_probe_measures_a_hugging_face_model(bridges, name):
     adapter = adapter_for(bridges[name])
     batches = batches_for(adapter)
-    probes = [make_probe(p) if p != "geometry" else make_probe(p, unigram=torch.ones(adapter.d_vocab)) for p in PROBES]
+    options = {**INDUCTION_BATCH_OPTIONS, "loss": {"icl_score": True}, "geometry": {"unigram": torch.ones(adapter.d_vocab)}}
+    probes = [make_probe(p, **options.get(p, {})) for p in PROBES]  # as the imported series' study declares them
     results = dict(measure_batches(adapter, batches, probes))
     assert set(results) == set(PROBES)
     shapes = {(p, m.metric): tuple(m.value.shape) for p, ms in results.items() for m in ms}
@@ -112,7 +114,7 @@ def test_patching_every_position_restores_the_clean_prediction_on_a_hugging_face
     with torch.no_grad():
         clean_logits, cache = adapter.run_with_cache(clean, names)
         everywhere = torch.ones_like(clean, dtype=torch.bool)
-        targets = batch.copy_mask
+        targets = batch.positions["copy"]
         effects = patching_effects(adapter, cache, corrupted, clean, everywhere, targets)  # (L+1, B)
         p = lambda logits: (target_probability(logits, clean) * targets).sum(-1) / targets.sum(-1)  # noqa: E731
         expected = p(clean_logits) - p(adapter.logits(corrupted))

@@ -109,7 +109,7 @@ def test_head_scores_attention_to_and_patching_read_the_series_induction_batch(s
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "step0")
     assert batch.tokens.shape == (6, 32) and int(batch.tokens.max()) < len(tokenizer)
     assert not set(batch.tokens.flatten().tolist()) & set(tokenizer.all_special_ids)
-    offsets = {int(r.nonzero()[0, 0]) for r in batch.copy_mask}
+    offsets = {int(r.nonzero()[0, 0]) for r in batch.positions["copy"]}
     assert len(offsets) > 1  # the repeat starts at a different place in different sequences
     invoke("probe", out, "--probes", "heads,attention_to,patching")
     rows = run.metrics(source="checkpoint")
