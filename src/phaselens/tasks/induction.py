@@ -82,8 +82,8 @@ def induction_probe_batch(token_ids: Sequence[int], seq_len: int, sequences: int
     """The induction task's construction in a model's own vocabulary: random tokens drawn from `token_ids`
     (a tokenizer's ordinary ids: no end-of-text or padding), one segment repeated at a variable offset.
 
-    Sequences of `seq_len` tokens; segments of 8 to 24 tokens (at most seq_len // 2). Heads, attention_to
-    and patching read it on runs whose own probe batch is text.
+    Sequences of `seq_len` tokens; segments of 8 to 24 tokens (shorter sequences: of up to seq_len // 2).
+    Heads, attention_to and patching read it on runs whose own probe batch is text.
     """
     from phaselens.errors import ConfigError
 
@@ -91,8 +91,8 @@ def induction_probe_batch(token_ids: Sequence[int], seq_len: int, sequences: int
     if len(ids) < 2:
         raise ConfigError(f"an induction probe batch needs at least 2 ordinary token ids, got {len(ids)}")
     max_len = min(PROBE_MAX_LEN, seq_len // 2)
-    if max_len < PROBE_MIN_LEN:
-        raise ConfigError(f"an induction probe batch needs sequences of at least {2 * PROBE_MIN_LEN} tokens, got {seq_len}")
-    task = InductionTask(seq_len=seq_len, vocab=len(ids), min_len=PROBE_MIN_LEN, max_len=max_len)
+    if max_len < 2:
+        raise ConfigError(f"an induction probe batch needs sequences of at least 4 tokens (a segment and its repeat), got {seq_len}")
+    task = InductionTask(seq_len=seq_len, vocab=len(ids), min_len=min(PROBE_MIN_LEN, max_len), max_len=max_len)
     batch = task.sample(sequences, generator, split="probe")
     return replace(batch, tokens=ids[batch.tokens])  # positions 0..n-1 of the task become the model's ids
