@@ -8,7 +8,8 @@ levels before and after. It is reported when
 * the change is large against the noise: |after − before| > 3σ and > 10σ/√w, with σ the
   robust (MAD) spread of the raw values around the smooth curve and w the smoothing window;
 * it is a transition, not a drift: the 10%–90% window spans at most 40% of the series, and just
-  before and just after the window the curve moves at less than half the rate it moves inside it.
+  before the climb begins and just after it levels off the curve moves at less than half the rate
+  it moves inside the window.
 
 The window is read off the smooth curve between where the climb begins and where it levels
 off, and the reported step is the steepest point inside that window, so start ≤ step ≤ end.
@@ -59,19 +60,23 @@ def _window(smoothed: np.ndarray, a: int, b: int, direction: float) -> tuple[int
     return i10, max(i10, i90)
 
 
-def _drift(steps: np.ndarray, smoothed: np.ndarray, i10: int, i90: int, direction: float, window: int) -> bool:
-    """True when, next to its window, the curve moves the same way at half its rate or more: a slow drift.
+def _drift(steps: np.ndarray, smoothed: np.ndarray, i10: int, i90: int, a: int, b: int, direction: float,
+           window: int) -> bool:
+    """True when, next to its climb, the curve moves the same way at half its rate or more: a slow drift.
 
     Compares the mean rate inside the 10–90% window with the rate, in the same direction, over a
-    stretch as long as the window just before and just after it. A move the other way (a bump
-    going back) does not count, and a stretch shorter than the smoothing window is not judged.
+    stretch as long as the window just before the climb begins (a) and just after it levels off (b).
+    The stretches start at the climb's ends, not at the 10% and 90% points, because smoothing
+    spreads a sharp rise past those points and would make it look like its own drift. A move the
+    other way (a bump going back) does not count, and a stretch shorter than the smoothing window
+    is not judged.
     """
     def rate(i: int, j: int) -> float:
         return direction * (smoothed[j] - smoothed[i]) / max(1, steps[j] - steps[i])
 
     inside = rate(i10, i90)
     width = max(i90 - i10, window)
-    stretches = ((max(0, i10 - width), i10), (i90, min(len(steps) - 1, i90 + width)))
+    stretches = ((max(0, a - width), a), (b, min(len(steps) - 1, b + width)))
     return any(rate(i, j) >= DRIFT_RATE * inside for i, j in stretches if j - i >= window)
 
 
@@ -131,7 +136,7 @@ def find_transitions(steps: np.ndarray, values: np.ndarray) -> list[Transition]:
             i10, i90 = _window(smoothed, a, b, direction)
             # the steepest change inside its own window (the search's centre can sit on a shoulder of it)
             step = i10 + int(np.argmax(direction * rate[i10: i90 + 1]))
-            if (steps[i90] - steps[i10]) <= MAX_WINDOW_FRACTION * span and not _drift(steps, smoothed, i10, i90, direction, window):
+            if (steps[i90] - steps[i10]) <= MAX_WINDOW_FRACTION * span and not _drift(steps, smoothed, i10, i90, a, b, direction, window):
                 found.append(Transition(int(steps[step]), int(steps[i10]), int(steps[i90]), before, after,
                                         abs(change) / max(sigma, scale)))
         search(lo, a)
