@@ -119,7 +119,7 @@ def test_report_and_dashboard_open_the_trainer_run(trained):
     from phaselens.server import build
 
     server, _ = build([run_dir])
-    with TestClient(server) as client:
+    with TestClient(server, base_url="http://127.0.0.1:8050") as client:  # loopback refuses foreign Host headers
         runs = client.get("/api/runs").json()["runs"]
         assert runs[0]["status"] == "finished" and runs[0]["checkpoints"] == [2, 4, 6]
         rows = client.get(f"/api/runs/{run_dir.name}/metrics", params={"probe": "attention", "metric": "entropy",
