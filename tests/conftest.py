@@ -115,3 +115,36 @@ def imported_run(tmp_path_factory) -> Path:
                                       "--seq-len", "32", "--sequences", "8"])
     assert result.exit_code == 0, result.output
     return root / "series"
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def pytest_collection_modifyitems(items):
+    """Browser tests (those that use the `browser` fixture) are skipped where Debian's Chromium is missing."""
+    if CHROMIUM.exists():
+        return
+    skip = pytest.mark.skip(reason="Debian chromium is not installed")
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's headless Chromium driven by Playwright, one per test module."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def screenshots() -> Path:
+    """test-output/, where browser tests leave their screenshots (CI keeps that folder)."""
+    folder = Path(__file__).resolve().parents[1] / "test-output"
+    folder.mkdir(exist_ok=True)
+    return folder

@@ -10,16 +10,9 @@ import pytest
 
 import phaselens as pl
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-output"
-
 IDLE = "document.body.dataset.busy === '0'"  # no request or redraw in flight
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed"),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -40,27 +33,21 @@ def text_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def page(induced_run, induction_run, text_run):
-    from playwright.sync_api import sync_playwright
-
+def page(browser, induced_run, induction_run, text_run):
     handle = pl.serve(run=[induction_run, induced_run, text_run])
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            errors: list[str] = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(handle.url)
-            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
-            page.errors = errors
-            yield page
-            browser.close()
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors: list[str] = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(handle.url)
+        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+        page.errors = errors
+        yield page
     finally:
         handle.stop()
 
 
-def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, induced_run):
-    SCREENSHOTS.mkdir(exist_ok=True)
+def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, induced_run, screenshots):
     page.select_option("#run-select", induced_run.name)
     page.wait_for_function(f"window.phaselens.run === '{induced_run.name}' && {IDLE}")
     assert page.locator("#timeline-plot .main-svg").count() > 0
@@ -77,7 +64,7 @@ def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, 
     early = scrub_to(400)  # before the transition (near step 1,100): no induction head yet
     assert max(score for _, score in early) < 0.3, early
     scores = scrub_to(1600)  # after it
-    page.screenshot(path=str(SCREENSHOTS / "dashboard_timeline.png"), full_page=True)
+    page.screenshot(path=str(screenshots / "dashboard_timeline.png"), full_page=True)
 
     node, score = max(scores, key=lambda pair: pair[1])
     assert score > 0.5, scores
@@ -96,7 +83,7 @@ def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, 
     assert after - before > 1.0, (before, after)
     assert "copy-position loss" in result.inner_text()
     assert page.locator("#loss-plot .legendtext").all_text_contents() == ["clean", "ablated"]
-    page.locator("#model-view").screenshot(path=str(SCREENSHOTS / "dashboard_model_view.png"))
+    page.locator("#model-view").screenshot(path=str(screenshots / "dashboard_model_view.png"))
     assert page.locator("#error-bar").is_hidden() and not page.errors
 
 
@@ -114,7 +101,7 @@ def test_patching_and_gradients_render_and_bad_input_shows_a_message(page, induc
     assert not page.errors
 
 
-def test_the_neuron_view_shows_the_contexts_of_the_artifact_phaselens_neurons_wrote(page, text_run):
+def test_the_neuron_view_shows_the_contexts_of_the_artifact_phaselens_neurons_wrote(page, text_run, screenshots):
     from phaselens.store.neuron_artifact import read_neuron_artifact
 
     artifact = read_neuron_artifact(next((text_run / "artifacts" / "neurons").glob("step_*.json")))
@@ -130,5 +117,5 @@ def test_the_neuron_view_shows_the_contexts_of_the_artifact_phaselens_neurons_wr
     assert shown.locator("mark").inner_text() == first.contexts[0].token.replace("\n", "↵")
     text = shown.inner_text()
     assert first.contexts[0].before.replace("\n", "↵")[-12:] in text  # the Shakespeare text before the activating byte
-    page.locator("#neurons-view").screenshot(path=str(SCREENSHOTS / "dashboard_neurons.png"))
+    page.locator("#neurons-view").screenshot(path=str(screenshots / "dashboard_neurons.png"))
     assert page.locator("#error-bar").is_hidden() and not page.errors

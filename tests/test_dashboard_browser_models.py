@@ -5,31 +5,14 @@ whose map stays legible and clickable. Screenshots go to test-output/ (CI keeps 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
 import phaselens as pl
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SCREENSHOTS = Path(__file__).resolve().parents[1] / "test-output"
 IDLE = "document.body.dataset.busy === '0'"  # no request or redraw in flight
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian chromium is not installed"),
-]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+pytestmark = pytest.mark.slow
 
 
 def open_page(browser, url: str):
@@ -42,8 +25,7 @@ def open_page(browser, url: str):
     return page
 
 
-def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(browser, imported_run):
-    SCREENSHOTS.mkdir(exist_ok=True)
+def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(browser, imported_run, screenshots):
     handle = pl.serve(run=imported_run)
     try:
         page = open_page(browser, handle.url)
@@ -72,7 +54,7 @@ def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(b
         before, after = float(result.get_attribute("data-before")), float(result.get_attribute("data-after"))
         assert abs(after - before) > 1e-3, (before, after)
         assert page.locator("#loss-plot .legendtext").all_text_contents() == ["clean", "ablated"]
-        page.locator("#model-view").screenshot(path=str(SCREENSHOTS / "dashboard_imported_attention.png"))
+        page.locator("#model-view").screenshot(path=str(screenshots / "dashboard_imported_attention.png"))
 
         page.click("#patch-btn")
         page.wait_for_function("document.getElementById('patch-result').textContent.includes('recovered')")
@@ -97,8 +79,7 @@ def pythia_410m_shaped(tmp_path_factory):
     return TransformerBridge.boot_transformers(str(path), device="cpu")
 
 
-def test_the_map_of_24_layers_by_16_heads_is_legible_and_every_box_clickable(browser, pythia_410m_shaped):
-    SCREENSHOTS.mkdir(exist_ok=True)
+def test_the_map_of_24_layers_by_16_heads_is_legible_and_every_box_clickable(browser, pythia_410m_shaped, screenshots):
     handle = pl.serve(model=pythia_410m_shaped)
     try:
         page = open_page(browser, handle.url)
@@ -112,7 +93,7 @@ def test_the_map_of_24_layers_by_16_heads_is_legible_and_every_box_clickable(bro
         assert len(rows) == 24 and min(b - a for a, b in zip(rows, rows[1:])) >= 20  # one row per layer, apart
         labels = {b[0]: b[5] for b in boxes}
         assert labels["L23H15"] == "15" and labels["L0MLP"] == "MLP"
-        page.locator("#arch").screenshot(path=str(SCREENSHOTS / "dashboard_map_24x16.png"))
+        page.locator("#arch").screenshot(path=str(screenshots / "dashboard_map_24x16.png"))
         # Each box takes its own click at its centre: nothing of a neighbour lies over it.
         hits = page.eval_on_selector_all("#arch .node", """nodes => nodes.map(n => {
             n.scrollIntoView({ block: "center" });
