@@ -127,17 +127,15 @@ def _ddp_worker(rank: int, code: str, port: int, out: str) -> None:
 
 
 def test_distributed_loop_on_two_gloo_processes_writes_only_rank_zeros_rows(tmp_path):
-    import torch._dynamo  # noqa: F401  (DDP imports it: once here rather than in each worker)
     import torch.multiprocessing as mp
-
-    import phaselens.models.transformer  # noqa: F401  (and TransformerLens, for the same reason)
 
     store = tmp_path / "runs" / "ddp" / "metrics.sqlite"
     code = (readme_block("init_process_group").replace("runs/ddp/metrics.sqlite", str(store))
             .replace("range(200)", f"range({STEPS})")
             .replace("optimizer.zero_grad(); loss.backward()", "losses.append(loss.item()); optimizer.zero_grad(); loss.backward()"))
-    # fork: the workers start with everything imported (a second, not tens of seconds, on 2 cores)
-    mp.start_processes(_ddp_worker, args=(code, _free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    # spawn, not fork: a fork of this process copies the threads earlier tests left running (torch's
+    # pools, background writers) in whatever lock state they held, and the workers hung in CI
+    mp.start_processes(_ddp_worker, args=(code, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1]
