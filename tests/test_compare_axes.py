@@ -79,3 +79,12 @@ def test_the_joint_fit_recovers_exact_exponents_and_their_independence():
     assert fit.n == 9 and fit.points == 9 and fit.problem is None and fit.warning is None
     table.loc[0, "tau"] = None  # a run that never reached τ is left out, not counted
     assert fit_joint(table, "tau", ["D", "K"]).n == 8
+
+
+def test_the_temperature_of_a_full_batch_run_is_not_a_number_so_fits_and_figures_leave_it_out():
+    from phaselens.sweeps.compare import temperature
+
+    table = pd.DataFrame({"train.lr": [1e-3, 2e-3, 1e-3], "train.batch_size": [16, 32, 0]})
+    values = temperature(table)
+    assert values[:2].tolist() == [1e-3 / 16, 2e-3 / 32]
+    assert np.isnan(values[2])

@@ -174,3 +174,11 @@ def test_export_of_a_directory_that_is_not_a_run_fails_with_one_clear_line(tmp_p
     assert result.exit_code == 2
     assert "run.json" in result.output and str(tmp_path) in result.output
     assert "Traceback" not in result.output
+
+
+def test_atomically_written_files_get_the_usual_mode_not_a_private_one(tmp_path):
+    from phaselens.store.atomic import UMASK, write_json
+
+    write_json(tmp_path / "run.json", {"a": 1})
+    assert (tmp_path / "run.json").stat().st_mode & 0o777 == 0o666 & ~UMASK
+    assert json.loads((tmp_path / "run.json").read_text()) == {"a": 1}

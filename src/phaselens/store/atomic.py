@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask sets it: done once, at import, before any writer thread starts
+    os.umask(mask)
+    return mask
+
+
+UMASK = _process_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path in the same folder; it replaces `path` only if the block succeeds."""
@@ -17,6 +26,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes the file private (0600); a run's files get the usual mode
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:

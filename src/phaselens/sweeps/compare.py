@@ -219,6 +219,13 @@ def _numeric(values: pd.Series) -> np.ndarray:
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype=float)
 
 
+def temperature(table: pd.DataFrame) -> np.ndarray:
+    """The SGD temperature lr / batch size of each run; NaN for a full-batch run (`train.batch_size=0`),
+    whose batch is the whole training split and not a number in the table."""
+    batch = _numeric(table["train.batch_size"])
+    return np.where(batch > 0, _numeric(table["train.lr"]) / np.where(batch > 0, batch, 1.0), np.nan)
+
+
 def compare_runs(paths: list[Path | str], out: Path | str | None = None) -> Comparison:
     """Compare runs (or sweep directories); writes compare.csv, compare.md and the fit figures into `out`.
 
@@ -249,8 +256,7 @@ def compare_runs(paths: list[Path | str], out: Path | str | None = None) -> Comp
                 if fit is not None:
                     comparison.fits.append(fit)
         if "train.lr" in swept and "train.batch_size" in swept and not covered & {"train.lr", "train.batch_size"}:
-            temperature = _numeric(table["train.lr"]) / _numeric(table["train.batch_size"])
-            fit = fit_log_log(temperature, values, TEMPERATURE)
+            fit = fit_log_log(temperature(table), values, TEMPERATURE)
             if fit is not None:
                 comparison.fits.append(fit)
     out = Path(out) if out is not None else (sweep_dir if sweep_dir is not None else Path("compare"))
@@ -375,8 +381,7 @@ def plot_tau_fits(table: pd.DataFrame, fits: list[Fit], swept: list[str], path: 
     taus = _numeric(table[metric])
     fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        x = (_numeric(table["train.lr"]) / _numeric(table["train.batch_size"]) if key == TEMPERATURE
-             else _numeric(table[key]))
+        x = temperature(table) if key == TEMPERATURE else _numeric(table[key])
         ax.scatter(x, taus, color="tab:blue", zorder=3)
         fit = by_key.get(key)
         if fit is not None:
