@@ -118,6 +118,10 @@ class ByteTokenizer(Tokenizer):
 
     kind = "bytes"
 
+    @property
+    def n_tokens(self) -> int:
+        return 256
+
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 

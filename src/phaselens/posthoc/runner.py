@@ -64,7 +64,8 @@ _WORKER_CACHE: dict[Any, Any] = {}  # per worker process: run state, and probes 
 
 def _worker_state(run_path: str, device: str | None = None, dtype: str | None = None):
     """Model skeleton (a `RevisionLoader` for an imported series), the run's probe batches by name and device, built once per worker."""
-    key = (run_path, device, dtype)
+    # an induction batch written since (`ensure_induction_batch`) is a new state
+    key = (run_path, device, dtype, RunDir(run_path).induction_batch.is_file())
     state = _WORKER_CACHE.get(key)
     if state is None:
         from phaselens.models import build_model
@@ -230,6 +231,21 @@ def ensure_unigram(run_dir: RunDir) -> None:
         write_training_unigram(open_run(run_dir.path).run_config(), unigram_path(run_dir.path))
 
 
+def ensure_induction_batch(run_dir: RunDir, names: Sequence[str]) -> None:
+    """Write the induction batch of a text run trained before runs kept one, when a probe in `names` reads it."""
+    if run_dir.induction_batch.is_file():
+        return
+    from phaselens.probes.base import make_probe
+    from phaselens.run import open_run
+
+    run = open_run(run_dir.path)
+    config = run.run_config()
+    if config.study.induction_batch and any(make_probe(name).reads_batch == "induction" for name in names):
+        from phaselens.training.trainer import induction_batch_for
+
+        induction_batch_for(config, config.build_task(), run.probe_batch()).save(run_dir.induction_batch)
+
+
 def ensure_training_sample(run_dir: RunDir, options: dict | None) -> None:
     """Write the run's fixed, seeded sample of training sequences that the `llc` probe samples from (once per n, seed)."""
     from phaselens.probes.llc import SGLDOptions
@@ -307,6 +323,7 @@ def run_probes(
     chosen = resolve_options(names, info["config"], options)
     if "geometry" in names:
         ensure_unigram(run_dir)
+    ensure_induction_batch(run_dir, names)
     if "llc" in names:
         ensure_training_sample(run_dir, chosen.get("llc"))
     store = MetricsStore(run_dir.metrics_db)

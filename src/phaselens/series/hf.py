@@ -95,7 +95,6 @@ def import_hf(
     """
     import torch
 
-    from phaselens.models.adapter import HFTokenizer
     from phaselens.models.hf import REFERENCE_FILE, boot_revision
     from phaselens.models.hf_config import HFModelConfig
     from phaselens.series.integrity import record_hashes
@@ -144,7 +143,7 @@ def import_hf(
                     tokenizer_revision="" if local else first, seq_len=seq_len, probe_size=sequences)
     task = data.build(model, tokenizer=tokenizer)
     probe_batch = task.sample(sequences, torch.Generator().manual_seed(seed), split="probe")
-    ordinary = HFTokenizer(tokenizer, model.d_vocab).ordinary_ids()
+    ordinary = task.model_tokenizer(model.d_vocab).ordinary_ids()
     induction_batch = induction_probe_batch(ordinary, seq_len, sequences, torch.Generator().manual_seed(seed + 1))
 
     run.path.mkdir(parents=True, exist_ok=True)

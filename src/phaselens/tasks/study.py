@@ -69,12 +69,17 @@ class Study:
     {"attention_to": {"query": "copy", "key": "source"}}; telemetry.probe_options and
     `--probe-option` override them key by key.
     inapplicable_probes: probe name -> why this task's batches cannot feed it (refused by name).
+    induction_batch: the task's batches have no copies or sources (text), so its runs store an induction
+    batch beside the probe batch, in the model's own vocabulary, and the probes with
+    `reads_batch = "induction"` (heads, attention_to, patching) read that; such a task offers
+    `model_tokenizer(d_vocab)`, the tokenizer whose ordinary ids the batch is drawn from.
     """
 
     live_probes: tuple[str, ...] = LIVE_PROBES
     post_hoc_probes: tuple[str, ...] = POST_HOC_PROBES
     probe_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     inapplicable_probes: Mapping[str, str] = field(default_factory=dict)
+    induction_batch: bool = False
     headline: Headline | None = None  # what `compare` reports and fits; None: compare has nothing to fit
 
     def options_for(self, probe: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from phaselens.errors import ConfigError
+from phaselens.models.adapter import ByteTokenizer, Tokenizer
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.text_config import split_point, unigram_entropy
 
@@ -77,6 +78,10 @@ class TextTask:
         index = starts[:, None] + torch.arange(self.seq_len)  # (B, T)
         tokens = data[index].long()  # (B, T)
         return TaskBatch(tokens=tokens, loss_mask=torch.ones(batch_size, self.seq_len - 1, dtype=torch.bool))
+
+    def model_tokenizer(self, d_vocab: int) -> Tokenizer:
+        """Text <-> ids for a model of this task: its bytes."""
+        return ByteTokenizer(d_vocab)
 
     def unigram_entropy(self) -> float:
         """Entropy (nats) of the training split's bytes: the loss of a model that ignores context."""

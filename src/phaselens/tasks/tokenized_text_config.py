@@ -2,9 +2,9 @@
 
 An imported checkpoint series measures its probes on such crops, tokenised with the model's
 own tokenizer. The task has no copy or source positions: heads, attention_to and patching read the
-series' induction batch instead (`series.hf`). attention_to and patching are measured by name only:
-patching runs a forward per residual stream, which at public size costs several times all the
-default probes together.
+run's induction batch instead (`Study.induction_batch`). attention_to and patching are measured by
+name only: patching runs a forward per residual stream, which at public size costs several times all
+the default probes together.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ class TokenizedTextData(DataConfig):
     tokenizer_revision: str = ""
     seq_len: int = 128
 
-    # heads (and, by name, attention_to and patching) read the series' induction batch, stored beside the text one
+    # heads (and, by name, attention_to and patching) read the run's induction batch, stored beside the text one
     study: ClassVar[Study] = Study(
         post_hoc_probes=(*POST_HOC_PROBES, "geometry"),
         probe_options={**INDUCTION_BATCH_OPTIONS, "loss": {"icl_score": True}},
         inapplicable_probes={"random_z": "text batches have no selector z"},
+        induction_batch=True,
     )
 
     def build(self, model: Any, tokenizer: Any = None):

@@ -10,6 +10,8 @@ Two sources of values, one set of probes:
   forward itself (the training batch), so telemetry costs no extra forward pass.
 * `checkpoint`: whenever a checkpoint is saved, the probes also measure the run's fixed probe
   batch on those weights: exactly what `phaselens probe` computes post-hoc on the checkpoint.
+  On text runs (`Study.induction_batch`) heads, attention_to and patching read the run's fixed
+  induction batch instead, as they do post-hoc.
 """
 
 from __future__ import annotations
@@ -32,19 +34,21 @@ from phaselens.models.checkpoints import load_trainer_state, load_weights, save_
 from phaselens.probes.base import Measurement, make_probe
 from phaselens.probes.live import Telemetry, ValueQueue
 from phaselens.probes.loss import prediction_accuracy, token_losses
-from phaselens.probes.measure import measure_model
+from phaselens.probes.measure import measure_batches
 from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
 from phaselens.store.metrics import MetricsStore, MetricsWriter, integrity_problem, set_aside
 from phaselens.store.run_dir import RunDir, versions
 from phaselens.store.unigram import unigram_path
 from phaselens.tasks.batch import TaskBatch
+from phaselens.tasks.induction import induction_probe_batch
 from phaselens.tasks.unigram import write_training_unigram
 from phaselens.training.config import RunConfig, config_differences
 from phaselens.training.memory import check_memory
 
 PROBE_SEED_OFFSET = 1_000_003  # probe and eval batches use their own seeded streams
 EVAL_SEED_OFFSET = 2_000_003
+INDUCTION_SEED_OFFSET = 3_000_003
 NAN_CHECK_EVERY = 50
 ANSWER = "answer"  # a task whose batches have this prediction set gets train_acc and eval_acc
 
@@ -82,6 +86,14 @@ def answer_accuracy(metric: str, logits: torch.Tensor, batch: TaskBatch) -> list
     if ANSWER not in batch.positions:
         return []
     return [Measurement(metric, prediction_accuracy(logits, batch.tokens, batch.predictions(ANSWER, metric)))]
+
+
+def induction_batch_for(config: RunConfig, task: Any, probe: TaskBatch) -> TaskBatch:
+    """The fixed induction batch of a text run: as many sequences as its probe batch, of its length, drawn
+    from the ordinary ids of the model's tokenizer (no special tokens), seeded from the run's seed."""
+    ordinary = task.model_tokenizer(config.model.d_vocab).ordinary_ids()
+    generator = torch.Generator().manual_seed(config.train.seed + INDUCTION_SEED_OFFSET)
+    return induction_probe_batch(ordinary, probe.tokens.shape[1], len(probe), generator)
 
 
 @dataclass
@@ -199,6 +211,16 @@ class Trainer:
             probe = self.task.sample(cfg.data.probe_size, torch.Generator().manual_seed(cfg.train.seed + PROBE_SEED_OFFSET), split="probe")
             probe.save(self.run.probe_batch)
         self.probe_batch = probe.to(self.device)
+        # Batches by the name probes read them under (`Probe.reads_batch`); a text run's heads,
+        # attention_to and patching read its induction batch, written once like the probe batch.
+        self.probe_batches = {"probe": self.probe_batch}
+        if cfg.study.induction_batch:
+            if self.run.induction_batch.is_file():
+                induction = TaskBatch.load(self.run.induction_batch)
+            else:
+                induction = induction_batch_for(cfg, self.task, probe)
+                induction.save(self.run.induction_batch)
+            self.probe_batches["induction"] = induction.to(self.device)
         # Full batch (train.batch_size=0): the whole training split, built once; it draws nothing from the data RNG.
         self.full_batch = self.task.sample(0, self.data_rng, split="train").to(self.device) if cfg.train.batch_size == 0 else None
         eval_rng = torch.Generator().manual_seed(cfg.train.seed + EVAL_SEED_OFFSET)
@@ -390,13 +412,13 @@ class Trainer:
         self._evaluate(step)
 
     def _measure_checkpoint(self, step: int) -> None:
-        """Probe values on the fixed probe batch for the weights saved at `step` (source 'checkpoint')."""
+        """Probe values on the run's fixed batches for the weights saved at `step` (source 'checkpoint')."""
         if not self.checkpoint_probes:
             return
         wanted = {p.name for p in self.checkpoint_probes if p.checkpoint_artifacts}
         artifacts: dict[str, Any] = {}
-        for name, measurements in measure_model(self.model, self.probe_batch, self.checkpoint_probes,
-                                                artifacts=artifacts if wanted else None):
+        for name, measurements in measure_batches(self.model, self.probe_batches, self.checkpoint_probes,
+                                                  artifacts=artifacts if wanted else None):
             self.checkpoint_values.log(step, name, measurements)
         self.checkpoint_values.flush()
         for name in wanted & set(artifacts):
