@@ -64,6 +64,23 @@ def test_llc_is_deterministic_for_a_seed_and_batched_chains_equal_sequential_one
     assert torch.equal(model.weight, weights)  # w* is left as it was
 
 
+def test_a_calibration_grid_runs_together_the_chains_the_probe_runs_at_each_setting():
+    model, sample = linear_regression(4, 500)
+    options = SGLDOptions(epsilon=1e-4, gamma=1.0, chains=3, draws=30, burnin=10, batch_size=50, n=500, seed=2)
+    grid = [(1e-4, 1.0), (3e-4, 10.0), (5.0, 1.0)]  # the last diverges: it must not disturb the others
+    done = []
+    together = LLCEstimator(model, half_mse, sample, options).estimate_grid(grid, progress=done.append)
+    assert done == list(range(1, 41))  # one call per SGLD step, for all settings at once
+    for (epsilon, gamma), joint in zip(grid, together):
+        alone = LLCEstimator(model, half_mse, sample, SGLDOptions(**{**options.__dict__, "epsilon": epsilon, "gamma": gamma})).estimate()
+        assert (joint.options.epsilon, joint.options.gamma) == (epsilon, gamma) and joint.traces.shape == (3, 40)
+        np.testing.assert_allclose(joint.traces, alone.traces, rtol=1e-5)
+        assert joint.warnings == alone.warnings
+    assert not any("diverged" in w for w in together[0].warnings + together[1].warnings)
+    assert any("diverged" in w for w in together[2].warnings)
+    assert together[0].llc != pytest.approx(together[1].llc, rel=1e-3)
+
+
 def test_diagnostics_name_divergence_negative_llc_and_an_unsettled_trace():
     model, sample = linear_regression(4, 500)
     diverged = LLCEstimator(model, half_mse, sample, SGLDOptions(epsilon=0.5, chains=2, draws=20, burnin=0, batch_size=50, n=500)).estimate()

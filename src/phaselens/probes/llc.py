@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -223,15 +223,57 @@ class LLCEstimator:
         noise = [torch.Generator(device=self.device).manual_seed(s + 1) for s in seeds]
         return rows, noise
 
+    def minibatch(self, generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """Each chain's next minibatch of m rows, drawn with replacement from the n-sample: each tensor (C, m, ...)."""
+        index = torch.stack([torch.randint(self.n_rows, (self.options.batch_size,), generator=g) for g in generators])  # (C, m)
+        index = index.to(self.device)
+        return {k: v[index] for k, v in self.sample.items()}
+
+    @staticmethod
+    def draw_noise(generators: list[torch.Generator], out: torch.Tensor) -> torch.Tensor:
+        """Each chain's N(0, 1) noise from its own generator, into out (C, P)."""
+        for c, g in enumerate(generators):
+            torch.randn(out.shape[1], generator=g, device=out.device, out=out[c])
+        return out
+
+    def sgld_update(self, w: torch.Tensor, grads: torch.Tensor, noise: torch.Tensor, n_beta: float,
+                    half_epsilon: torch.Tensor, gamma: torch.Tensor, root_epsilon: torch.Tensor) -> None:
+        """w += −(ε/2)·(nβ·∇L_m(w) + γ·(w − w*)) + √ε·noise, in place, with ε and γ per chain.
+
+        w, grads (consumed), noise: (C, P); half_epsilon = ε/2, gamma, root_epsilon = √ε: (C, 1).
+        """
+        with torch.no_grad():
+            drift = grads.mul_(n_beta).addcmul_(w - self.w_star, gamma)  # (C, P)
+            w.addcmul_(drift, half_epsilon, value=-1.0).addcmul_(noise, root_epsilon)
+
     def estimate(self, batched: bool = True, progress: Callable[[int], None] | None = None) -> LLCResult:
         """Run the chains and return λ̂; `progress(k)` is called after each step with k = steps done."""
+        return self.estimate_grid([(self.options.epsilon, self.options.gamma)], batched, progress)[0]
+
+    def estimate_grid(self, settings: Sequence[tuple[float, float]], batched: bool = True,
+                      progress: Callable[[int], None] | None = None) -> list[LLCResult]:
+        """λ̂ for each (ε, γ) in `settings`, all settings' chains advancing together: K·C chains in one batched step.
+
+        Setting k runs the chains `estimate` runs with ε, γ = settings[k] (the same seeds, so the same
+        minibatches and noise); the chains never interact, so its estimate is the one `estimate` gives.
+        """
         o = self.options
+        chosen = [replace(o, epsilon=float(e), gamma=float(g)) for e, g in settings]
+        for s in chosen:
+            s.validate()
         began = time.perf_counter()
         n_beta = o.inverse_temperature
         init_loss = self.full_loss()
-        row_rng, noise_rng = self._generators()
+        per_setting = [self._generators() for _ in chosen]  # setting k's chain c has chain c's seeds
+        row_rng = [g for rows, _ in per_setting for g in rows]
+        noise_rng = [g for _, noise in per_setting for g in noise]
         steps = o.burnin + o.draws
-        C, P = o.chains, self.w_star.numel()
+        C, P = len(row_rng), self.w_star.numel()
+        def per_chain(values: list[float]) -> torch.Tensor:  # one value per setting -> (C, 1)
+            return torch.tensor(values, dtype=self.w_star.dtype, device=self.device).repeat_interleave(o.chains)[:, None]
+
+        epsilon, gamma = per_chain([s.epsilon for s in chosen]), per_chain([s.gamma for s in chosen])
+        half_epsilon, root_epsilon = epsilon / 2, epsilon.sqrt()
         w = self.w_star.repeat(C, 1)  # (C, P)
         noise = torch.empty(C, P, device=self.device)
         traces = torch.empty(C, steps)
@@ -239,8 +281,7 @@ class LLCEstimator:
         notes = []
         with torch.inference_mode(False), torch.enable_grad():
             for t in range(steps):
-                index = torch.stack([torch.randint(self.n_rows, (o.batch_size,), generator=g) for g in row_rng]).to(self.device)  # (C, m)
-                rows = {k: v[index] for k, v in self.sample.items()}  # each (C, m, ...)
+                rows = self.minibatch(row_rng)  # each (C, m, ...)
                 try:
                     grads, losses = step_fn(w, rows)  # (C, P), (C,)
                 except (RuntimeError, NotImplementedError) as exc:  # an op without a vmap rule: one chain at a time
@@ -249,22 +290,26 @@ class LLCEstimator:
                     notes.append(f"chains ran one after another: the model does not run under torch.func.vmap ({exc})")
                     step_fn, batched = self._sequential_step, False
                     grads, losses = step_fn(w, rows)
-                for c, g in enumerate(noise_rng):
-                    torch.randn(P, generator=g, device=self.device, out=noise[c])
-                with torch.no_grad():
-                    drift = grads.mul_(n_beta).add_(w - self.w_star, alpha=o.gamma)  # (C, P)
-                    w.add_(drift, alpha=-o.epsilon / 2).add_(noise, alpha=math.sqrt(o.epsilon))
+                self.sgld_update(w, grads, self.draw_noise(noise_rng, noise), n_beta, half_epsilon, gamma, root_epsilon)
                 traces[:, t] = losses.detach().float().cpu()
                 if progress is not None:
                     progress(t + 1)
+        seconds = (time.perf_counter() - began) / len(chosen)  # each setting's share of the joint run
         traces_np = traces.numpy().astype(float)
-        chain_llc = n_beta * (traces_np[:, o.burnin:].mean(axis=1) - init_loss)  # (C,)
-        warnings = notes + chain_warnings(traces_np, o.burnin, init_loss, chain_llc)
+        return [self._result(s, traces_np[k * o.chains:(k + 1) * o.chains], init_loss, n_beta, batched, seconds, notes)
+                for k, s in enumerate(chosen)]
+
+    @staticmethod
+    def _result(options: SGLDOptions, traces: np.ndarray, init_loss: float, n_beta: float, batched: bool, seconds: float,
+                notes: list[str]) -> LLCResult:
+        """λ̂, its spread and the diagnostics from one setting's traces (C, burnin + draws)."""
+        chain_llc = n_beta * (traces[:, options.burnin:].mean(axis=1) - init_loss)  # (C,)
+        warnings = notes + chain_warnings(traces, options.burnin, init_loss, chain_llc)
         finite = np.isfinite(chain_llc)
         llc = float(chain_llc[finite].mean()) if finite.any() else float("nan")
         llc_std = float(chain_llc[finite].std()) if finite.sum() > 1 else 0.0 if finite.any() else float("nan")
-        return LLCResult(llc, llc_std, [float(v) for v in chain_llc], init_loss, n_beta, traces_np, o, batched,
-                         time.perf_counter() - began, warnings)
+        return LLCResult(llc, llc_std, [float(v) for v in chain_llc], init_loss, n_beta, traces, options, batched, seconds,
+                         list(warnings))
 
     def _batched_step(self, w: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Gradient and loss of every chain in one vmapped forward and one backward: w (C, P) -> (C, P), (C,).
