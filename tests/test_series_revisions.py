@@ -4,6 +4,7 @@ revisions, device and precision, and sweeps that survive a kill or a damaged rev
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -156,3 +157,33 @@ def test_probe_runs_in_bfloat16_and_refuses_a_device_it_does_not_have(model_dir,
     if not torch.cuda.is_available():
         assert "no CUDA device" in invoke("probe", out, "--device", "cuda", code=2)
     assert "choose one of float32, bfloat16, float16" in invoke("probe", out, "--dtype", "float64", code=2)
+
+
+def test_the_dashboard_leaves_identical_revisions_out_of_transitions_as_the_run_does(tmp_path):
+    """Pythia-like: steps 60–100 serve step 110's weights. A head score that jumps at step 60 only
+    jumps because of those copies, so neither `run.transitions()` nor the dashboard reports it."""
+    from fastapi.testclient import TestClient
+
+    from phaselens.server import build
+    from phaselens.store.metrics import MetricsStore
+
+    steps = list(range(0, 120, 10))
+    model = save_toy_series(tmp_path / "model", TEXT, steps=(0, 10, 20, 30, 40, 50, 110), train=False)
+    for step in range(60, 110, 10):
+        shutil.copytree(model / "step110", model / f"step{step}")
+    (tmp_path / "probe.txt").write_text(TEXT)
+    out = import_hf(model, tmp_path / "run", revisions=revisions(steps), text=tmp_path / "probe.txt", seq_len=12, sequences=2)
+    run = pl.open_run(out)
+    assert run.identical_steps() == {step: 110 for step in range(60, 110, 10)}
+    store = MetricsStore(out / "metrics.sqlite")  # a head score whose copies repeat step 110's value
+    store.write([(s, "heads", "induction", 1, 0, (1.0 if s >= 60 else 0.0) + 0.01 * math.sin(s), "checkpoint") for s in steps])
+    store.close()
+    every_row = pl.detect_transitions(run.metrics())
+    assert len(every_row) == 1 and 50 <= every_row["step"][0] <= 60  # what counting the copies would report
+
+    app, _ = build([out])
+    with TestClient(app, base_url="http://127.0.0.1:8050") as client:
+        served = client.get(f"/api/runs/{out.name}/transitions")
+        stages = client.get(f"/api/runs/{out.name}/stages")
+    assert served.status_code == 200 and stages.status_code == 200
+    assert served.json()["transitions"] == [] and run.transitions().empty

@@ -97,10 +97,7 @@ def runs_router(session: Session) -> APIRouter:
 
     @router.get("/runs/{run}/transitions", response_model=s.TransitionList)
     def transitions(run: str):
-        frame = _metrics(session, run)
-        from phaselens.analysis.transitions import detect_transitions
-
-        frame = detect_transitions(frame)
+        frame = _transitions(session, run)
         rows = [s.TransitionRow(probe=r.probe, metric=r.metric, layer=_optional_int(r.layer), head=_optional_int(r.head),
                                 step=int(r.step), start=int(r.start), end=int(r.end), before=finite(r.before) or 0.0,
                                 after=finite(r.after) or 0.0, strength=finite(r.strength) or 0.0)
@@ -110,10 +107,9 @@ def runs_router(session: Session) -> APIRouter:
     @router.get("/runs/{run}/stages", response_model=s.StageList)
     def stages(run: str):
         from phaselens.analysis.stages import run_stages
-        from phaselens.analysis.transitions import detect_transitions
 
         frame = _metrics(session, run)
-        found, _ = run_stages(frame, detect_transitions(frame)) if len(frame) else ([], {})
+        found, _ = run_stages(frame, _transitions(session, run)) if len(frame) else ([], {})
         rows = [s.StageRow(index=st.index, start=st.start, end=st.end, llc_start=finite(st.llc[0]) or 0.0,
                            llc_end=finite(st.llc[1]) or 0.0, transitions=st.transitions) for st in found]
         return s.StageList(run=run, stages=rows)
@@ -177,6 +173,15 @@ def _metrics(session: Session, run: str, **filters):
 
         return pd.DataFrame(columns=COLUMNS)
     return session.run(run).metrics(**filters)
+
+
+def _transitions(session: Session, run: str):
+    """The run's detected transitions as `Run.transitions()` defines them (revisions with repeated weights left out)."""
+    if run == KERNEL and session.model_run == KERNEL:
+        from phaselens.analysis.transitions import detect_transitions
+
+        return detect_transitions(_metrics(session, run))
+    return session.run(run).transitions()
 
 
 # ---------------------------------------------------------------------------- model view
