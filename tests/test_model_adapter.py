@@ -154,3 +154,25 @@ def test_bdh_adapter_offers_what_applies():
 def test_an_unknown_model_is_refused_with_what_is_supported():
     with pytest.raises(UnsupportedModel, match="no model adapter for torch.nn.modules.linear.Linear.*TransformerBridge"):
         adapter_for(torch.nn.Linear(2, 2))
+
+
+# What only the adapter reads off a model: TransformerLens's hook table and config, a bridge's wrapped
+# model, and the modules that hold the norm, the blocks, the (un)embedding.
+MODEL_INTERNALS = {"hook_dict", "cfg", "original_model", "blocks", "ln_final", "embed", "unembed", "lm_head", "W_E", "W_U",
+                   "W_pos", "_forward_hooks", "_forward_pre_hooks"}
+
+
+def test_probes_the_runner_analysis_report_and_server_read_models_only_through_the_adapter():
+    import ast
+    from pathlib import Path
+
+    import phaselens
+
+    package = Path(phaselens.__file__).parent
+    reads = []
+    for layer in ("probes", "posthoc", "analysis", "report", "server"):
+        for path in sorted((package / layer).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Attribute) and node.attr in MODEL_INTERNALS:
+                    reads.append(f"{path.relative_to(package)}:{node.lineno} {ast.unparse(node)}")
+    assert reads == []

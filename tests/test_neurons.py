@@ -166,3 +166,19 @@ def test_neurons_on_a_bdh_checkpoint_file_and_on_transformer_mlp_neurons(bdh_run
     assert scan.hooks == [(0, "blocks.0.mlp.hook_post")] and scan.stats[0].count.numel() == 32
     scan = scan_neurons(model, stream, hook="x_sparse", n_tokens=64, progress=False)
     assert [name for _, name in scan.hooks] == ["blocks.0.hook_x_sparse", "blocks.1.hook_x_sparse"]
+
+
+def test_mlp_neurons_of_a_hugging_face_model_equal_a_direct_computation(tiny_hf_models):
+    """The scan reads the model through its adapter: a TransformerBridge's context, device and hook points."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(str(tiny_hf_models["gpt_neox"]), device="cpu")
+    bridge.eval()
+    n_ctx = bridge.cfg.n_ctx  # 64
+    stream = TokenStream(torch.randint(0, 96, (n_ctx * 5,), generator=torch.Generator().manual_seed(2)), kind="ids")
+    scan = scan_neurons(bridge, stream, n_tokens=n_ctx * 5, top_k=3, progress=False, rows=2)
+    assert [name for _, name in scan.hooks] == ["blocks.0.mlp.hook_post", "blocks.1.mlp.hook_post"]
+    rate, selectivity, _ = direct_statistics(bridge, "blocks.1.mlp.hook_post", stream.tokens.view(5, n_ctx))
+    assert scan.tokens == n_ctx * 5 and scan.stats[1].count.numel() == 64
+    assert torch.allclose(scan.stats[1].firing_rate(), rate)
+    assert torch.allclose(scan.stats[1].selectivity(), selectivity, equal_nan=True, rtol=1e-4)

@@ -7,9 +7,21 @@ further work and is raised again in the caller, once, at its next `submit` or `w
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
-from typing import Callable
+from typing import Any, Callable
+
+
+def spare_core(device: Any) -> bool:
+    """True when work on `device` runs on the CPU and this process has a core its torch threads leave
+    free: a background thread can then overlap the model's compute. None (no device) is False."""
+    import torch  # lazily: the rest of this module is plain Python
+
+    if device is None or torch.device(device).type != "cpu":
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
 
 
 class OrderedThread:

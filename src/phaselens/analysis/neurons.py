@@ -19,9 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from phaselens.background import OrderedThread
+from phaselens.background import OrderedThread, spare_core
 from phaselens.errors import ConfigError
-from phaselens.probes.live import _spare_core
+from phaselens.models.adapter import ModelAdapter, adapter_for
 from phaselens.probes.neurons import NeuronStats, default_neuron_hook
 from phaselens.progress import progress_bar
 from phaselens.store.neuron_artifact import NeuronArtifact, NeuronContext, NeuronLayer, SelectiveNeuron, write_neuron_artifact
@@ -67,11 +67,12 @@ def task_stream(task: Any, n_tokens: int, seed: int = 0) -> TokenStream:
     return TokenStream(batch.tokens.reshape(-1), kind, f"{n_seq} held-out sequences of the {task.name} task")
 
 
-def resolve_hooks(model: torch.nn.Module, hook: str | None) -> list[tuple[int, str]]:
+def resolve_hooks(model: torch.nn.Module | ModelAdapter, hook: str | None) -> list[tuple[int, str]]:
     """(layer, hook name) pairs for `hook`: a template with {}, a per-layer suffix, or one hook's full name."""
-    names = model.hook_dict
+    adapter = adapter_for(model)
+    names = adapter.hook_points
     if not hook:
-        template = default_neuron_hook(model)
+        template = default_neuron_hook(adapter)
     elif "{}" in hook:
         template = hook
     elif hook in names:
@@ -80,7 +81,7 @@ def resolve_hooks(model: torch.nn.Module, hook: str | None) -> list[tuple[int, s
     else:
         suffix = hook if hook.startswith(("hook_", "mlp.", "attn.")) else f"hook_{hook}"
         template = f"blocks.{{}}.{suffix}"
-    layers = [(layer, template.format(layer)) for layer in range(len(names))]
+    layers = [(layer, template.format(layer)) for layer in range(adapter.n_layers)]
     found = [(layer, name) for layer, name in layers if name in names]
     if not found:
         per_layer = sorted({n.split(".", 2)[2] for n in names if n.startswith("blocks.0.")})
@@ -130,13 +131,13 @@ def scan_neurons(
     rows: int | None = None,
 ) -> NeuronScan:
     """Per-neuron statistics of `hook` (default: BDH xy_sparse or a transformer's mlp.hook_post) over the stream."""
-    hooks = resolve_hooks(model, hook)
-    n_ctx = int(model.cfg.n_ctx)
-    device = next(model.parameters()).device
+    adapter = adapter_for(model)
+    hooks = resolve_hooks(adapter, hook)
+    n_ctx, device = adapter.n_ctx, adapter.device
     seqs = windows(stream, n_tokens, n_ctx)  # (n_windows, n_ctx)
     stats: dict[str, NeuronStats] = {}
     offset = [0]
-    folder = OrderedThread("phaselens-neurons", "folding neuron statistics", depth=len(hooks)) if _spare_core(model) else None
+    folder = OrderedThread("phaselens-neurons", "folding neuron statistics", depth=len(hooks)) if spare_core(device) else None
 
     def accumulate(name: str, act: torch.Tensor, hook: Any) -> None:  # name: as asked (a bridge's hook may be an alias)
         n = act.shape[-1] * (act.shape[1] if act.dim() == 4 else 1)
@@ -150,19 +151,19 @@ def scan_neurons(
         else:  # the forward only reads this activation after the hook, so the thread may read it too
             folder.submit(lambda: _in_inference_mode(fold, act, positions))
 
-    was_training = model.training
-    model.eval()
+    fwd_hooks = [(name, functools.partial(accumulate, name)) for _, name in hooks]
+    was_training = adapter.model.training
+    adapter.model.eval()
     try:
         with torch.inference_mode():
             # The first window goes alone: its neuron count sizes the chunks after it (no extra forward).
             per_chunk = rows or 1
-            with model.hooks(fwd_hooks=[(name, functools.partial(accumulate, name)) for _, name in hooks]), \
-                    progress_bar("neurons", len(seqs) * n_ctx, unit="tokens", enabled=progress) as update:
+            with progress_bar("neurons", len(seqs) * n_ctx, unit="tokens", enabled=progress) as update:
                 start = 0
                 while start < len(seqs):
                     chunk = seqs[start:start + per_chunk].to(device)
                     offset[0] = start * n_ctx
-                    model(chunk)
+                    adapter.run_with_hooks(chunk, fwd_hooks)
                     update(advance=chunk.numel())
                     start += len(chunk)
                     per_chunk = rows or chunk_rows(n_ctx, stats[hooks[0][1]].count.numel())
@@ -171,7 +172,7 @@ def scan_neurons(
     finally:
         if folder is not None:
             folder.close()
-        model.train(was_training)
+        adapter.model.train(was_training)
     scanned = TokenStream(seqs.reshape(-1).clone(), stream.kind, stream.description)
     return NeuronScan(hooks, [stats[name] for _, name in hooks], scanned, threshold, top_k)
 
@@ -182,14 +183,14 @@ def _in_inference_mode(fold: Callable[..., None], *args: Any) -> None:
         fold(*args)
 
 
-def bare_forward(model: torch.nn.Module, stream: TokenStream, n_tokens: int, rows: int) -> None:
+def bare_forward(model: torch.nn.Module | ModelAdapter, stream: TokenStream, n_tokens: int, rows: int) -> None:
     """The same chunks through the model with no hooks: what `scan_neurons` is measured against."""
-    seqs = windows(stream, n_tokens, int(model.cfg.n_ctx))
-    device = next(model.parameters()).device
-    model.eval()
+    adapter = adapter_for(model)
+    seqs = windows(stream, n_tokens, adapter.n_ctx)
+    adapter.model.eval()
     with torch.inference_mode():
         for start in range(0, len(seqs), rows):
-            model(seqs[start:start + rows].to(device))
+            adapter.logits(seqs[start:start + rows].to(adapter.device))
 
 
 # ---------------------------------------------------------------------------- the artifact

@@ -27,8 +27,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from phaselens.background import OrderedThread
-from phaselens.models.adapter import ModelAdapter, adapter_for
+from phaselens.background import OrderedThread, spare_core
+from phaselens.models.adapter import adapter_for
 from phaselens.probes.base import Layout, Measurement, Probe, ProbeInputs, flatten, make_probe
 from phaselens.tasks.batch import TaskBatch
 
@@ -117,16 +117,6 @@ class ValueQueue:
         self.sink.write(rows)
 
 
-def _spare_core(adapter: ModelAdapter) -> bool:
-    """True when the model computes on the CPU and the process has a core its torch threads leave free."""
-    try:
-        device = adapter.device
-    except StopIteration:
-        return False
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return device.type == "cpu" and cores > torch.get_num_threads()
-
-
 class Telemetry:
     """Live probes for any TransformerLens-hooked model, one `with telemetry.step(...)` per step.
 
@@ -188,8 +178,12 @@ class Telemetry:
             return
         self._install_hooks()
         # With a background thread, every change to `values` happens on it, in submission order.
-        use_thread = _spare_core(self.adapter) if background is None else background
-        self._background = OrderedThread("phaselens-telemetry", "live telemetry", depth=4) if use_thread else None
+        if background is None:
+            try:
+                background = spare_core(self.adapter.device)
+            except StopIteration:  # a model without parameters
+                background = False
+        self._background = OrderedThread("phaselens-telemetry", "live telemetry", depth=4) if background else None
 
     def _install_hooks(self) -> None:
         names = sorted({n for p in self.probes for n in p.hook_names(self.n_layers)})
