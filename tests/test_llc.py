@@ -170,13 +170,14 @@ def test_llc_calibrate_draws_the_grid_and_recommends_the_largest_healthy_step(ru
     assert missing.exit_code == 2 and "no checkpoint at step 15" in missing.output
 
 
-def test_stages_are_cut_at_the_plateau_between_two_rises_of_the_llc_and_list_the_transitions_inside():
+def test_stages_are_cut_where_the_llc_rests_before_between_and_after_its_rises_and_list_the_transitions_inside():
     import pandas as pd
 
     from phaselens.analysis.stages import developmental_stages
 
     steps = np.arange(0, 3100, 100)
-    llc = 30 + 90 / (1 + np.exp(-(steps - 1100) / 60)) + 30 / (1 + np.exp(-(steps - 2100) / 60))  # two rises
+    llc = 30 + 90 / (1 + np.exp(-(steps - 1100) / 60)) + 30 / (1 + np.exp(-(steps - 2100) / 60))  # flat, two rises, flat
+    llc += 3 * np.clip(steps / 1000, 0, 1)  # a creep of 10% of its level before the first rise: small next to the rises
     transitions = pd.DataFrame([
         {"probe": "loss", "metric": "copy", "layer": None, "head": None, "step": 1132, "start": 1083, "end": 1216,
          "before": 3.87, "after": 1.43, "strength": 35.0},
@@ -186,13 +187,17 @@ def test_stages_are_cut_at_the_plateau_between_two_rises_of_the_llc_and_list_the
          "before": 1.05, "after": 0.45, "strength": 9.0},
     ])
     stages, points = developmental_stages(pd.Series(llc, index=steps), None, transitions)
-    assert len(points["llc"]) == 1 and 1400 <= points["llc"][0] <= 1800
-    assert [(s.start, s.end) for s in stages] == [(0, points["llc"][0]), (points["llc"][0], 3000)]
-    assert [s.llc_trend for s in stages] == ["rising", "rising"]
-    assert stages[0].transitions == ["induction L1H1 ↑ 0.08 → 0.74 at 1102", "copy loss ↓ 3.87 → 1.43 at 1132"]
-    assert stages[1].transitions == ["copy loss ↓ 1.05 → 0.45 at 2100"]
+    rest_ends, plateau, rest_starts = points["llc"]
+    assert 600 <= rest_ends < 1000 and 1400 <= plateau <= 1800 and 2200 < rest_starts <= 2600
+    assert [(s.start, s.end) for s in stages] == [(0, rest_ends), (rest_ends, plateau), (plateau, rest_starts), (rest_starts, 3000)]
+    assert [s.llc_trend for s in stages] == ["flat", "rising", "rising", "flat"]
+    assert stages[0].transitions == [] and stages[3].transitions == []  # the flat stretches claim nothing
+    assert stages[1].transitions == ["induction L1H1 ↑ 0.08 → 0.74 at 1102", "copy loss ↓ 3.87 → 1.43 at 1132"]
+    assert stages[2].transitions == ["copy loss ↓ 1.05 → 0.45 at 2100"]
     flat, _ = developmental_stages(pd.Series(np.full(len(steps), 50.0), index=steps))
     assert len(flat) == 1 and flat[0].llc_trend == "flat"
+    rising, _ = developmental_stages(pd.Series(np.linspace(10.0, 90.0, len(steps)), index=steps))
+    assert [(s.start, s.end, s.llc_trend) for s in rising] == [(0, 3000, "rising")]  # no rest, no cut
 
 
 def test_report_shows_the_llc_curve_stage_table_and_traces_once_the_probe_ran(run_copy):

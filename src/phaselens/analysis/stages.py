@@ -1,9 +1,10 @@
 """Developmental stages: training cut at the critical points of the smoothed LLC curve (and of the loss).
 
 A critical point of a curve is where its derivative vanishes: a turning point (a maximum or a
-minimum that a move of 10% of the curve's range confirms, as for the geometry phases) or a
+minimum that a move of 10% of the curve's range confirms, as for the geometry phases), a
 plateau between two moves (a local minimum of the smoothed |slope| below 10% of its peak, with
-the curve moving faster than 30% of the peak on both sides). The critical points of the LLC and
+the curve moving faster than 30% of the peak on both sides), or the edge of a flat stretch at
+the start or the end of training (|slope| below 10% of its peak for three checkpoints or more). The critical points of the LLC and
 of the loss together cut the checkpoints into stages; each stage lists the mechanistic
 transitions (head scores, copy loss, …) whose step falls inside it.
 """
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from phaselens.analysis.phases import critical_points, smooth_curve
+from phaselens.analysis.phases import FLAT, critical_points, smooth_curve
 from phaselens.analysis.transitions import series_label
 
 PLATEAU_SLOPE = 0.1  # |slope| under 10% of its peak: the curve rests
 MOVING_SLOPE = 0.3  # ... between stretches where it moves at 30% of its peak or more
+MIN_REST = 3  # a flat stretch at either end of a curve is a stage when it lasts three checkpoints or more
 MIN_GAP = 3  # a loss critical point within three checkpoints of an LLC one is the same boundary
 TRANSITIONS_SHOWN = 6
 
@@ -32,17 +34,23 @@ class Stage:
     llc: tuple[float, float]  # smoothed LLC at start and end
     loss: tuple[float, float] | None  # smoothed loss at start and end (None when no loss was recorded)
     transitions: list[str] = field(default_factory=list)  # "copy ↓ 1132", strongest first
+    llc_span: float = 0.0  # range of the smoothed LLC over the whole run
 
     @property
     def llc_trend(self) -> str:
+        """rising or falling; flat when λ̂ moves by less than 5% of its range over the run (as for the geometry phases)."""
         change = self.llc[1] - self.llc[0]
-        scale = max(abs(self.llc[0]), abs(self.llc[1]), 1e-12)
-        return "flat" if abs(change) < 0.05 * scale else ("rising" if change > 0 else "falling")
+        return "flat" if abs(change) <= FLAT * self.llc_span else ("rising" if change > 0 else "falling")
 
 
 def plateau_points(steps: np.ndarray, smoothed: np.ndarray) -> list[int]:
-    """Indices of plateaus between two moves of a smoothed curve: per rest between two moves, the point of least
-    |slope|, when that is under 10% of the peak slope and the curve moves at 30% of it or more on both sides."""
+    """Indices of the rests of a smoothed curve next to its moves (|slope| of 30% of its peak or more).
+
+    Between two moves: the point of least |slope|, when that is under 10% of the peak slope. Before the
+    first move and after the last: where a rest of at least MIN_REST checkpoints (|slope| under 10% of
+    the peak all along, from the curve's start or to its end) meets the move, so a flat stretch at
+    either end is a stage of its own and not part of the move's.
+    """
     if len(smoothed) < 5:
         return []
     slope = np.abs(np.gradient(smoothed, steps.astype(float)))  # (n,)
@@ -50,13 +58,20 @@ def plateau_points(steps: np.ndarray, smoothed: np.ndarray) -> list[int]:
     if not peak > 0:
         return []
     moving = np.flatnonzero(slope >= MOVING_SLOPE * peak)
+    resting = slope < PLATEAU_SLOPE * peak  # (n,)
     points = []
+    leading = int(np.argmin(resting))  # resting checkpoints at the start (the peak itself is not resting)
+    if leading >= MIN_REST:
+        points.append(leading - 1)
     for a, b in zip(moving, moving[1:]):  # consecutive moving points: a rest lies between them if they are apart
         if b - a < 2:
             continue
         i = a + 1 + int(np.argmin(slope[a + 1: b]))
         if slope[i] < PLATEAU_SLOPE * peak:
             points.append(i)
+    trailing = int(np.argmin(resting[::-1]))  # resting checkpoints at the end
+    if trailing >= MIN_REST:
+        points.append(len(slope) - trailing)
     return points
 
 
@@ -107,7 +122,8 @@ def developmental_stages(llc: pd.Series, loss: pd.Series | None = None, transiti
         lo, hi = int(steps[a]), int(steps[b])
         inside = _inside(transitions, lo, hi, last=b == len(steps) - 1)
         stages.append(Stage(i, lo, hi, (float(llc_curve[a]), float(llc_curve[b])),
-                            None if loss_curve is None else (float(loss_curve[a]), float(loss_curve[b])), inside))
+                            None if loss_curve is None else (float(loss_curve[a]), float(loss_curve[b])), inside,
+                            float(np.ptp(llc_curve))))
     return stages, {name: [int(steps[i]) for i in idx] for name, idx in points.items()}
 
 
