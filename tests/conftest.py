@@ -117,6 +117,18 @@ def imported_run(tmp_path_factory) -> Path:
     return root / "series"
 
 
+@pytest.fixture(scope="session")
+def probed_imported_run(imported_run, tmp_path_factory) -> Path:
+    """A copy of `imported_run` named `probed`, with the heads probe measured on every revision. Read-only."""
+    from phaselens.posthoc.runner import run_probes
+
+    path = tmp_path_factory.mktemp("probed") / "probed"
+    shutil.copytree(imported_run, path)
+    result = run_probes(path, probes=["heads"], progress=False)
+    assert result.ok, result.failures
+    return path
+
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 

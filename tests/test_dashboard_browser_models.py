@@ -25,8 +25,9 @@ def open_page(browser, url: str):
     return page
 
 
-def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(browser, imported_run, screenshots):
-    handle = pl.serve(run=imported_run)
+def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(browser, imported_run, probed_imported_run,
+                                                                                screenshots):
+    handle = pl.serve(run=[imported_run, probed_imported_run])
     try:
         page = open_page(browser, handle.url)
         assert page.evaluate("window.phaselens.run") == imported_run.name
@@ -46,6 +47,9 @@ def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(b
         assert "1:cat" in ticks and "5:mat" in ticks  # the tokens decoded by the model's own tokenizer
         assert "tokens this head" in page.inner_text("#circuits-note")  # 320 tokens: the circuits on its top-k
         assert page.locator("#qk-plot .main-svg").count() > 0
+        # no heads rows yet: a note says how to measure them, and no empty axes are drawn
+        assert page.locator("#head-scores-plot").is_hidden()
+        assert "phaselens probe RUN --probes heads" in page.inner_text("#head-scores-note")
 
         page.select_option("#ablate-mode", "zero")
         page.click("#ablate-btn")
@@ -58,6 +62,18 @@ def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(b
 
         page.click("#patch-btn")
         page.wait_for_function("document.getElementById('patch-result').textContent.includes('recovered')")
+
+        # the same series after `phaselens probe --probes heads`: the head's scores over training
+        page.select_option("#run-select", "probed")
+        page.wait_for_function(f"window.phaselens.run === 'probed' && {IDLE}")
+        page.click("#arch [data-node='L1H2']")
+        page.wait_for_function(IDLE)
+        assert page.locator("#head-scores-note").is_hidden()
+        assert page.locator("#head-scores-plot .scatterlayer .trace").count() == 3  # induction, prev_token, duplicate
+        assert page.locator("#head-scores-plot .legendtext").all_text_contents() == ["induction", "prev_token", "duplicate"]
+        points = page.evaluate("document.getElementById('head-scores-plot').data.map(t => t.x)")
+        assert points == [[0, 10, 30]] * 3  # every revision
+        page.locator("#head-panel").screenshot(path=str(screenshots / "dashboard_imported_head_scores.png"))
         assert page.locator("#error-bar").is_hidden() and not page.errors
     finally:
         handle.stop()

@@ -108,6 +108,31 @@ def test_ablating_a_head_of_an_imported_revision_matches_zeroing_it_in_the_hf_mo
     assert frozen["delta"] == pytest.approx([0.0] * (len(ids) - 1), abs=1e-5)  # held at its own values: nothing changes
 
 
+def test_head_scores_over_training_of_an_imported_series_are_its_heads_rows(client, name, probed_imported_run):
+    """What the model view plots for a clicked head: the heads probe's rows of every revision, equal to the
+    scores of the HF model's own attentions on the series' induction batch; none before `phaselens probe`."""
+    from phaselens.probes.heads import HEAD_SCORES, detection_stack, head_scores
+
+    empty = client.get(f"/api/runs/{name}/metrics", params={"probe": "heads"}).json()
+    assert empty["step"] == []  # the page then shows how to measure them
+    app, _ = build([probed_imported_run])
+    with TestClient(app, base_url=LOCAL) as probed:
+        rows = probed.get("/api/runs/probed/metrics", params={"probe": "heads"}).json()
+    assert sorted(set(rows["step"])) == [0, 10, 30]
+    assert len(rows["step"]) == 3 * 2 * 4 * 3  # revisions × layers × heads × scores
+    assert set(rows["metric"]) == set(HEAD_SCORES) and set(rows["source"]) == {"checkpoint"}
+
+    tokens = pl.open_run(probed_imported_run).probe_batches()["induction"].tokens  # (B, T)
+    with torch.no_grad():
+        attentions = hf_model(probed_imported_run, 30)(tokens, output_attentions=True).attentions  # L x (B, H, T, T)
+    direct = head_scores(torch.stack(attentions), detection_stack(tokens, torch.float32))  # (L, H, S)
+    stored = {(layer, head, metric): value for step, layer, head, metric, value in
+              zip(rows["step"], rows["layer"], rows["head"], rows["metric"], rows["value"]) if step == 30}
+    channels = ("induction", "duplicate", "prev_token")  # detection_stack's order
+    for (layer, head, metric), value in stored.items():
+        assert value == pytest.approx(float(direct[layer, head, channels.index(metric)]), abs=1e-4)
+
+
 def test_patching_gradients_and_circuits_of_an_imported_revision(client, name):
     sample = client.get(f"/api/runs/{name}/sample", params={"step": 30}).json()
     assert not sample["text"][:1].isdigit() and len(sample["text"].split()) == len(sample["tokens"])  # shown as its words

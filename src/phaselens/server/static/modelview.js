@@ -142,6 +142,7 @@ export async function drawHead(state) {
   if (!node) return;
   document.getElementById("head-title").textContent = node.head === null ? `Layer ${node.layer} MLP` : `Head L${node.layer}H${node.head}`;
   for (const id of ["attention-plot", "head-scores-plot", "qk-plot", "ov-plot", "circuits-note"]) document.getElementById(id).hidden = node.head === null;
+  document.getElementById("head-scores-note").hidden = true;  // drawHeadScores decides
   if (node.head === null) return;
   const current = newest("head");
   const ref = { ...modelRef(state), layer: node.layer, head: node.head };
@@ -169,23 +170,36 @@ export async function drawHead(state) {
     await circuit("qk-plot", weights.qk, "QK circuit (query token ↓, key token →)");
     await circuit("ov-plot", weights.ov, "OV circuit (attended token ↓, promoted logit →)");
   }
+  await drawHeadScores(state, node);
+}
+
+// The head's scores over training (rows of the heads probe), or, where the run has none, a note
+// that says how to get them instead of empty axes.
+async function drawHeadScores(state, node) {
   const rows = state.headRows;
-  if (rows) {
-    const traces = [];
-    for (const metric of ["induction", "prev_token", "duplicate"]) {
-      const pick = { step: [], probe: [], metric: [], layer: [], head: [], value: [], source: [] };
-      for (let i = 0; i < rows.step.length; i++) {
-        if (rows.metric[i] === metric && rows.layer[i] === node.layer && rows.head[i] === node.head) {
-          for (const k of Object.keys(pick)) pick[k].push(rows[k][i]);
-        }
+  const traces = [];
+  for (const metric of ["induction", "prev_token", "duplicate"]) {
+    const pick = { step: [], probe: [], metric: [], layer: [], head: [], value: [], source: [] };
+    for (let i = 0; rows && i < rows.step.length; i++) {
+      if (rows.metric[i] === metric && rows.layer[i] === node.layer && rows.head[i] === node.head) {
+        for (const k of Object.keys(pick)) pick[k].push(rows[k][i]);
       }
-      for (const s of toSeries(pick)) traces.push({ type: "scatter", mode: "lines", name: metric, x: s.x, y: s.y });
     }
-    const title = traces.length ? "head scores over training" : "no head scores in this run yet: phaselens probe RUN --probes heads";
-    await Plotly.react("head-scores-plot", traces, { title: { text: title, font: { size: 12 } },
-      margin: { t: 30, r: 10, b: 35, l: 40 }, yaxis: { range: [0, 1] },
-      shapes: [{ type: "line", xref: "x", yref: "paper", x0: state.step ?? 0, x1: state.step ?? 0, y0: 0, y1: 1, line: { color: "#d33" } }] }, PLOT);
+    for (const s of toSeries(pick)) traces.push({ type: "scatter", mode: "lines+markers", name: metric, x: s.x, y: s.y });
   }
+  const plot = document.getElementById("head-scores-plot");
+  const note = document.getElementById("head-scores-note");
+  plot.hidden = !traces.length;
+  note.hidden = !!traces.length;
+  if (!traces.length) {
+    Plotly.purge(plot);
+    note.textContent = state.run ? "No head scores over training in this run yet: phaselens probe RUN --probes heads measures them on every checkpoint."
+      : "Head scores over training come from a run's checkpoints; this model was given without a run.";
+    return;
+  }
+  await Plotly.react(plot, traces, { title: { text: "head scores over training", font: { size: 12 } },
+    margin: { t: 30, r: 10, b: 35, l: 40 }, yaxis: { range: [0, 1] },
+    shapes: [{ type: "line", xref: "x", yref: "paper", x0: state.step ?? 0, x1: state.step ?? 0, y0: 0, y1: 1, line: { color: "#d33" } }] }, PLOT);
 }
 
 export async function ablate(state) {
