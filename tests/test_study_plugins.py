@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -168,3 +169,28 @@ def test_a_sweep_axis_over_a_probe_option_gives_each_run_its_value():
     configs = [load_config("disamb_small", [f"{key}={value}" for key, value in point.items()]) for point in points]
     assert [c.study.options_for("logit_lens", c.telemetry.probe_options) for c in configs] == [
         {"positions": "first_target", "first_token_only": True}, {"positions": "first_target", "first_token_only": False}]
+
+
+def test_asking_stored_values_for_other_options_is_refused_until_remeasure_replaces_them(run_copy):
+    runner = CliRunner()
+    first = runner.invoke(app, ["probe", str(run_copy), "--probes", "logit_lens", "--probe-option", "logit_lens.positions=copy"])
+    assert first.exit_code == 0, first.output
+    copy_top1 = open_run(run_copy).metrics(probe="logit_lens", metric="top1", source="checkpoint")
+    assert open_run(run_copy).info["posthoc_probe_options"]["logit_lens"]["positions"] == "copy"
+
+    same = runner.invoke(app, ["probe", str(run_copy), "--probes", "logit_lens", "--probe-option", "logit_lens.positions=copy"])
+    assert same.exit_code == 0 and "measured 0 checkpoint(s)" in same.output, same.output
+
+    other = ["probe", str(run_copy), "--probes", "logit_lens", "--probe-option", "logit_lens.positions=loss"]
+    refused = runner.invoke(app, other)
+    assert refused.exit_code != 0 and "--remeasure" in refused.output and '"positions": "copy"' in refused.output, refused.output
+    assert "Traceback" not in refused.output
+    partial = runner.invoke(app, [*other, "--remeasure", "--steps", "20"])
+    assert partial.exit_code != 0 and "drop --steps" in partial.output, partial.output
+
+    again = runner.invoke(app, [*other, "--remeasure"])
+    assert again.exit_code == 0, again.output
+    every_top1 = open_run(run_copy).metrics(probe="logit_lens", metric="top1", source="checkpoint")
+    assert len(every_top1) == len(copy_top1)  # replaced, not added beside
+    assert not np.allclose(every_top1["value"].to_numpy(), copy_top1["value"].to_numpy())
+    assert open_run(run_copy).info["posthoc_probe_options"]["logit_lens"]["positions"] == "loss"

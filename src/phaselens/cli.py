@@ -200,6 +200,8 @@ def probe(
     dtype: Optional[str] = typer.Option(None, help="Weights in float32, bfloat16 or float16 (probes reduce in float32)."),
     probe_option: Optional[List[str]] = typer.Option(None, "--probe-option", help="probe.option=value, over the task's "
                                                      "defaults (repeatable): --probe-option logit_lens.first_token_only=false"),
+    remeasure: bool = typer.Option(False, "--remeasure", help="Replace these probes' stored values (at --steps, or "
+                                   "everywhere): needed when their options differ from those the stored values were measured with."),
 ):
     """Run probes post-hoc over every checkpoint (resumable: stored values are skipped)."""
     from phaselens.posthoc.runner import failures_text, run_probes
@@ -209,7 +211,7 @@ def probe(
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
     options = parse_probe_options(probe_option or [])
     result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address, device=device, dtype=dtype,
-                        options=options)
+                        options=options, remeasure=remeasure)
     typer.echo(f"measured {len(result.measured)} checkpoint(s), {result.rows} rows; "
                f"{result.skipped} (step, probe) pairs were already stored; {result.seconds:.1f} s")
     for note in result.notes:

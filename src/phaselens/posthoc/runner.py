@@ -10,6 +10,7 @@ pairs already stored with source `checkpoint` are skipped.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
 from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir
+
+OPTIONS_KEY = "posthoc_probe_options"  # run.json: probe -> the options its stored checkpoint values were measured with
 
 SOURCE = "checkpoint"
 COMMIT_SECONDS = 1.0  # how often a sweep commits the rows measured so far
@@ -177,6 +180,48 @@ def plan(run_dir: RunDir, store: MetricsStore, probes: Sequence[str], steps: Seq
     return tasks, skipped
 
 
+def reconcile_options(run_dir: RunDir, store: MetricsStore, chosen: dict[str, dict], steps: Sequence[int] | None,
+                      remeasure: bool) -> None:
+    """Keep stored checkpoint values and the options they were measured with in step.
+
+    run.json's `posthoc_probe_options` records, per probe, the options its stored checkpoint values were
+    measured with. A sweep that asks a probe for other options would otherwise skip every stored
+    (step, probe) pair and measure nothing new, so it is refused unless `remeasure`; with
+    `remeasure`, the probes' stored values (at `steps`, or at every checkpoint) are dropped and
+    measured again. Options that changed must be measured on every checkpoint, so one curve never
+    mixes settings.
+    """
+    from phaselens.errors import ConfigError
+
+    recorded = dict(run_dir.read().get(OPTIONS_KEY) or {})
+    chosen = {p: _canonical(o) for p, o in chosen.items()}
+    stored = {probe for _, probe in store.stored_pairs(SOURCE)}
+    changed = {p: recorded[p] for p in chosen if p in stored and p in recorded and _canonical(recorded[p]) != chosen[p]}
+    if changed and not remeasure:
+        lines = "; ".join(f"{p}: stored with {_options_text(recorded[p])}, asked for {_options_text(chosen[p])}"
+                          for p in changed)
+        raise ConfigError(f"the stored values were measured with other probe options ({lines}): pass --remeasure to "
+                          "replace them, or measure on a copy of the run")
+    if changed and steps:
+        raise ConfigError(f"probe options changed for {', '.join(changed)}: remeasure every checkpoint (drop --steps), "
+                          "so one curve does not mix settings")
+    if remeasure:
+        for probe in chosen:
+            store.delete_probe(probe, SOURCE, steps or None)
+            if not steps:
+                shutil.rmtree(run_dir.artifacts / probe, ignore_errors=True)
+    run_dir.update(**{OPTIONS_KEY: {**recorded, **chosen}})
+
+
+def _canonical(options: dict) -> dict:
+    """Options as JSON gives them back, whole numbers as floats (gamma=300 and gamma=300.0 are one setting)."""
+    return json.loads(json.dumps(options, sort_keys=True), parse_int=float)
+
+
+def _options_text(options: dict) -> str:
+    return json.dumps(options, sort_keys=True) if options else "the defaults"
+
+
 def resolve_probes(names: Sequence[str] | None, task: str | None = None) -> list[str]:
     """The probes to measure: `names`, or the default set the run's `task` declares; refuses probes the task cannot feed."""
     from phaselens.errors import ConfigError
@@ -286,6 +331,7 @@ def run_probes(
     device: str | None = None,
     dtype: str | None = None,
     options: dict[str, dict] | None = None,
+    remeasure: bool = False,
 ) -> SweepResult:
     """Measure `probes` (default: the standard post-hoc set) on every checkpoint of `run` not yet measured.
 
@@ -300,7 +346,11 @@ def run_probes(
         dtype: float32, bfloat16 or float16 for the model's weights (an imported series: default the one
             given to import-hf); probes reduce in float32 whatever it is.
         options: probe name -> options, over the task's defaults and the run's `telemetry.probe_options`
-            (e.g. {"logit_lens": {"first_token_only": True}}).
+            (e.g. {"logit_lens": {"first_token_only": True}}). run.json's `posthoc_probe_options` records what
+            each probe's stored values were measured with; asking for other options is refused unless
+            `remeasure` (see `reconcile_options`).
+        remeasure: drop the stored checkpoint values of `probes` (at `steps`, or everywhere) and measure
+            them again.
     """
     from phaselens.posthoc.backends import check_workers, get_backend
 
@@ -327,6 +377,11 @@ def run_probes(
     if "llc" in names:
         ensure_training_sample(run_dir, chosen.get("llc"))
     store = MetricsStore(run_dir.metrics_db)
+    try:
+        reconcile_options(run_dir, store, chosen, steps, remeasure)
+    except BaseException:
+        store.close()
+        raise
     tasks, skipped = plan(run_dir, store, names, steps)
     execute = get_backend(backend)
     measured, failures, n_rows = [], [], 0

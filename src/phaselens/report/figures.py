@@ -70,6 +70,13 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
+def save_tight(fig, path: Path) -> Figure:
+    """Tight layout, saved at the report's resolution and closed: the report figure at `path`."""
+    fig.tight_layout()
+    _save(fig, path)
+    return Figure(path)
+
+
 def _finish_tight(fig, transition: dict | None, title: str, path: Path, fontsize: int = 12) -> None:
     """Centred title, the shared transition legend, tight layout, saved and closed."""
     fig.suptitle(title, fontsize=fontsize)

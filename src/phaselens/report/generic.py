@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from phaselens.report import StudyReport, figures_section
-from phaselens.report.figures import DPI, Figure, plt
+from phaselens.report.figures import Figure, plt, save_tight
 from phaselens.run import Run
 
 MAX_LINES = 12  # more series than this in a panel: per-head values are averaged over heads per layer
@@ -61,10 +61,7 @@ def plot_probe(rows: pd.DataFrame, probe: str, path: Path) -> Figure:
     for ax in list(axes.flat)[len(metrics):]:
         ax.axis("off")
     fig.suptitle(f"probe `{probe}` ({rows['source'].iloc[0]} values)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return Figure(path)
+    return save_tight(fig, path)
 
 
 def _loss_text(metrics: pd.DataFrame) -> str:

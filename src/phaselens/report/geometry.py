@@ -12,7 +12,7 @@ import pandas as pd
 from phaselens.analysis.phases import Phase, geometry_phases
 from phaselens.models.sites import residual_label
 from phaselens.report import StudyReport, figures_section, register_section, register_study
-from phaselens.report.figures import DPI, Figure, _per_layer, _series, plt
+from phaselens.report.figures import Figure, _per_layer, _series, plt, save_tight
 from phaselens.run import Run
 
 PHASE_COLOR = "#7a4fb0"
@@ -81,10 +81,7 @@ def plot_geometry(ie: pd.DataFrame, kl: dict[str, pd.Series], boundaries: list[i
             ax.set_xscale("symlog", linthresh=1)  # step 0 stays on the axis
     bottom.set_xlabel("step (log scale)" if log_steps else "step")
     fig.suptitle("Residual-stream geometry" + (" (dotted: phase boundaries)" if boundaries else ""), fontsize=12)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return Figure(path)
+    return save_tight(fig, path)
 
 
 def _phase_table(phases: list[Phase]) -> str:

@@ -10,7 +10,7 @@ import pandas as pd
 
 from phaselens.analysis.stages import Stage, llc_curve, run_stages, stage_loss
 from phaselens.report import figures_section, register_section
-from phaselens.report.figures import DPI, TRANSITION_COLOR, Figure, plt
+from phaselens.report.figures import TRANSITION_COLOR, Figure, plt, save_tight
 from phaselens.run import Run
 from phaselens.store.llc import LLCArtifact, read_llc_artifacts
 
@@ -51,10 +51,7 @@ def plot_llc(llc: pd.Series, std: pd.Series, loss: pd.Series | None, stages: lis
         handles = (handles[0] + [Line2D([], [], color=TRANSITION_COLOR, ls="--")], handles[1] + ["copy-loss transitions"])
     ax.legend(*handles, fontsize=8, loc="center right")
     ax.grid(alpha=0.25)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return Figure(path)
+    return save_tight(fig, path)
 
 
 def trace_steps(artifacts: list[LLCArtifact], panels: int = TRACE_PANELS) -> list[LLCArtifact]:
@@ -88,10 +85,7 @@ def plot_traces(artifacts: list[LLCArtifact], path: Path, title: str = "") -> Fi
     axes[0][0].set_ylabel("minibatch loss L_m(w_t)", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return Figure(path)
+    return save_tight(fig, path)
 
 
 def stage_table(stages: list[Stage]) -> str:
@@ -182,7 +176,4 @@ def plot_calibration(calibration, path: Path) -> Figure:
     for row, epsilon in zip(axes, epsilons):
         row[0].set_ylabel(f"ε={epsilon:g}\nL_m(w_t)", fontsize=8)
     fig.suptitle(f"llc-calibrate, step {calibration.step}\ngrey: burn-in; dotted: L_n(w*); green frame: recommended", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return Figure(path)
+    return save_tight(fig, path)

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from phaselens.report import register_section
-from phaselens.report.figures import DPI
+from phaselens.report.figures import save_tight
 from phaselens.run import Run
 
 PANELS = {
@@ -40,9 +40,7 @@ def plot_sparsity(rows: pd.DataFrame, path: Path) -> Path:
         if metric == "selectivity_median":
             ax.set_yscale("log")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    save_tight(fig, path)
     return path
 
 

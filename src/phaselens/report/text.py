@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from phaselens.report import StudyReport, figures_section, register_study
-from phaselens.report.figures import DPI, Figure
+from phaselens.report.figures import Figure, save_tight
 from phaselens.run import Run
 
 
@@ -40,10 +40,7 @@ def plot_text_loss(run: Run, entropy: float | None, path: Path) -> Figure:
     ax.set_xlabel("step")
     ax.set_ylabel("nats per byte")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return Figure(path)
+    return save_tight(fig, path)
 
 
 @register_study("text")

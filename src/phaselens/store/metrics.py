@@ -149,6 +149,14 @@ class MetricsStore:
         cur = self._conn.execute("SELECT DISTINCT step, probe FROM metrics WHERE source = ?", (source,))
         return {(int(s), p) for s, p in cur.fetchall()}
 
+    def delete_probe(self, probe: str, source: str, steps: Iterable[int] | None = None) -> int:
+        """Drop `probe`'s rows from `source` (at `steps`, or at every step), to measure them again; returns how many went."""
+        with self._conn:
+            if steps is None:
+                return self._conn.execute("DELETE FROM metrics WHERE probe = ? AND source = ?", (probe, source)).rowcount
+            return self._conn.executemany("DELETE FROM metrics WHERE probe = ? AND source = ? AND step = ?",
+                                          [(probe, source, step) for step in steps]).rowcount
+
     def record_failure(self, step: int, probe: str, reason: str) -> None:
         with self._conn:
             self._conn.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?)", (step, probe, reason))
