@@ -99,13 +99,36 @@ def test_trainer_run_is_a_phaselens_run_whose_live_rows_equal_its_checkpoints(tr
     # Checkpoint s: those weights, booted through TransformerBridge, on the same sequences. Means agree.
     key = ["probe", "metric", "layer", "head"]
     for step in (2, 4):
-        a = live[live["step"] == step].set_index(key)["value"]
-        b = checkpoint[checkpoint["step"] == step].set_index(key)["value"]
-        # per head (8): entropy, coherence, specialization, 3 scores; per layer (2): specialization, variance; the loss
-        assert len(a) == len(b) == 6 * 8 + 2 * 2 + 1
+        a = live[(live["step"] == step) & (live["probe"] != "heads")].set_index(key)["value"]
+        b = checkpoint[(checkpoint["step"] == step) & (checkpoint["probe"] != "heads")].set_index(key)["value"]
+        # per head (8): entropy, coherence, specialization; per layer (2): specialization, variance; the loss
+        assert len(a) == len(b) == 3 * 8 + 2 * 2 + 1
         assert (a - b.loc[a.index]).abs().max() < 1e-4
     loss = live[live["probe"] == "loss"].set_index("step")["value"]
     assert loss[5] < loss[0] - 0.1  # the Trainer really trained: the live loss follows it
+
+    # Head scores at checkpoints read the run's induction batch: ordinary ids of the tokenizer, a repeated segment
+    from transformers import AutoTokenizer, GPTNeoXForCausalLM
+
+    from phaselens.probes.heads import detection_patterns, head_score
+
+    induction = run.probe_batches()["induction"]
+    special = set(AutoTokenizer.from_pretrained(output_dir / "checkpoint-4").all_special_ids)
+    assert induction.tokens.shape == (SEQUENCES, LENGTH) and not special & set(induction.tokens.unique().tolist())
+    assert bool(induction.positions["copy"].any(-1).all())
+    model = GPTNeoXForCausalLM.from_pretrained(output_dir / "checkpoint-4", attn_implementation="eager").eval()
+    with torch.no_grad():
+        attentions = model(induction.tokens, output_attentions=True).attentions  # L x (B, H, T, T)
+    D = detection_patterns(induction.tokens)
+    for metric in ("induction", "prev_token", "duplicate"):
+        stored = checkpoint[(checkpoint["step"] == 4) & (checkpoint["probe"] == "heads") & (checkpoint["metric"] == metric)]
+        direct = torch.stack([head_score(a, D[metric]) for a in attentions]).flatten()  # (L·H,)
+        torch.testing.assert_close(torch.tensor(stored.sort_values(["layer", "head"])["value"].to_numpy(), dtype=torch.float32),
+                                   direct, atol=1e-4, rtol=0)
+    invoke("probe", run_dir, "--probes", "attention_to,patching")  # they read the induction batch's copies and sources
+    rows = run.metrics(source="checkpoint")
+    assert len(rows[(rows["probe"] == "attention_to") & (rows["step"] == 4)]) == 8  # per head
+    assert len(rows[(rows["probe"] == "patching") & (rows["metric"] == "effect") & (rows["step"] == 4)]) == 3  # per residual stream
 
 
 @pytest.mark.slow

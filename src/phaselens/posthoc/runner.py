@@ -286,9 +286,14 @@ def ensure_induction_batch(run_dir: RunDir, names: Sequence[str]) -> None:
     run = open_run(run_dir.path)
     config = run.run_config()
     if config.study.induction_batch and any(make_probe(name).reads_batch == "induction" for name in names):
+        from phaselens.errors import ConfigError
         from phaselens.training.trainer import induction_batch_for
 
-        induction_batch_for(config, config.build_task(), run.probe_batch()).save(run_dir.induction_batch)
+        try:
+            task = config.build_task()
+        except ConfigError:  # its data is not kept (a Trainer run's dataset): its probes read the probe batch
+            return
+        induction_batch_for(config, task, run.probe_batch()).save(run_dir.induction_batch)
 
 
 def ensure_training_sample(run_dir: RunDir, options: dict | None) -> None:

@@ -1,7 +1,9 @@
 """The `data` section of a run trained by a `transformers.Trainer` with `pl.TelemetryCallback` (torch-free).
 
 The training data is the Trainer's dataset, which phaselens does not keep: the run stores the
-probe batch (its first sequences) and their token counts, and probes read those.
+probe batch (its first sequences) and their token counts, and probes read those; heads, attention_to
+and patching read the induction batch the callback stores beside them (random ordinary ids of the
+model's tokenizer with a repeated segment).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any, ClassVar
 
 from phaselens.errors import ConfigError
 from phaselens.tasks.config import DataConfig, register_task
+from phaselens.tasks.induction_config import INDUCTION_BATCH_OPTIONS
 from phaselens.tasks.study import Study
 
 
@@ -23,15 +26,14 @@ class HFTrainerData(DataConfig):
     seq_len: int = 0
     dataset: str = ""  # what the dataset was (its class and length), for the report
 
-    # the batch is the user's data: it has no named position sets to patch or attend to
+    # the probe batch is the user's data, without position sets: heads (and, by name, attention_to and
+    # patching) read the induction batch the callback writes beside it
     study: ClassVar[Study] = Study(
         live_probes=("attention", "heads", "loss"),
         post_hoc_probes=("attention", "heads", "loss", "logit_lens", "geometry"),
-        inapplicable_probes={
-            "attention_to": "needs the task's copy and source positions",
-            "patching": "needs pairs of prompts with the task's source positions",
-            "random_z": "the Trainer's batches have no selector z",
-        },
+        probe_options=INDUCTION_BATCH_OPTIONS,
+        inapplicable_probes={"random_z": "the Trainer's batches have no selector z"},
+        induction_batch=True,
     )
 
     def build(self, model: Any):

@@ -72,7 +72,8 @@ class Study:
     induction_batch: the task's batches have no copies or sources (text), so its runs store an induction
     batch beside the probe batch, in the model's own vocabulary, and the probes with
     `reads_batch = "induction"` (heads, attention_to, patching) read that; such a task offers
-    `model_tokenizer(d_vocab)`, the tokenizer whose ordinary ids the batch is drawn from.
+    `model_tokenizer(d_vocab)`, the tokenizer whose ordinary ids the batch is drawn from (or, like a
+    Trainer run's, cannot be built, and whoever writes the run writes the batch).
     """
 
     live_probes: tuple[str, ...] = LIVE_PROBES

@@ -25,13 +25,15 @@ import torch
 from transformers import TrainerCallback
 
 from phaselens.errors import ConfigError, RunError
-from phaselens.models.adapter import adapter_for
+from phaselens.models.adapter import HFTokenizer, adapter_for
 from phaselens.probes.base import Probe
 from phaselens.probes.live import Telemetry
 from phaselens.store.atomic import write_json
 from phaselens.store.run_dir import RunDir
 from phaselens.store.unigram import unigram_path, write_unigram_counts
 from phaselens.tasks.batch import TaskBatch
+from phaselens.tasks.induction import induction_probe_batch
+from phaselens.training.trainer import INDUCTION_SEED_OFFSET
 
 PATTERN = "blocks.{}.attn.hook_pattern"  # the only activation a Hugging Face forward returns per layer
 UNIGRAM_SEQUENCES = 10_000  # token counts for `kl_unigram`: the first this many sequences of the dataset
@@ -130,7 +132,7 @@ class TelemetryCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer events
 
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, processing_class=None, **kwargs):
         if not state.is_world_process_zero:
             return
         if model is None:
@@ -144,7 +146,7 @@ class TelemetryCallback(TrainerCallback):
         self.telemetry = _ForwardTelemetry(model, probes=self.probes, store=self.run.metrics_db, every=self.every,
                                            flush_every=self.flush_every)
         if not resuming:
-            self._write_run(args, state, model, train_dataloader)
+            self._write_run(args, state, model, train_dataloader, processing_class)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.telemetry is not None:
@@ -187,7 +189,7 @@ class TelemetryCallback(TrainerCallback):
         self.run.update(status="running")
         return True
 
-    def _write_run(self, args, state, model, train_dataloader) -> None:
+    def _write_run(self, args, state, model, train_dataloader, tokenizer) -> None:
         from phaselens.models.hf_config import HFModelConfig
         from phaselens.tasks.hf_trainer_config import HFTrainerData
         from phaselens.store.run_dir import versions
@@ -199,6 +201,13 @@ class TelemetryCallback(TrainerCallback):
         self.run.path.mkdir(parents=True, exist_ok=True)
         probe_batch.save(self.run.probe_batch)
         adapter = adapter_for(model)
+        if tokenizer is not None:  # processing_class: the ids it never produces for text are left out
+            adapter = adapter_for(model, tokenizer=HFTokenizer(tokenizer, adapter.d_vocab))
+        if probe_batch.tokens.shape[1] >= 4:  # a segment of two tokens and its repeat; shorter, heads reads the probe batch
+            # heads, attention_to and patching read it post-hoc: random ordinary ids with a repeated segment
+            generator = torch.Generator().manual_seed(int(args.seed) + INDUCTION_SEED_OFFSET)
+            induction_probe_batch(adapter.tokenizer.ordinary_ids(), probe_batch.tokens.shape[1], len(probe_batch),
+                                  generator).save(self.run.induction_batch)
         model_spec = HFModelConfig(source=str(self._output_dir), local=True, architecture=adapter.architecture,
                                    n_layers=adapter.n_layers, n_heads=adapter.n_heads, d_model=adapter.d_model,
                                    d_vocab=adapter.d_vocab, n_ctx=adapter.n_ctx)
