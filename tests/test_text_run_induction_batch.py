@@ -117,3 +117,14 @@ def test_on_a_bdh_run_heads_attention_to_and_patching_are_refused_with_the_reaso
     result = CliRunner().invoke(app, ["probe", str(run)])  # the default set leaves them out
     assert result.exit_code == 0, result.output
     assert set(open_run(run).metrics(source="checkpoint")["probe"]) == {"loss"}
+
+
+def test_a_context_too_short_for_a_repeated_segment_trains_without_an_induction_batch(play, tmp_path):
+    tiny = ["model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.d_mlp=16", "model.n_ctx=3", "data.corpus=",
+            f"data.path={play}", "train.steps=2", "train.checkpoint_every=2", "train.batch_size=2", "data.probe_size=2",
+            "data.eval_size=2", "train.threads=1", "telemetry.probes=[attention,heads,loss]", "telemetry.checkpoint_probes=[]"]
+    run = tmp_path / "run"
+    train(load_config("gpt_shakespeare", tiny), run, progress=False)  # a trigram model: no segment and repeat fit
+    assert not (run / "induction_batch.safetensors").exists()
+    heads = open_run(run).metrics(probe="heads", source="checkpoint")
+    assert sorted(heads["step"].unique()) == [0, 2]  # measured on the text batch instead

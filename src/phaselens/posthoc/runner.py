@@ -293,7 +293,9 @@ def ensure_induction_batch(run_dir: RunDir, names: Sequence[str]) -> None:
             task = config.build_task()
         except ConfigError:  # its data is not kept (a Trainer run's dataset): its probes read the probe batch
             return
-        induction_batch_for(config, task, run.probe_batch()).save(run_dir.induction_batch)
+        induction = induction_batch_for(config, task, run.probe_batch())
+        if induction is not None:
+            induction.save(run_dir.induction_batch)
 
 
 def ensure_training_sample(run_dir: RunDir, options: dict | None) -> None:

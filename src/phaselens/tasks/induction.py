@@ -20,6 +20,7 @@ from phaselens.tasks.batch import TaskBatch
 
 VARIANTS = ("variable_offset", "half_repeat")
 PROBE_MIN_LEN, PROBE_MAX_LEN = 8, 24
+PROBE_MIN_SEQ_LEN = 4  # the shortest sequence an induction probe batch fits: a segment of two tokens and its repeat
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def induction_probe_batch(token_ids: Sequence[int], seq_len: int, sequences: int
     if len(ids) < 2:
         raise ConfigError(f"an induction probe batch needs at least 2 ordinary token ids, got {len(ids)}")
     max_len = min(PROBE_MAX_LEN, seq_len // 2)
-    if max_len < 2:
+    if seq_len < PROBE_MIN_SEQ_LEN:
         raise ConfigError(f"an induction probe batch needs sequences of at least 4 tokens (a segment and its repeat), got {seq_len}")
     task = InductionTask(seq_len=seq_len, vocab=len(ids), min_len=min(PROBE_MIN_LEN, max_len), max_len=max_len)
     batch = task.sample(sequences, generator, split="probe")

@@ -41,7 +41,7 @@ from phaselens.store.metrics import MetricsStore, MetricsWriter, integrity_probl
 from phaselens.store.run_dir import RunDir, versions
 from phaselens.store.unigram import unigram_path
 from phaselens.tasks.batch import TaskBatch
-from phaselens.tasks.induction import induction_probe_batch
+from phaselens.tasks.induction import PROBE_MIN_SEQ_LEN, induction_probe_batch
 from phaselens.tasks.unigram import write_training_unigram
 from phaselens.training.config import RunConfig, config_differences
 from phaselens.training.memory import check_memory
@@ -88,9 +88,12 @@ def answer_accuracy(metric: str, logits: torch.Tensor, batch: TaskBatch) -> list
     return [Measurement(metric, prediction_accuracy(logits, batch.tokens, batch.predictions(ANSWER, metric)))]
 
 
-def induction_batch_for(config: RunConfig, task: Any, probe: TaskBatch) -> TaskBatch:
+def induction_batch_for(config: RunConfig, task: Any, probe: TaskBatch) -> TaskBatch | None:
     """The fixed induction batch of a text run: as many sequences as its probe batch, of its length, drawn
-    from the ordinary ids of the model's tokenizer (no special tokens), seeded from the run's seed."""
+    from the ordinary ids of the model's tokenizer (no special tokens), seeded from the run's seed.
+    None when the sequences are too short to hold a segment and its repeat (heads then read the probe batch)."""
+    if probe.tokens.shape[1] < PROBE_MIN_SEQ_LEN:
+        return None
     ordinary = task.model_tokenizer(config.model.d_vocab).ordinary_ids()
     generator = torch.Generator().manual_seed(config.train.seed + INDUCTION_SEED_OFFSET)
     return induction_probe_batch(ordinary, probe.tokens.shape[1], len(probe), generator)
@@ -219,8 +222,10 @@ class Trainer:
                 induction = TaskBatch.load(self.run.induction_batch)
             else:
                 induction = induction_batch_for(cfg, self.task, probe)
-                induction.save(self.run.induction_batch)
-            self.probe_batches["induction"] = induction.to(self.device)
+                if induction is not None:
+                    induction.save(self.run.induction_batch)
+            if induction is not None:
+                self.probe_batches["induction"] = induction.to(self.device)
         # Full batch (train.batch_size=0): the whole training split, built once; it draws nothing from the data RNG.
         self.full_batch = self.task.sample(0, self.data_rng, split="train").to(self.device) if cfg.train.batch_size == 0 else None
         eval_rng = torch.Generator().manual_seed(cfg.train.seed + EVAL_SEED_OFFSET)

@@ -32,7 +32,7 @@ from phaselens.store.atomic import write_json
 from phaselens.store.run_dir import RunDir
 from phaselens.store.unigram import unigram_path, write_unigram_counts
 from phaselens.tasks.batch import TaskBatch
-from phaselens.tasks.induction import induction_probe_batch
+from phaselens.tasks.induction import PROBE_MIN_SEQ_LEN, induction_probe_batch
 from phaselens.training.trainer import INDUCTION_SEED_OFFSET
 
 PATTERN = "blocks.{}.attn.hook_pattern"  # the only activation a Hugging Face forward returns per layer
@@ -203,7 +203,7 @@ class TelemetryCallback(TrainerCallback):
         adapter = adapter_for(model)
         if tokenizer is not None:  # processing_class: the ids it never produces for text are left out
             adapter = adapter_for(model, tokenizer=HFTokenizer(tokenizer, adapter.d_vocab))
-        if probe_batch.tokens.shape[1] >= 4:  # a segment of two tokens and its repeat; shorter, heads reads the probe batch
+        if probe_batch.tokens.shape[1] >= PROBE_MIN_SEQ_LEN:  # shorter: heads reads the probe batch
             # heads, attention_to and patching read it post-hoc: random ordinary ids with a repeated segment
             generator = torch.Generator().manual_seed(int(args.seed) + INDUCTION_SEED_OFFSET)
             induction_probe_batch(adapter.tokenizer.ordinary_ids(), probe_batch.tokens.shape[1], len(probe_batch),
