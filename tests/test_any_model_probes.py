@@ -122,3 +122,52 @@ def test_patching_every_position_restores_the_clean_prediction_on_a_hugging_face
     for layer_effect in effects:
         torch.testing.assert_close(layer_effect, expected, atol=1e-5, rtol=1e-4)
     assert not math.isclose(float(expected.abs().max()), 0.0)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_activations_alone_stop_the_forward_after_the_last_hook_point_read(bridges, name):
+    """A batch whose probes read no logits (head scores) runs no final norm or unembedding, and gets the same patterns."""
+    adapter = adapter_for(bridges[name])
+    tokens = batches_for(adapter)["induction"].tokens
+    names = [adapter.pattern_hook(layer) for layer in range(adapter.n_layers)]
+    final_norm_calls = []
+    final_norm = adapter.hook_points[adapter.final_norm_site.hook]
+    final_norm.add_hook(lambda act, hook: final_norm_calls.append(1))
+    try:
+        with torch.no_grad():
+            stopped = adapter.activations(tokens, names)
+            assert not final_norm_calls  # the forward ended at the last layer's pattern
+            _, full = adapter.run_with_cache(tokens, names)
+            assert final_norm_calls
+    finally:
+        final_norm.remove_hooks()
+    for hook in names:
+        assert torch.equal(stopped[hook], full[hook])
+    assert not any(point.fwd_hooks for point in adapter.hook_points.values())  # no hook left behind
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_logit_lens_of_the_embeddings_unembeds_each_distinct_token_once_where_positions_add_nothing(bridges, name):
+    """GPT-NeoX and Llama (rotary) embed a token the same at every position; GPT-2 adds learned positions.
+    Either way the lens equals p(target), top-1 and entropy read off every prediction's own row."""
+    from phaselens.probes.logit_lens import logit_lens_stats, rows_by_token
+
+    adapter = adapter_for(bridges[name])
+    tokens = batches_for(adapter)["probe"].tokens  # (3, 60) of repeated words
+    streams = [site.hook for site in adapter.residual_sites]
+    with torch.no_grad():
+        logits, cache = adapter.run_with_cache(tokens, streams)
+        embeddings = cache[streams[0]][:, :-1].flatten(0, 1)  # (N, d_model)
+        by_token = rows_by_token(embeddings, tokens[:, :-1].flatten())
+        assert (by_token is None) == (name == "gpt2")
+        if by_token is not None:
+            assert len(by_token[0]) == len(tokens[:, :-1].unique())
+        measured = logit_lens_stats([cache[s] for s in streams], adapter, tokens, torch.ones(3, 59, dtype=torch.bool), logits)
+        target = tokens[:, 1:].flatten()
+        for layer, stream in enumerate(streams):
+            row_logits = adapter.logits_from(cache[stream][:, :-1].flatten(0, 1)).log_softmax(-1)  # (N, V)
+            correct = row_logits[torch.arange(len(target)), target]
+            expected = [correct.exp().mean(), (correct >= row_logits.amax(-1)).float().mean(),
+                        -(row_logits.exp() * row_logits).sum(-1).mean()]
+            got = [measured[metric][layer] for metric in ("p_correct", "top1", "entropy")]
+            torch.testing.assert_close(torch.stack(got), torch.stack(expected), atol=1e-5, rtol=1e-5)

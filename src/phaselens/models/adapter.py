@@ -21,7 +21,7 @@ unknown model fails here, with a message that says what is supported.
 | embedding, unembedding       | `embedding()`, `unembedding()`           | W_E (d_vocab, d_model), W_U (d_model, d_vocab)  |
 | per-head weights             | `head_weights()`                         | `HeadWeights` W_Q W_K W_V (L, H, d_model, d_head), W_O (L, H, d_head, d_model); None without heads |
 | hook points                  | `hook_points`                            | {name: HookPoint}                               |
-| forward passes               | `logits(tokens)`, `run_with_cache(tokens, names)`, `run_with_hooks(tokens, hooks)` | (B, T, d_vocab); and {name: activation} |
+| forward passes               | `logits(tokens)`, `run_with_cache(tokens, names)`, `run_with_hooks(tokens, hooks)`, `activations(tokens, names)` | (B, T, d_vocab); and {name: activation}; `activations` stops after the last hook point asked for |
 | text <-> ids                 | `tokenizer`                              | `Tokenizer`: `kind` ("bytes" / "ids" / "hf"), `encode`, `decode`, `labels`, `special_ids`, `ordinary_ids()` |
 | optional fast paths          | `capabilities` ⊆ `FAST_PATHS`            | frozenset of names; call them on the adapter    |
 
@@ -162,6 +162,10 @@ class HFTokenizer(Tokenizer):
 # ---------------------------------------------------------------------------- adapters
 
 
+class _Captured(Exception):
+    """Raised by the last caching hook of `ModelAdapter.activations` to end the forward there."""
+
+
 class ModelAdapter:
     """What phaselens may know about a model (see the module docstring's table)."""
 
@@ -264,6 +268,30 @@ class ModelAdapter:
     def run_with_hooks(self, tokens: torch.Tensor, hooks: Sequence[tuple[str, Any]]) -> torch.Tensor:
         """Logits with TransformerLens-style hooks `fn(activation, hook)` on named hook points for this call."""
         return self.model.run_with_hooks(tokens, fwd_hooks=list(hooks))
+
+    def activations(self, tokens: torch.Tensor, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The activations at `names` without the logits: the forward stops as soon as the last of them is computed.
+
+        For a batch whose probes read no logits (head scores read only the attention patterns), the
+        layers after the last hook point, the final norm and the unembedding are never run.
+        """
+        cache: dict[str, torch.Tensor] = {}
+        if not names:
+            return cache
+        wanted = len(set(names))
+
+        def keeper(name: str):
+            def keep(activation: torch.Tensor, hook: Any) -> None:
+                cache[name] = activation.detach()
+                if len(cache) == wanted:
+                    raise _Captured  # everything asked for is here: the rest of the forward is wasted work
+            return keep
+
+        try:
+            self.run_with_hooks(tokens, [(name, keeper(name)) for name in dict.fromkeys(names)])
+        except _Captured:
+            pass
+        return {name: cache[name] for name in names}
 
     # ---- tokenizer
     @property

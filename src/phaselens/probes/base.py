@@ -70,6 +70,9 @@ class Probe:
 
     name: ClassVar[str] = ""
     needs_logits: ClassVar[bool] = False
+    # True when `compute` uses `inputs.logits` if they are there (it saves work), though it can do without;
+    # a batch none of whose probes needs or uses logits is measured by a forward that stops at its last hook point.
+    uses_logits: ClassVar[bool] = False
     # False for probes too costly for every training step (extra forwards, an unembedding per layer):
     # they run on checkpoints only (`telemetry.checkpoint_probes`, `phaselens probe`).
     live: ClassVar[bool] = True

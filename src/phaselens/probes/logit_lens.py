@@ -27,6 +27,44 @@ def lens_positions(batch: TaskBatch, positions: str, first_token_only: bool) -> 
     return mask
 
 
+def rows_by_token(rows: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(distinct rows (U, d), inverse (N,)) when rows (N, d) are a function of ids (N,) and some id repeats; else None.
+
+    Checked exactly: every row must equal the first row of its id.
+    """
+    distinct, inverse = torch.unique(ids, return_inverse=True)  # (U,), (N,)
+    if len(distinct) == len(ids):
+        return None
+    first = torch.full(distinct.shape, len(ids), dtype=torch.long, device=ids.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(ids), device=ids.device), "amin")  # (U,) first row of each id
+    representative = rows[first]  # (U, d)
+    return (representative, inverse) if torch.equal(representative[inverse], rows) else None
+
+
+def lens_stats(logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor | None = None, own: bool = False) -> torch.Tensor:
+    """[mean p(target), share of predictions whose top token is the target, mean entropy (nats)]: (3,).
+
+    logits (U, V), one row per prediction, or per distinct row with `rows` (N,) saying which row
+    each of the N predictions (targets (N,)) reads. `own`: the logits are a temporary to overwrite.
+    One exp over (U, V): with s = logits − max, log p = s − log Σe^s and H = log Σe^s − Σ e^s·s / Σe^s.
+    """
+    z = logits.float()
+    top = z.amax(-1, keepdim=True)  # (U, 1)
+    shifted = z.sub_(top) if own or z is not logits else z - top  # (U, V), 0 at each row's most likely token
+    e = shifted.exp()  # (U, V)
+    total = e.sum(-1)  # (U,)
+    log_total = total.log()
+    entropy = log_total - torch.linalg.vecdot(e, shifted) / total  # (U,)
+    if rows is None:
+        rows = torch.arange(len(target), device=target.device)
+    correct = shifted[rows, target]  # (N,): the target's shifted logit
+    return torch.stack([
+        (correct - log_total[rows]).exp().mean(),
+        (correct >= 0).float().mean(),  # the target is the most likely token
+        entropy[rows].mean(),
+    ])
+
+
 def logit_lens_stats(
     resid: torch.Tensor | Sequence[torch.Tensor],
     model: torch.nn.Module | ModelAdapter,
@@ -49,20 +87,21 @@ def logit_lens_stats(
     adapter = adapter_for(model)
     streams = list(resid)
     dtype = adapter.dtype  # streams may have been widened to float32 from the model's dtype
-    lenses = [adapter.logits_from(pick(stream[:, :-1]).to(dtype)) for stream in (streams if final_logits is None else streams[:-1])]
-    if final_logits is not None:
-        lenses.append(pick(final_logits[:, :-1]))
-    target = pick(tokens[:, 1:, None])  # (N, 1): the token each prediction should name
+    target = pick(tokens[:, 1:])  # (N,): the token each prediction should name
     stats = []
-    for logits in lenses:  # (N, V) each
-        logp = logits.float().log_softmax(-1)
-        correct = logp.gather(-1, target)  # (N, 1)
-        stats.append(torch.stack([
-            correct.exp().mean(),
-            (correct >= logp.amax(-1, keepdim=True)).float().mean(),  # the target is the most likely token
-            # mean entropy in nats: one dot product over every (prediction, token), no (N,) temporary
-            -torch.dot(logp.exp().view(-1), logp.view(-1)) / logp.shape[0],
-        ]))
+    for layer, stream in enumerate(streams):
+        if final_logits is not None and layer == len(streams) - 1:
+            stats.append(lens_stats(pick(final_logits[:, :-1]), target))
+            continue
+        rows = pick(stream[:, :-1]).to(dtype)  # (N, d_model)
+        # The embeddings of a model without positional embeddings depend on the token alone (rotary
+        # models such as Pythia): unembed each distinct token once, where every row is its token's row.
+        by_token = rows_by_token(rows, pick(tokens[:, :-1])) if layer == 0 else None
+        if by_token is not None:
+            distinct, inverse = by_token
+            stats.append(lens_stats(adapter.logits_from(distinct), target, inverse, own=True))
+        else:
+            stats.append(lens_stats(adapter.logits_from(rows), target, own=True))
     values = torch.stack(stats, 1)  # (3, L+1)
     return {"p_correct": values[0], "top1": values[1], "entropy": values[2]}
 
@@ -78,6 +117,7 @@ class LogitLensProbe(Probe):
 
     name = "logit_lens"
     live = False  # an unembedding per layer: measure it on checkpoints
+    uses_logits = True  # the model's own logits spare it an unembedding (lens) or a clean forward (patching)
 
     def __init__(self, positions: str = "loss", first_token_only: bool = False):
         super().__init__(positions=positions, first_token_only=first_token_only)

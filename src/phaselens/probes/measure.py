@@ -76,6 +76,8 @@ def measure_model(
 ) -> list[tuple[str, list]]:
     """Run `probes` on one no-grad forward of `batch`, caching only the hook points they read.
 
+    When none of them needs or uses the logits, the forward stops after the last of those hook points.
+
     This is how a checkpoint is measured, during training and post-hoc alike, so both give
     the same numbers for the same weights and batch. Pass a dict as `artifacts` to collect
     each probe's optional JSON artifact too. Probes reduce in float32 whatever the model's
@@ -86,15 +88,20 @@ def measure_model(
         probe.bind(adapter)
     names = sorted({n for p in probes for n in p.hook_names(adapter.n_layers)})
     was_training = adapter.model.training
-    adapter.model.eval()
+    if was_training:  # eval() walks every module: only when it changes something
+        adapter.model.eval()
     try:
         with torch.no_grad():
-            logits, cache = adapter.run_with_cache(batch.tokens, names)
+            if any(p.needs_logits or p.uses_logits for p in probes):
+                logits, cache = adapter.run_with_cache(batch.tokens, names)
+            else:  # no logits wanted: the forward ends at the last hook point read
+                logits, cache = None, adapter.activations(batch.tokens, names)
     finally:
-        adapter.model.train(was_training)
-    if logits.dtype in (torch.bfloat16, torch.float16):
-        cache = {name: act.float() if act.is_floating_point() else act for name, act in cache.items()}
-        logits = logits.float()
+        if was_training:
+            adapter.model.train()
+    half = (torch.bfloat16, torch.float16)
+    cache = {name: act.float() if act.dtype in half else act for name, act in cache.items()}
+    logits = logits.float() if logits is not None and logits.dtype in half else logits
     inputs = ProbeInputs(acts=cache, batch=batch, model=adapter.model, logits=logits, n_layers=adapter.n_layers,
                          n_heads=adapter.n_heads, _adapter=adapter)
     results = run_probes(probes, inputs)

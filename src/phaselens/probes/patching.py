@@ -142,6 +142,7 @@ class PatchingProbe(Probe):
     name = "patching"
     reads_batch = "induction"
     live = False  # n_layers + 2 extra forwards: measure it on checkpoints
+    uses_logits = True  # the model's own logits spare it an unembedding (lens) or a clean forward (patching)
 
     def __init__(self, patch: str | None = None, read: str | None = None, corrupt: str = "noise", seed: int = 0):
         if corrupt not in CORRUPTIONS:
