@@ -121,6 +121,26 @@ def test_llc_probe_measures_every_checkpoint_on_the_runs_stored_training_sample(
     assert llc == pytest.approx(np.mean(artifact["chain_llc"]), rel=1e-5)
 
 
+def test_llc_probe_runs_its_chains_on_one_cpu_thread_and_gives_the_threads_back(run_copy):
+    from phaselens.posthoc.runner import ensure_training_sample
+    from phaselens.probes.base import ProbeInputs, make_probe
+    from phaselens.run import open_run
+    from phaselens.store.run_dir import RunDir
+
+    options = {"chains": 2, "draws": 3, "burnin": 1, "batch_size": 4, "n": 32}
+    ensure_training_sample(RunDir(run_copy), options)
+    probe = make_probe("llc", **options)
+    probe.bind_run(run_copy)
+    model = open_run(run_copy).load_model(20)
+    threads_seen = []
+    model.register_forward_hook(lambda *_: threads_seen.append(torch.get_num_threads()))  # the chains' copies keep it
+    torch.set_num_threads(2)
+    measured = probe.compute(ProbeInputs(acts={}, batch=probe.sample, model=model))
+    assert [m.metric for m in measured] == ["llc", "llc_std"]
+    assert len(threads_seen) > 4 and set(threads_seen) == {1}  # two threads thrash on a busy machine
+    assert torch.get_num_threads() == 2
+
+
 def test_llc_probe_refuses_an_unknown_or_bad_option():
     from phaselens.errors import ConfigError
     from phaselens.probes.base import make_probe

@@ -78,6 +78,7 @@ def calibrate_llc(run: str | Path, step: int | None = None, epsilons: Sequence[f
     import phaselens.probes  # noqa: F401
     from phaselens.posthoc.runner import ensure_training_sample
     from phaselens.probes.base import make_probe
+    from phaselens.probes.llc import one_cpu_thread
     from phaselens.progress import progress_bar
     from phaselens.run import open_run
 
@@ -93,15 +94,10 @@ def calibrate_llc(run: str | Path, step: int | None = None, epsilons: Sequence[f
     model = opened.load_model(step)
     grid = [(float(e), float(g)) for e in epsilons for g in gammas]
     steps_per_chain = probe.settings.burnin + probe.settings.draws
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: a second thread only adds synchronisation (several times slower on a busy machine)
-    try:
-        unit = f"SGLD steps, {len(grid)}×{probe.settings.chains} chains"
-        with progress_bar(f"llc-calibrate step {step}", steps_per_chain, unit=unit, enabled=progress) as update, \
-                torch.inference_mode(False):
-            results = probe.estimator(model).estimate_grid(grid, progress=lambda done: update(completed=done))
-    finally:
-        torch.set_num_threads(threads)
+    unit = f"SGLD steps, {len(grid)}×{probe.settings.chains} chains"
+    with progress_bar(f"llc-calibrate step {step}", steps_per_chain, unit=unit, enabled=progress) as update, \
+            torch.inference_mode(False), one_cpu_thread():
+        results = probe.estimator(model).estimate_grid(grid, progress=lambda done: update(completed=done))
     points = [CalibrationPoint(r.options.epsilon, r.options.gamma, r.llc, r.llc_std, r.traces.tolist(), r.options.burnin,
                                r.init_loss, r.warnings) for r in results]
     return Calibration(opened.path, step, points, recommend(points))

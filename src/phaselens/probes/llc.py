@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -338,6 +339,19 @@ class LLCEstimator:
         return torch.stack(grads), torch.stack(losses)
 
 
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Torch on one CPU thread inside the block, as in every post-hoc worker. SGLD on a small model is many small
+    ops: a second thread only adds synchronisation (on the demo run, 50 s a checkpoint on two threads of a busy
+    2-core machine, 5 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def masked_token_loss(call: Callable[..., torch.Tensor], rows: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """The training loss of a task batch: mean next-token cross-entropy over `loss_mask` (rows: tokens (m, T), loss_mask (m, T-1))."""
     losses = token_losses(call(rows["tokens"]), rows["tokens"])  # (m, T-1)
@@ -380,7 +394,8 @@ class LLCProbe(Probe):
         return LLCEstimator(model, masked_token_loss, rows, self.settings)
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
-        with torch.inference_mode(False):  # post-hoc probes run in inference mode; SGLD needs gradients
+        on_cpu = next(inputs.model.parameters()).device.type == "cpu"
+        with torch.inference_mode(False), one_cpu_thread() if on_cpu else nullcontext():  # SGLD needs gradients
             result = self.estimator(inputs.model).estimate()
         self._last = (id(inputs), result)
         device = next(inputs.model.parameters()).device
