@@ -178,16 +178,29 @@ def test_probe_command_takes_llc_options_and_warns_when_chains_diverge(run_copy)
     assert unknown.exit_code == 2 and "unknown option(s) ['chians']" in unknown.output
 
 
-def test_llc_calibrate_draws_the_grid_and_recommends_the_largest_healthy_step(run_copy):
-    result = invoke("llc-calibrate", run_copy, "--step", "20", "--epsilons", "1e-3,10", "--gammas", "100", *TINY,
+def test_llc_calibrate_draws_the_grid_and_recommends_the_middle_of_the_healthy_plateau(run_copy):
+    result = invoke("llc-calibrate", run_copy, "--step", "20", "--epsilons", "3e-4,1e-3,10", "--gammas", "100", *TINY,
                     "--probe-option", "llc.burnin=40", "--probe-option", "llc.draws=20")
     assert result.exit_code == 0, result.output
-    assert "recommended: epsilon=0.001 gamma=100" in result.output  # ε = 10 diverges
+    assert "recommended: epsilon=0.001 gamma=100" in result.output  # ε = 10 diverges; of two healthy ε, the larger
     assert "ε=10" in result.output and "diverged" in result.output
     figure = run_copy / "artifacts" / "llc_calibrate" / "step_00000020.png"
     assert f"figure: {figure}" in result.output and figure.stat().st_size > 10_000
     missing = invoke("llc-calibrate", run_copy, "--step", "15")
     assert missing.exit_code == 2 and "no checkpoint at step 15" in missing.output
+
+
+def test_the_recommendation_is_the_gamma_where_llc_depends_least_on_epsilon_and_the_middle_of_that_row():
+    from phaselens.posthoc.llc_calibrate import CalibrationPoint, recommend
+
+    # λ̂ measured by llc-calibrate on the demo's last checkpoint (rows ε, columns γ = 10, 100, 1000)
+    grid = {1e-4: (153.5, 144.5, 88.3), 3e-4: (176.3, 148.4, 95.6), 1e-3: (194.7, 150.4, 117.1), 3e-3: (199.8, 156.6, None)}
+    points = [CalibrationPoint(eps, gamma, value if value is not None else 682.7, 1.0, [], 50, 3.3,
+                               [] if value is not None else ["2 of 4 SGLD chains diverged"])
+              for eps, row in grid.items() for gamma, value in zip((10.0, 100.0, 1000.0), row)]
+    chosen = recommend(points)
+    assert (chosen.epsilon, chosen.gamma) == (1e-3, 100.0)  # not (3e-3, 10): there λ̂ still grows with ε
+    assert recommend([p for p in points if p.gamma == 100.0 and p.epsilon == 1e-3]) is None  # one point: no plateau
 
 
 def test_stages_are_cut_where_the_llc_rests_before_between_and_after_its_rises_and_list_the_transitions_inside():

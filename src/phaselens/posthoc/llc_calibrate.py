@@ -1,17 +1,25 @@
 """`phaselens llc-calibrate RUN`: SGLD step size ε and localization γ chosen on one checkpoint.
 
 A small grid (ε × γ) of `llc` estimates at one checkpoint, each with its chains' loss traces
-and diagnostics, and a recommendation by a stated rule:
+and diagnostics, and a recommendation by a stated rule (the plateau rule):
 
     among the settings whose chains all stayed healthy (none diverged, λ̂ > 0, the trace settled
-    after burn-in), take the largest ε (fastest mixing), then the smallest γ at that ε.
+    after burn-in), take the γ at which λ̂ depends least on ε (the smallest spread, max − min over
+    the median, of its healthy ε, at least two of them), and at that γ the ε whose λ̂ is nearest
+    the median of the row: the middle of the plateau (the larger ε on a tie: faster mixing).
+
+A small γ lets chains wander out of the basin (λ̂ grows with ε), a large one pins them too
+tightly to mix at small ε: both show as λ̂ moving with ε, which the diagnostics alone do not see.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
+
+import numpy as np
 
 from phaselens.errors import PhaselensError
 from phaselens.store.run_dir import RunDir
@@ -49,22 +57,37 @@ class Calibration:
             verdict = "ok" if p.healthy else "; ".join(w.split(":")[0] for w in p.warnings)
             lines.append(f"  ε={p.epsilon:<8g} γ={p.gamma:<8g} λ̂ = {p.llc:9.2f} ± {p.llc_std:7.2f}   {verdict}")
         if self.recommended is None:
-            lines.append("no setting was healthy: try smaller epsilon, more burnin or larger gamma "
+            lines.append("no γ kept two settings of ε healthy, so no plateau to choose from: try smaller epsilon, "
+                         "more burnin or larger gamma "
                          "(phaselens llc-calibrate RUN --epsilons ... --gammas ...)")
         else:
             r = self.recommended
-            lines.append(f"recommended: epsilon={r.epsilon:g} gamma={r.gamma:g} (the largest healthy ε, then the smallest γ): "
+            lines.append(f"recommended: epsilon={r.epsilon:g} gamma={r.gamma:g} (the γ where λ̂ depends least on ε, "
+                         "and the ε in the middle of that plateau): "
                          f"phaselens probe {self.run} --probes llc --probe-option llc.epsilon={r.epsilon:g} "
                          f"--probe-option llc.gamma={r.gamma:g}")
         return "\n".join(lines)
 
 
+def plateau_spread(row: Sequence[CalibrationPoint]) -> float:
+    """How much λ̂ moves with ε at one γ: (max − min) / |median| over the row's healthy points."""
+    values = sorted(p.llc for p in row)
+    middle = float(np.median(values))
+    return (values[-1] - values[0]) / abs(middle) if middle else math.inf
+
+
 def recommend(points: Sequence[CalibrationPoint]) -> CalibrationPoint | None:
-    """The largest healthy ε, and at that ε the smallest healthy γ (None when no point is healthy)."""
-    healthy = [p for p in points if p.healthy]
-    if not healthy:
+    """The plateau rule (see the module): None when no γ has two healthy ε."""
+    rows: dict[float, list[CalibrationPoint]] = {}
+    for p in points:
+        if p.healthy:
+            rows.setdefault(p.gamma, []).append(p)
+    rows = {gamma: row for gamma, row in rows.items() if len(row) >= 2}
+    if not rows:
         return None
-    return min(healthy, key=lambda p: (-p.epsilon, p.gamma))
+    gamma = min(rows, key=lambda g: (plateau_spread(rows[g]), g))
+    middle = float(np.median([p.llc for p in rows[gamma]]))
+    return min(rows[gamma], key=lambda p: (round(abs(p.llc - middle), 9), -p.epsilon))
 
 
 def calibrate_llc(run: str | Path, step: int | None = None, epsilons: Sequence[float] = EPSILONS,
