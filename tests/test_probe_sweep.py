@@ -89,14 +89,19 @@ def test_only_the_hooks_the_probes_need_are_cached(run_copy, monkeypatch):
     seen = []
     original = measure.measure_model
 
-    def spy(model, batch, probes, **kwargs):
-        real = model.run_with_cache
+    def spy(model, batch, probes, **kwargs):  # the forward keeps activations by a names filter, or by hooks when no logits are read
+        cached, hooked = model.run_with_cache, model.run_with_hooks
 
         def run_with_cache(*args, names_filter=None, **kwargs):
             seen.append(sorted(names_filter))
-            return real(*args, names_filter=names_filter, **kwargs)
+            return cached(*args, names_filter=names_filter, **kwargs)
+
+        def run_with_hooks(*args, fwd_hooks=(), **kwargs):
+            seen.append(sorted(name for name, _ in fwd_hooks))
+            return hooked(*args, fwd_hooks=fwd_hooks, **kwargs)
 
         monkeypatch.setattr(model, "run_with_cache", run_with_cache)
+        monkeypatch.setattr(model, "run_with_hooks", run_with_hooks)
         return original(model, batch, probes, **kwargs)
 
     monkeypatch.setattr("phaselens.probes.measure.measure_model", spy)
