@@ -131,7 +131,7 @@ def make_floor(path: Path, probes: list[str]):
     from phaselens.series.revisions import RevisionLoader, revision_files
 
     run = pl.open_run(path)
-    batches = run.probe_batches()
+    batches, study = run.probe_batches(), run.run_config().study
     references = {}
     for step in run.checkpoint_steps():
         ref = read_reference(run.dir.checkpoint(step))
@@ -140,7 +140,7 @@ def make_floor(path: Path, probes: list[str]):
     model = loader.model_at(min(references)).model
     hooks: dict[str, set[str]] = {}  # batch -> hook points its probes read
     for probe in map(make_probe, probes):
-        hooks.setdefault(probe.reads_batch if probe.reads_batch in batches else "probe", set()).update(
+        hooks.setdefault(study.batch_for(probe) if study.batch_for(probe) in batches else "probe", set()).update(
             probe.hook_names(model.cfg.n_layers))
 
     streams = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers - 1)]

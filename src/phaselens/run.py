@@ -111,8 +111,8 @@ class Run:
         return TaskBatch.load(self.dir.probe_batch)
 
     def probe_batches(self) -> dict:
-        """The run's fixed batches by the name probes read them under (`Probe.reads_batch`): "probe", and
-        "induction" where the run stores one beside a text probe batch."""
+        """The run's fixed batches by the name probes read them under (`Study.batch_for`): "probe", and
+        "induction" where the run stores one beside its probe batch (text, late disambiguation, imported series)."""
         from phaselens.tasks.batch import TaskBatch
 
         batches = {"probe": self.probe_batch()}

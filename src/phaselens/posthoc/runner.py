@@ -66,7 +66,8 @@ _WORKER_CACHE: dict[Any, Any] = {}  # per worker process: run state, and probes 
 
 
 def _worker_state(run_path: str, device: str | None = None, dtype: str | None = None):
-    """Model skeleton (a `RevisionLoader` for an imported series), the run's probe batches by name and device, built once per worker."""
+    """Model skeleton (a `RevisionLoader` for an imported series), the run's probe batches by name and device,
+    and its study (which batch each probe reads), built once per worker."""
     # an induction batch written since (`ensure_induction_batch`) is a new state
     key = (run_path, device, dtype, RunDir(run_path).induction_batch.is_file())
     state = _WORKER_CACHE.get(key)
@@ -91,7 +92,7 @@ def _worker_state(run_path: str, device: str | None = None, dtype: str | None = 
         else:
             model = build_model(run.run_config().model).to(device=where, dtype=precision)
         batches = {name: batch.to(where) for name, batch in run.probe_batches().items()}
-        state = _WORKER_CACHE[key] = (model, batches, where)
+        state = _WORKER_CACHE[key] = (model, batches, where, run.run_config().study)
     return state
 
 
@@ -101,7 +102,7 @@ def _checkpoint_model(run_path: str, step: int, ahead: int | None, device: str |
     from phaselens.models.checkpoints import load_weights
     from phaselens.series.revisions import RevisionLoader
 
-    model, _, _ = _worker_state(run_path, device, dtype)
+    model, _, _, _ = _worker_state(run_path, device, dtype)
     if isinstance(model, RevisionLoader):
         if step not in model.references:  # its reference.json is unreadable: say why
             from phaselens.models.hf import read_reference
@@ -144,14 +145,15 @@ def measure_checkpoint(run_path: str, step: int, probe_names: Sequence[str], opt
         from phaselens.probes.base import to_rows
         from phaselens.probes.measure import measure_batches
 
-        _, batches, _ = _worker_state(run_path, device, dtype)
+        _, batches, _, study = _worker_state(run_path, device, dtype)
         try:
             model, result.weights_hash, result.note = _checkpoint_model(run_path, step, ahead, device, dtype)
         except CheckpointError as exc:
             result.error = str(exc)
             return result
         probes = _worker_probes(run_path, probe_names, options)
-        result.rows = to_rows(step, SOURCE, measure_batches(model, batches, probes, artifacts=result.artifacts))
+        measured = measure_batches(model, batches, probes, artifacts=result.artifacts, batch_for=study.batch_for)
+        result.rows = to_rows(step, SOURCE, measured)
     except Exception as exc:  # a sweep records the failure and goes on
         result.error = f"{type(exc).__name__}: {exc}"
     finally:
@@ -277,7 +279,8 @@ def ensure_unigram(run_dir: RunDir) -> None:
 
 
 def ensure_induction_batch(run_dir: RunDir, names: Sequence[str]) -> None:
-    """Write the induction batch of a text run trained before runs kept one, when a probe in `names` reads it."""
+    """Write the induction batch of a run trained before runs of its task kept one (text, late
+    disambiguation), when a probe in `names` reads it (`Study.batch_for`)."""
     if run_dir.induction_batch.is_file():
         return
     from phaselens.probes.base import make_probe
@@ -285,7 +288,8 @@ def ensure_induction_batch(run_dir: RunDir, names: Sequence[str]) -> None:
 
     run = open_run(run_dir.path)
     config = run.run_config()
-    if config.study.induction_batch and any(make_probe(name).reads_batch == "induction" for name in names):
+    study = config.study
+    if study.induction_batch and any(study.batch_for(make_probe(name)) == "induction" for name in names):
         from phaselens.errors import ConfigError
         from phaselens.training.trainer import induction_batch_for
 

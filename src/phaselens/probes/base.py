@@ -81,7 +81,8 @@ class Probe:
     off_thread: ClassVar[bool] = False
     # The run batch a probe measures post-hoc and at checkpoints: "probe", the task's own batch, or
     # "induction", random tokens with a segment repeated at a variable offset in the model's vocabulary,
-    # which runs with a text probe batch store beside it (elsewhere the task's batch serves).
+    # which text and late-disambiguation runs store beside it (elsewhere the task's batch serves). The
+    # default: a task's study may send a probe to another batch (`Study.batch_for`).
     reads_batch: ClassVar[str] = "probe"
     every: int = 1  # live telemetry measures this probe only at steps that are a multiple of it
     # True when training writes the probe's artifact at every checkpoint it measures there (small

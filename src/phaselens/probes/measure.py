@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -56,15 +56,18 @@ def measure_cache(
 
 
 def measure_batches(
-    model: torch.nn.Module | ModelAdapter, batches: Mapping[str, TaskBatch], probes: Sequence[Probe], artifacts: dict | None = None
+    model: torch.nn.Module | ModelAdapter, batches: Mapping[str, TaskBatch], probes: Sequence[Probe], artifacts: dict | None = None,
+    batch_for: Callable[[Probe], str] | None = None,
 ) -> list[tuple[str, list]]:
-    """Each probe measured on the batch it reads (`Probe.reads_batch`; the "probe" batch where the run has no such one).
+    """Each probe measured on the batch it reads: `batch_for(probe)`, the run's study's decision
+    (`Study.batch_for`), else the probe's `reads_batch`; the "probe" batch where the run has no such one.
 
     One `measure_model` forward per batch in use; results in the order of `probes`.
     """
     groups: dict[str, list[Probe]] = {}
     for probe in probes:
-        groups.setdefault(probe.reads_batch if probe.reads_batch in batches else "probe", []).append(probe)
+        name = batch_for(probe) if batch_for else probe.reads_batch
+        groups.setdefault(name if name in batches else "probe", []).append(probe)
     results = {}
     for name, group in groups.items():
         results.update(measure_model(model, batches[name], group, artifacts=artifacts))

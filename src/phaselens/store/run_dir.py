@@ -4,7 +4,7 @@
     checkpoints/      step_00001000/ model.safetensors, trainer.safetensors, trainer.json
     probe_batch.safetensors   the fixed probe batch every step and checkpoint is measured on
     samples/          fixed, seeded samples of the training data (the `llc` probe's n-sample)
-    induction_batch.safetensors   random tokens with a repeated segment, for heads, attention_to and patching (text runs)
+    induction_batch.safetensors   random tokens with a repeated segment, for the probes the study routes to it (text, late disambiguation)
     metrics.sqlite    one row per value
     artifacts/        non-scalar probe results (JSON)
     report/           report.md and PNG figures

@@ -9,17 +9,31 @@ uncertainty from step 0, yet SGD takes a long time to use it: the lag this task 
 Batches carry what the probes need as named position sets: `first_target` (the prediction of the
 first target token) and `z` (the selector's tokens, in the variants that have one); in the probe
 split, `pair_index`: rows come in pairs with the same B, different z and a different first target,
-for activation patching.
+for activation patching. Head scores read the run's induction batch instead, drawn from the characters
+(`model_tokenizer`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from phaselens.models.adapter import IdTokenizer, Tokenizer
 from phaselens.tasks.batch import TaskBatch
-from phaselens.tasks.disambiguation_config import ALPHABET, BOS, EOS, SELECTOR_VARIANTS, SEP, DisambiguationData
+from phaselens.tasks.disambiguation_config import ALPHABET, BOS, EOS, PAD, SELECTOR_VARIANTS, SEP, VOCAB, DisambiguationData
 
 N_CHARS = len(ALPHABET)
+
+
+class DisambiguationTokenizer(IdTokenizer):
+    """The task's plain ids: 0..35 the characters, PAD, BOS, EOS and SEP special (kept out of the induction batch)."""
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset((PAD, BOS, EOS, SEP))
+
+    @property
+    def n_tokens(self) -> int:
+        return VOCAB  # rows of a larger embedding are never trained
 
 
 def _distinct_strings(n: int, length: int, generator: torch.Generator, taken: set | None = None,
@@ -164,6 +178,10 @@ class DisambiguationTask:
             positions["z"] = torch.zeros(n, T, dtype=torch.bool)
             positions["z"][:, spans["selector"]] = True
         return TaskBatch(tokens=tokens, loss_mask=loss_mask, positions=positions, pair_index=pair_index)
+
+    def model_tokenizer(self, d_vocab: int) -> Tokenizer:
+        """Ids for a model of this task: the run's induction batch (head scores) is drawn from the characters."""
+        return DisambiguationTokenizer(d_vocab)
 
     def validate(self) -> None:
         """The config checked everything already (`DisambiguationData.validate`)."""

@@ -32,6 +32,8 @@ TAU = Headline(
           Axis("K", ("data.k",), description="ambiguity: targets per base")),
 )
 # Position sets: `first_target` (the prediction of the first target token) and, with a selector, `z`.
+# Head scores need a segment and its repeat, which these sequences lack: every variant's runs store an
+# induction batch of the characters for `heads`; attention_to and patching keep reading z on the task's batch.
 SELECTOR_STUDY = Study(
     post_hoc_probes=(*POST_HOC_PROBES, "attention_to", "patching", "random_z"),
     probe_options={
@@ -41,12 +43,15 @@ SELECTOR_STUDY = Study(
         "patching": {"patch": "z", "read": "first_target", "corrupt": "partner"},
         "random_z": {"selector": "z", "read": "first_target"},
     },
+    induction_batch=True,
+    reads_batch={"attention_to": "probe", "patching": "probe"},
     headline=TAU,
 )
 NO_SELECTOR = "this variant has no selector z"
 PLAIN_STUDY = Study(
     probe_options={"loss": {"positions": ["first_target"]}, "logit_lens": {"positions": "first_target"}},
     inapplicable_probes={"attention_to": NO_SELECTOR, "patching": NO_SELECTOR, "random_z": NO_SELECTOR},
+    induction_batch=True,
     headline=TAU,
 )
 

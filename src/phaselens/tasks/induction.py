@@ -83,7 +83,8 @@ def induction_probe_batch(token_ids: Sequence[int], seq_len: int, sequences: int
     """The induction task's construction in a model's own vocabulary: random tokens drawn from `token_ids`
     (a tokenizer's ordinary ids: no end-of-text or padding), one segment repeated at a variable offset.
 
-    Sequences of `seq_len` tokens; segments of 8 to 24 tokens (shorter sequences: of up to seq_len // 2).
+    Sequences of `seq_len` tokens; segments of 8 to 24 tokens (sequences under 48 tokens: of up to seq_len // 2,
+    and under 32 of at least seq_len // 4, so that the offset of the repeat still varies).
     Heads, attention_to and patching read it on runs whose own probe batch is text.
     """
     from phaselens.errors import ConfigError
@@ -94,6 +95,6 @@ def induction_probe_batch(token_ids: Sequence[int], seq_len: int, sequences: int
     max_len = min(PROBE_MAX_LEN, seq_len // 2)
     if seq_len < PROBE_MIN_SEQ_LEN:
         raise ConfigError(f"an induction probe batch needs sequences of at least 4 tokens (a segment and its repeat), got {seq_len}")
-    task = InductionTask(seq_len=seq_len, vocab=len(ids), min_len=min(PROBE_MIN_LEN, max_len), max_len=max_len)
+    task = InductionTask(seq_len=seq_len, vocab=len(ids), min_len=min(PROBE_MIN_LEN, max(2, seq_len // 4)), max_len=max_len)
     batch = task.sample(sequences, generator, split="probe")
     return replace(batch, tokens=ids[batch.tokens])  # positions 0..n-1 of the task become the model's ids

@@ -2,7 +2,8 @@
 
 A task's `DataConfig` subclass returns a `Study` from `study_for(task)`: the probes measured by
 default (live and post-hoc), the options those probes read the task's named position sets with
-(`TaskBatch.positions`), the probes its batches cannot feed, and the headline `compare` fits.
+(`TaskBatch.positions`), which of the run's batches each probe reads, the probes its batches cannot
+feed, and the headline `compare` fits.
 The report layer looks up the report section registered for the task's name
 (`phaselens.report.register_study`); a task without one gets the generic report.
 Torch-free: configs validate before anything heavy loads.
@@ -69,11 +70,14 @@ class Study:
     {"attention_to": {"query": "copy", "key": "source"}}; telemetry.probe_options and
     `--probe-option` override them key by key.
     inapplicable_probes: probe name -> why this task's batches cannot feed it (refused by name).
-    induction_batch: the task's batches have no copies or sources (text), so its runs store an induction
-    batch beside the probe batch, in the model's own vocabulary, and the probes with
-    `reads_batch = "induction"` (heads, attention_to, patching) read that; such a task offers
+    induction_batch: the task's batches have no segment repeated at a variable offset (text, late
+    disambiguation), so its runs store an induction batch beside the probe batch, in the model's own
+    vocabulary, for the probes that read "induction" (`batch_for`); such a task offers
     `model_tokenizer(d_vocab)`, the tokenizer whose ordinary ids the batch is drawn from (or, like a
     Trainer run's, cannot be built, and whoever writes the run writes the batch).
+    reads_batch: per probe, the run batch it measures at checkpoints and post-hoc ("probe" or
+    "induction"), over the probe class's `reads_batch`; e.g. late disambiguation keeps attention_to and
+    patching on its own batch (its z positions) while heads reads the induction batch.
     """
 
     live_probes: tuple[str, ...] = LIVE_PROBES
@@ -81,11 +85,19 @@ class Study:
     probe_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     inapplicable_probes: Mapping[str, str] = field(default_factory=dict)
     induction_batch: bool = False
+    reads_batch: Mapping[str, str] = field(default_factory=dict)
     headline: Headline | None = None  # what `compare` reports and fits; None: compare has nothing to fit
 
     def options_for(self, probe: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
         """The options of `probe` for this task: its declared defaults, then `overrides[probe]` key by key."""
         return {**self.probe_options.get(probe, {}), **((overrides or {}).get(probe) or {})}
+
+    def batch_for(self, probe: Any) -> str:
+        """The run batch `probe` (a `Probe`: its `name` and class `reads_batch`) reads on this task's runs.
+
+        A run without that batch measures the probe on its probe batch (`measure_batches`).
+        """
+        return self.reads_batch.get(probe.name, probe.reads_batch)
 
 
 GENERIC = Study()  # a task that declares nothing: probes that read no position set, the generic report

@@ -10,8 +10,9 @@ Two sources of values, one set of probes:
   forward itself (the training batch), so telemetry costs no extra forward pass.
 * `checkpoint`: whenever a checkpoint is saved, the probes also measure the run's fixed probe
   batch on those weights: exactly what `phaselens probe` computes post-hoc on the checkpoint.
-  On text runs (`Study.induction_batch`) heads, attention_to and patching read the run's fixed
-  induction batch instead, as they do post-hoc.
+  On runs that store an induction batch (`Study.induction_batch`: text, late disambiguation) the
+  probes the study routes to it (`Study.batch_for`: heads, and on text runs attention_to and
+  patching) read that batch instead, as they do post-hoc.
 """
 
 from __future__ import annotations
@@ -214,8 +215,8 @@ class Trainer:
             probe = self.task.sample(cfg.data.probe_size, torch.Generator().manual_seed(cfg.train.seed + PROBE_SEED_OFFSET), split="probe")
             probe.save(self.run.probe_batch)
         self.probe_batch = probe.to(self.device)
-        # Batches by the name probes read them under (`Probe.reads_batch`); a text run's heads,
-        # attention_to and patching read its induction batch, written once like the probe batch.
+        # Batches by the name probes read them under (`Study.batch_for`); the induction batch, where the
+        # study keeps one, is written once like the probe batch.
         self.probe_batches = {"probe": self.probe_batch}
         if cfg.study.induction_batch:
             if self.run.induction_batch.is_file():
@@ -423,7 +424,8 @@ class Trainer:
         wanted = {p.name for p in self.checkpoint_probes if p.checkpoint_artifacts}
         artifacts: dict[str, Any] = {}
         for name, measurements in measure_batches(self.model, self.probe_batches, self.checkpoint_probes,
-                                                  artifacts=artifacts if wanted else None):
+                                                  artifacts=artifacts if wanted else None,
+                                                  batch_for=self.config.study.batch_for):
             self.checkpoint_values.log(step, name, measurements)
         self.checkpoint_values.flush()
         for name in wanted & set(artifacts):
