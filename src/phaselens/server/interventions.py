@@ -191,10 +191,8 @@ def embedding_gradients(model: ModelAdapter, tokens: torch.Tensor, position: int
 
 def ordinary_tokens(model: ModelAdapter, d_vocab: int) -> torch.Tensor:
     """(d_vocab,) bool: ids that stand for text, i.e. neither special nor the padding past a Hugging Face tokenizer's end."""
-    tokenizer = model.tokenizer
     ordinary = torch.zeros(d_vocab, dtype=torch.bool)
-    ordinary[: min(d_vocab, len(tokenizer.hf)) if tokenizer.kind == "hf" else d_vocab] = True
-    ordinary[[i for i in tokenizer.special_ids if i < d_vocab]] = False
+    ordinary[[i for i in model.tokenizer.ordinary_ids() if i < d_vocab]] = True
     return ordinary
 
 

@@ -219,16 +219,14 @@ def as_text(ids: list[int], model: ModelAdapter) -> str:
 
 
 def induction_sample(model: ModelAdapter, seq_len: int = 48) -> list[int]:
-    """Random ordinary tokens of the model's vocabulary with a segment repeated at a variable offset."""
+    """One sequence of the induction probe batch's construction (`induction_probe_batch`) in the model's
+    ordinary tokens: random tokens with a segment repeated at a variable offset."""
     import torch
 
-    from phaselens.server.interventions import ordinary_tokens
-    from phaselens.tasks.induction import InductionTask
+    from phaselens.tasks.induction import induction_probe_batch
 
-    allowed = ordinary_tokens(model, model.d_vocab).nonzero()[:, 0]  # (n,)
-    seq_len = min(seq_len, model.n_ctx)
-    task = InductionTask(seq_len=seq_len, vocab=len(allowed), max_len=min(24, seq_len // 2))
-    return allowed[task.sample(1, torch.Generator().manual_seed(0)).tokens[0]].tolist()
+    batch = induction_probe_batch(model.tokenizer.ordinary_ids(), min(seq_len, model.n_ctx), 1, torch.Generator().manual_seed(0))
+    return batch.tokens[0].tolist()
 
 
 def corrupt_first_half(ids: list[int]) -> list[int]:
