@@ -36,6 +36,7 @@ class ProbeInputs:
     n_heads: int = 0
     _stacked: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _rolled: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _predictions: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _adapter: ModelAdapter | None = field(default=None, repr=False)
 
     @property
@@ -53,6 +54,17 @@ class ProbeInputs:
         if template not in self._stacked:
             self._stacked[template] = torch.stack([self.acts[template.format(layer)] for layer in range(self.n_layers)])
         return self._stacked[template]
+
+    def next_token_probs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p, p) of the model's next-token predictions, (B, T-1, V) each in float32.
+
+        Computed once per inputs and shared by the probes that read the model's own softmax (the
+        loss, the KL to the unigram, the logit lens' last layer): one log-softmax and one exp in all.
+        """
+        if self._predictions is None:
+            log_probs = self.logits[:, :-1].float().log_softmax(-1)
+            self._predictions = (log_probs, log_probs.exp())
+        return self._predictions
 
     def rolled_logits(self, name: str, reader: str) -> torch.Tensor:
         """Logits (B, T, V) of the batch with token set `name` moved one row on (`TaskBatch.rolled`).

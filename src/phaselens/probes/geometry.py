@@ -56,11 +56,20 @@ def kl_to_unigram(logits: torch.Tensor, log_unigram: torch.Tensor, mask: torch.T
     logits (B, T, V), log_unigram (V,), mask (B, T) bool or None for every position -> () nats.
     """
     logp = logits.float().log_softmax(-1)  # (B, T, V)
+    return kl_from_log_probs(logp, logp.exp(), log_unigram, mask, reverse)
+
+
+def kl_from_log_probs(logp: torch.Tensor, p: torch.Tensor, log_unigram: torch.Tensor, mask: torch.Tensor | None = None,
+                      reverse: bool = False) -> torch.Tensor:
+    """`kl_to_unigram` from the model's log-probabilities and probabilities, (B, T, V) each -> () nats.
+
+    KL(p ‖ q) = Σ p log p − p·log q: two reads of (B, T, V), no temporary of that size.
+    """
     logq = log_unigram.to(logp.device)  # (V,)
     if reverse:
         kl = (logq.exp() * (logq - logp)).sum(-1)  # (B, T)
     else:
-        kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T)
+        kl = torch.linalg.vecdot(p, logp) - p @ logq  # (B, T)
     if mask is None:
         return kl.mean()
     weights = mask.to(kl.dtype)
@@ -116,12 +125,12 @@ class GeometryProbe(Probe):
         measurements = [Measurement("interaction_energy", interaction_energy(resid, opts["beta"]))]
         if not opts["kl"]:
             return measurements
-        logits = inputs.logits[:, :-1]  # (B, T-1, V): the predictions the task's loss mask covers
-        log_unigram = self._unigram(logits.shape[-1])
+        logp, p = inputs.next_token_probs()  # (B, T-1, V) each: the predictions the task's loss mask covers
+        log_unigram = self._unigram(logp.shape[-1])
         mask = inputs.batch.loss_mask
-        measurements.append(Measurement("kl_unigram", kl_to_unigram(logits, log_unigram, mask)))
+        measurements.append(Measurement("kl_unigram", kl_from_log_probs(logp, p, log_unigram, mask)))
         if opts["reverse"]:
-            measurements.append(Measurement("kl_unigram_reverse", kl_to_unigram(logits, log_unigram, mask, reverse=True)))
+            measurements.append(Measurement("kl_unigram_reverse", kl_from_log_probs(logp, p, log_unigram, mask, reverse=True)))
         return measurements
 
     def _unigram(self, d_vocab: int) -> torch.Tensor:

@@ -71,13 +71,15 @@ def logit_lens_stats(
     tokens: torch.Tensor,
     mask: torch.Tensor,
     final_logits: torch.Tensor | None = None,
+    final_predictions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """p_correct, top1 and entropy per layer, averaged over the masked predictions.
 
     resid: L+1 streams (B, T, d_model), stacked or as a list; tokens (B, T); mask (B, T-1)
     -> each (L+1,). Only masked predictions are unembedded. `final_logits` (B, T, V), the model's
     own output, stands in for the last stream's lens (it is the model's prediction): one
-    unembedding fewer.
+    unembedding fewer. `final_predictions` ((B, T-1, V) log p and p of those logits, already
+    computed for other probes: `ProbeInputs.next_token_probs`) spares the last layer its softmax.
     """
     every = bool(mask.all())  # the common case (every prediction): no gather at all
 
@@ -90,6 +92,12 @@ def logit_lens_stats(
     target = pick(tokens[:, 1:])  # (N,): the token each prediction should name
     stats = []
     for layer, stream in enumerate(streams):
+        if final_predictions is not None and layer == len(streams) - 1:
+            logp, p = (pick(x) for x in final_predictions)  # (N, V) each
+            correct = logp.gather(-1, target[:, None])[:, 0]  # (N,)
+            stats.append(torch.stack([correct.exp().mean(), (correct >= logp.amax(-1)).float().mean(),
+                                      -torch.linalg.vecdot(p, logp).mean()]))
+            continue
         if final_logits is not None and layer == len(streams) - 1:
             stats.append(lens_stats(pick(final_logits[:, :-1]), target))
             continue
@@ -129,5 +137,7 @@ class LogitLensProbe(Probe):
         names = self.hook_names(inputs.n_layers)
         resid = [inputs.acts[name] for name in names]  # L+1 streams (B, T, d_model)
         mask = lens_positions(inputs.batch, self.options["positions"], self.options["first_token_only"])
-        stats = logit_lens_stats(resid, inputs.adapter, inputs.batch.tokens, mask, final_logits=inputs.logits)
+        shared = inputs.next_token_probs() if inputs.logits is not None else None
+        stats = logit_lens_stats(resid, inputs.adapter, inputs.batch.tokens, mask, final_logits=inputs.logits,
+                                 final_predictions=shared)
         return [Measurement(name, value) for name, value in stats.items()]

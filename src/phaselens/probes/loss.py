@@ -83,7 +83,8 @@ class LossProbe(Probe):
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         batch, opts = inputs.batch, self.options
-        losses = token_losses(inputs.logits, batch.tokens)  # (B, T-1)
+        log_probs, _ = inputs.next_token_probs()  # (B, T-1, V), shared with other probes
+        losses = -log_probs.gather(-1, batch.tokens[:, 1:, None])[..., 0]  # (B, T-1): the next-token cross-entropy
         counted = batch.loss_mask.to(losses.dtype)  # (B, T-1)
         names, masks = ["all"], [counted]
         for name in opts["positions"]:
