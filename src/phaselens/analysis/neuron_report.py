@@ -109,10 +109,12 @@ def plot_neurons(data: NeuronArtifact, path: Path) -> Path | None:
         ax.set_title(f"layer {layer.layer}", fontsize=10)
         ax.set_xlabel("log10 firing rate (dashed: 1%)", fontsize=8)
         sel = np.asarray([v for v in layer.selectivity if v is not None], dtype=float)
+        positive = sel[sel > 0]  # max/mean has no logarithm where a neuron's mean is negative (GELU outputs can be)
         ax = axes[1, column]
-        if len(sel):
-            ax.hist(np.log10(sel), bins=40, color="#308050")
-        ax.set_xlabel("log10 selectivity (max/mean)", fontsize=8)
+        if len(positive):
+            ax.hist(np.log10(positive), bins=40, color="#308050")
+        left_out = len(sel) - len(positive)
+        ax.set_xlabel("log10 selectivity (max/mean)" + (f"; {left_out} with mean ≤ 0 not shown" if left_out else ""), fontsize=8)
     axes[0, 0].set_ylabel("neurons")
     axes[1, 0].set_ylabel("neurons")
     fig.suptitle(f"Neuron activity over {data.tokens:,} tokens", fontsize=11)
