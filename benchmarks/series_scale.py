@@ -181,7 +181,7 @@ def fresh_copy(run: Path, root: Path, name: str) -> Path:
 
 def peak_rss(model_dir: Path, root: Path, text: Path, revisions: list[str], sequences: int, threads: int) -> float:
     """Peak RSS (MiB) of a fresh process that imports and probes `revisions`."""
-    out = root / f"rss{len(revisions)}"
+    out = Path(tempfile.mkdtemp(prefix=f"rss{len(revisions)}-", dir=root)) / "run"  # a fresh run each time
     done = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(out), str(text), ",".join(revisions),
                            str(sequences), str(threads)], check=True, capture_output=True, text=True)
     return int(done.stdout.split()[-1]) / 1024
