@@ -154,6 +154,35 @@ def browser():
         browser.close()
 
 
+IDLE = "document.body.dataset.busy === '0'"  # the dashboard has no request or redraw in flight
+
+
+@pytest.fixture(scope="session")
+def open_dashboard():
+    """`with open_dashboard(browser, run=[...]) as page:` serves the dashboard (`pl.serve(**what)`), opens
+    it ready and idle in a new page whose JavaScript errors collect in `page.errors`, and stops the
+    server afterwards. Session-scoped, so module-scoped page fixtures can use it."""
+    import contextlib
+
+    import phaselens as pl
+
+    @contextlib.contextmanager
+    def open_(browser, **what):
+        handle = pl.serve(**what)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.errors = []
+            page.on("pageerror", lambda error: page.errors.append(str(error)))
+            page.goto(handle.url)
+            page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+            page.wait_for_function(IDLE)
+            yield page
+        finally:
+            handle.stop()
+
+    return open_
+
+
 @pytest.fixture
 def screenshots() -> Path:
     """test-output/, where browser tests leave their screenshots (CI keeps that folder)."""

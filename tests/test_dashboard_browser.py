@@ -33,18 +33,9 @@ def text_run(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def page(browser, induced_run, induction_run, text_run):
-    handle = pl.serve(run=[induction_run, induced_run, text_run])
-    try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(handle.url)
-        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
-        page.errors = errors
+def page(browser, open_dashboard, induced_run, induction_run, text_run):
+    with open_dashboard(browser, run=[induction_run, induced_run, text_run]) as page:
         yield page
-    finally:
-        handle.stop()
 
 
 def test_scrub_click_the_induction_head_ablate_it_and_the_copy_loss_rises(page, induced_run, screenshots):

@@ -5,31 +5,16 @@ whose map stays legible and clickable. Screenshots go to test-output/ (CI keeps 
 
 from __future__ import annotations
 
-
 import pytest
-
-import phaselens as pl
 
 IDLE = "document.body.dataset.busy === '0'"  # no request or redraw in flight
 
 pytestmark = pytest.mark.slow
 
 
-def open_page(browser, url: str):
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.errors = []
-    page.on("pageerror", lambda error: page.errors.append(str(error)))
-    page.goto(url)
-    page.wait_for_selector("body[data-ready='1']", timeout=60_000)
-    page.wait_for_function(IDLE)
-    return page
-
-
-def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(browser, imported_run, probed_imported_run,
-                                                                                screenshots):
-    handle = pl.serve(run=[imported_run, probed_imported_run])
-    try:
-        page = open_page(browser, handle.url)
+def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(browser, open_dashboard, imported_run,
+                                                                                probed_imported_run, screenshots):
+    with open_dashboard(browser, run=[imported_run, probed_imported_run]) as page:
         assert page.evaluate("window.phaselens.run") == imported_run.name
         assert "GPTNeoXForCausalLM" in page.inner_text("#model-source")
         assert "tokenizer" in page.inner_text("#text-label")
@@ -75,8 +60,6 @@ def test_open_an_imported_revision_click_a_head_ablate_it_and_the_loss_changes(b
         assert points == [[0, 10, 30]] * 3  # every revision
         page.locator("#head-panel").screenshot(path=str(screenshots / "dashboard_imported_head_scores.png"))
         assert page.locator("#error-bar").is_hidden() and not page.errors
-    finally:
-        handle.stop()
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +78,9 @@ def pythia_410m_shaped(tmp_path_factory):
     return TransformerBridge.boot_transformers(str(path), device="cpu")
 
 
-def test_the_map_of_24_layers_by_16_heads_is_legible_and_every_box_clickable(browser, pythia_410m_shaped, screenshots):
-    handle = pl.serve(model=pythia_410m_shaped)
-    try:
-        page = open_page(browser, handle.url)
+def test_the_map_of_24_layers_by_16_heads_is_legible_and_every_box_clickable(browser, open_dashboard, pythia_410m_shaped,
+                                                                              screenshots):
+    with open_dashboard(browser, model=pythia_410m_shaped) as page:
         page.wait_for_function("document.querySelectorAll('#arch .node').length > 0")
         boxes = page.eval_on_selector_all("#arch .node", """nodes => nodes.map(n => {
             const r = n.querySelector('rect').getBoundingClientRect();
@@ -126,5 +108,3 @@ def test_the_map_of_24_layers_by_16_heads_is_legible_and_every_box_clickable(bro
         page.wait_for_function(IDLE)
         assert page.inner_text("#head-title") == "Layer 5 MLP"
         assert page.locator("#error-bar").is_hidden() and not page.errors
-    finally:
-        handle.stop()

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-import phaselens as pl
-
 pytestmark = pytest.mark.slow  # a browser: several seconds
 
 IDLE = "document.body.dataset.busy === '0'"  # no request or redraw in flight
@@ -27,14 +25,9 @@ def measured_run(induction_run, tmp_path_factory):
     return path
 
 
-def test_timeline_draws_stage_bands_only_for_a_run_with_llc_values(browser, induction_run, measured_run, screenshots):
-    handle = pl.serve(run=[induction_run, measured_run])
-    try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        errors: list[str] = []
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(handle.url)
-        page.wait_for_selector("body[data-ready='1']", timeout=60_000)
+def test_timeline_draws_stage_bands_only_for_a_run_with_llc_values(browser, open_dashboard, induction_run, measured_run,
+                                                                   screenshots):
+    with open_dashboard(browser, run=[induction_run, measured_run]) as page:
 
         def show(run) -> tuple[list[dict], list[str], int]:
             """Open `run`; the timeline's stage bands (layout shapes), its stage labels, and the bands' drawn rectangles."""
@@ -58,6 +51,4 @@ def test_timeline_draws_stage_bands_only_for_a_run_with_llc_values(browser, indu
 
         bands, labels, drawn = show(induction_run)  # no llc rows: no stages
         assert bands == [] and not any(t.startswith("stage ") for t in labels) and drawn == 0
-        assert errors == []
-    finally:
-        handle.stop()
+        assert page.errors == []
