@@ -35,7 +35,7 @@ print(time.time() - began, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def measure(model_dir: Path, root: Path, text: Path, revisions: list[str]) -> tuple[float, float]:
     """(peak RSS in MiB, seconds) of one child that imports and probes `revisions`."""
-    out = root / f"run{len(revisions)}"
+    out = Path(tempfile.mkdtemp(dir=root)) / "run"  # a fresh folder per child: import-hf refuses an existing run
     done = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), str(out), str(text), ",".join(revisions)],
                           check=True, capture_output=True, text=True)
     seconds, peak_kib = done.stdout.split()[-2:]

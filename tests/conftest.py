@@ -134,13 +134,19 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 def pytest_collection_modifyitems(items):
-    """Browser tests (those that use the `browser` fixture) are skipped where Debian's Chromium is missing."""
+    """Browser tests (those that use the `browser` or `chromium` fixture) are skipped where Debian's Chromium is missing."""
     if CHROMIUM.exists():
         return
     skip = pytest.mark.skip(reason="Debian chromium is not installed")
     for item in items:
-        if "browser" in getattr(item, "fixturenames", ()):
+        if {"browser", "chromium"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """The path of Debian's Chromium, for a test that starts it in a child process."""
+    return CHROMIUM
 
 
 @pytest.fixture(scope="module")

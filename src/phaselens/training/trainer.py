@@ -391,6 +391,7 @@ class Trainer:
         batch = self.full_batch
         if batch is None:
             batch = self.task.sample(cfg.train.batch_size, self.data_rng).to(self.device)
+        self.last_batch = batch  # the batch of the latest update (what a hand-written probe of this step would read)
         # Live probes read a few rows of the training forward: averages over 8 sequences are
         # steady, and the cost of the reductions stays a small fraction of the step.
         rows = slice(0, cfg.telemetry.rows or None)
