@@ -123,7 +123,7 @@ def floor_sweep(path: Path, probe_names: list[str]) -> None:
     model = build_model(run.run_config().model)
     model.eval()
     hooks = sorted({name for probe in probe_names for name in make_probe(probe).hook_names(model.cfg.n_layers)})
-    corrupted = corrupt_sources(batch, model.cfg.d_vocab, 0) if "patching" in probe_names else None
+    corrupted = corrupt_positions(batch.tokens, batch.positions["source"], model.cfg.d_vocab, 0) if "patching" in probe_names else None
     for step in run.checkpoint_steps():
         load_weights(model, run.dir.checkpoint(step))
         with torch.no_grad():
@@ -152,7 +152,9 @@ def main() -> None:
         if run is None:
             run = root / "source"
             train(load_config("induction", ["train.steps=1000", "train.checkpoint_every=50", *args.set]), run, progress=False)
-        probes = resolve_probes(None)
+        probes = resolve_probes(None, pl.open_run(run).info["config"]["data"]["task"])  # the run's task's default set
+        if set(probes) != {"attention", "heads", "loss", "logit_lens", "attention_to", "patching"}:
+            raise SystemExit(f"the naive loop computes the induction task's six default probes; this run's are {probes}")
         n_ckpt = len(pl.open_run(run).checkpoint_steps())
         # Interleaved rounds, each on fresh copies; the median of each side is reported (this
         # machine's timings wander by 10% from one run to the next).
@@ -182,6 +184,7 @@ def main() -> None:
     print(json.dumps({"benchmark": "probe_sweep", "ratio_vs_naive": round(t_naive / t_one, 3), "ratio_vs_floor": round(t_one / t_floor, 3), "ratio_vs_naive_2_workers": round(t_naive / t_two, 3),
                       "ratio_2_workers_vs_naive_2_threads": round(t_naive2 / t_two, 3),
                       "speedup_2_workers": round(t_one / t_two, 3), "checkpoints": n_ckpt,
+                      "rows": {"naive": naive_rows, "phaselens": one.rows},
                       "seconds": {"naive": round(t_naive, 2), "naive_2_threads": round(t_naive2, 2), "floor": round(t_floor, 2), "workers_1": round(t_one, 2), "workers_2": round(t_two, 2)},
                       "rounds": rounds}))
 

@@ -40,6 +40,7 @@ def test_a_training_or_import_benchmark_runs_to_its_json_line(script, args):
 def test_the_post_hoc_and_llc_benchmarks_run_on_a_run(run_copy):
     sweep = last_json("probe_sweep.py", "--run", str(run_copy), "--rounds", "1")
     assert sweep["checkpoints"] == 3 and sweep["ratio_vs_naive"] > 0
+    assert sweep["rows"]["naive"] == sweep["rows"]["phaselens"]  # both sides measure the same probes
     llc = last_json("llc.py", "--run", str(run_copy), "--checkpoints", "1", "--chains", "2", "--option", "draws=4",
                     "--option", "burnin=2", "--profile-steps", "2")
     assert llc["chains"] == 2 and llc["ratio_batched_vs_sequential"] > 0
