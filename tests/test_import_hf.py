@@ -66,6 +66,9 @@ def test_import_probe_report_gives_the_geometry_figure_and_phase_table(series, t
     assert sorted(p.name for p in out.rglob("*.safetensors")) == ["induction_batch.safetensors", "probe_batch.safetensors"]
     assert json.loads((out / "checkpoints" / "step_00000040" / "reference.json").read_text())["revision"] == "step40"
     assert run.config["model"]["kind"] == "hf" and run.probe_batch().tokens.shape == (8, 24)
+    invoke("report", out)  # before any probe: the report says which command measures which defaults
+    assert (f"No checkpoint measured yet: `phaselens probe {out}` measures the default probes "
+            "(attention, heads, loss, logit_lens, geometry).") in (out / "report" / "report.md").read_text()
 
     invoke("probe", out)  # the imported series' default probes, head scores on its induction batch
     rows = run.metrics(source="checkpoint")
@@ -77,6 +80,7 @@ def test_import_probe_report_gives_the_geometry_figure_and_phase_table(series, t
 
     invoke("report", out)
     report = (out / "report" / "report.md").read_text()
+    assert f"Measured on checkpoints: probes `attention`, `geometry`, `heads`, `logit_lens`, `loss` at {len(STEPS)} checkpoints." in report
     assert (out / "report" / "geometry.png").stat().st_size > 10_000
     assert "## Residual-stream geometry" in report and "| phase | steps | KL |" in report
     assert ": steps 0–" in report  # "KL falling while IE rises: steps 0–40" and so on

@@ -109,6 +109,18 @@ def figures_section(figures: dict[str, Figure], captions: dict[str, str]) -> str
     return "\n\n".join(parts)
 
 
+def checkpoints_measured(run: Run, measured: pd.DataFrame) -> str:
+    """A sentence on the post-hoc probes stored on `run`'s checkpoints (`measured`: its checkpoint rows),
+    or, before any, the command that measures the defaults its task declares."""
+    if measured.empty:
+        from phaselens.tasks.config import task_study
+
+        defaults = ", ".join(task_study(run.config["data"]["task"]).post_hoc_probes)
+        return f"No checkpoint measured yet: `phaselens probe {run.path}` measures the default probes ({defaults})."
+    probes = ", ".join(f"`{p}`" for p in sorted(measured["probe"].unique()))
+    return f"Measured on checkpoints: probes {probes} at {measured['step'].nunique()} checkpoints."
+
+
 def _config_table(config: dict) -> str:
     rows = ["| setting | value |", "|---|---|"]
     for section in CONFIG_SECTIONS:

@@ -11,7 +11,7 @@ import pandas as pd
 
 from phaselens.analysis.phases import Phase, geometry_phases
 from phaselens.models.sites import residual_label
-from phaselens.report import StudyReport, figures_section, register_section, register_study
+from phaselens.report import StudyReport, checkpoints_measured, figures_section, register_section, register_study
 from phaselens.report.figures import Figure, _per_layer, _series, plt, save_tight
 from phaselens.run import Run
 
@@ -135,12 +135,7 @@ def imported_series_study(run: Run, out: Path) -> StudyReport:
             f"({', '.join(list(revisions.values())[:3])}{', …' if len(revisions) > 3 else ''}), loaded one at a time through "
             f"TransformerLens's TransformerBridge. Probe batch: {data.get('probe_size')} crops of {data.get('seq_len')} tokens "
             f"of `{Path(data.get('path', '')).name}`.")
-    measured = run.metrics(source="checkpoint")
-    if measured.empty:
-        text += f"\n\nNothing measured yet: run `phaselens probe {run.path}` (default probes: attention, loss, logit_lens, geometry)."
-    else:
-        probes = ", ".join(f"`{p}`" for p in sorted(measured["probe"].unique()))
-        text += f"\n\nMeasured: probes {probes} on {measured['step'].nunique()} checkpoints."
+    text += "\n\n" + checkpoints_measured(run, run.metrics(source="checkpoint"))
     identical = run.identical_revisions()
     if identical:
         text += ("\n\n**Identical revisions** (same weights, byte for byte; left out of transition detection):\n\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from phaselens.report import StudyReport, figures_section, register_study
+from phaselens.report import StudyReport, checkpoints_measured, figures_section, register_study
 from phaselens.report.figures import plot_entropy_heatmap, plot_head_scores
 from phaselens.run import Run
 
@@ -27,11 +27,7 @@ def trainer_study(run: Run, out: Path) -> StudyReport:
         probes = ", ".join(f"`{p}`" for p in sorted(live["probe"].unique()))
         text += f" Live probes {probes} at {live['step'].nunique()} steps."
     measured = run.metrics(source="checkpoint")
-    if measured.empty:
-        text += f"\n\nNo checkpoint measured yet: `phaselens probe {run.path}` measures the default probes on the probe batch."
-    else:
-        probes = ", ".join(f"`{p}`" for p in sorted(measured["probe"].unique()))
-        text += f"\n\nMeasured on checkpoints: probes {probes} at {measured['step'].nunique()} checkpoints."
+    text += "\n\n" + checkpoints_measured(run, measured)
     metrics = live if len(live) else measured
     figures = {
         "entropy_heatmap": plot_entropy_heatmap(metrics, None, out / "entropy_heatmap.png"),
