@@ -212,7 +212,8 @@ def reconcile_options(run_dir: RunDir, store: MetricsStore, chosen: dict[str, di
             store.delete_probe(probe, SOURCE, steps or None)
             if not steps:
                 shutil.rmtree(run_dir.artifacts / probe, ignore_errors=True)
-    run_dir.update(**{OPTIONS_KEY: {**recorded, **chosen}})
+    if {**recorded, **chosen} != recorded:  # run.json is rewritten only when the record changes
+        run_dir.update(**{OPTIONS_KEY: {**recorded, **chosen}})
 
 
 def _canonical(options: dict) -> dict:
