@@ -188,8 +188,12 @@ def test_asking_stored_values_for_other_options_is_refused_until_remeasure_repla
     partial = runner.invoke(app, [*other, "--remeasure", "--steps", "20"])
     assert partial.exit_code != 0 and "drop --steps" in partial.output, partial.output
 
+    keep = run_copy / "artifacts" / "logit_lens" / "notes.txt"  # not phaselens's: --remeasure leaves it
+    keep.parent.mkdir(parents=True, exist_ok=True)
+    keep.write_text("mine")
     again = runner.invoke(app, [*other, "--remeasure"])
     assert again.exit_code == 0, again.output
+    assert keep.read_text() == "mine"
     every_top1 = open_run(run_copy).metrics(probe="logit_lens", metric="top1", source="checkpoint")
     assert len(every_top1) == len(copy_top1)  # replaced, not added beside
     assert not np.allclose(every_top1["value"].to_numpy(), copy_top1["value"].to_numpy())

@@ -10,7 +10,6 @@ pairs already stored with source `checkpoint` are skipped.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -210,8 +209,9 @@ def reconcile_options(run_dir: RunDir, store: MetricsStore, chosen: dict[str, di
     if remeasure:
         for probe in chosen:
             store.delete_probe(probe, SOURCE, steps or None)
-            if not steps:
-                shutil.rmtree(run_dir.artifacts / probe, ignore_errors=True)
+            if not steps:  # only the artifacts the sweep writes (`_write_artifacts`); anything else there is kept
+                for artifact in (run_dir.artifacts / probe).glob("step_*.json"):
+                    artifact.unlink()
     if {**recorded, **chosen} != recorded:  # run.json is rewritten only when the record changes
         run_dir.update(**{OPTIONS_KEY: {**recorded, **chosen}})
 
