@@ -14,7 +14,7 @@ SHELL  := /bin/bash
 # This environment's pip config lists index folders that may not exist; hide those warnings only.
 QUIET  := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast test-perturbed bench clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ test: $(VENV)/.test
 # Skips the slow end-to-end runs (they still run in `make test` and CI).
 test-fast: $(VENV)/.test
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The demo's claims that hold for any seed and thread count, on a demo trained with 2 torch threads (the preset
+# trains on 1) and seed 1 (tests/conftest.py): a test that leans on one machine's digits fails here. CI runs it;
+# the reference run's own claims (seed 0) are skipped, the 1-layer control is left out (~3 min in all).
+test-perturbed: $(VENV)/.test
+	PHASELENS_TEST_THREADS=2 PHASELENS_TEST_SEED_OFFSET=1 $(PY) -m pytest -m slow -k "demo and not control" \
+		tests/test_demo.py tests/test_transitions.py $(PYTEST_ARGS)
 
 bench: $(VENV)/.base
 	$(PY) benchmarks/telemetry_overhead.py

@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 import phaselens as pl
-from phaselens.posthoc.runner import ensure_training_sample
 from phaselens.probes.base import make_probe
 from phaselens.probes.llc import LLCEstimator
-from phaselens.store.run_dir import RunDir
+from phaselens.run_files import ensure_run_files
 
 
 def short_run(folder: Path) -> Path:
@@ -109,8 +108,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.run or short_run(Path(tmp))
         run = pl.open_run(path)
-        ensure_training_sample(RunDir(path), options)
-        probe = make_probe("llc", **options)
+        plan = run.plan(["llc"], {"llc": options}).require()
+        ensure_run_files(run, plan)
+        probe = plan.probes[0].make()
         probe.bind_run(path)
         steps = run.checkpoint_steps()
         picked = [steps[int(round(i))] for i in np.linspace(0, len(steps) - 1, min(args.checkpoints, len(steps)))]

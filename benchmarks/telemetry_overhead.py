@@ -40,10 +40,30 @@ def make_trainer(root: Path, mode: str, steps: int, extra: list[str]) -> Trainer
     return trainer
 
 
-def naive_step(trainer: Trainer, store: MetricsStore, step: int) -> None:
+class RecordedTask:
+    """A task that keeps the batches it draws (newest last), so the naive loop measures the batch it trained on."""
+
+    def __init__(self, task):
+        self.task, self.drawn = task, []
+
+    def sample(self, *args, **kwargs):
+        self.drawn.append(self.task.sample(*args, **kwargs))
+        return self.drawn[-1]
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+
+def record_batches(trainer: Trainer) -> list:
+    """The training batches `trainer` draws from now on, newest last."""
+    trainer.task = RecordedTask(trainer.task)
+    return trainer.task.drawn
+
+
+def naive_step(trainer: Trainer, store: MetricsStore, step: int, drawn: list) -> None:
     """What a researcher writes by hand: a second forward with everything cached, metrics, a write."""
     trainer.step(step)
-    batch = trainer.last_batch
+    batch = drawn.pop().to(trainer.device)  # the batch of this update
     with torch.no_grad():
         logits, cache = trainer.model.run_with_cache(batch.tokens)
     frame = measure_cache(cache, batch, PROBES, model=trainer.model, logits=logits, step=step, source="live")
@@ -58,7 +78,8 @@ def main() -> None:
         trainers = {mode: make_trainer(root, mode, args.steps, args.override) for mode in ("off", "live", "inline", "naive")}
         naive_store = MetricsStore(root / "naive.sqlite")
         steppers = {mode: trainer.step for mode, trainer in trainers.items()}
-        steppers["naive"] = lambda step: naive_step(trainers["naive"], naive_store, step)
+        drawn = record_batches(trainers["naive"])
+        steppers["naive"] = lambda step: naive_step(trainers["naive"], naive_store, step, drawn)
         times = time_blocks(steppers, {mode: trainer.telemetry.flush for mode, trainer in trainers.items()}, args.steps, args.block)
         rows = trainers["live"].config.telemetry.rows
         background = trainers["live"].telemetry.in_background

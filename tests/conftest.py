@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# A check that the suite does not lean on one machine's digits: `PHASELENS_TEST_THREADS=N` trains the demo run with N
+# torch threads instead of the preset's one, and `PHASELENS_TEST_SEED_OFFSET=K` trains it with seed K instead of 0.
+# The demo's claims must hold either way (`make test-perturbed`, which CI runs after `make test`).
+TEST_THREADS = int(os.environ.get("PHASELENS_TEST_THREADS") or 0)  # 0: as the preset says
+TEST_SEED_OFFSET = int(os.environ.get("PHASELENS_TEST_SEED_OFFSET") or 0)
+# `phaselens demo` with every config it loads trained on argv[1] threads (the demo has no option for it)
+DEMO_WITH_THREADS = ("import sys; import phaselens.training.config as c; load = c.load_config; "
+                     "c.load_config = lambda source, overrides=None: load(source, [*(overrides or []), 'train.threads=' + sys.argv[1]]); "
+                     "from phaselens.cli import app; app(sys.argv[2:], prog_name='phaselens')")
 
 
 @pytest.fixture(scope="session")
@@ -39,18 +51,32 @@ def demo_run(tmp_path_factory) -> tuple[Path, str]:
 
     The copy-position loss drops near step 1,100, and layer 1 holds induction heads afterwards.
     About a minute on one thread: tests that use it are marked slow. Read-only.
+    With PHASELENS_TEST_SEED_OFFSET / PHASELENS_TEST_THREADS set, the same demo with that seed / thread count.
     """
     out = tmp_path_factory.mktemp("demo") / "demo"
-    proc = subprocess.run([sys.executable, "-m", "phaselens.cli", "demo", "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    args = ["demo", "--out", str(out), "--seed", str(TEST_SEED_OFFSET)]
+    command = ([sys.executable, "-c", DEMO_WITH_THREADS, str(TEST_THREADS), *args] if TEST_THREADS
+               else [sys.executable, "-m", "phaselens.cli", *args])
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    trained = json.loads((out / "run.json").read_text())["config"]["train"]
+    assert trained["seed"] == TEST_SEED_OFFSET and (not TEST_THREADS or trained["threads"] == TEST_THREADS), trained
     return out, proc.stdout
 
 
 @pytest.fixture(scope="session")
-def induced_run(demo_run) -> Path:
-    """A run trained through its induction transition (the demo run; checkpoints every 100 steps)."""
-    return demo_run[0]
+def reference_demo_run(demo_run) -> tuple[Path, str]:
+    """`demo_run` for the claims of the reference run itself (seed 0, the README's): skipped under a seed offset, since
+    other seeds form induction later or not at all in 3,000 steps (seeds 1-5 stop after a partial copy-loss drop)."""
+    if TEST_SEED_OFFSET:
+        pytest.skip(f"the reference run is seed 0; PHASELENS_TEST_SEED_OFFSET={TEST_SEED_OFFSET} trained another")
+    return demo_run
+
+
+@pytest.fixture(scope="session")
+def induced_run(reference_demo_run) -> Path:
+    """A run trained through its induction transition (the reference demo run; checkpoints every 100 steps)."""
+    return reference_demo_run[0]
 
 
 TINY_HF_ARCHITECTURES = ("gpt2", "gpt_neox", "llama")
@@ -176,7 +202,9 @@ def open_dashboard():
     def open_(browser, **what):
         handle = pl.serve(**what)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            # Playwright evaluates string predicates (`wait_for_function(IDLE)`) with eval, which the page's
+            # Content-Security-Policy forbids; test_dashboard_injection_browser checks the page under it.
+            page = browser.new_page(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
             page.errors = []
             page.on("pageerror", lambda error: page.errors.append(str(error)))
             page.goto(handle.url)

@@ -66,7 +66,8 @@ def test_every_probe_measures_a_hugging_face_model(bridges, name):
     batches = batches_for(adapter)
     options = {**INDUCTION_BATCH_OPTIONS, "loss": {"icl_score": True}, "geometry": {"unigram": torch.ones(adapter.d_vocab)}}
     probes = [make_probe(p, **options.get(p, {})) for p in PROBES]  # as the imported series' study declares them
-    results = dict(measure_batches(adapter, batches, probes))
+    routes = {p.name: p.needs.batch for p in probes}  # as an imported series' plan routes them: heads and friends to the induction batch
+    results = dict(measure_batches(adapter, batches, probes, routes))
     assert set(results) == set(PROBES)
     shapes = {(p, m.metric): tuple(m.value.shape) for p, ms in results.items() for m in ms}
     L, H = adapter.n_layers, adapter.n_heads
@@ -94,7 +95,7 @@ def test_head_scores_equal_a_direct_computation_from_the_models_own_attentions(b
 
     adapter = adapter_for(bridges[name])
     batch = batches_for(adapter)["induction"]
-    (_, scores), = measure_batches(adapter, {"probe": batch}, [make_probe("heads")])
+    (_, scores), = measure_batches(adapter, {"probe": batch}, [make_probe("heads")], {"heads": "probe"})
     reference = AutoModelForCausalLM.from_pretrained(tiny_hf_models[name], attn_implementation="eager").eval()
     with torch.no_grad():
         attentions = reference(batch.tokens, output_attentions=True).attentions  # L x (B, H, T, T)

@@ -5,6 +5,7 @@ not write. Each test is one case that once failed; the corpus only grows."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -261,3 +262,209 @@ def test_import_hf_of_a_missing_directory_says_so(tmp_path):
 def test_a_resume_with_a_changed_config_names_the_key(run_copy):
     killed_after_step_10(run_copy)
     refused("train", *FIXTURE_ARGS, "train.lr=0.002", "--out", run_copy, "--resume", says="train.lr: 0.001 -> 0.002")
+
+
+# ---------------------------------------------------------------------------- issue 27: data loss, links out of the run, two writers
+
+def interrupted_before_its_first_checkpoint(out: Path, *overrides: str) -> None:
+    """What `phaselens train` leaves when Ctrl-C hits while its first checkpoint is written: a run to start over."""
+    import phaselens.training.trainer as trainer
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    saved = trainer.save_checkpoint
+    trainer.save_checkpoint = interrupted
+    try:
+        assert run_cli("train", *TINY_ARGS, *overrides, "--out", out).exit_code == 130
+    finally:
+        trainer.save_checkpoint = saved
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
+
+
+def users_files(run: Path, *places: str) -> list[Path]:
+    files = []
+    for place in places:
+        (run / place).parent.mkdir(parents=True, exist_ok=True)
+        (run / place).write_text(f"the user's {place}")
+        files.append(run / place)
+    return files
+
+
+def survived(files: list[Path], run: Path) -> bool:
+    return all(f.read_text() == f"the user's {f.relative_to(run)}" for f in files)
+
+
+IN_RUN_FOLDERS = ["report/my_figure.png", "artifacts/notes.txt", "artifacts/heads/mine.json", "samples/my_sample.safetensors",
+                  "checkpoints/step_00000010/notes.txt"]
+
+
+@pytest.mark.parametrize("place", IN_RUN_FOLDERS)
+def test_demo_never_deletes_the_users_files_inside_the_folders_of_a_run_it_replaces(run_copy, place):
+    files = users_files(run_copy, place)
+    refused("demo", "--out", run_copy, "--steps", "20", says=place)
+    assert survived(files, run_copy) and (run_copy / "run.json").is_file()
+
+
+def test_report_replaces_only_the_figures_it_drew(run_copy):
+    from phaselens.store.run_dir import RunDir
+
+    files = users_files(run_copy, "report/my_figure.png")
+    assert run_cli("report", run_copy).exit_code == 0
+    assert survived(files, run_copy)
+    drawn = RunDir(run_copy).report_figures()
+    assert drawn and all((run_copy / "report" / name).is_file() for name in drawn) and "my_figure.png" not in drawn
+    RunDir(run_copy).record_report_figures([*drawn, "dropped.png"])  # a figure an older report drew and this one cannot
+    (run_copy / "report" / "dropped.png").write_bytes(b"old figure")
+    assert run_cli("report", run_copy).exit_code == 0
+    assert survived(files, run_copy) and not (run_copy / "report" / "dropped.png").exists()
+    assert sorted(RunDir(run_copy).report_figures()) == sorted(drawn)  # the user's figure is never taken for one of ours
+
+
+def test_a_sweep_point_that_never_checkpointed_keeps_the_users_files(tmp_path):
+    point = tmp_path / "d" / "run"  # the one point of a sweep without axes
+    interrupted_before_its_first_checkpoint(point, "name=run")
+    files = users_files(point, "report/my_figure.png", "artifacts/notes.txt", "samples/mine.txt")
+    result = run_cli("sweep", "induction", *TINY, "--out", tmp_path / "d")
+    assert result.exit_code == 1 and "failed" in result.output and "report/my_figure.png" in result.output
+    assert survived(files, point)
+
+
+def test_train_starting_over_a_run_without_checkpoints_keeps_the_users_files(tmp_path):
+    out = tmp_path / "run"
+    interrupted_before_its_first_checkpoint(out)
+    files = users_files(out, "report/my_figure.png", "artifacts/notes.txt")
+    refused("train", *TINY_ARGS, "--out", out, says="artifacts/notes.txt")
+    assert survived(files, out)
+    for f in files:
+        f.unlink()
+    assert run_cli("train", *TINY_ARGS, "--out", out).exit_code == 0  # with them moved out, it starts over
+
+
+def link_a_checkpoint_from_outside(run: Path, elsewhere: Path) -> None:
+    """checkpoints/step_00000030: a link to another run's checkpoint, outside `run`."""
+    import shutil
+
+    shutil.copytree(run / "checkpoints" / "step_00000020", elsewhere / "step_00000020")
+    (run / "checkpoints" / "step_00000030").symlink_to(elsewhere / "step_00000020", target_is_directory=True)
+
+
+def test_probe_refuses_a_checkpoint_that_links_outside_the_run(run_copy, tmp_path):
+    link_a_checkpoint_from_outside(run_copy, tmp_path / "elsewhere")
+    refused("probe", run_copy, "--probes", "heads", says="checkpoints/step_00000030 resolves to")
+    (run_copy / "checkpoints" / "step_00000030").unlink()
+    weights = run_copy / "checkpoints" / "step_00000010" / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to(tmp_path / "elsewhere" / "step_00000020" / "model.safetensors")
+    result = refused("probe", run_copy, "--probes", "heads", says="outside the run")
+    assert "step_00000010/model.safetensors" in result.stderr
+
+
+def test_a_second_writer_on_a_run_is_refused_naming_the_holders_pid(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "phaselens.cli", "train", "induction", "train.steps=100000",
+                              "train.checkpoint_every=5", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoints" / "step_00000005").is_dir():  # training: the first process holds the run
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.monotonic() < deadline, "the first writer never checkpointed"
+            time.sleep(0.2)
+        for second in (["train", "induction", "train.steps=100000", "train.checkpoint_every=5", "--out", out],
+                       ["train", "induction", "train.steps=100000", "train.checkpoint_every=5", "--out", out, "--resume"],
+                       ["probe", out, "--probes", "heads"]):
+            result = refused(*second, says=f"pid {first.pid}")
+            assert "is in use" in result.stderr and str(out) in result.stderr
+        assert first.poll() is None  # the first writer went on undisturbed
+    finally:
+        first.kill()
+        first.wait()
+    assert run_cli("probe", out, "--probes", "heads").exit_code == 0  # the lock goes with its holder, even a killed one
+
+
+def test_import_hf_refuses_a_non_empty_directory_that_is_not_a_run(tmp_path):
+    series = tmp_path / "series" / "step0"
+    series.mkdir(parents=True)
+    (series / "config.json").write_text("{}")
+    out = tmp_path / "mine"
+    files = users_files(out, "notes.txt")
+    refused("import-hf", tmp_path / "series", "--revisions", "step0", "--out", out, says="not empty")
+    assert survived(files, out) and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_serve_on_port_0_binds_a_free_port_and_prints_it(induction_run):
+    import re
+    import subprocess
+    import sys
+    import urllib.request
+
+    server = subprocess.Popen([sys.executable, "-m", "phaselens.cli", "serve", str(induction_run), "--port", "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    import threading
+
+    watchdog = threading.Timer(120, server.kill)  # a server that never announces must not hang the test
+    watchdog.start()
+    try:
+        line = server.stdout.readline()  # the announcement comes once the port is bound
+        port = int(re.search(r"http://127\.0\.0\.1:(\d+)/", line).group(1))
+        assert port != 0, line
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=5) as response:
+                    assert induction_run.name in response.read().decode()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server never answered on the port it printed"
+                time.sleep(0.2)
+    finally:
+        watchdog.cancel()
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_serve_on_a_port_in_use_says_so(induction_run):
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        refused("serve", induction_run, "--port", taken.getsockname()[1], says="choose another --port")
+    finally:
+        taken.close()
+
+
+def phaselens_within(seconds: float, *args: str):
+    """`phaselens ARGS` in a process of its own that must end within `seconds` (a hang fails the test)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "phaselens.cli", *map(str, args)], capture_output=True, text=True, timeout=seconds)
+
+
+def test_a_fifo_as_trainer_json_is_refused_not_read_forever(run_copy):
+    import os
+
+    killed_after_step_10(run_copy)
+    fifo = run_copy / "checkpoints" / "step_00000010" / "trainer.json"
+    fifo.unlink()
+    os.mkfifo(fifo)
+    result = phaselens_within(120, "train", *FIXTURE_ARGS, "--out", run_copy, "--resume")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trainer.json is missing or not a regular file" in result.stdout  # step 10 skipped, resumed from step 0
+    assert "Traceback" not in result.stderr
+
+
+def test_a_fifo_as_the_probe_batch_is_refused_not_read_forever(run_copy):
+    import os
+
+    (run_copy / "probe_batch.safetensors").unlink()
+    os.mkfifo(run_copy / "probe_batch.safetensors")
+    result = phaselens_within(120, "probe", run_copy, "--probes", "heads", "--remeasure")
+    assert result.returncode != 0 and "probe_batch.safetensors is not a regular file" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

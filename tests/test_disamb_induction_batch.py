@@ -60,9 +60,9 @@ def test_checkpoint_head_scores_read_the_induction_batch_and_z_probes_the_task_b
         stored = _stored(run, "heads", metric, 20)
         assert torch.allclose(stored, _direct(model, batches["induction"], "heads", metric), atol=1e-5), metric
     assert not torch.allclose(_stored(run, "heads", "induction", 20), _direct(model, batches["probe"], "heads", "induction"), atol=1e-3)
-    mass = _direct(model, batches["probe"], "attention_to", "mass", **study.options_for("attention_to"))
+    mass = _direct(model, batches["probe"], "attention_to", "mass", **study.probe_options["attention_to"])
     assert torch.allclose(_stored(run, "attention_to", "mass", 20), mass, atol=1e-5)
-    effect = _direct(model, batches["probe"], "patching", "effect", **study.options_for("patching"))
+    effect = _direct(model, batches["probe"], "patching", "effect", **study.probe_options["patching"])
     assert torch.allclose(_stored(run, "patching", "effect", 20), effect, atol=1e-5)
 
 

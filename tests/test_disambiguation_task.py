@@ -139,7 +139,7 @@ def test_rolling_z_gives_each_row_the_next_rows_z_and_keeps_everything_else():
 
 def test_loss_probe_reports_first_target_z_shuffled_and_their_gap():
     model, batch = tiny()
-    ((name, measurements),) = measure_model(model, batch, [LossProbe(**SELECTOR_STUDY.options_for("loss"))])
+    ((name, measurements),) = measure_model(model, batch, [LossProbe(**SELECTOR_STUDY.probe_options["loss"])])
     values = {m.metric: float(m.value) for m in measurements}
     first = batch.positions["first_target"]
     clean = -first_target_probability(model, batch.tokens, first).log().mean()
@@ -157,7 +157,7 @@ def test_patching_the_embeddings_at_z_gives_the_partners_prediction():
     """Layer 0 is the embeddings: patching z there turns example 1 into example 2 (same B), so
     e_0 = p(target₂ | example 2) − p(target₂ | example 1), computed here by two plain forwards."""
     model, batch = tiny()
-    ((_, measurements),) = measure_model(model, batch, [PatchingProbe(**SELECTOR_STUDY.options_for("patching"))])
+    ((_, measurements),) = measure_model(model, batch, [PatchingProbe(**SELECTOR_STUDY.probe_options["patching"])])
     values = {m.metric: m.value for m in measurements}
     partner = batch.pair_index
     first = batch.positions["first_target"]
@@ -192,8 +192,8 @@ def test_attention_to_and_logit_lens_read_z_and_the_first_target_as_the_task_dec
         _, cache = model.run_with_cache(batch.tokens)
     inputs = ProbeInputs(acts=cache, batch=batch, model=model, n_layers=1, n_heads=4)
     with torch.no_grad():
-        (mass,) = AttentionToProbe(**SELECTOR_STUDY.options_for("attention_to")).compute(inputs)
-        lens = {m.metric: m.value for m in LogitLensProbe(**SELECTOR_STUDY.options_for("logit_lens")).compute(inputs)}
+        (mass,) = AttentionToProbe(**SELECTOR_STUDY.probe_options["attention_to"]).compute(inputs)
+        lens = {m.metric: m.value for m in LogitLensProbe(**SELECTOR_STUDY.probe_options["logit_lens"]).compute(inputs)}
     pattern = cache["blocks.0.attn.hook_pattern"]  # (B, H, Q, K)
     assert mass.value[0].tolist() == pytest.approx(pattern[:, :, 10, 8:10].sum(-1).mean(0).tolist(), abs=1e-5)
     p_output = first_target_probability(model, batch.tokens, batch.positions["first_target"]).mean()

@@ -122,14 +122,14 @@ def test_llc_probe_measures_every_checkpoint_on_the_runs_stored_training_sample(
 
 
 def test_llc_probe_runs_its_chains_on_one_cpu_thread_and_gives_the_threads_back(run_copy):
-    from phaselens.posthoc.runner import ensure_training_sample
-    from phaselens.probes.base import ProbeInputs, make_probe
+    from phaselens.probes.base import ProbeInputs
     from phaselens.run import open_run
-    from phaselens.store.run_dir import RunDir
+    from phaselens.run_files import ensure_run_files
 
     options = {"chains": 2, "draws": 3, "burnin": 1, "batch_size": 4, "n": 32}
-    ensure_training_sample(RunDir(run_copy), options)
-    probe = make_probe("llc", **options)
+    plan = open_run(run_copy).plan(["llc"], {"llc": options}).require()
+    ensure_run_files(open_run(run_copy), plan)
+    probe = plan.probes[0].make()
     probe.bind_run(run_copy)
     model = open_run(run_copy).load_model(20)
     threads_seen = []

@@ -480,7 +480,7 @@ class ThreadProbe(Probe):
         super().__init__()
         self.off_thread, self.fail, self.threads = off_thread, fail, []
 
-    def hook_names(self, n_layers: int) -> list[str]:
+    def hook_names(self, adapter) -> list[str]:
         return ["blocks.0.hook_resid_pre"]
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:

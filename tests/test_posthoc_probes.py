@@ -129,7 +129,7 @@ def test_logit_lens_layer_0_is_the_embeddings_and_the_last_layer_is_the_models_p
     tokens = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(1))
     batch = TaskBatch(tokens=tokens, loss_mask=torch.ones(3, 7, dtype=torch.bool))
     probe = LogitLensProbe()
-    assert probe.hook_names(2) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert probe.hook_names(adapter_for(model)) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
         embeddings = model.W_E[tokens] + model.W_pos[:8]  # (B, T, d_model): what block 0 receives
@@ -230,7 +230,7 @@ def effects_of(model, clean, corrupted, patched: torch.Tensor, targets: torch.Te
 
 def test_patching_hooks_are_the_residual_streams_embeddings_then_each_block_output():
     assert site_hooks(2) == ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
-    assert PatchingProbe().hook_names(2) == site_hooks(2)
+    assert PatchingProbe().hook_names(adapter_for(tiny_model())) == site_hooks(2)
 
 
 def test_patching_every_position_restores_the_clean_prediction_at_every_layer():

@@ -132,3 +132,82 @@ def test_an_artifact_that_is_not_json_does_not_hide_the_run(run_copy):
     with TestClient(app, base_url=LOCAL) as client:
         assert client.get("/api/runs").status_code == 200
         assert client.get(f"/api/runs/{run_copy.name}/neurons").status_code == 200
+
+
+# ---------------------------------------------------------------------------- issue 27: injection's second wall, links out of a run
+
+def test_every_response_carries_a_strict_content_security_policy(induction_run):
+    app, _ = build([induction_run])
+    with TestClient(app, base_url=LOCAL) as client:
+        for path in ("/", "/static/main.js", "/api/runs"):
+            policy = client.get(path).headers.get("content-security-policy", "")
+            directives = dict(d.strip().split(" ", 1) for d in policy.split(";") if d.strip())
+            assert directives.get("script-src") == "'self'", (path, policy)  # no inline script, no eval, no other origin
+            assert directives.get("default-src") == "'none'" and directives.get("object-src", "'none'") == "'none'"
+
+
+def test_a_checkpoint_linked_from_outside_the_run_is_refused_as_json_and_the_others_are_served(induction_run, tmp_path):
+    linked, good = tmp_path / "linked", tmp_path / "good"
+    for run in (linked, good):
+        shutil.copytree(induction_run, run)
+    shutil.copytree(induction_run / "checkpoints" / "step_00000020", tmp_path / "elsewhere" / "step_00000020")
+    (linked / "checkpoints" / "step_00000030").symlink_to(tmp_path / "elsewhere" / "step_00000020", target_is_directory=True)
+    app, _ = build([linked, good])
+    with TestClient(app, base_url=LOCAL) as client:
+        runs = {r["name"]: r for r in client.get("/api/runs").json()["runs"]}
+        assert "outside the run" in runs["linked"]["error"] and "step_00000030" in runs["linked"]["error"]
+        for response in (client.post("/api/model/architecture", json={"run": "linked", "step": 30}),
+                         client.post("/api/model/loss", json={"run": "linked", "step": 20, "text": "1 2 3"})):
+            assert 400 <= response.status_code < 500, response.text
+            assert "outside the run" in response.json()["error"] and str(tmp_path) not in response.json()["error"]
+        assert client.post("/api/model/architecture", json={"run": "good", "step": 20}).status_code == 200
+
+
+def test_a_fifo_as_the_probe_batch_is_a_4xx_not_a_request_that_hangs(run_copy):
+    import os
+    import urllib.error
+    import urllib.request
+
+    import phaselens as pl
+
+    (run_copy / "probe_batch.safetensors").unlink()
+    os.mkfifo(run_copy / "probe_batch.safetensors")
+    handle = pl.serve(run=[run_copy])  # a real server: a request that hangs times out here instead of hanging the test
+    try:
+        ablate = json.dumps({"run": run_copy.name, "step": 20, "text": "1 2 3 4", "nodes": [{"layer": 0, "head": 0}], "mode": "mean"})
+        for request in (urllib.request.Request(f"{handle.url}api/runs/{run_copy.name}/sample"),
+                        urllib.request.Request(f"{handle.url}api/model/ablate", data=ablate.encode(),
+                                               headers={"Content-Type": "application/json"})):
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(request, timeout=60)
+            assert 400 <= answer.value.code < 500 and "not a regular file" in json.loads(answer.value.read())["error"]
+    finally:
+        handle.stop()
+
+
+def test_a_request_behind_a_computation_that_hangs_is_refused_after_a_bounded_wait(induction_run):
+    import threading
+    import time
+
+    app, _ = build([induction_run])
+    session = app.state.session
+    session.lock.wait = 0.5
+    holding, release = threading.Event(), threading.Event()
+
+    def hang():  # what a mean ablation blocked on a FIFO once did: hold the model lock forever
+        with session.lock:
+            holding.set()
+            release.wait(30)
+
+    threading.Thread(target=hang, daemon=True).start()
+    holding.wait(10)
+    try:
+        with TestClient(app, base_url=LOCAL) as client:
+            began = time.monotonic()
+            response = client.post("/api/model/architecture", json={"run": induction_run.name, "step": 20})
+            assert response.status_code == 503 and "busy" in response.json()["error"] and time.monotonic() - began < 10
+            assert client.get("/api/runs").status_code == 200  # what needs no model is served meanwhile
+            release.set()
+            assert client.post("/api/model/architecture", json={"run": induction_run.name, "step": 20}).status_code == 200
+    finally:
+        release.set()

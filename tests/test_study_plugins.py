@@ -70,7 +70,7 @@ def test_a_new_study_measures_its_own_position_sets_with_the_probes_it_declares(
     assert set(run.metrics(probe="loss", source="checkpoint")["metric"]) == {"all", "answer"}
     mass = run.metrics(probe="attention_to", metric="mass")
     assert len(mass) == 3 * 2 * 2 and mass["value"].between(0, 1).all()  # 3 checkpoints × 2 layers × 2 heads
-    with pytest.raises(ConfigError, match="random_z.*no selector"):
+    with pytest.raises(ConfigError, match="random_z.*selector and read.*declares none"):
         run_probes(recall_run, probes=["random_z"], progress=False)
 
 
@@ -110,8 +110,8 @@ def test_the_z_shuffled_loss_and_random_z_share_one_extra_forward():
     batch = config.build_task().sample(16, torch.Generator().manual_seed(0), split="probe")
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))
-    options = config.probe_options
-    results = dict(measure_model(model, batch, [LossProbe(**options["loss"]), RandomZProbe(**config.study.options_for("random_z"))]))
+    options = config.plan("post_hoc", ["loss", "random_z"]).options
+    results = dict(measure_model(model, batch, [LossProbe(**options["loss"]), RandomZProbe(**options["random_z"])]))
     assert {m.metric for m in results["loss"]} == {"all", "first_target", "z_shuffled", "z_shuffle_gap"}
     assert {m.metric for m in results["random_z"]} == {"p_drop", "argmax_change"}
     assert len(forwards) == 2  # the probe batch, and the batch with z rolled: once for both probes
@@ -137,7 +137,7 @@ def test_probe_options_from_the_command_line_override_the_tasks_and_bad_ones_are
 def test_probe_options_in_a_config_reach_live_probes_and_bad_ones_name_the_key(tmp_path):
     config = load_config("induction", ["telemetry.probe_options.loss.complements=[]", "train.steps=4",
                                        "train.checkpoint_every=4", "telemetry.every=2"])
-    assert config.probe_options["loss"] == {"positions": ["copy"], "complements": []}  # the task's, then the config's
+    assert config.live_plan().options["loss"] == {"positions": ["copy"], "complements": []}  # the task's, then the config's
     train(config, tmp_path / "run", progress=False)
     assert set(open_run(tmp_path / "run").metrics(probe="loss", source="live")["metric"]) == {"all", "copy", "train", "eval"}
     with pytest.raises(ConfigError, match=r"telemetry.probe_options.loss: .*unexpected keyword argument 'nope'"):
@@ -147,12 +147,14 @@ def test_probe_options_in_a_config_reach_live_probes_and_bad_ones_name_the_key(t
 
 
 def test_probes_never_import_a_task_or_name_one():
+    """Probes read batches and their position sets only; the measurement plan also reads what studies declare."""
     tasks = {"disambiguation", "bz_to_a", "az_to_b", "b_to_a", "a_to_b", "tokenized_text"}  # (induction is also a head score)
     for path in sorted((ROOT / "src/phaselens/probes").glob("*.py")):
         tree = ast.parse(path.read_text())
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        assert not {m for m in imported if m.startswith("phaselens.tasks") and m != "phaselens.tasks.batch"}, path.name
+        allowed = {"phaselens.tasks.batch"} | ({"phaselens.tasks.study"} if path.name == "plan.py" else set())
+        assert not {m for m in imported if m.startswith("phaselens.tasks") and m not in allowed}, path.name
         strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
         assert not strings & tasks, f"{path.name} names a task: {strings & tasks}"
 
@@ -167,7 +169,7 @@ def test_a_sweep_axis_over_a_probe_option_gives_each_run_its_value():
 
     points = grid_points(parse_grid(["telemetry.probe_options.logit_lens.first_token_only=true,false"]))
     configs = [load_config("disamb_small", [f"{key}={value}" for key, value in point.items()]) for point in points]
-    assert [c.study.options_for("logit_lens", c.telemetry.probe_options) for c in configs] == [
+    assert [c.plan("post_hoc", ["logit_lens"]).options["logit_lens"] for c in configs] == [
         {"positions": "first_target", "first_token_only": True}, {"positions": "first_target", "first_token_only": False}]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -117,6 +118,24 @@ def test_on_a_bdh_run_heads_attention_to_and_patching_are_refused_with_the_reaso
     result = CliRunner().invoke(app, ["probe", str(run)])  # the default set leaves them out
     assert result.exit_code == 0, result.output
     assert set(open_run(run).metrics(source="checkpoint")["probe"]) == {"loss"}
+
+
+def test_geometry_on_a_bdh_run_measures_every_checkpoint_on_bdhs_own_residual_streams(play, tmp_path):
+    tiny_bdh = ["model.n_layers=2", "model.d_model=16", "model.n_heads=2", "model.multiplier=4", "model.n_ctx=32", "data.corpus=",
+                f"data.path={play}", "train.steps=4", "train.batch_size=4", "train.checkpoint_every=2", "train.eval_every=2",
+                "train.threads=1", "data.probe_size=4", "data.eval_size=4", "telemetry.checkpoint_probes=[]"]
+    run = tmp_path / "bdh"
+    train(load_config("bdh_shakespeare_small", tiny_bdh), run, progress=False)
+    result = CliRunner().invoke(app, ["probe", str(run), "--probes", "geometry"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    rows = open_run(run).metrics(probe="geometry", source="checkpoint")
+    assert sorted(rows["step"].unique()) == [0, 2, 4]
+    energy = rows[rows["metric"] == "interaction_energy"]
+    # streams 0 (the embeddings, BDH's hook_embed) to 2 (after pass 1); BDH has no final norm, so no stream 3
+    assert sorted(energy["layer"].unique()) == [0, 1, 2]
+    assert energy["value"].between(np.exp(-1), np.e).all()
+    kl = rows[rows["metric"] == "kl_unigram"]
+    assert len(kl) == 3 and (kl["value"] >= 0).all()
 
 
 def test_a_context_too_short_for_a_repeated_segment_trains_without_an_induction_batch(play, tmp_path):

@@ -196,7 +196,7 @@ def probe(
     backend: Backend = typer.Option(Backend.local, help="local (processes) or ray (a task per checkpoint)."),
     workers: int = typer.Option(1, help="Worker processes (local) or CPUs of a local Ray cluster."),
     address: Optional[str] = typer.Option(None, help="Address of a running Ray cluster."),
-    device: Optional[str] = typer.Option(None, help="auto (CUDA when present), cpu or cuda (default: auto, or what import-hf was given)."),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|cuda:N|mps; auto is CUDA when present (default: auto, or what import-hf was given)."),
     dtype: Optional[str] = typer.Option(None, help="Weights in float32, bfloat16 or float16 (probes reduce in float32)."),
     probe_option: Optional[List[str]] = typer.Option(None, "--probe-option", help="probe.option=value, over the task's "
                                                      "defaults (repeatable): --probe-option logit_lens.first_token_only=false"),
@@ -210,8 +210,9 @@ def probe(
     wanted = _parse_steps(steps, run)
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
     options = parse_probe_options(probe_option or [])
-    result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address, device=device, dtype=dtype,
-                        options=options, remeasure=remeasure)
+    with _writing(run, "probe"):
+        result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address, device=device, dtype=dtype,
+                            options=options, remeasure=remeasure)
     typer.echo(f"measured {len(result.measured)} checkpoint(s), {result.rows} rows; "
                f"{result.skipped} (step, probe) pairs were already stored; {result.seconds:.1f} s")
     for note in result.notes:
@@ -222,6 +223,16 @@ def probe(
     if result.failures:
         typer.secho(f"{len(result.failures)} checkpoint(s) failed:\n{failures_text(result)}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
+
+
+def _writing(run: Path, what: str):
+    """The run's writer lock while `what` writes into it (a second writer is refused); nothing where `run`
+    is no run (the command then says what is wrong with it, and no lock file is left among the user's files)."""
+    import contextlib
+
+    from phaselens.store.run_dir import RunDir
+
+    return RunDir(run).writer_lock(what) if RunDir(run).exists() else contextlib.nullcontext()
 
 
 def _echo_llc_warnings(run: Path, measured: list[int]) -> None:
@@ -282,7 +293,7 @@ def import_hf_command(
     sequences: int = typer.Option(32, help="Probe sequences (seeded crops of the text)."),
     seed: int = typer.Option(0, help="Seed of the crop offsets."),
     unigram: Optional[Path] = typer.Option(None, help="JSON token counts for kl_unigram (default: the counts of the probe text)."),
-    device: Optional[str] = typer.Option(None, help="auto (CUDA when present), cpu or cuda: where the revisions run (also for probe)."),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|cuda:N|mps (auto: CUDA when present): where the revisions run (also for probe)."),
     dtype: Optional[str] = typer.Option(None, help="float32 (default), bfloat16 or float16: the weights' precision (also for probe)."),
 ):
     """Make a run of a public checkpoint series; its checkpoints reference the revisions (no weights are copied)."""
@@ -410,11 +421,13 @@ def serve(
     runs: Optional[List[Path]] = typer.Argument(None, help="Run directories to serve (only these are readable)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind; anything but localhost requires the printed token."),
     port: int = typer.Option(8050, help="Port."),
+    device: str = typer.Option("cpu", help="auto|cpu|cuda|cuda:N|mps: where the runs' checkpoints load (the dashboard's forwards are small)."),
 ):
     """Open the interactive dashboard on runs: timeline, model view, ablate / freeze / patch."""
+    from phaselens.models.device import resolve_device
     from phaselens.server import run_forever
 
-    run_forever(runs or [], host=host, port=port, announce=typer.echo)
+    run_forever(runs or [], host=host, port=port, announce=typer.echo, device=str(resolve_device(device, "--device")))
 
 
 def main() -> None:  # pragma: no cover - console entry point

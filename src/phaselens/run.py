@@ -12,8 +12,13 @@ from typing import Any
 import pandas as pd
 
 from phaselens.errors import CheckpointError
+from phaselens.models.config import ModelSpec
+from phaselens.tasks.config import DataConfig, task_study
+from phaselens.tasks.study import Study
 from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir
+from phaselens.store.run_record import RunRecord
+from phaselens.signals.sources import Prefer, prefer_source
 
 
 class Run:
@@ -21,7 +26,8 @@ class Run:
 
     def __init__(self, path: Path | str):
         self.dir = RunDir(path)
-        self.info = self.dir.read()
+        self.record: RunRecord = self.dir.record()  # run.json as it was when the run was opened
+        self.info = self.record.to_json()  # the same as a dict
 
     @property
     def path(self) -> Path:
@@ -29,15 +35,32 @@ class Run:
 
     @property
     def name(self) -> str:
-        return self.info.get("name", self.path.name)
+        return self.record.name or self.path.name
 
     @property
     def status(self) -> str:
-        return self.dir.read().get("status", "unknown")
+        return self.dir.record().status  # read again: a run being trained changes it
 
     @property
     def config(self) -> dict[str, Any]:
-        return self.info["config"]
+        return self.record.config
+
+    @property
+    def task(self) -> str:
+        """The run's task name (`data.task`); a config without one was trained with `DataConfig`'s default, as the loader reads it."""
+        return str(self.config["data"].get("task", DataConfig.task))
+
+    @property
+    def study(self) -> Study:
+        """What the run's task declares (probes, position sets, headline), from the task registry."""
+        return task_study(self.task)
+
+    @cached_property
+    def spec(self) -> ModelSpec:
+        """The run's typed model config (`spec.kind` is the architecture: transformer, bdh, hf, ...)."""
+        from phaselens.training.config import from_dict
+
+        return from_dict(ModelSpec, self.config["model"], origin=str(self.dir.run_json), prefix="model.")
 
     def __repr__(self) -> str:
         return f"Run({str(self.path)!r}, status={self.status!r}, checkpoints={len(self.checkpoint_steps())})"
@@ -53,14 +76,24 @@ class Run:
         source: str | None = None,
         layer: int | None = None,
         head: int | None = None,
+        prefer: Prefer = None,
     ) -> pd.DataFrame:
-        """Rows (step, probe, metric, layer, head, value, source); `layer`/`head` are <NA> where not per layer/head."""
-        return self._store.read(probe=probe, metric=metric, source=source, layer=layer, head=head)
+        """Rows (step, probe, metric, layer, head, value, source); `layer`/`head` are <NA> where not per layer/head.
+
+        Each row's `source` says where it was measured: "live" (inside training, on the training batch)
+        or "checkpoint" (afterwards, on the fixed probe batch). By default (`prefer=None`) every row of
+        both sources comes back, so a step measured both ways appears twice, once per source. To read
+        one curve per (probe, metric, layer, head) series, say which source to prefer: "live",
+        "checkpoint" (each falls back to the other source for a series that has only that one) or
+        "densest" (the source with more measured steps), the rule of `phaselens.signals.sources`.
+        `source=` instead keeps one source only, dropping the series the other source alone measured.
+        """
+        return prefer_source(self._store.read(probe=probe, metric=metric, source=source, layer=layer, head=head), prefer)
 
     @property
     def imported(self) -> bool:
         """True for a public checkpoint series (`phaselens import-hf`): checkpoints reference model revisions."""
-        return "imported" in self.info
+        return self.record.imported is not None
 
     def checkpoint_steps(self) -> list[int]:
         return self.dir.checkpoint_steps()
@@ -120,18 +153,44 @@ class Run:
             batches["induction"] = TaskBatch.load(self.dir.induction_batch)
         return batches
 
-    def transitions(self, probe: str | None = None, metric: str | None = None) -> pd.DataFrame:
-        """Detected phase transitions: probe, metric, layer, head, step, start, end, before, after.
+    def plan(self, names: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None, writable: bool = True):
+        """The post-hoc measurement plan of this run (`phaselens.probes.plan`): `names` (default: the study's
+        post-hoc probes) with the task's, the run's configured and then `options`' options, on the batches
+        this run keeps: an induction batch where the run has one, or (`writable`) can have one written
+        (`phaselens.run_files`)."""
+        from dataclasses import replace
 
+        from phaselens.probes.plan import PlanContext, plan_probes
+
+        config = self.run_config()
+        context = PlanContext.of(config)
+        keeps = self.dir.induction_batch.is_file() or (writable and context.induction_batch and type(config.data).rebuildable)
+        return plan_probes(replace(context, induction_batch=keeps), "post_hoc", names, options)
+
+    def edges(self) -> pd.DataFrame:
+        """Edge scores of the `circuits` probe: step, edge, upstream, downstream, input, method, score, in_circuit
+        (one row per checkpoint, edge and method; empty before `phaselens probe RUN --probes circuits`)."""
+        from phaselens.store.circuit_artifact import read_all_circuits
+
+        rows = [(a.step, e.edge, e.upstream, e.downstream, e.input, method, score, e.in_circuit)
+                for a in read_all_circuits(self.dir.artifacts / "circuits") for e in a.edges for method, score in e.scores.items()]
+        return pd.DataFrame(rows, columns=["step", "edge", "upstream", "downstream", "input", "method", "score", "in_circuit"])
+
+    def transitions(self, probe: str | None = None, metric: str | None = None, prefer: Prefer = "densest") -> pd.DataFrame:
+        """Detected phase transitions: probe, metric, layer, head, step, start, end, before, after, strength, source.
+
+        Each series is searched on one curve, chosen by `prefer` (default "densest": the source with more
+        measured steps, see `metrics`); `source` says which curve each transition was found on
+        (`prefer=None` searches both curves of a series measured both ways).
         Revisions whose weights repeat another's are left out: their curves are flat by construction.
         """
-        from phaselens.analysis.transitions import detect_transitions
+        from phaselens.signals.transitions import detect_transitions
 
         rows = self.metrics(probe=probe, metric=metric)
         duplicates = self.identical_steps()
         if duplicates:
             rows = rows[~rows["step"].isin(list(duplicates))]
-        return detect_transitions(rows)
+        return detect_transitions(rows, prefer=prefer)
 
 
 def _summarise(steps: list[int]) -> str:

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from phaselens.analysis.headlines import register_headline
-from phaselens.analysis.transitions import detect_transitions
+from phaselens.signals.levels import final_level
+from phaselens.signals.sources import prefer_source
+from phaselens.signals.transitions import detect_transitions
 
 PLATEAU_TOLERANCE = 0.15  # within 15% of log K
 SMOOTH_POINTS = 5  # live first-target losses come from a few rows: a rolling median of this many steps
@@ -35,8 +37,7 @@ def first_target_series(metrics: pd.DataFrame) -> pd.Series:
     rows = metrics[(metrics["probe"] == "loss") & (metrics["metric"] == "first_target")]
     if rows.empty:
         return pd.Series(dtype=float)
-    source = "live" if (rows["source"] == "live").any() else "checkpoint"
-    series = rows[rows["source"] == source].groupby("step")["value"].mean().sort_index()
+    series = prefer_source(rows, "live").groupby("step")["value"].mean().sort_index()
     return series.rolling(SMOOTH_POINTS, center=True, min_periods=1).median()
 
 
@@ -192,11 +193,10 @@ def summarize_disambiguation(run) -> DisambiguationSummary:
     series = first_target_series(metrics)
     gap = metrics[(metrics["probe"] == "loss") & (metrics["metric"] == "z_shuffle_gap")]
     gap_series = gap.groupby("step")["value"].mean().sort_index()
-    tail = lambda s: float(s.tail(max(1, len(s) // 20)).median()) if len(s) else float("nan")  # noqa: E731
     return DisambiguationSummary(
-        task=data.get("task", "bz_to_a"), k=k, steps=int(metrics["step"].max()) if len(metrics) else 0,
+        task=run.task, k=k, steps=int(metrics["step"].max()) if len(metrics) else 0,
         tau=tau(metrics, k), plateau=plateau(metrics, k),
-        initial=float(series.iloc[0]) if len(series) else float("nan"), final=tail(series), final_gap=tail(gap_series),
+        initial=float(series.iloc[0]) if len(series) else float("nan"), final=final_level(series), final_gap=final_level(gap_series),
         alignment=alignment(metrics, run.transitions()),
     )
 

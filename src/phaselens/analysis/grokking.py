@@ -25,6 +25,7 @@ import pandas as pd
 
 from phaselens.analysis.headlines import register_headline
 from phaselens.run import Run
+from phaselens.signals.levels import final_level
 
 TRAIN_SOLVED = 1.0  # train accuracy that ends memorisation
 TEST_SOLVED = 0.95  # test accuracy that counts as generalised
@@ -169,7 +170,7 @@ def halfway_down(frame: pd.DataFrame) -> int | None:
         return None
     steps, values = frame["step"].to_numpy(), frame["value"].to_numpy()
     peak = int(np.nanargmax(values))
-    final = float(np.median(values[-max(1, len(values) // 20):]))
+    final = final_level(values)
     half = (values[peak] + final) / 2
     below = np.nonzero((np.arange(len(values)) > peak) & (values <= half))[0]
     return int(steps[below[0]]) if len(below) else None
@@ -185,7 +186,7 @@ def accuracy_rise(test_acc: pd.DataFrame, after: int) -> tuple[int, int] | None:
         return None
     steps, values = test_acc["step"].to_numpy(), test_acc["value"].to_numpy()
     start = level(test_acc, after)
-    final = float(np.median(values[-max(1, len(values) // 20):]))
+    final = final_level(values)
     if final - start <= NOISE_SIGMAS * noise(values):
         return None
     later = steps > after

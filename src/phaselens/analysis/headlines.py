@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from phaselens.errors import RunError
+from phaselens.registry import register
 
 HeadlineFunction = Callable[[Any], dict[str, object]]
 _HEADLINES: dict[str, HeadlineFunction] = {}
@@ -20,8 +21,7 @@ def register_headline(name: str) -> Callable[[HeadlineFunction], HeadlineFunctio
     """Decorator: `function(run)` computes headline `name` of a run as a dict of `compare` columns."""
 
     def add(function: HeadlineFunction) -> HeadlineFunction:
-        _HEADLINES[name] = function
-        return function
+        return register(_HEADLINES, name, function, "headline")
 
     return add
 

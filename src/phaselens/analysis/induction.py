@@ -1,4 +1,4 @@
-"""What an induction run found: the copy-loss transition, the heads that formed, which layer settled first."""
+"""What an induction run found: the copy-loss transition, the heads that formed, which layer settled first (beyond noise)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from phaselens.analysis.transitions import detect_transitions, moving_with, series_label, smooth
+from phaselens.signals.levels import final_level, initial_level
+from phaselens.signals.transitions import detect_transitions, moving_with, series_label, smooth
 
 COPY_LOSS_SOLVED = 1.0  # copy loss below this after the drop: the model copies
 INDUCTION_FORMED = 0.5  # a head's induction score above this afterwards
-PREV_TOKEN_FORMED = 0.25
 MIN_COPY_DROP = 0.5  # nats: a smaller move of the copy loss is not the induction transition
 MOVERS_SHOWN = 5  # series named as moving with each copy-loss transition
+SETTLE_BAND = 0.1  # a layer has settled once its coherence stays within 10% of its total move of its final level
+NOISE_BANDS = (0.05, 0.2)  # the same rule with a tighter and a looser band: how far the settle step moves is its noise
 
 
 @dataclass
@@ -53,7 +55,7 @@ class InductionSummary:
     copy_loss_initial: float
     induction_head: HeadChange | None
     prev_token_head: HeadChange | None
-    settle_steps: dict[int, int] = field(default_factory=dict)  # layer -> step its attention settled
+    settling: Settling | None = None  # when each layer's attention settled, with the noise of that step
     story: list[StoryEvent] = field(default_factory=list)  # every copy-loss transition, in order
 
     @property
@@ -65,10 +67,6 @@ class InductionSummary:
             and self.induction_head is not None
             and self.induction_head.after > INDUCTION_FORMED
         )
-
-    @property
-    def first_settled_layer(self) -> int | None:
-        return min(self.settle_steps, key=self.settle_steps.get) if self.settle_steps else None
 
     def text(self) -> str:
         """What happened, in sentences: the verdict, then every copy-loss transition and what moved with it."""
@@ -104,12 +102,8 @@ class InductionSummary:
         if self.prev_token_head is not None:
             ph = self.prev_token_head
             lines.append(f"Previous-token head L{ph.layer}H{ph.head}: previous-token score {ph.before:.2f} → {ph.after:.2f}.")
-        if len(self.settle_steps) > 1:
-            order = ", ".join(f"layer {layer} from step {step}" for layer, step in sorted(self.settle_steps.items(), key=lambda kv: kv[1]))
-            if len(set(self.settle_steps.values())) == 1:
-                lines.append(f"All layers settled together (attention coherence stable {order}).")
-            else:
-                lines.append(f"Layer {self.first_settled_layer} settled first (attention coherence stable: {order}).")
+        if self.settling is not None:
+            lines.append(self.settling.text())
         return "\n".join(lines)
 
 
@@ -142,8 +136,67 @@ def _head_change(scores: pd.DataFrame, score: str, window: tuple[int, int], laye
     return best
 
 
-def settle_steps(attention: pd.DataFrame) -> dict[int, int]:
-    """Per layer, the first step after which its mean coherence stays within 10% of its total move."""
+@dataclass
+class Settling:
+    """When each layer's attention settled, and how precisely that step is known.
+
+    A layer's settle step is the first step after which its mean coherence stays within 10% of its total move
+    of its final level (`settle_steps`). Its noise is how far that step moves with the rule's one free choice,
+    the band: the settle step with a 5% band minus the one with a 20% band (a tighter band settles later, so
+    the 10% step lies between them). A layer settled before another only when the gap between their 10% steps
+    exceeds the sum of their two noises, so an order that some band between 5% and 20% reverses is never
+    printed (the gap is then below that sum); otherwise they settled together.
+    """
+
+    steps: dict[int, int]  # layer -> settle step with the 10% band
+    ranges: dict[int, tuple[int, int]]  # layer -> settle steps with the 20% and the 5% band (earlier, later)
+
+    def noise(self, layer: int) -> int:
+        loose, tight = self.ranges[layer]
+        return tight - loose
+
+    def pair_noise(self, a: int, b: int) -> int:
+        return self.noise(a) + self.noise(b)
+
+    def apart(self, a: int, b: int) -> bool:
+        """Whether layers a and b settled further apart than their noise explains."""
+        return abs(self.steps[a] - self.steps[b]) > self.pair_noise(a, b)
+
+    @property
+    def first(self) -> list[int]:
+        """The layers that settled first: the earliest one and every layer within noise of it, earliest first."""
+        earliest = min(self.steps, key=self.steps.get)
+        return sorted((layer for layer in self.steps if not self.apart(earliest, layer)), key=self.steps.get)
+
+    def text(self) -> str:
+        """One sentence: which layer settled first, or that they settled together, with the gap and its noise."""
+        by_step = sorted(self.steps, key=self.steps.get)
+        stable = ", ".join(f"for layer {layer} from step {self.steps[layer]} ({self.ranges[layer][0]}–{self.ranges[layer][1]})"
+                           for layer in by_step)
+        rule = "in brackets: the settle step with a 20% and a 5% band instead of 10%; the noise is the sum of the ranges' widths"
+        first = self.first
+        if len(first) == 1:
+            a, b = by_step[0], by_step[1]
+            return (f"Layer {a} settled first: attention coherence stable {stable}; the gap of {self.steps[b] - self.steps[a]} "
+                    f"steps to layer {b} exceeds its noise of {self.pair_noise(a, b)} steps ({rule}).")
+        gap = self.steps[first[-1]] - self.steps[first[0]]
+        noise = max(self.pair_noise(first[0], layer) for layer in first[1:])
+        who = "The layers" if len(first) == len(self.steps) else "Layers " + " and ".join(str(layer) for layer in first)
+        return (f"{who} settled together (within {gap} steps, inside the noise of {noise} steps): attention coherence "
+                f"stable {stable} ({rule}).")
+
+
+def settling(attention: pd.DataFrame) -> Settling | None:
+    """Each layer's settle step and its range over the bands (see `Settling`); None with fewer than two layers."""
+    steps = settle_steps(attention)
+    if len(steps) < 2:
+        return None
+    tight, loose = (settle_steps(attention, band) for band in NOISE_BANDS)
+    return Settling(steps, {layer: (loose[layer], tight[layer]) for layer in steps})
+
+
+def settle_steps(attention: pd.DataFrame, band: float = SETTLE_BAND) -> dict[int, int]:
+    """Per layer, the first step after which its mean coherence stays within `band` of its total move of its final level."""
     out = {}
     coherence = attention[(attention["metric"] == "coherence") & attention["head"].notna()]
     for layer, group in coherence.groupby("layer"):
@@ -155,7 +208,7 @@ def settle_steps(attention: pd.DataFrame) -> dict[int, int]:
         if total <= 1e-9:
             out[int(layer)] = int(series.index[0])
             continue
-        outside = np.nonzero(np.abs(values - final) > 0.1 * total)[0]
+        outside = np.nonzero(np.abs(values - final) > band * total)[0]
         idx = int(outside[-1]) + 1 if len(outside) else 0
         out[int(layer)] = int(series.index[min(idx, len(series) - 1)])
     return out
@@ -174,8 +227,7 @@ def summarize_induction(run) -> InductionSummary:
     if len(drops):
         best = drops.loc[(drops["before"] - drops["after"]).idxmax()]
         transition = {k: (int(best[k]) if k in ("step", "start", "end") else float(best[k])) for k in ("step", "start", "end", "before", "after")}
-    final = float(copy["value"].tail(max(1, len(copy) // 20)).median()) if len(copy) else float("nan")
-    initial = float(copy["value"].head(max(1, len(copy) // 20)).median()) if len(copy) else float("nan")
+    final, initial = final_level(copy["value"]), initial_level(copy["value"])
     heads = metrics[metrics["probe"] == "heads"]
     n_layers = int(run.config["model"]["n_layers"])
     window = (transition["start"], transition["end"]) if transition else (0, steps)
@@ -183,7 +235,7 @@ def summarize_induction(run) -> InductionSummary:
     prev = _head_change(heads, "prev_token", window, 0 if n_layers > 1 else None)
     attention = metrics[metrics["probe"] == "attention"]
     story = _story(transitions, metrics) if len(transitions) else []
-    return InductionSummary(vocab, steps, transition, final, initial, induction, prev, settle_steps(attention), story)
+    return InductionSummary(vocab, steps, transition, final, initial, induction, prev, settling(attention), story)
 
 
 def _value(value: float) -> str:

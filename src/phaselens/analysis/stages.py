@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from phaselens.analysis.phases import FLAT, critical_points, smooth_curve
-from phaselens.analysis.transitions import series_label
+from phaselens.signals.transitions import series_label
 
 PLATEAU_SLOPE = 0.1  # |slope| under 10% of its peak: the curve rests
 MOVING_SLOPE = 0.3  # ... between stretches where it moves at 30% of its peak or more

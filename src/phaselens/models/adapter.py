@@ -24,6 +24,8 @@ unknown model fails here, with a message that says what is supported.
 | forward passes               | `logits(tokens)`, `run_with_cache(tokens, names)`, `run_with_hooks(tokens, hooks)`, `activations(tokens, names)` | (B, T, d_vocab); and {name: activation}; `activations` stops after the last hook point asked for |
 | text <-> ids                 | `tokenizer`                              | `Tokenizer`: `kind` ("bytes" / "ids" / "hf"), `encode`, `decode`, `labels`, `special_ids`, `ordinary_ids()` |
 | optional fast paths          | `capabilities` ⊆ `FAST_PATHS`            | frozenset of names; call them on the adapter    |
+| parts probes may need        | `offers` ⊆ `models.config.MODEL_PARTS`   | frozenset of names (`probes.plan` checks `Needs.parts` against it) |
+| the circuits graph           | `graph_sites()`, `graph_session()`       | `GraphSites` (node outputs, per-head q/k/v inputs); a context that turns those hook points on |
 
 Fast paths (`adapter.supports(name)` before calling; calling an undeclared one raises):
   `residual_streams(tokens, n_blocks)`  residual streams 0..n_blocks (all of them by default): each (B, T, d_model)
@@ -34,6 +36,7 @@ Fast paths (`adapter.supports(name)` before calling; calling an undeclared one r
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -57,6 +60,23 @@ class HeadWeights:
     W_K: torch.Tensor  # (L, H, d_model, d_head)
     W_V: torch.Tensor  # (L, H, d_model, d_head)
     W_O: torch.Tensor  # (L, H, d_head, d_model)
+
+
+@dataclass(frozen=True)
+class GraphSites:
+    """Where the circuits graph (`probes.edge_graph`) reads each node's output and patches each node's input.
+
+    Inputs are hooked before the norm that reads them, so a patched input is normalised as the model
+    normalises its own. Outputs exclude constant biases, which cancel in every clean − corrupt difference.
+    """
+
+    embed_out: str  # the stream entering block 0 (B, T, d_model): the `embed` node's output
+    head_out: tuple[str, ...]  # per layer: per-head outputs (B, T, H, d_model)
+    head_in: tuple[dict[str, str], ...]  # per layer: {"q" | "k" | "v": per-head input (B, T, H, d_model)}
+    mlp_in: dict[int, str]  # MLP layer -> its input (B, T, d_model)
+    mlp_out: dict[int, str]  # MLP layer -> its output (B, T, d_model)
+    logits_in: str  # the stream entering the final norm (B, T, d_model)
+    parallel: bool = False  # the MLP reads the block's input, not the stream after its attention (GPT-NeoX, GPT-J)
 
 
 # ---------------------------------------------------------------------------- tokenizers
@@ -293,6 +313,29 @@ class ModelAdapter:
             pass
         return {name: cache[name] for name in names}
 
+    @property
+    def offers(self) -> frozenset[str]:
+        """The `MODEL_PARTS` this model has: what the measurement plan checks a probe's `Needs.parts` against."""
+        parts = {"final_norm", "residual_patching"}
+        if self.has_attention and self.pattern_hook(0) in self.hook_points:
+            parts.add("attention_patterns")
+        if self.mlp_layers:
+            parts.add("mlp_neurons")
+        if type(self).graph_sites is not ModelAdapter.graph_sites:
+            parts.add("edge_graph")
+        return frozenset(parts)
+
+    # ---- the circuits graph
+    def graph_sites(self) -> GraphSites:
+        """Hook points of the circuits graph: node outputs and per-head q/k/v inputs (`GraphSites`)."""
+        raise UnsupportedModel(f"{self.architecture} ({self.kind}) has no per-head outputs and q/k/v inputs to patch, so "
+                               "phaselens builds no circuits graph for it; the circuits probe runs on phaselens "
+                               "transformers and TransformerBridge models")
+
+    def graph_session(self):
+        """A context in which the hook points of `graph_sites()` are computed (some models build them only on request)."""
+        return nullcontext()
+
     # ---- tokenizer
     @property
     def tokenizer(self) -> Tokenizer:
@@ -353,6 +396,16 @@ class TransformerAdapter(ModelAdapter):
         attn = [block.attn for block in self.model.blocks]
         return HeadWeights(*(torch.stack([getattr(a, name) for a in attn]) for name in ("W_Q", "W_K", "W_V", "W_O")))
 
+    def graph_sites(self) -> GraphSites:
+        layers = range(self.n_layers)
+        return GraphSites(
+            embed_out="blocks.0.hook_resid_pre",
+            head_out=tuple(f"blocks.{l}.attn.hook_result" for l in layers),
+            head_in=tuple({kind: f"blocks.{l}.hook_{kind}_input" for kind in "qkv"} for l in layers),
+            mlp_in={l: f"blocks.{l}.hook_mlp_in" for l in self.mlp_layers},
+            mlp_out={l: f"blocks.{l}.hook_mlp_out" for l in self.mlp_layers},
+            logits_in=f"blocks.{self.n_layers - 1}.hook_resid_post")  # the final norm is its only reader
+
 
 class BridgeAdapter(ModelAdapter):
     """Any Hugging Face causal LM wrapped by TransformerLens's `TransformerBridge` (GPT-2, GPT-NeoX, Llama, ...)."""
@@ -388,6 +441,29 @@ class BridgeAdapter(ModelAdapter):
         m = self.model
         return HeadWeights(m.W_Q, per_head(m.W_K), per_head(m.W_V), m.W_O)
 
+    def graph_sites(self) -> GraphSites:
+        layers = range(self.n_layers)
+        return GraphSites(
+            embed_out="blocks.0.hook_in",
+            head_out=tuple(f"blocks.{l}.attn.hook_result" for l in layers),
+            head_in=tuple({kind: f"blocks.{l}.attn.hook_{kind}_input" for kind in "qkv"} for l in layers),
+            mlp_in={l: f"blocks.{l}.hook_mlp_in" for l in self.mlp_layers},
+            mlp_out={l: f"blocks.{l}.mlp.hook_out" for l in self.mlp_layers},
+            logits_in="ln_final.hook_in", parallel=bool(getattr(self.model.cfg, "parallel_attn_mlp", False)))
+
+    @contextmanager
+    def graph_session(self):
+        """The bridge builds per-head results and q/k/v inputs only when asked (`use_attn_result`, `use_split_qkv_input`)."""
+        cfg, switches = self.model.cfg, ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
+        before = {name: bool(getattr(cfg, name, False)) for name in switches}
+        for name in switches:
+            getattr(self.model, f"set_{name}")(True)
+        try:
+            yield
+        finally:
+            for name, value in before.items():
+                getattr(self.model, f"set_{name}")(value)
+
     def _default_tokenizer(self) -> Tokenizer:
         hf = getattr(self.model, "tokenizer", None)
         return HFTokenizer(hf, self.d_vocab) if hf is not None else super()._default_tokenizer()
@@ -416,6 +492,10 @@ class BDHAdapter(ModelAdapter):
     @property
     def final_norm_site(self) -> None:
         return None
+
+    @property
+    def offers(self) -> frozenset[str]:
+        return frozenset({"mlp_neurons"})  # as `BDHConfig.offers`: sparse neurons, no softmax pattern, no final norm
 
     def pattern_hook(self, layer: int) -> str:
         raise UnsupportedModel("BDH's linear attention has no softmax pattern (no blocks.{l}.attn.hook_pattern)")
@@ -456,6 +536,11 @@ class HFModelAdapter(ModelAdapter):
     @property
     def hook_points(self) -> dict[str, Any]:
         return {}
+
+    @property
+    def offers(self) -> frozenset[str]:
+        # no hook points: a Trainer's callback reads the patterns its forward returns (output_attentions)
+        return frozenset({"attention_patterns"})
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens).logits  # (B, T, d_vocab)

@@ -7,15 +7,6 @@ from dataclasses import dataclass
 from phaselens.errors import ConfigError
 from phaselens.models.config import ModelSpec, register_model
 
-# Probes that read softmax attention patterns or a transformer's final norm: BDH has neither.
-TRANSFORMER_ONLY_PROBES = {
-    "attention": "reads softmax attention patterns (blocks.{l}.attn.hook_pattern)",
-    "heads": "scores softmax attention patterns (blocks.{l}.attn.hook_pattern)",
-    "attention_to": "reads softmax attention patterns (blocks.{l}.attn.hook_pattern)",
-    "logit_lens": "reads a transformer's final LayerNorm and unembedding",
-    "patching": "patches a transformer's residual stream at the induction task's source positions",
-}
-
 
 @register_model("bdh", "phaselens.models.bdh:BDH")
 @dataclass
@@ -50,8 +41,9 @@ class BDHConfig(ModelSpec):
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"{prefix}.dropout must be in [0, 1), got {self.dropout}")
 
-    def probe_problem(self, probe: str) -> str | None:
-        if probe in TRANSFORMER_ONLY_PROBES:
-            return (f"probe {probe!r} {TRANSFORMER_ONLY_PROBES[probe]}, which model.kind=bdh does not have; "
-                    f"BDH runs use the loss and neurons probes")
-        return None
+    def offers(self) -> frozenset[str]:
+        # linear attention (no softmax pattern), no final norm (every pass ends in one), no resumable residual forward
+        return frozenset({"mlp_neurons"})  # its sparse neurons, blocks.{l}.hook_xy_sparse
+
+    def lacks_hint(self) -> str:
+        return "BDH runs use the loss, neurons, geometry and llc probes"

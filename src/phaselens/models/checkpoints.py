@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from phaselens.errors import CheckpointError
+from phaselens.store.run_dir import CHECKPOINT_FILES
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,6 +67,11 @@ def save_checkpoint(
         with open(file, "rb") as f:
             os.fsync(f.fileno())
     if path.exists():  # re-saving a step (a run resumed from it): move the old one aside first
+        foreign = sorted(set(os.listdir(path)) - CHECKPOINT_FILES) if path.is_dir() and not path.is_symlink() else [path.name]
+        if foreign:  # the old one is deleted below: only when phaselens wrote everything in it
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{path} holds files phaselens did not write ({', '.join(foreign[:5])}); "
+                                  "move them out before this step is saved again")
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         os.rename(path, old)
         os.rename(tmp, path)
@@ -125,6 +131,8 @@ def load_trainer_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[di
     """Restore the optimizer from a checkpoint; returns (trainer.json contents, RNG states)."""
     path = Path(path)
     tensors = _load_tensors(path / "trainer.safetensors")
+    if not (path / "trainer.json").is_file():  # missing, or a FIFO that would block the read forever
+        raise CheckpointError(f"{path / 'trainer.json'} is missing or not a regular file")
     try:
         info = json.loads((path / "trainer.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:

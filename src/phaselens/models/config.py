@@ -11,23 +11,20 @@ from importlib import import_module
 from typing import Any, Callable
 
 from phaselens.errors import ConfigError
+from phaselens.registry import register
 
 _KINDS: dict[str, tuple[type, str]] = {}
 
 
 def register_model(kind: str, module_class: str) -> Callable[[type], type]:
-    """Class decorator: `model.kind=<kind>` selects this config; `module_class` is "package.module:Class"."""
+    """Class decorator: `model.kind=<kind>` selects this config; `module_class` is "package.module:Class".
+    A second config under a taken kind is refused, naming both (`phaselens.registry`)."""
 
     def add(cls: type) -> type:
-        _KINDS[kind] = (cls, module_class)
+        register(_KINDS, kind, (cls, module_class), "model kind")
         return cls
 
     return add
-
-
-def model_kinds() -> list[str]:
-    _load_builtin()
-    return sorted(_KINDS)
 
 
 def model_config_class(kind: str) -> type:
@@ -50,6 +47,17 @@ def _load_builtin() -> None:
     load_package("phaselens.models", suffix="_config")  # the transformer registers below; every other kind in its *_config module
 
 
+# What a model may offer a probe beyond residual streams, logits and parameters, which every model has
+# (`Needs.parts` names these); each kind's config says which it has (`ModelSpec.offers`), before any weight loads.
+MODEL_PARTS = {
+    "attention_patterns": "softmax attention patterns (blocks.{l}.attn.hook_pattern)",
+    "final_norm": "a final norm before the unembedding (ln_final)",
+    "residual_patching": "a forward that resumes from a patched residual stream",
+    "mlp_neurons": "MLP neurons (blocks.{l}.mlp.hook_post)",
+    "edge_graph": "per-head outputs and per-head q/k/v inputs to patch (the circuits graph)",
+}
+
+
 @dataclass
 class ModelSpec:
     """What every model config has: its kind (the registry key)."""
@@ -64,9 +72,13 @@ class ModelSpec:
     def validate(self, prefix: str = "model") -> None:
         """Refuse impossible shapes, naming the key at fault (each kind checks its own)."""
 
-    def probe_problem(self, probe: str) -> str | None:
-        """Why `probe` cannot run on this architecture (None: it can); the config refuses such probes."""
-        return None
+    def offers(self) -> frozenset[str]:
+        """The `MODEL_PARTS` this architecture has (every one, unless a kind says otherwise)."""
+        return frozenset(MODEL_PARTS)
+
+    def lacks_hint(self) -> str:
+        """What to do instead, said after a probe is refused for a part this model lacks."""
+        return ""
 
 
 @register_model("transformer", "phaselens.models.transformer:Transformer")
@@ -110,10 +122,11 @@ class ModelConfig(ModelSpec):
         if not self.init_std > 0:
             raise ConfigError(f"{prefix}.init_std must be > 0, got {self.init_std}")
 
-    def probe_problem(self, probe: str) -> str | None:
-        if probe == "neurons" and self.attn_only:
-            return "probe 'neurons' reads MLP neurons (blocks.{l}.mlp.hook_post); this model is attention-only: set model.d_mlp"
-        return None
+    def offers(self) -> frozenset[str]:
+        return frozenset(MODEL_PARTS) - ({"mlp_neurons"} if self.attn_only else set())
+
+    def lacks_hint(self) -> str:
+        return "this model is attention-only: set model.d_mlp" if self.attn_only else ""
 
     @property
     def attn_only(self) -> bool:

@@ -119,10 +119,18 @@ class Attention(nn.Module):
         z = F.scaled_dot_product_attention(picked.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None])
         return self._out(z.transpose(1, 2)[rows, slot])  # (N, d)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _qkv_split(self, xq: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values from one normalised input per head and kind: each (B, T, H, d_model) -> (B, T, H, d_head)."""
+        q = torch.einsum("bthd,hde->bthe", xq, self.W_Q) + self.b_Q
+        k = torch.einsum("bthd,hde->bthe", xk, self.W_K) + self.b_K
+        v = torch.einsum("bthd,hde->bthe", xv, self.W_V) + self.b_V
+        return self.hook_q(q), self.hook_k(k), self.hook_v(v)
+
+    def forward(self, x: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, T, d_model) normalised; or `split`, one normalised input per head for q, k and v (each (B, T, H, d_model))."""
         B, T, _ = x.shape
         H, dh = self.W_Q.shape[0], self.W_Q.shape[2]
-        q, k, v = self._qkv(x)
+        q, k, v = self._qkv(x) if split is None else self._qkv_split(*split)
         if self._fused_ok():
             z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
             z = self.hook_z(z.transpose(1, 2))  # (B, T, H, dh)
@@ -184,16 +192,32 @@ class Block(nn.Module):
             self.mlp = MLP(cfg)
             self.hook_resid_mid = HookPoint()  # (B, T, d_model)
             self.hook_mlp_out = HookPoint()  # (B, T, d_model)
+            self.hook_mlp_in = HookPoint()  # (B, T, d_model): the MLP's own copy of the stream, before ln2
         self.hook_resid_pre = HookPoint()  # (B, T, d_model)
+        # One copy of the stream per head for its queries, keys and values, before ln1 (as TransformerLens's
+        # use_split_qkv_input): only built when hooked, so that an edge into one head's k can be patched alone.
+        self.hook_q_input = HookPoint()  # (B, T, H, d_model)
+        self.hook_k_input = HookPoint()  # (B, T, H, d_model)
+        self.hook_v_input = HookPoint()  # (B, T, H, d_model)
         self.hook_attn_out = HookPoint()  # (B, T, d_model)
         self.hook_resid_post = HookPoint()  # (B, T, d_model)
 
+    def _split_inputs(self, resid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """Per-head normalised q, k, v inputs (B, T, H, d_model) each, when a split-input hook point is hooked; else None."""
+        points = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        if not any(point._forward_hooks or point._backward_hooks for point in points):
+            return None
+        B, T, d = resid.shape
+        H = self.attn.W_Q.shape[0]
+        return tuple(self.ln1(point(resid[:, :, None, :].expand(B, T, H, d).clone())) for point in points)
+
     def forward(self, resid: torch.Tensor) -> torch.Tensor:
         resid = self.hook_resid_pre(resid)
-        resid = resid + self.hook_attn_out(self.attn(self.ln1(resid)))
+        split = self._split_inputs(resid)
+        resid = resid + self.hook_attn_out(self.attn(self.ln1(resid)) if split is None else self.attn(resid, split))
         if self.has_mlp:
             resid = self.hook_resid_mid(resid)
-            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(resid)))
+            resid = resid + self.hook_mlp_out(self.mlp(self.ln2(self.hook_mlp_in(resid))))
         return self.hook_resid_post(resid)
 
     def forward_at(self, resid: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,6 @@ from typing import Sequence
 import numpy as np
 
 from phaselens.errors import PhaselensError
-from phaselens.store.run_dir import RunDir
 
 EPSILONS = (1e-4, 3e-4, 1e-3, 3e-3)
 GAMMAS = (10.0, 100.0, 1000.0)
@@ -99,11 +98,10 @@ def calibrate_llc(run: str | Path, step: int | None = None, epsilons: Sequence[f
     import torch
 
     import phaselens.probes  # noqa: F401
-    from phaselens.posthoc.runner import ensure_training_sample
-    from phaselens.probes.base import make_probe
     from phaselens.probes.llc import one_cpu_thread
     from phaselens.progress import progress_bar
     from phaselens.run import open_run
+    from phaselens.run_files import ensure_run_files
 
     opened = open_run(run)
     steps = opened.checkpoint_steps()
@@ -111,8 +109,9 @@ def calibrate_llc(run: str | Path, step: int | None = None, epsilons: Sequence[f
         raise PhaselensError(f"{opened.path} has no checkpoints to calibrate on")
     step = steps[-1] if step is None else step
     options = {k: v for k, v in (options or {}).items() if k not in ("epsilon", "gamma")}
-    ensure_training_sample(RunDir(opened.path), options)
-    probe = make_probe("llc", **options)
+    plan = opened.plan(["llc"], {"llc": options}).require("llc-calibrate")  # the run's llc options, then these
+    ensure_run_files(opened, plan)
+    probe = plan.probes[0].make()
     probe.bind_run(opened.path)
     model = opened.load_model(step)
     grid = [(float(e), float(g)) for e in epsilons for g in gammas]

@@ -7,7 +7,7 @@ from phaselens.probes.attention import (
     attention_head_variance,
     attention_specialization,
 )
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, make_probe, probe_names, register_probe
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, make_probe, probe_names, register_probe
 from phaselens.probes.heads import HeadsProbe, detection_patterns, head_score
 from phaselens.probes.loss import LossProbe, token_losses
 from phaselens.probes.logit_lens import LogitLensProbe, logit_lens_stats
@@ -40,6 +40,7 @@ __all__ = [
     "NeuronStats",
     "NeuronsProbe",
     "Measurement",
+    "Needs",
     "Probe",
     "ProbeInputs",
     "attention_coherence",

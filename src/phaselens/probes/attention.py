@@ -13,7 +13,8 @@ import functools
 
 import torch
 
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.models.adapter import ModelAdapter
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 
 
 def allowed_keys(n_queries: int, n_keys: int, device: torch.device | None = None) -> torch.Tensor:
@@ -117,10 +118,11 @@ class AttentionProbe(Probe):
     """Per-head entropy and coherence, per-layer (and per-head) specialization, per-layer head variance."""
 
     name = "attention"
+    needs = Needs(parts=frozenset({"attention_patterns"}))
     off_thread = True  # reads activations and the batch only
 
-    def hook_names(self, n_layers: int) -> list[str]:
-        return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    def hook_names(self, adapter: ModelAdapter) -> list[str]:
+        return [adapter.pattern_hook(layer) for layer in range(adapter.n_layers)]
 
     PATTERN_SCALE = 10_000
 

@@ -11,7 +11,8 @@ from typing import Sequence
 
 import torch
 
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.models.adapter import ModelAdapter
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 from phaselens.tasks.batch import TaskBatch
 
 
@@ -47,14 +48,13 @@ class AttentionToProbe(Probe):
     """
 
     name = "attention_to"
-    reads_batch = "induction"
-    live = False
+    needs = Needs(parts=frozenset({"attention_patterns"}), position_options=("query", "key"), batch="induction", live=False)
 
     def __init__(self, query: str | Sequence[int] | None = None, key: str | Sequence[int] | None = None):
         super().__init__(query=query, key=key)
 
-    def hook_names(self, n_layers: int) -> list[str]:
-        return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    def hook_names(self, adapter: ModelAdapter) -> list[str]:
+        return [adapter.pattern_hook(layer) for layer in range(adapter.n_layers)]
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         query, key = self.options["query"], self.options["key"]

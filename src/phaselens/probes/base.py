@@ -77,25 +77,43 @@ class ProbeInputs:
         return self._rolled[name]
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a probe needs in order to measure, as data: the measurement plan (`probes.plan`) reads it.
+
+    parts: model parts it reads beyond residual streams and logits (names of `models.config.MODEL_PARTS`,
+        e.g. "attention_patterns"); a model that does not offer one of them cannot run the probe.
+    position_options: its options that name position sets of the batch it reads (`TaskBatch.positions`);
+        each must be set (by the task's study or the user) to a set that batch has.
+    optional_sets: options that may name position sets of that batch, or be left unset.
+    batch: the run batch it measures at checkpoints and post-hoc: "probe", the task's own batch, or
+        "induction", random tokens with a segment repeated at a variable offset (a study may route it
+        elsewhere, `Study.reads_batch`).
+    run_files: files the run must hold before it measures (`run_files.RUN_FILES`: "unigram", "training_sample").
+    live: False for probes too costly for every training step (extra forwards, an unembedding per layer):
+        they run at checkpoints (`telemetry.checkpoint_probes`) and in `phaselens probe` only.
+    """
+
+    parts: frozenset[str] = frozenset()
+    position_options: tuple[str, ...] = ()
+    optional_sets: tuple[str, ...] = ()
+    batch: str = "probe"
+    run_files: tuple[str, ...] = ()
+    live: bool = True
+
+
 class Probe:
-    """Base class. Subclass, set `name`, list `hook_names`, implement `compute`, then `@register_probe`."""
+    """Base class. Subclass, set `name` and `needs`, list `hook_names`, implement `compute`, then `@register_probe`."""
 
     name: ClassVar[str] = ""
+    needs: ClassVar[Needs] = Needs()
     needs_logits: ClassVar[bool] = False
     # True when `compute` uses `inputs.logits` if they are there (it saves work), though it can do without;
     # a batch none of whose probes needs or uses logits is measured by a forward that stops at its last hook point.
     uses_logits: ClassVar[bool] = False
-    # False for probes too costly for every training step (extra forwards, an unembedding per layer):
-    # they run on checkpoints only (`telemetry.checkpoint_probes`, `phaselens probe`).
-    live: ClassVar[bool] = True
     # True when `compute` reads only `inputs.acts`, `inputs.logits` and `inputs.batch`, never the
     # model: live telemetry may then measure it on a spare core while the optimizer updates the weights.
     off_thread: ClassVar[bool] = False
-    # The run batch a probe measures post-hoc and at checkpoints: "probe", the task's own batch, or
-    # "induction", random tokens with a segment repeated at a variable offset in the model's vocabulary,
-    # which text and late-disambiguation runs store beside it (elsewhere the task's batch serves). The
-    # default: a task's study may send a probe to another batch (`Study.batch_for`).
-    reads_batch: ClassVar[str] = "probe"
     every: int = 1  # live telemetry measures this probe only at steps that are a multiple of it
     # True when training writes the probe's artifact at every checkpoint it measures there (small
     # artifacts a report reads, such as the grokking probe's key frequencies); else only `phaselens probe` does.
@@ -105,11 +123,8 @@ class Probe:
     def __init__(self, **options: Any):
         self.options = options
 
-    def bind(self, adapter: ModelAdapter) -> None:
-        """Called with the model's adapter before `hook_names`, so a probe can pick hook points by architecture."""
-
-    def hook_names(self, n_layers: int) -> list[str]:
-        """The hook points whose activations `compute` reads."""
+    def hook_names(self, adapter: ModelAdapter) -> list[str]:
+        """The hook points of `adapter`'s model whose activations `compute` reads."""
         return []
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
@@ -134,11 +149,13 @@ _REGISTRY: dict[str, type[Probe]] = {}
 
 
 def register_probe(cls: type[Probe]) -> type[Probe]:
-    """Class decorator: make a probe available by its `name` (to the trainer, CLI and config)."""
+    """Class decorator: make a probe available by its `name` (to the trainer, CLI and config); a second
+    class under a taken name is refused, naming both (`phaselens.registry`)."""
     if not cls.name:
         raise ValueError(f"{cls.__name__} needs a non-empty class attribute `name`")
-    _REGISTRY[cls.name] = cls
-    return cls
+    from phaselens.registry import register
+
+    return register(_REGISTRY, cls.name, cls, "probe")
 
 
 def _load_builtin() -> None:

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import torch
 
-from phaselens.models.sites import final_norm_site, residual_sites
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.models.adapter import ModelAdapter
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 from phaselens.store.unigram import UNIGRAM_FILE, read_unigram_counts, unigram_path
 
 
@@ -91,6 +91,7 @@ class GeometryProbe(Probe):
     """
 
     name = "geometry"
+    needs = Needs(run_files=("unigram",))  # the training data's token counts, for kl_unigram
     off_thread = True  # reads activations and the batch only
     needs_logits = True
 
@@ -116,12 +117,14 @@ class GeometryProbe(Probe):
             self._counts = self._load_counts(path)
             self._log_unigram = None
 
-    def hook_names(self, n_layers: int) -> list[str]:
-        return [site.hook for site in residual_sites(n_layers) + (final_norm_site(n_layers),)]
+    def hook_names(self, adapter: ModelAdapter) -> list[str]:
+        """Every residual stream, and the stream after the final norm where the model has one (BDH has none)."""
+        final = adapter.final_norm_site
+        return [site.hook for site in adapter.residual_sites + ((final,) if final else ())]
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         opts = self.options
-        resid = torch.stack([inputs.acts[name] for name in self.hook_names(inputs.n_layers)])  # (L+2, B, T, d)
+        resid = torch.stack([inputs.acts[name] for name in self.hook_names(inputs.adapter)])  # (L+2 or L+1, B, T, d)
         measurements = [Measurement("interaction_energy", interaction_energy(resid, opts["beta"]))]
         if not opts["kl"]:
             return measurements

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from phaselens.models.adapter import adapter_for
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 
 KEY_RATIO = 3.0  # a key frequency's squared norm is at least this many times the median's
 
@@ -175,6 +175,7 @@ class GrokkingProbe(Probe):
     """
 
     name = "grokking"
+    needs = Needs(position_options=("answer", "train"))
     needs_logits = True
     checkpoint_artifacts = True  # the report reads the key frequencies of the last checkpoint
 

@@ -15,7 +15,8 @@ import functools
 
 import torch
 
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.models.adapter import ModelAdapter
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 
 HEAD_SCORES = ("induction", "prev_token", "duplicate")
 _CHANNELS = ("induction", "duplicate", "prev_token")  # order in `detection_stack`: token-matching ones first
@@ -86,7 +87,7 @@ class HeadsProbe(Probe):
     """Induction, previous-token and duplicate-token scores per head on the probe batch."""
 
     name = "heads"
-    reads_batch = "induction"
+    needs = Needs(parts=frozenset({"attention_patterns"}), batch="induction")
     off_thread = True  # reads activations and the batch only
 
     def __init__(self, **options):
@@ -95,8 +96,8 @@ class HeadsProbe(Probe):
         self._cached_key: tuple | None = None
         self._cached_detection: torch.Tensor | None = None
 
-    def hook_names(self, n_layers: int) -> list[str]:
-        return [f"blocks.{layer}.attn.hook_pattern" for layer in range(n_layers)]
+    def hook_names(self, adapter: ModelAdapter) -> list[str]:
+        return [adapter.pattern_hook(layer) for layer in range(adapter.n_layers)]
 
     def _detection(self, tokens: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         # A fixed probe batch is measured at every checkpoint: build its patterns once. The cache

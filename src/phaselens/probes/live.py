@@ -29,7 +29,9 @@ import torch
 
 from phaselens.background import OrderedThread, spare_core
 from phaselens.models.adapter import adapter_for
+from phaselens.errors import ConfigError
 from phaselens.probes.base import Layout, Measurement, Probe, ProbeInputs, flatten, make_probe
+from phaselens.probes.plan import model_refusal
 from phaselens.tasks.batch import TaskBatch
 
 
@@ -152,7 +154,9 @@ class Telemetry:
         self.adapter = adapter_for(model)
         self.probes = [make_probe(p) for p in probes]
         for probe in self.probes:
-            probe.bind(self.adapter)
+            refused = model_refusal(probe, self.adapter.offers, self.adapter.kind, "live")
+            if refused:
+                raise ConfigError(refused)
         self.every, self.flush_every, self.source = every, flush_every, source
         self.n_layers, self.n_heads = self.adapter.n_layers, self.adapter.n_heads
         self.rank = distributed_rank()
@@ -186,7 +190,7 @@ class Telemetry:
         self._background = OrderedThread("phaselens-telemetry", "live telemetry", depth=4) if background else None
 
     def _install_hooks(self) -> None:
-        names = sorted({n for p in self.probes for n in p.hook_names(self.n_layers)})
+        names = sorted({n for p in self.probes for n in p.hook_names(self.adapter)})
         hook_dict = self.adapter.hook_points
         missing = [n for n in names if n not in hook_dict]
         if missing:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 from phaselens.probes.loss import token_losses
 from phaselens.tasks.batch import TaskBatch
 
@@ -368,7 +368,8 @@ class LLCProbe(Probe):
     """
 
     name = "llc"
-    live = False  # hundreds of forward/backward passes per checkpoint: measure it on checkpoints
+    # hundreds of forward/backward passes per checkpoint: measured on checkpoints only
+    needs = Needs(run_files=("training_sample",), live=False)
 
     def __init__(self, **options: Any):
         super().__init__(**options)

@@ -12,8 +12,7 @@ from typing import Sequence
 import torch
 
 from phaselens.models.adapter import ModelAdapter, adapter_for
-from phaselens.models.sites import residual_sites
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 from phaselens.tasks.batch import TaskBatch
 
 def lens_positions(batch: TaskBatch, positions: str, first_token_only: bool) -> torch.Tensor:
@@ -124,17 +123,18 @@ class LogitLensProbe(Probe):
     """
 
     name = "logit_lens"
-    live = False  # an unembedding per layer: measure it on checkpoints
+    # an unembedding per layer: measured on checkpoints only
+    needs = Needs(parts=frozenset({"final_norm"}), position_options=("positions",), live=False)
     uses_logits = True  # the model's own logits spare it an unembedding (lens) or a clean forward (patching)
 
     def __init__(self, positions: str = "loss", first_token_only: bool = False):
         super().__init__(positions=positions, first_token_only=first_token_only)
 
-    def hook_names(self, n_layers: int) -> list[str]:
-        return [site.hook for site in residual_sites(n_layers)]
+    def hook_names(self, adapter: ModelAdapter) -> list[str]:
+        return [site.hook for site in adapter.residual_sites]
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
-        names = self.hook_names(inputs.n_layers)
+        names = self.hook_names(inputs.adapter)
         resid = [inputs.acts[name] for name in names]  # L+1 streams (B, T, d_model)
         mask = lens_positions(inputs.batch, self.options["positions"], self.options["first_token_only"])
         shared = inputs.next_token_probs() if inputs.logits is not None else None

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 from phaselens.tasks.batch import TaskBatch
 
 
@@ -66,6 +66,7 @@ class LossProbe(Probe):
     """
 
     name = "loss"
+    needs = Needs(optional_sets=("positions", "complements", "shuffle"))
     needs_logits = True
     off_thread = True
 

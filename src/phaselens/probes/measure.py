@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -27,47 +27,42 @@ def measure_cache(
         cache: an `ActivationCache` from `model.run_with_cache(tokens)`, or a dict hook name -> tensor.
         batch: the tokens the cache was computed on (or a `TaskBatch` with task masks).
         probes: probe names or instances; each must find its hook points in `cache`.
-        model: the model (needed for `n_layers` when the cache cannot tell, and by some probes).
+        model: the model the cache came from (its adapter gives the hook names and dimensions).
         logits: the model output, for probes that read logits (`loss`).
     """
     import pandas as pd
 
     from phaselens.store.metrics import COLUMNS
 
+    if model is None:
+        raise ValueError("measure_cache needs model= (the model the cache came from): probes read their hook "
+                         "names and dimensions from it")
     probes = [make_probe(p) for p in probes]
-    if model is not None:
-        model = adapter_for(model)
-        n_layers, n_heads = model.n_layers, model.n_heads
-        for probe in probes:
-            probe.bind(model)
-    else:
-        n_layers = len({k.split(".")[1] for k in cache.keys() if k.startswith("blocks.") and k.endswith("hook_pattern")})
-        n_heads = 0
+    model = adapter_for(model)
+    n_layers, n_heads = model.n_layers, model.n_heads
     for probe in probes:
-        missing = [n for n in probe.hook_names(n_layers) if n not in cache]
+        missing = [n for n in probe.hook_names(model) if n not in cache]
         if missing:
             raise KeyError(f"probe {probe.name!r} needs {missing} in the cache; run_with_cache with those names")
         if probe.needs_logits and logits is None:
             raise ValueError(f"probe {probe.name!r} reads logits: pass logits=model output")
-    inputs = ProbeInputs(acts=cache, batch=TaskBatch.coerce(batch), model=None if model is None else model.model, logits=logits,
-                         n_layers=n_layers, n_heads=n_heads)
+    inputs = ProbeInputs(acts=cache, batch=TaskBatch.coerce(batch), model=model.model, logits=logits,
+                         n_layers=n_layers, n_heads=n_heads, _adapter=model)
     rows = to_rows(step, source, run_probes(probes, inputs))
     return pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64", "head": "Int64"})
 
 
 def measure_batches(
-    model: torch.nn.Module | ModelAdapter, batches: Mapping[str, TaskBatch], probes: Sequence[Probe], artifacts: dict | None = None,
-    batch_for: Callable[[Probe], str] | None = None,
+    model: torch.nn.Module | ModelAdapter, batches: Mapping[str, TaskBatch], probes: Sequence[Probe],
+    routes: Mapping[str, str], artifacts: dict | None = None,
 ) -> list[tuple[str, list]]:
-    """Each probe measured on the batch it reads: `batch_for(probe)`, the run's study's decision
-    (`Study.batch_for`), else the probe's `reads_batch`; the "probe" batch where the run has no such one.
+    """Each probe measured on the batch `routes[probe.name]` names (a measurement plan's `routes`).
 
     One `measure_model` forward per batch in use; results in the order of `probes`.
     """
     groups: dict[str, list[Probe]] = {}
     for probe in probes:
-        name = batch_for(probe) if batch_for else probe.reads_batch
-        groups.setdefault(name if name in batches else "probe", []).append(probe)
+        groups.setdefault(routes[probe.name], []).append(probe)
     results = {}
     for name, group in groups.items():
         results.update(measure_model(model, batches[name], group, artifacts=artifacts))
@@ -87,9 +82,7 @@ def measure_model(
     dtype: activations held in bfloat16 or float16 are widened before any probe reads them.
     """
     adapter = adapter_for(model)
-    for probe in probes:
-        probe.bind(adapter)
-    names = sorted({n for p in probes for n in p.hook_names(adapter.n_layers)})
+    names = sorted({n for p in probes for n in p.hook_names(adapter)})
     was_training = adapter.model.training
     if was_training:  # eval() walks every module: only when it changes something
         adapter.model.eval()

@@ -13,7 +13,7 @@ import torch
 
 from phaselens.errors import ConfigError
 from phaselens.models.adapter import ModelAdapter, adapter_for
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 
 RARE_RATE = 0.01  # a neuron is rare when it fires on fewer than 1% of tokens
 RATE_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
@@ -228,18 +228,16 @@ class NeuronsProbe(Probe):
     """
 
     name = "neurons"
+    needs = Needs(parts=frozenset({"mlp_neurons"}))
     off_thread = True  # reads activations and the batch only
 
-    def bind(self, adapter: ModelAdapter) -> None:
-        self.template = self.options.get("hook") or default_neuron_hook(adapter)
-
-    def hook_names(self, n_layers: int) -> list[str]:
-        template = getattr(self, "template", None) or self.options.get("hook") or NEURON_HOOKS[0]
-        return [template.format(layer) for layer in range(n_layers)]
+    def hook_names(self, adapter: ModelAdapter) -> list[str]:
+        template = self.options.get("hook") or default_neuron_hook(adapter)
+        return [template.format(layer) for layer in range(adapter.n_layers)]
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         summaries = []
-        for name in self.hook_names(inputs.n_layers):
+        for name in self.hook_names(inputs.adapter):
             act = inputs.acts[name]  # (B, T, n) or (B, H, T, N)
             n = act.shape[-1] * (act.shape[1] if act.dim() == 4 else 1)
             stats = NeuronStats(n, top_k=0, threshold=self.options.get("threshold", 0.0), device=act.device)

@@ -25,9 +25,7 @@ from typing import Sequence
 import torch
 
 from phaselens.models.adapter import FAST_PATHS, ModelAdapter, adapter_for
-from phaselens.models.sites import residual_sites
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
-from phaselens.tasks.batch import TaskBatch
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 
 
 def corrupt_positions(tokens: torch.Tensor, positions: torch.Tensor, vocab: int | Sequence[int], seed: int) -> torch.Tensor:
@@ -140,8 +138,8 @@ class PatchingProbe(Probe):
     """
 
     name = "patching"
-    reads_batch = "induction"
-    live = False  # n_layers + 2 extra forwards: measure it on checkpoints
+    # n_layers + 2 extra forwards: measured on checkpoints only
+    needs = Needs(parts=frozenset({"residual_patching"}), position_options=("patch", "read"), batch="induction", live=False)
     uses_logits = True  # the model's own logits spare it an unembedding (lens) or a clean forward (patching)
 
     def __init__(self, patch: str | None = None, read: str | None = None, corrupt: str = "noise", seed: int = 0):
@@ -149,8 +147,8 @@ class PatchingProbe(Probe):
             raise ValueError(f"patching corrupt must be one of {CORRUPTIONS}, got {corrupt!r}")
         super().__init__(patch=patch, read=read, corrupt=corrupt, seed=seed)
 
-    def hook_names(self, n_layers: int) -> list[str]:
-        return [site.hook for site in residual_sites(n_layers)]
+    def hook_names(self, adapter: ModelAdapter) -> list[str]:
+        return [site.hook for site in adapter.residual_sites]
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:
         batch, opts = inputs.batch, self.options
@@ -161,7 +159,7 @@ class PatchingProbe(Probe):
         targets = batch.predictions(opts["read"], "patching")  # (B, T-1)
         if opts["corrupt"] == "partner":
             return self._partners(inputs, positions, targets)
-        clean = {name: inputs.acts[name] for name in self.hook_names(inputs.n_layers)}
+        clean = {name: inputs.acts[name] for name in self.hook_names(inputs.adapter)}
         corrupted = corrupt_positions(batch.tokens, positions, inputs.adapter.tokenizer.ordinary_ids(), opts["seed"])
         effects = patching_effects(inputs.adapter, clean, corrupted, batch.tokens, positions, targets, clean_logits=inputs.logits)
         return [Measurement("effect", effects.mean(-1)), Measurement("z_dependence", effects.max(0).values.mean())]
@@ -175,7 +173,7 @@ class PatchingProbe(Probe):
         if len(ones) == 0:
             return []
         twos = batch.pair_index[ones]  # (P,)
-        clean = {name: inputs.acts[name][twos] for name in self.hook_names(inputs.n_layers)}
+        clean = {name: inputs.acts[name][twos] for name in self.hook_names(inputs.adapter)}
         logits = None if inputs.logits is None else inputs.logits[twos]
         effects = patching_effects(inputs.adapter, clean, batch.tokens[ones], batch.tokens[twos], positions[ones], targets[ones],
                                    clean_logits=logits)

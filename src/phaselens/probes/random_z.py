@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from phaselens.probes.base import Measurement, Probe, ProbeInputs, register_probe
+from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 
 
 def selector_swap_effect(logits: torch.Tensor, swapped_logits: torch.Tensor, tokens: torch.Tensor, swapped: torch.Tensor,
@@ -39,7 +39,7 @@ class RandomZProbe(Probe):
     """`p_drop` and `argmax_change` of the prediction at `read` when token set `selector` is swapped for another row's."""
 
     name = "random_z"
-    live = False
+    needs = Needs(position_options=("selector", "read"), live=False)
     needs_logits = True
 
     def __init__(self, selector: str | None = None, read: str | None = None):

@@ -19,11 +19,12 @@ from typing import Callable
 
 import pandas as pd
 
-from phaselens.report.figures import Figure
+from phaselens.registry import qualified_name, register
+from phaselens.report.plotting import Figure
 from phaselens.run import Run, open_run
 
 MAX_TRANSITION_ROWS = 40
-TRANSITION_COLUMNS = ["probe", "metric", "layer", "head", "step", "start", "end", "before", "after"]
+TRANSITION_COLUMNS = ["probe", "metric", "layer", "head", "step", "start", "end", "before", "after", "source"]
 CONFIG_SECTIONS = ("model", "data", "train", "telemetry")
 
 
@@ -39,7 +40,7 @@ class StudyReport:
 Study = Callable[[Run, Path], StudyReport]
 Section = Callable[[Run, Path], "str | None"]
 _STUDIES: dict[str, Study] = {}
-_SECTIONS: list[Section] = []
+_SECTIONS: dict[str, Section] = {}  # by the section function's module.qualname, in registration order
 
 
 def register_study(*tasks: str) -> Callable[[Study], Study]:
@@ -47,7 +48,7 @@ def register_study(*tasks: str) -> Callable[[Study], Study]:
 
     def add(study: Study) -> Study:
         for task in tasks:
-            _STUDIES[task] = study
+            register(_STUDIES, task, study, "report study for task")
         return study
 
     return add
@@ -55,8 +56,7 @@ def register_study(*tasks: str) -> Callable[[Study], Study]:
 
 def register_section(section: Section) -> Section:
     """Decorator: `section(run, out)` returns a markdown section (with its figures written to `out`), or None."""
-    _SECTIONS.append(section)
-    return section
+    return register(_SECTIONS, qualified_name(section), section, "report section")
 
 
 def _load_builtin() -> None:
@@ -71,11 +71,12 @@ def write_report(run: str | Path | Run) -> Path:
     run = run if isinstance(run, Run) else open_run(run)
     out = run.dir.report
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("*.png"):  # a figure this run cannot draw must not survive from an older report
-        stale.unlink()
-    task = (run.config.get("data") or {}).get("task", "induction")
-    if task in _STUDIES:
-        study = _STUDIES[task](run, out)
+    # A figure the last report drew and this one cannot must not survive it; any other PNG there is the user's.
+    for stale in run.dir.report_figures():
+        (out / stale).unlink(missing_ok=True)
+    before = _figure_files(out)
+    if run.task in _STUDIES:
+        study = _STUDIES[run.task](run, out)
     else:  # a task without a report section of its own: the generic report, never another study's
         from phaselens.report.generic import generic_study
 
@@ -89,10 +90,16 @@ def write_report(run: str | Path | Run) -> Path:
     if study.figures:
         sections.append("## Figures\n\n" + study.figures)
     sections += study.extra
-    sections += [text for section in _SECTIONS if (text := section(run, out))]
+    sections += [text for section in _SECTIONS.values() if (text := section(run, out))]
     path = out / "report.md"
     path.write_text("\n\n".join(sections) + "\n")
+    run.dir.record_report_figures([name for name, file in _figure_files(out).items() if before.get(name) != file])
     return path
+
+
+def _figure_files(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """The PNGs in `folder` by name, with what tells a file rewritten from one left alone (inode, mtime, size)."""
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.glob("*.png") if p.is_file()}
 
 
 def figures_section(figures: dict[str, Figure], captions: dict[str, str]) -> str:
@@ -113,9 +120,7 @@ def checkpoints_measured(run: Run, measured: pd.DataFrame) -> str:
     """A sentence on the post-hoc probes stored on `run`'s checkpoints (`measured`: its checkpoint rows),
     or, before any, the command that measures the defaults its task declares."""
     if measured.empty:
-        from phaselens.tasks.config import task_study
-
-        defaults = ", ".join(task_study(run.config["data"]["task"]).post_hoc_probes)
+        defaults = ", ".join(run.study.post_hoc_probes)
         return f"No checkpoint measured yet: `phaselens probe {run.path}` measures the default probes ({defaults})."
     probes = ", ".join(f"`{p}`" for p in sorted(measured["probe"].unique()))
     return f"Measured on checkpoints: probes {probes} at {measured['step'].nunique()} checkpoints."
@@ -146,7 +151,8 @@ def _transitions_section(transitions: pd.DataFrame) -> str:
     intro = (
         f"{total} transitions in all, strongest first (strength = change over the series' noise)"
         + (f"; the {len(shown)} strongest are shown." if total > len(shown) else ".")
-        + " `step` is the steepest change, `start`–`end` the window where 10% and 90% of it are reached."
+        + " `step` is the steepest change, `start`–`end` the window where 10% and 90% of it are reached;"
+        + " `source` is the curve it was found on (live: training batches; checkpoint: the fixed probe batch)."
     )
     rows = ["| " + " | ".join(TRANSITION_COLUMNS) + " |", "|" + "---|" * len(TRANSITION_COLUMNS)]
     for record in shown[TRANSITION_COLUMNS].astype(object).itertuples(index=False):

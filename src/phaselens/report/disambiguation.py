@@ -11,8 +11,19 @@ import pandas as pd
 
 from phaselens.analysis.disambiguation import DIAGNOSTICS, Alignment, summarize_disambiguation
 from phaselens.report import StudyReport, figures_section, register_study
-from phaselens.report.figures import Figure, _mark_transition, _per_head, _per_layer, _save, _series, head_label, stream_label
+from phaselens.report.plotting import (
+    Figure,
+    head_label,
+    mark_transition,
+    metric_rows,
+    per_head_table,
+    per_layer_table,
+    save_figure,
+    stream_label,
+)
 from phaselens.run import Run
+from phaselens.signals.levels import final_level, initial_level
+from phaselens.signals.sources import prefer_source
 from phaselens.tasks.disambiguation_config import VARIANTS
 
 LOSS_STYLES = {
@@ -90,26 +101,22 @@ def _log_k_line(ax, k: int) -> None:
 
 
 def _mark(ax, tau: int | None, transition: dict | None) -> None:
-    _mark_transition(ax, transition)
+    mark_transition(ax, transition)
     if tau is not None:
         ax.axvline(tau, color=TAU_COLOR, lw=1.2)
 
 
 def _live_or_checkpoint(frame: pd.DataFrame) -> pd.DataFrame:
-    if frame.empty:
-        return frame
-    source = "live" if (frame["source"] == "live").any() else "checkpoint"
-    return frame[frame["source"] == source]
+    return prefer_source(frame, "live")
 
 
 def _loss_frames(metrics: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    return {name: _live_or_checkpoint(_series(metrics, "loss", name)) for name in LOSS_STYLES}
+    return {name: _live_or_checkpoint(metric_rows(metrics, "loss", name)) for name in LOSS_STYLES}
 
 
 def _normalised(series: pd.Series) -> pd.Series:
-    """0 at the series' first level, 1 at its last (each end a median of 5% of the points)."""
-    n = max(1, len(series) // 20)
-    lo, hi = float(series.head(n).median()), float(series.tail(n).median())
+    """0 at the series' initial level, 1 at its final level (each end a median of 5% of the points)."""
+    lo, hi = initial_level(series), final_level(series)
     return (series - lo) / (hi - lo) if abs(hi - lo) > 1e-12 else series * 0
 
 
@@ -121,13 +128,12 @@ def timeline(metrics: pd.DataFrame) -> dict[str, pd.Series]:
     """Every diagnostic as one series by step (per-layer/head metrics: the series that changes most)."""
     out = {}
     for label, probe, metric in DIAGNOSTICS:
-        frame = _live_or_checkpoint(_series(metrics, probe, metric))
+        frame = _live_or_checkpoint(metric_rows(metrics, probe, metric))
         if frame.empty:
             continue
         frame = frame.assign(key=[_series_key(layer, head) for layer, head in zip(frame["layer"], frame["head"])])
         table = frame.pivot_table(index="step", columns="key", values="value").sort_index()
-        edge = max(1, len(table) // 20)
-        change = (table.iloc[-edge:].median() - table.iloc[:edge].median()).abs().dropna()
+        change = (table.apply(final_level) - table.apply(initial_level)).abs().dropna()
         if len(change):
             out[label] = table[change.idxmax()].dropna()
     return out
@@ -136,11 +142,11 @@ def timeline(metrics: pd.DataFrame) -> dict[str, pd.Series]:
 def plot_disamb_dashboard(metrics: pd.DataFrame, k: int, tau: int | None, transition: dict | None, path: Path) -> Figure:
     """Losses (with log K), attention to z, logit lens, z_dependence, and one normalised timeline."""
     losses = _loss_frames(metrics)
-    gap = _live_or_checkpoint(_series(metrics, "loss", "z_shuffle_gap"))
-    attention = _per_head(_series(metrics, "attention_to", "mass"))
+    gap = _live_or_checkpoint(metric_rows(metrics, "loss", "z_shuffle_gap"))
+    attention = per_head_table(metric_rows(metrics, "attention_to", "mass"))
     attention = attention.T.groupby(level=0).mean().T if not attention.empty else attention  # mean over heads per layer
-    lens = _per_layer(_series(metrics, "logit_lens", "p_correct"))
-    z_dep = _series(metrics, "patching", "z_dependence")
+    lens = per_layer_table(metric_rows(metrics, "logit_lens", "p_correct"))
+    z_dep = metric_rows(metrics, "patching", "z_dependence")
     lines = timeline(metrics)
 
     def draw_losses(ax):
@@ -214,18 +220,18 @@ def plot_disamb_dashboard(metrics: pd.DataFrame, k: int, tau: int | None, transi
     title = "Late disambiguation" + (f": τ = {tau}" if tau is not None else "")
     fig.suptitle(title + ("  (green: τ; dashed/shaded: first-target loss transition)" if transition or tau else ""), fontsize=12)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return Figure(path, missing)
 
 
 def plot_attention_to_z(metrics: pd.DataFrame, transition: dict | None, path: Path) -> Figure:
-    table = _per_head(_series(metrics, "attention_to", "mass"))
+    table = per_head_table(metric_rows(metrics, "attention_to", "mass"))
     if table.empty:
         return Figure(None, ["attention to z — post-hoc probe `attention_to`, metric `mass`"])
     layers = sorted({int(layer) for layer, _ in table.columns})
     fig, axes = plt.subplots(1, len(layers), figsize=(4.2 * len(layers), 3.8), sharey=True, squeeze=False)
     for ax, layer in zip(axes[0], layers):
-        _mark_transition(ax, transition)
+        mark_transition(ax, transition)
         for col in [c for c in table.columns if int(c[0]) == layer]:
             ax.plot(table.index, table[col], lw=1.2, marker="o", ms=2, label=head_label(*col))
         ax.set_title(f"layer {layer}")
@@ -235,17 +241,17 @@ def plot_attention_to_z(metrics: pd.DataFrame, transition: dict | None, path: Pa
     axes[0][0].set_ylabel("attention mass on z")
     fig.suptitle("Attention from the first-target prediction to z (post-hoc, probe batch)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return Figure(path)
 
 
 def plot_first_target_lens(metrics: pd.DataFrame, k: int, transition: dict | None, path: Path) -> Figure:
-    table = _per_layer(_series(metrics, "logit_lens", "p_correct"))
+    table = per_layer_table(metric_rows(metrics, "logit_lens", "p_correct"))
     if table.empty:
         return Figure(None, ["logit lens — post-hoc probe `logit_lens`, metric `p_correct`"])
     n_layers = int(max(table.columns))
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    _mark_transition(ax, transition)
+    mark_transition(ax, transition)
     colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(2, table.shape[1])))
     for color, layer in zip(colors, table.columns):
         ax.plot(table.index, table[layer], color=color, lw=1.4, marker="o", ms=3, label=stream_label(int(layer), n_layers))
@@ -259,21 +265,21 @@ def plot_first_target_lens(metrics: pd.DataFrame, k: int, transition: dict | Non
     ax.legend(fontsize=8, title="residual stream", title_fontsize=8, loc="upper left")
     ax.set_title("Logit lens at the first target token (post-hoc, probe batch)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return Figure(path)
 
 
 def plot_z_dependence(metrics: pd.DataFrame, transition: dict | None, path: Path) -> Figure:
-    effect = _per_layer(_series(metrics, "patching", "effect"))
-    z_dep = _series(metrics, "patching", "z_dependence")
-    drop = _series(metrics, "random_z", "p_drop")
-    change = _series(metrics, "random_z", "argmax_change")
+    effect = per_layer_table(metric_rows(metrics, "patching", "effect"))
+    z_dep = metric_rows(metrics, "patching", "z_dependence")
+    drop = metric_rows(metrics, "random_z", "p_drop")
+    change = metric_rows(metrics, "random_z", "argmax_change")
     if effect.empty and z_dep.empty and drop.empty:
         return Figure(None, ["z_dependence — post-hoc probes `patching` and `random_z`"])
     missing = [] if len(drop) else ["random-z evaluation — post-hoc probe `random_z`"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), squeeze=False)
     ax = axes[0][0]
-    _mark_transition(ax, transition)
+    mark_transition(ax, transition)
     if not effect.empty:
         n_layers = int(max(effect.columns))
         colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.85, max(2, effect.shape[1])))
@@ -286,7 +292,7 @@ def plot_z_dependence(metrics: pd.DataFrame, transition: dict | None, path: Path
     ax.set_ylabel("Δ p(first target₂)")
     ax.legend(fontsize=7, loc="upper left")
     ax = axes[0][1]
-    _mark_transition(ax, transition)
+    mark_transition(ax, transition)
     if len(drop):
         ax.plot(drop["step"], drop["value"], color="tab:orange", lw=1.4, marker="o", ms=3, label="p drop")
         ax.plot(change["step"], change["value"], color="tab:green", lw=1.4, marker="o", ms=3, label="argmax change rate")
@@ -296,5 +302,5 @@ def plot_z_dependence(metrics: pd.DataFrame, transition: dict | None, path: Path
     ax.set_xlabel("checkpoint step")
     fig.suptitle("How much the first target depends on z (post-hoc, probe batch)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return Figure(path, missing)

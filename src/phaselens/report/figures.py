@@ -8,73 +8,29 @@ so the report can say what is absent instead of crashing on a run with only some
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # files only: the report also runs on machines without a display
+from phaselens.report.plotting import (
+    TRANSITION_COLOR,
+    Figure,
+    head_label,
+    mark_transition,
+    metric_rows,
+    per_head_table,
+    per_layer_table,
+    plt,
+    save_figure,
+    stream_label,
+)
+from phaselens.signals.levels import final_level
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from phaselens.models.sites import residual_label  # noqa: E402
-
-DPI = 110
 SCORES = ("induction", "prev_token", "duplicate")
 SCORE_TITLES = {"induction": "induction score", "prev_token": "previous-token score", "duplicate": "duplicate-token score"}
-TRANSITION_COLOR = "#b03030"
-
-
-@dataclass
-class Figure:
-    """One written PNG (path None when nothing could be drawn) and what it had to leave out."""
-
-    path: Path | None
-    missing: list[str] = field(default_factory=list)
-
-
-def head_label(layer: int, head: int) -> str:
-    return f"L{int(layer)}H{int(head)}"
-
-
-def _series(metrics: pd.DataFrame, probe: str, metric: str) -> pd.DataFrame:
-    return metrics[(metrics["probe"] == probe) & (metrics["metric"] == metric)].sort_values("step")
-
-
-def _per_head(frame: pd.DataFrame) -> pd.DataFrame:
-    """A step × (layer, head) table of a per-head metric."""
-    heads = frame[frame["layer"].notna() & frame["head"].notna()]
-    return heads.pivot_table(index="step", columns=["layer", "head"], values="value").sort_index()
-
-
-def _final(values: pd.Series) -> float:
-    """The level a series ends at: the median of its last 5% (one noisy step does not decide)."""
-    values = values.dropna()
-    return float(values.tail(max(1, len(values) // 20)).median()) if len(values) else float("-inf")
-
-
-def _mark_transition(ax, transition: dict | None) -> None:
-    """The copy-loss transition: a line at its steepest step over a shaded 10–90% window."""
-    if transition is None:
-        return
-    ax.axvspan(transition["start"], transition["end"], color=TRANSITION_COLOR, alpha=0.1, lw=0)
-    ax.axvline(transition["step"], color=TRANSITION_COLOR, ls="--", lw=1)
-
-
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-
-
-def save_tight(fig, path: Path) -> Figure:
-    """Tight layout, saved at the report's resolution and closed: the report figure at `path`."""
-    fig.tight_layout()
-    _save(fig, path)
-    return Figure(path)
 
 
 def _finish_tight(fig, transition: dict | None, title: str, path: Path, fontsize: int = 12) -> None:
@@ -82,7 +38,7 @@ def _finish_tight(fig, transition: dict | None, title: str, path: Path, fontsize
     fig.suptitle(title, fontsize=fontsize)
     _transition_legend(fig, transition)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _transition_legend(fig, transition: dict | None) -> None:
@@ -124,9 +80,9 @@ def _top_heads(metrics: pd.DataFrame) -> list[tuple[str, pd.Series]]:
     """The head with the highest final induction score and the one with the highest previous-token score."""
     out = []
     for score in ("induction", "prev_token"):
-        table = _per_head(_series(metrics, "heads", score))
+        table = per_head_table(metric_rows(metrics, "heads", score))
         if not table.empty:
-            layer, head = max(table.columns, key=lambda col: _final(table[col]))
+            layer, head = max(table.columns, key=lambda col: final_level(table[col]))  # a pivot column has a value
             out.append((f"{head_label(layer, head)} {score}", table[(layer, head)]))
     return out
 
@@ -140,7 +96,7 @@ def _draw_top_heads(ax, top: list[tuple[str, pd.Series]]) -> None:
     ax.legend(fontsize=8, loc="upper left")
 
 
-def _draw_per_layer(ax, table: pd.DataFrame, title: str, ylabel: str) -> None:
+def _drawper_layer_table(ax, table: pd.DataFrame, title: str, ylabel: str) -> None:
     colors = plt.get_cmap("viridis")(np.linspace(0.1, 0.8, max(2, table.shape[1])))
     for color, layer in zip(colors, table.columns):
         ax.plot(table.index, table[layer], color=color, lw=1.2, label=f"layer {int(layer)}")
@@ -151,11 +107,11 @@ def _draw_per_layer(ax, table: pd.DataFrame, title: str, ylabel: str) -> None:
 
 def plot_dashboard(metrics: pd.DataFrame, transition: dict | None, vocab: int, path: Path) -> Figure:
     """Loss, top heads, coherence and specialization over steps, with the transition marked on each."""
-    losses = {name: _series(metrics, "loss", name) for name in LOSS_STYLES}
+    losses = {name: metric_rows(metrics, "loss", name) for name in LOSS_STYLES}
     top = _top_heads(metrics)
-    coherence = _series(metrics, "attention", "coherence")
+    coherence = metric_rows(metrics, "attention", "coherence")
     coherence = coherence[coherence["head"].notna()].pivot_table(index="step", columns="layer", values="value")
-    specialization = _series(metrics, "attention", "specialization")
+    specialization = metric_rows(metrics, "attention", "specialization")
     specialization = specialization[specialization["head"].isna() & specialization["layer"].notna()]
     specialization = specialization.pivot_table(index="step", columns="layer", values="value")
     panels = [  # (name, what it needs, recorded, draw)
@@ -164,9 +120,9 @@ def plot_dashboard(metrics: pd.DataFrame, transition: dict | None, vocab: int, p
         ("(b) top heads", "probe `heads`, metrics `induction`, `prev_token`", bool(top),
          lambda ax: _draw_top_heads(ax, top)),
         ("(c) coherence per layer", "probe `attention`, metric `coherence`", not coherence.empty,
-         lambda ax: _draw_per_layer(ax, coherence, "(c) coherence σ_p per layer (mean over heads)", "σ_p = 1 − H / ln(keys)")),
+         lambda ax: _drawper_layer_table(ax, coherence, "(c) coherence σ_p per layer (mean over heads)", "σ_p = 1 − H / ln(keys)")),
         ("(d) specialization per layer", "probe `attention`, metric `specialization`", not specialization.empty,
-         lambda ax: _draw_per_layer(ax, specialization, "(d) specialization σ_a per layer", "σ_a (total variation, 0–1)")),
+         lambda ax: _drawper_layer_table(ax, specialization, "(d) specialization σ_a per layer", "σ_a (total variation, 0–1)")),
     ]
     missing = [f"{name} — {what}" for name, what, recorded, _ in panels if not recorded]
     drawn = [draw for _, _, recorded, draw in panels if recorded]
@@ -177,7 +133,7 @@ def plot_dashboard(metrics: pd.DataFrame, transition: dict | None, vocab: int, p
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols + (1 if cols == 1 else 0), 4 * rows + 0.4), sharex=True, squeeze=False)
     axes = axes.ravel()
     for ax, draw in zip(axes, drawn):
-        _mark_transition(ax, transition)
+        mark_transition(ax, transition)
         draw(ax)
         ax.set_xlabel("step")
         ax.tick_params(labelbottom=True)
@@ -188,7 +144,7 @@ def plot_dashboard(metrics: pd.DataFrame, transition: dict | None, vocab: int, p
 
 def plot_entropy_heatmap(metrics: pd.DataFrame, transition: dict | None, path: Path) -> Figure:
     """Attention entropy of every head (rows) at every step (columns)."""
-    table = _per_head(_series(metrics, "attention", "entropy"))
+    table = per_head_table(metric_rows(metrics, "attention", "entropy"))
     if table.empty:
         return Figure(None, ["attention entropy — probe `attention`, metric `entropy`"])
     labels = [head_label(layer, head) for layer, head in table.columns]
@@ -210,13 +166,13 @@ def plot_entropy_heatmap(metrics: pd.DataFrame, transition: dict | None, path: P
     ax.set_xlabel("step")
     ax.set_ylabel("head")
     ax.set_title("Attention entropy per head over training (low = focused, high = spread out)")
-    _save(fig, path)
+    save_figure(fig, path)
     return Figure(path)
 
 
 def plot_head_scores(metrics: pd.DataFrame, transition: dict | None, path: Path) -> Figure:
     """One panel per head score, one line per head."""
-    tables = {score: _per_head(_series(metrics, "heads", score)) for score in SCORES}
+    tables = {score: per_head_table(metric_rows(metrics, "heads", score)) for score in SCORES}
     present = [score for score in SCORES if not tables[score].empty]
     missing = [f"{SCORE_TITLES[score]} — probe `heads`, metric `{score}`" for score in SCORES if score not in present]
     if not present:
@@ -228,7 +184,7 @@ def plot_head_scores(metrics: pd.DataFrame, transition: dict | None, path: Path)
         table = tables[score]
         for col in table.columns:
             ax.plot(table.index, table[col], color=colors[col], lw=1.1, label=head_label(*col))
-        _mark_transition(ax, transition)
+        mark_transition(ax, transition)
         ax.set_title(SCORE_TITLES[score])
         ax.set_xlabel("step")
         ax.set_ylim(0, 1)
@@ -239,17 +195,6 @@ def plot_head_scores(metrics: pd.DataFrame, transition: dict | None, path: Path)
 
 
 # ---------------------------------------------------------------------------- post-hoc probes (checkpoints)
-
-
-def stream_label(layer: int, n_layers: int) -> str:
-    """Residual stream ℓ of the logit lens and of patching: 0 = embeddings, ℓ = after block ℓ−1."""
-    return residual_label(layer, n_layers)
-
-
-def _per_layer(frame: pd.DataFrame) -> pd.DataFrame:
-    """A step × layer table of a per-layer metric."""
-    rows = frame[frame["layer"].notna() & frame["head"].isna()]
-    return rows.pivot_table(index="step", columns="layer", values="value").sort_index()
 
 
 MIN_EFFECT_SCALE = 0.05  # patching effects (Δ p) smaller than this are drawn as nothing, not stretched to fill the axes
@@ -300,12 +245,12 @@ def _finish(fig, transition: dict | None, title: str, path: Path) -> None:
     # left-aligned: constrained layout keeps no room for the transition legend at the top right beside a centred title
     fig.suptitle(title, fontsize=12, x=0.01, ha="left")
     _transition_legend(fig, transition)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_logit_lens(metrics: pd.DataFrame, transition: dict | None, vocab: int, path: Path) -> Figure:
     """Logit-lens p(correct next token) per residual stream × checkpoint, as a heatmap and as lines."""
-    table = _per_layer(_series(metrics, "logit_lens", "p_correct"))
+    table = per_layer_table(metric_rows(metrics, "logit_lens", "p_correct"))
     if table.empty:
         return Figure(None, ["logit lens — post-hoc probe `logit_lens`, metric `p_correct`"])
     fig = plt.figure(figsize=(12, 2.4 + 0.45 * table.shape[1] + 3.2), layout="constrained")
@@ -317,7 +262,7 @@ def plot_logit_lens(metrics: pd.DataFrame, transition: dict | None, vocab: int, 
     top.colorbar(mesh, ax=ax, label="p(correct next token)", pad=0.01)
     ax.set_title("(a) logit lens: each residual stream read through the final norm and unembedding")
     ax_line = bottom.subplots()
-    _mark_transition(ax_line, transition)
+    mark_transition(ax_line, transition)
     _layer_lines(ax_line, table)
     ax_line.axhline(1 / vocab, color="0.3", ls=":", lw=1.2)
     ax_line.annotate(f"chance: 1/{vocab}", (0.99, 1 / vocab), xycoords=("axes fraction", "data"), xytext=(0, 3),
@@ -335,12 +280,12 @@ def plot_logit_lens(metrics: pd.DataFrame, transition: dict | None, vocab: int, 
 
 def plot_patching(metrics: pd.DataFrame, transition: dict | None, path: Path) -> Figure:
     """Patching effect per residual stream × checkpoint, z_dependence, and (if measured) attention to the source."""
-    effect = _per_layer(_series(metrics, "patching", "effect"))
+    effect = per_layer_table(metric_rows(metrics, "patching", "effect"))
     if effect.empty:
         return Figure(None, ["activation patching — post-hoc probe `patching`, metric `effect`"])
-    z = _series(metrics, "patching", "z_dependence")
+    z = metric_rows(metrics, "patching", "z_dependence")
     z = z[z["layer"].isna()]
-    mass = _per_head(_series(metrics, "attention_to", "mass"))
+    mass = per_head_table(metric_rows(metrics, "attention_to", "mass"))
     missing = [] if len(mass) else ["(c) attention to the source — post-hoc probe `attention_to`, metric `mass`"]
     fig = plt.figure(figsize=(12, 2.4 + 0.45 * effect.shape[1] + 3.4), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[1.2 + 0.45 * effect.shape[1], 3.4])
@@ -352,7 +297,7 @@ def plot_patching(metrics: pd.DataFrame, transition: dict | None, path: Path) ->
     ax.set_title("(a) effect of restoring the clean residual stream at the source segment")
     axes = bottom.subplots(1, 2 if len(mass) else 1, squeeze=False)[0]
     ax_z = axes[0]
-    _mark_transition(ax_z, transition)
+    mark_transition(ax_z, transition)
     ax_z.plot(z["step"], z["value"], color="tab:red", lw=1.4, marker="o", ms=3)
     ax_z.axhline(0, color="0.3", lw=0.8)
     ax_z.set_xlim(ax.get_xlim())
@@ -364,7 +309,7 @@ def plot_patching(metrics: pd.DataFrame, transition: dict | None, path: Path) ->
     ax_z.set_ylabel("Δ p(correct copy)")
     if len(mass):
         ax_mass = axes[1]
-        _mark_transition(ax_mass, transition)
+        mark_transition(ax_mass, transition)
         palette = plt.get_cmap("tab10" if mass.shape[1] <= 10 else "tab20").colors
         for i, col in enumerate(mass.columns):
             ax_mass.plot(mass.index, mass[col], color=palette[i % len(palette)], lw=1.2, marker="o", ms=3, label=head_label(*col))

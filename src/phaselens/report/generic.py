@@ -13,18 +13,17 @@ import numpy as np
 import pandas as pd
 
 from phaselens.report import StudyReport, figures_section
-from phaselens.report.figures import Figure, plt, save_tight
+from phaselens.report.plotting import Figure, plt, save_tight
 from phaselens.run import Run
+from phaselens.signals.sources import prefer_source
 
 MAX_LINES = 12  # more series than this in a panel: per-head values are averaged over heads per layer
 MAX_PANELS = 8
 
 
 def probe_rows(metrics: pd.DataFrame, probe: str) -> pd.DataFrame:
-    """The rows of `probe` from one source: the one with the most measured steps."""
-    rows = metrics[metrics["probe"] == probe]
-    counts = rows.groupby("source")["step"].nunique()
-    return rows[rows["source"] == counts.idxmax()]
+    """The rows of `probe`, each series from one source: the one with the most measured steps."""
+    return prefer_source(metrics[metrics["probe"] == probe], "densest")
 
 
 def _lines(frame: pd.DataFrame) -> dict[str, pd.Series]:
@@ -76,9 +75,8 @@ def _loss_text(metrics: pd.DataFrame) -> str:
 def generic_study(run: Run, out: Path) -> StudyReport:
     """The report part of a run of a task without a registered report section."""
     metrics = run.metrics()
-    task = (run.config.get("data") or {}).get("task", "?")
     steps = int(metrics["step"].max()) if len(metrics) else 0
-    text = (f"Run `{run.path}` ({run.status}): task `{task}`, {steps} steps. No report section is registered for "
+    text = (f"Run `{run.path}` ({run.status}): task `{run.task}`, {steps} steps. No report section is registered for "
             f"this task, so this is the generic report: the loss, the detected transitions, and every probe's metrics "
             f"against step.\n\n" + _loss_text(metrics))
     figures, captions = {}, {}

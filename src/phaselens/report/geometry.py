@@ -12,8 +12,9 @@ import pandas as pd
 from phaselens.analysis.phases import Phase, geometry_phases
 from phaselens.models.sites import residual_label
 from phaselens.report import StudyReport, checkpoints_measured, figures_section, register_section, register_study
-from phaselens.report.figures import Figure, _per_layer, _series, plt, save_tight
+from phaselens.report.plotting import Figure, metric_rows, per_layer_table, plt, save_tight
 from phaselens.run import Run
+from phaselens.signals.sources import prefer_source
 
 PHASE_COLOR = "#7a4fb0"
 KL_METRICS = {"kl_unigram": "KL(p_model ‖ p_unigram)", "kl_unigram_reverse": "KL(p_unigram ‖ p_model)"}
@@ -32,7 +33,7 @@ def log_spaced(steps: np.ndarray) -> bool:
 
 
 def geometry_frame(run: Run) -> pd.DataFrame:
-    """The run's geometry rows from one source: the one with the most measured steps.
+    """The run's geometry rows, each series from one source: the one with the most measured steps.
 
     Revisions that repeat another's weights are left out: they are not points of training.
     """
@@ -40,10 +41,7 @@ def geometry_frame(run: Run) -> pd.DataFrame:
     duplicates = run.identical_steps()
     if duplicates:
         rows = rows[~rows["step"].isin(list(duplicates))]
-    if rows.empty:
-        return rows
-    counts = rows.groupby("source")["step"].nunique()
-    return rows[rows["source"] == counts.idxmax()]
+    return prefer_source(rows, "densest")
 
 
 def mean_ie(ie: pd.DataFrame) -> pd.Series:
@@ -98,9 +96,9 @@ def geometry_section(run: Run, out: Path) -> str | None:
     rows = geometry_frame(run)
     if rows.empty:
         return None
-    ie = _per_layer(_series(rows, "geometry", "interaction_energy"))
-    kl = {m: _series(rows, "geometry", m).set_index("step")["value"] for m in KL_METRICS
-          if len(_series(rows, "geometry", m))}
+    ie = per_layer_table(metric_rows(rows, "geometry", "interaction_energy"))
+    kl = {m: metric_rows(rows, "geometry", m).set_index("step")["value"] for m in KL_METRICS
+          if len(metric_rows(rows, "geometry", m))}
     source = rows["source"].iloc[0]
     intro = (f"Measured by the `geometry` probe ({'on the fixed probe batch at each checkpoint' if source == 'checkpoint' else 'live, on training batches'}; "
              f"{ie.shape[0]} steps). Interaction energy IE = (1/n²) Σ_i Σ_j exp(β·cos(x_i, x_j)) over a sequence's positions "
@@ -128,10 +126,10 @@ def geometry_section(run: Run, out: Path) -> str | None:
 @register_study("tokenized_text")
 def imported_series_study(run: Run, out: Path) -> StudyReport:
     """An imported checkpoint series: what was imported, and what has been measured on it."""
-    imported = run.info.get("imported", {})
-    revisions = imported.get("revisions", {})
+    imported = run.record.imported
+    revisions = imported.revisions if imported else {}
     data = run.config.get("data", {})
-    text = (f"Checkpoint series `{imported.get('source', run.config['model'].get('source'))}`: {len(revisions)} revisions "
+    text = (f"Checkpoint series `{imported.source if imported else run.config['model'].get('source')}`: {len(revisions)} revisions "
             f"({', '.join(list(revisions.values())[:3])}{', …' if len(revisions) > 3 else ''}), loaded one at a time through "
             f"TransformerLens's TransformerBridge. Probe batch: {data.get('probe_size')} crops of {data.get('seq_len')} tokens "
             f"of `{Path(data.get('path', '')).name}`.")

@@ -9,7 +9,7 @@ import pandas as pd
 
 from phaselens.analysis.grokking import GrokkingSummary, key_frequency_artifact, series, summarize_grokking
 from phaselens.report import StudyReport, figures_section, register_study
-from phaselens.report.figures import Figure, _save
+from phaselens.report.plotting import Figure, save_figure
 from phaselens.run import Run
 
 PHASE_COLORS = {"memorisation": "#d9d9d9", "circuit formation": "#fde0b0", "clean-up": "#cfe8cf"}
@@ -137,7 +137,7 @@ def plot_progress_measures(metrics: pd.DataFrame, summary: GrokkingSummary, path
     ax.legend(fontsize=8, loc="center right", framealpha=0.9)
     fig.suptitle("Grokking: progress measures on one timeline", fontsize=12)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return Figure(path, missing)
 
 
@@ -155,5 +155,5 @@ def plot_fourier_norms(run: Run, path: Path) -> Figure:
     ax.set_ylabel("embedding norm")
     ax.set_title(f"Embedding in the Fourier basis at step {step}: key frequencies {', '.join(map(str, sorted(keys))) or 'none'}")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return Figure(path)

@@ -17,18 +17,18 @@ CAPTIONS = {
 @register_study("hf_trainer")
 def trainer_study(run: Run, out: Path) -> StudyReport:
     model, data = run.config["model"], run.config.get("data") or {}
-    revisions = (run.info.get("imported") or {}).get("revisions", {})
+    revisions = run.record.imported.revisions if run.record.imported else {}
     live = run.metrics(source="live")
     text = (f"Run `{run.path}` ({run.status}): a {model.get('architecture') or 'Hugging Face model'} "
             f"({model.get('n_layers')} layers × {model.get('n_heads')} heads) trained by `transformers.Trainer` on "
-            f"{data.get('dataset') or 'its dataset'}, {run.info.get('steps_done', '?')} steps. "
+            f"{data.get('dataset') or 'its dataset'}, {run.record.steps_done if run.record.steps_done is not None else '?'} steps. "
             f"{len(revisions)} checkpoints, referenced in `{model.get('source')}`.")
     if len(live):
         probes = ", ".join(f"`{p}`" for p in sorted(live["probe"].unique()))
         text += f" Live probes {probes} at {live['step'].nunique()} steps."
     measured = run.metrics(source="checkpoint")
     text += "\n\n" + checkpoints_measured(run, measured)
-    metrics = live if len(live) else measured
+    metrics = run.metrics(prefer="live")
     figures = {
         "entropy_heatmap": plot_entropy_heatmap(metrics, None, out / "entropy_heatmap.png"),
         "head_scores": plot_head_scores(metrics, None, out / "head_scores.png"),

@@ -43,9 +43,8 @@ def induction_study(run: Run, out: Path) -> StudyReport:
 
 
 def figure_metrics(run: Run) -> pd.DataFrame:
-    """Live telemetry; checkpoint values only for a run that has no live telemetry at all (a post-hoc series)."""
-    live = run.metrics(source="live")
-    return live if len(live) else run.metrics(source="checkpoint")
+    """One curve per series: live telemetry where the run recorded it, else checkpoint values (a post-hoc series)."""
+    return run.metrics(prefer="live")
 
 
 def post_hoc_metrics(run: Run) -> pd.DataFrame:
@@ -57,9 +56,10 @@ def post_hoc_metrics(run: Run) -> pd.DataFrame:
 def _overview(run: Run, metrics: pd.DataFrame, post_hoc: pd.DataFrame) -> str:
     if metrics.empty:
         return f"Run `{run.path}` ({run.status}): no metrics recorded yet."
-    probes = ", ".join(f"`{p}`" for p in sorted(metrics["probe"].unique()))
+    source = "live" if (metrics["source"] == "live").any() else "checkpoint"  # the telemetry, else the post-hoc values
+    probes = ", ".join(f"`{p}`" for p in sorted(metrics.loc[metrics["source"] == source, "probe"].unique()))
     text = (f"Run `{run.path}` ({run.status}): {int(metrics['step'].max())} steps; "
-            f"{metrics['source'].iloc[0]} metrics of probes {probes}.")
+            f"{source} metrics of probes {probes}.")
     if len(post_hoc):
         probes = ", ".join(f"`{p}`" for p in sorted(post_hoc["probe"].unique()))
         text += f" Post-hoc probes {probes} measured on {post_hoc['step'].nunique()} checkpoints."

@@ -10,7 +10,7 @@ import pandas as pd
 
 from phaselens.analysis.stages import Stage, llc_curve, run_stages, stage_loss
 from phaselens.report import figures_section, register_section
-from phaselens.report.figures import TRANSITION_COLOR, Figure, plt, save_tight
+from phaselens.report.plotting import TRANSITION_COLOR, Figure, plt, save_tight
 from phaselens.run import Run
 from phaselens.store.llc import LLCArtifact, read_llc_artifacts
 

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from phaselens.report import register_section
-from phaselens.report.figures import save_tight
+from phaselens.report.plotting import save_tight
 from phaselens.run import Run
 
 PANELS = {
@@ -21,11 +21,7 @@ PANELS = {
 
 
 def sparsity_rows(run: Run) -> pd.DataFrame:
-    rows = run.metrics(probe="neurons")
-    if rows.empty:
-        return rows
-    source = "checkpoint" if (rows["source"] == "checkpoint").any() else "live"
-    return rows[rows["source"] == source]
+    return run.metrics(probe="neurons", prefer="checkpoint")  # the fixed held-out text, where it was measured
 
 
 def plot_sparsity(rows: pd.DataFrame, path: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from phaselens.report import StudyReport, figures_section, register_study
-from phaselens.report.figures import Figure, save_tight
+from phaselens.report.plotting import Figure, save_tight
 from phaselens.run import Run
 
 

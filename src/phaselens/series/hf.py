@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import re
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -21,7 +20,8 @@ from typing import Sequence
 from phaselens.errors import CheckpointError, ConfigError, RunError
 from phaselens.store.atomic import write_json
 from phaselens.store.metrics import MetricsStore
-from phaselens.store.run_dir import RunDir, versions
+from phaselens.store.run_dir import RunDir
+from phaselens.store.run_record import ImportedSeries, RunRecord, timestamp, versions
 from phaselens.store.unigram import read_unigram_counts, unigram_path, write_unigram_counts
 
 STEP_REVISION = re.compile(r"^step(\d+)$")
@@ -87,7 +87,7 @@ def import_hf(
         seq_len: tokens per probe sequence (at most the model's context).
         sequences: probe sequences, cropped from `text` at offsets drawn with `seed`.
         unigram: a JSON file of token counts for `kl_unigram` (default: the counts of `text`).
-        device: auto|cpu|cuda, dtype: float32|bfloat16|float16: where and in what precision the
+        device: auto|cpu|cuda|cuda:N|mps, dtype: float32|bfloat16|float16: where and in what precision the
             revisions are run; stored in run.json as the defaults of `phaselens probe`.
 
     A local series' revisions are hashed here (a hub series' at first load), and revisions with
@@ -98,7 +98,8 @@ def import_hf(
     from phaselens.models.hf import REFERENCE_FILE, boot_revision
     from phaselens.models.hf_config import HFModelConfig
     from phaselens.series.integrity import record_hashes
-    from phaselens.series.revisions import resolve_device, resolve_dtype, revision_hash
+    from phaselens.models.device import resolve_device
+    from phaselens.series.revisions import resolve_dtype, revision_hash
     from phaselens.tasks.induction import induction_probe_batch
     from phaselens.tasks.tokenized_text_config import TokenizedTextData
 
@@ -120,6 +121,11 @@ def import_hf(
     run = RunDir(out)
     if run.exists() or run.checkpoints.exists():
         raise RunError(f"{run.path} already holds a run; choose another --out")
+    if run.path.exists() and not run.path.is_dir():
+        raise RunError(f"--out {run.path} is a file; give a new or empty directory for the series")
+    if run.path.is_dir() and any(run.path.iterdir()):  # never write among the user's files (as train, demo and sweep refuse)
+        shown = ", ".join(sorted(entry.name for entry in run.path.iterdir())[:5])
+        raise RunError(f"{run.path} is not empty and holds no phaselens run ({shown}); choose a new or empty --out")
     if sequences < 1:
         raise ConfigError(f"--sequences must be >= 1, got {sequences}")
 
@@ -160,18 +166,11 @@ def import_hf(
         write_json(run.checkpoint(step) / REFERENCE_FILE, {"source": source, "revision": revision, "local": local})
     name = name or f"{Path(source).name}-series"
     config = {"name": name, "model": asdict(model), "data": asdict(data)}
-    run.write({
-        "name": name,
-        "status": "finished",
-        "imported": {"source": source, "local": local, "revisions": {str(s): r for s, r in sorted(steps.items())},
-                     "device": device or "auto", "dtype": dtype or "float32"},
-        "config": config,
-        "model": config["model"],
-        "task": {"name": "tokenized_text", **config["data"]},
-        "versions": versions(),
-        "steps_done": max(steps),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    })
+    run.write(RunRecord(
+        name=name, status="finished", config=config, versions=versions(), steps_done=max(steps), created=timestamp(),
+        imported=ImportedSeries(source=source, local=local, revisions=dict(sorted(steps.items())),
+                                device=device or "auto", dtype=dtype or "float32"),
+    ))
     if local:  # the files are here: hash every revision now (a hub series is hashed as each revision loads)
         from phaselens.progress import progress_bar
 

@@ -31,20 +31,7 @@ WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # config.json keys that record how and when a revision was saved, not what the model is
 BOOKKEEPING_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache"}
-DEVICES = ("auto", "cpu", "cuda")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """`auto` (or None): CUDA when present, else the CPU; `cuda` without a GPU is refused."""
-    name = device or "auto"
-    if name not in DEVICES:
-        raise ConfigError(f"--device {name!r}: choose one of {', '.join(DEVICES)}")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
-    return torch.device(name)
 
 
 def resolve_dtype(dtype: str | None) -> torch.dtype:

@@ -38,14 +38,17 @@ def _paths(run: Any) -> list[Path]:
     return [Path(r.path) if hasattr(r, "dir") else Path(r) for r in run]
 
 
-def build(runs: Sequence[Any] = (), model: Any = None, host: str = "127.0.0.1", token: str | None = None):
-    """The app and the token it requires (one is made up when bound beyond this machine)."""
+def build(runs: Sequence[Any] = (), model: Any = None, host: str = "127.0.0.1", token: str | None = None,
+          device: str = "cpu"):
+    """The app and the token it requires (one is made up when bound beyond this machine); checkpoints load
+    on `device` (auto|cpu|cuda|cuda:N|mps, refused here when the machine lacks it)."""
+    from phaselens.models.device import resolve_device
     from phaselens.server.app import create_app
     from phaselens.server.session import Session
 
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(24)
-    session = Session(_paths(runs), model=model)
+    session = Session(_paths(runs), model=model, device=str(resolve_device(device, "device")))
     return create_app(session, token=token, local_only=is_loopback(host)), token
 
 
@@ -76,7 +79,7 @@ class ServerHandle:
 
 
 def serve(run: Any = None, model: Any = None, host: str = "127.0.0.1", port: int = 0,
-          token: str | None = None, timeout: float = 30.0) -> ServerHandle:
+          token: str | None = None, timeout: float = 30.0, device: str = "cpu") -> ServerHandle:
     """Start the dashboard in a background thread and return its handle (`.url`, `.refresh()`, `.stop()`).
 
     Args:
@@ -85,11 +88,13 @@ def serve(run: Any = None, model: Any = None, host: str = "127.0.0.1", port: int
             the next request sees (call `handle.refresh()` to make open pages re-run).
         host: 127.0.0.1 by default; any other address requires a token (made up if not given).
         port: 0 picks a free port.
+        device: where the runs' checkpoints load, auto|cpu|cuda|cuda:N|mps (the dashboard's forwards are
+            small: the CPU by default).
     """
     import uvicorn
 
     check_port(port)
-    app, token = build(_paths(run), model=model, host=host, token=token)
+    app, token = build(_paths(run), model=model, host=host, token=token, device=device)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
@@ -106,13 +111,33 @@ def serve(run: Any = None, model: Any = None, host: str = "127.0.0.1", port: int
     return ServerHandle(url=url, app=app, server=server, thread=thread)
 
 
-def run_forever(runs: Sequence[Any], host: str = "127.0.0.1", port: int = 8050, announce=print) -> None:
+def run_forever(runs: Sequence[Any], host: str = "127.0.0.1", port: int = 8050, announce=print,
+                device: str = "cpu") -> None:
     """Serve until interrupted (the `phaselens serve` command)."""
     import uvicorn
 
     check_port(port)
-    app, token = build(runs, host=host)
+    app, token = build(runs, host=host, device=device)
+    listening = listen_socket(host, port)  # bound first: port 0 picks a free port, and the URL names the one it got
+    bound = listening.getsockname()[1]
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    announce(f"phaselens dashboard: http://{shown}:{port}/" + (f"?token={token}" if token else ""))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    announce(f"phaselens dashboard: http://{shown}:{bound}/" + (f"?token={token}" if token else ""))
+    uvicorn.Server(uvicorn.Config(app, host=host, port=bound, log_level="warning")).run(sockets=[listening])
+
+
+def listen_socket(host: str, port: int):
+    """A TCP socket bound to (host, port); ConfigError naming the address where it cannot be (in use, not this machine's)."""
+    import socket
+
+    from phaselens.errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listening = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+    except OSError as exc:
+        listening.close()
+        raise ConfigError(f"cannot serve on {host}:{port}: {exc.strerror or exc}; choose another --port (0 picks a free one)") from exc
+    return listening
 

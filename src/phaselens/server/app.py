@@ -3,7 +3,9 @@
 Security: only the runs given to the `Session` are served, by name; static files come from the
 package's own folder; request bodies and texts are size-limited; with a token, every request
 must carry it (query `?token=`, the cookie the page gets, or `Authorization: Bearer`); errors
-are JSON `{"error": message}` naming files relative to the runs, never a traceback. Bound to loopback,
+are JSON `{"error": message}` naming files relative to the runs, never a traceback. Every response
+carries a strict Content-Security-Policy (the page's own scripts only, no inline script or eval), a
+second wall behind the page rendering every name, label and error as text. Bound to loopback,
 it answers only requests whose Host and Origin are this machine (DNS-rebinding protection).
 """
 
@@ -23,12 +25,16 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from phaselens.errors import PhaselensError
-from phaselens.server.session import NotFound, Session
+from phaselens.server.session import Busy, NotFound, Session
 
 STATIC = Path(__file__).parent / "static"
 MAX_BODY_BYTES = 64 * 1024
 TOKEN_COOKIE = "phaselens_token"
 POLL_SECONDS = 1.0
+# A second wall behind rendering data as text: the page runs only its own scripts (no inline script,
+# no eval; plotly's SVG needs inline styles) and talks only to this server.
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; "
+                           "font-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 def plotly_js() -> Path:
@@ -165,6 +171,8 @@ def create_app(session: Session, token: str | None = None, local_only: bool = Tr
         if not authorised(request.query_params, request.cookies, request.headers):
             return JSONResponse({"error": "this server needs its token: open the URL it printed at start (…/?token=…)"}, status_code=401)
         response = await call_next(request)
+        response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
         if token is not None and request.query_params.get("token"):
             response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
         return response
@@ -179,6 +187,10 @@ def create_app(session: Session, token: str | None = None, local_only: bool = Tr
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound):
         return JSONResponse({"error": session.redact(str(exc))}, status_code=404)
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy):
+        return JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
 
     @app.exception_handler(PhaselensError)
     async def refused(request: Request, exc: PhaselensError):

@@ -13,7 +13,7 @@ from phaselens.server import schemas as s
 from phaselens.server.session import (KERNEL, BadInput, Session, as_text, corrupt_first_half, induction_sample, neuron_view,
                                       text_hint, token_labels, tokenize)
 
-KEY_CONFIG = {"model": ("kind", "n_layers", "n_heads", "d_model", "d_mlp"), "data": ("task",), "train": ("steps", "lr", "batch_size", "seed")}
+KEY_CONFIG = {"model": ("n_layers", "n_heads", "d_model", "d_mlp"), "train": ("steps", "lr", "batch_size", "seed")}  # beside model.kind, data.task
 MAX_METRIC_ROWS = 2_000_000
 
 
@@ -42,8 +42,9 @@ def run_summary(session: Session, name: str) -> s.RunSummary:
     """Status, last step, checkpoints and key settings of one served run (PhaselensError if it is unreadable)."""
     run = session.run(name)
     config = run.config
-    key = {f"{section}.{k}": config.get(section, {}).get(k) for section, keys in KEY_CONFIG.items() for k in keys
-           if k in (config.get(section) or {})}
+    key = {"model.kind": run.spec.kind, "data.task": run.task}
+    key.update({f"{section}.{k}": config.get(section, {}).get(k) for section, keys in KEY_CONFIG.items() for k in keys
+                if k in (config.get(section) or {})})
     checkpoints = run.checkpoint_steps()
     trained = run.metrics(probe="loss", metric="train")["step"]
     known = [int(trained.max())] if len(trained) else []
@@ -83,15 +84,16 @@ def runs_router(session: Session) -> APIRouter:
 
     @router.get("/runs/{run}/metrics", response_model=s.MetricRows)
     def metrics(run: str, probe: Optional[str] = None, metric: Optional[str] = None, source: Optional[str] = None,
-                layer: Optional[int] = None, head: Optional[int] = None):
-        frame = _metrics(session, run, probe=probe, metric=metric, source=source, layer=layer, head=head)
+                layer: Optional[int] = None, head: Optional[int] = None, prefer: Optional[s.Prefer] = None):
+        """The run's metric rows; `prefer` picks one source per series by `Run.metrics`' rule (the page asks "densest")."""
+        frame = _metrics(session, run, probe=probe, metric=metric, source=source, layer=layer, head=head, prefer=prefer)
         if len(frame) > MAX_METRIC_ROWS:
             raise BadInput(f"{len(frame)} rows: narrow the request with probe= and metric=")
 
         def ints(column):
             return [_optional_int(v) for v in frame[column].astype(object)]
 
-        return s.MetricRows(run=run, step=frame["step"].astype(int).tolist(), probe=frame["probe"].tolist(),
+        return s.MetricRows(run=run, prefer=prefer, step=frame["step"].astype(int).tolist(), probe=frame["probe"].tolist(),
                             metric=frame["metric"].tolist(), layer=ints("layer"), head=ints("head"),
                             value=[finite(v) for v in frame["value"].tolist()], source=frame["source"].tolist())
 
@@ -100,7 +102,7 @@ def runs_router(session: Session) -> APIRouter:
         frame = _transitions(session, run)
         rows = [s.TransitionRow(probe=r.probe, metric=r.metric, layer=_optional_int(r.layer), head=_optional_int(r.head),
                                 step=int(r.step), start=int(r.start), end=int(r.end), before=finite(r.before) or 0.0,
-                                after=finite(r.after) or 0.0, strength=finite(r.strength) or 0.0)
+                                after=finite(r.after) or 0.0, strength=finite(r.strength) or 0.0, source=r.source)
                 for r in frame.astype(object).itertuples(index=False)]
         return s.TransitionList(run=run, transitions=rows)
 
@@ -178,7 +180,7 @@ def _metrics(session: Session, run: str, **filters):
 def _transitions(session: Session, run: str):
     """The run's detected transitions as `Run.transitions()` defines them (revisions with repeated weights left out)."""
     if run == KERNEL and session.model_run == KERNEL:
-        from phaselens.analysis.transitions import detect_transitions
+        from phaselens.signals.transitions import detect_transitions
 
         return detect_transitions(_metrics(session, run))
     return session.run(run).transitions()

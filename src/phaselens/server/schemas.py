@@ -49,10 +49,16 @@ class SeriesList(BaseModel):
     series: list[SeriesKey]
 
 
+# `?prefer=` of the metrics route: one curve per series from the preferred source (`phaselens.signals.sources`);
+# left out, every row of both sources comes back, each labelled by `source`.
+Prefer = Literal["live", "checkpoint", "densest"]
+
+
 class MetricRows(BaseModel):
     """Metric rows as columns (compact to send, direct to plot)."""
 
     run: str
+    prefer: Optional[Prefer] = None  # the rule the rows were chosen by (None: all rows)
     step: list[int]
     probe: list[str]
     metric: list[str]
@@ -73,6 +79,7 @@ class TransitionRow(BaseModel):
     before: float
     after: float
     strength: float
+    source: Literal["live", "checkpoint"]  # the curve the transition was found on
 
 
 class TransitionList(BaseModel):
@@ -255,7 +262,3 @@ class NeuronsResponse(BaseModel):
     layers: list[NeuronLayer] = []
     neurons: list[NeuronContexts] = []
     problems: list[str] = []  # artifacts that could not be read, and why
-
-
-class ErrorBody(BaseModel):
-    error: str

@@ -33,11 +33,34 @@ class BadInput(PhaselensError):
     """A request the server refuses: text too long, an unknown token, a layer out of range."""
 
 
+class Busy(PhaselensError):
+    """The model is busy with another request for longer than a request may wait (HTTP 503)."""
+
+
+class ModelLock:
+    """One computation on a model at a time (hooks are per call), waited for at most `wait` seconds: a
+    request behind one that hangs is refused with `Busy` instead of queueing forever, so every run stays served."""
+
+    def __init__(self, wait: float = 60.0):
+        self._lock = threading.RLock()
+        self.wait = wait
+
+    def __enter__(self) -> "ModelLock":
+        if not self._lock.acquire(timeout=self.wait):
+            raise Busy(f"the server has been busy with another computation for over {self.wait:g} s; try again in a moment")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+
 class Session:
     """Runs by name, a small cache of loaded checkpoints, and the in-process model if any."""
 
-    def __init__(self, runs: list[Path | str] = (), model: Any = None, model_run: str | None = None):
+    def __init__(self, runs: list[Path | str] = (), model: Any = None, model_run: str | None = None,
+                 device: str | None = None):
         self.runs: dict[str, Path] = {}
+        self.device = device  # where checkpoints are loaded (None: the CPU); `pl.serve` resolves it by the device rule
         for path in runs:
             path = Path(path).resolve()
             if not path.is_dir():  # a typo is refused; a damaged run is served and listed with its problem
@@ -52,7 +75,7 @@ class Session:
         if model is not None and model_run is None:
             model_run = next(iter(self.runs), KERNEL)
         self.model_run = model_run if model is not None else None
-        self.lock = threading.RLock()  # one computation on a model at a time: hooks are per call
+        self.lock = ModelLock()  # one computation on a model at a time, waited for a bounded time
         self._models: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._means: dict[tuple, Any] = {}
         self._head_weights: dict[int, Any] = {}  # id(checkpoint adapter) -> its HeadWeights, evicted with the model
@@ -98,7 +121,7 @@ class Session:
             raise NotFound(f"run {run!r} has no checkpoint at step {step}")
         key = (run, step)
         if key not in self._models:
-            self._models[key] = adapter_for(handle.load_model(step))
+            self._models[key] = adapter_for(handle.load_model(step, device=self.device))
             while len(self._models) > MODEL_CACHE_SIZE:
                 _, evicted = self._models.popitem(last=False)
                 self._head_weights.pop(id(evicted), None)

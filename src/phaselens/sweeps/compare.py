@@ -184,20 +184,19 @@ def run_row(path: Path, swept: list[str]) -> dict[str, object]:
     flat = _flatten(run.config)
     row: dict[str, object] = {"run": run.name, "path": str(path), "status": run.status}
     row.update({key: flat.get(key) for key in swept})
-    headline = run_headline(run.config)
+    headline = run_headline(run)
     if headline is not None:
         row.update({axis.name: axis.value(flat) for axis in headline.axes})
         row.update(headline_values(headline.name, run))
     return row
 
 
-def run_headline(config: dict):
+def run_headline(run):
     """The headline the run's task declares (None: it declares none, or the task is not registered here)."""
     from phaselens.errors import ConfigError
-    from phaselens.tasks.config import task_study
 
     try:
-        return task_study((config.get("data") or {}).get("task", "induction")).headline
+        return run.study.headline
     except ConfigError:
         return None
 
@@ -236,10 +235,11 @@ def compare_runs(paths: list[Path | str], out: Path | str | None = None) -> Comp
     sweep_file = sweep_dir / "sweep.json" if sweep_dir is not None else None
     from phaselens.run import open_run
 
-    raw = [open_run(p).config for p in runs]
-    headlines = {repr(run_headline(config)): run_headline(config) for config in raw}
+    opened = [open_run(p) for p in runs]
+    raw = [run.config for run in opened]
+    headlines = {repr(run_headline(run)): run_headline(run) for run in opened}
     if len(headlines) > 1:
-        tasks = sorted({str((c.get("data") or {}).get("task")) for c in raw})
+        tasks = sorted({run.task for run in opened})
         raise RunError(f"these runs belong to different studies (tasks {', '.join(tasks)}); compare the runs of one study")
     headline = next(iter(headlines.values()))
     swept = _swept_keys([_flatten(c) for c in raw], sweep_file)

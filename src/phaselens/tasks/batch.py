@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from phaselens.errors import RunError
+
 POSITION_PREFIX = "positions."  # safetensors key of a position set: "positions.copy"
 LEGACY_MASKS = ("copy", "source", "first_target", "selector")  # probe batches saved before position sets: "<name>_mask"
 LEGACY_NAMES = {"selector": "z"}  # an old set's name today
@@ -120,6 +122,8 @@ class TaskBatch:
         """A saved batch; one saved before position sets (copy_mask, selector_mask, ...) loads with them as sets."""
         from safetensors.torch import load_file
 
+        if Path(path).exists() and not Path(path).is_file():  # a FIFO would block the read forever
+            raise RunError(f"{path} is not a regular file (a FIFO, device or folder); phaselens reads only regular files")
         raw = load_file(str(path))
         positions = {k[len(POSITION_PREFIX):]: v.bool() for k, v in raw.items() if k.startswith(POSITION_PREFIX)}
         for old in LEGACY_MASKS:

@@ -11,18 +11,18 @@ from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
 from phaselens.errors import ConfigError
+from phaselens.registry import register
 from phaselens.tasks.study import GENERIC, Study
 
-SPLITS = ("train", "eval", "probe")
 _TASKS: dict[str, type["DataConfig"]] = {}
 
 
 def register_task(*names: str) -> Callable[[type["DataConfig"]], type["DataConfig"]]:
-    """Class decorator: `data.task=<name>` selects this `DataConfig` subclass."""
+    """Class decorator: `data.task=<name>` selects this `DataConfig` subclass (a taken name is refused, naming both)."""
 
     def add(cls: type[DataConfig]) -> type[DataConfig]:
         for name in names:
-            _TASKS[name] = cls
+            register(_TASKS, name, cls, "task")
         return cls
 
     return add
@@ -64,6 +64,9 @@ class DataConfig:
     # True when the splits are fixed sets of examples: a size of 0 (probe_size, eval_size,
     # train.batch_size) then means the whole split.
     fixed_splits: ClassVar[bool] = False
+    # False when phaselens does not keep the data (a Trainer's dataset): files drawn from it (an induction
+    # batch, a training sample) cannot be written after training
+    rebuildable: ClassVar[bool] = True
 
     @classmethod
     def study_for(cls, task: str) -> Study:

@@ -35,6 +35,7 @@ TAU = Headline(
 # Head scores need a segment and its repeat, which these sequences lack: every variant's runs store an
 # induction batch of the characters for `heads`; attention_to and patching keep reading z on the task's batch.
 SELECTOR_STUDY = Study(
+    position_sets=("first_target", "z"),
     post_hoc_probes=(*POST_HOC_PROBES, "attention_to", "patching", "random_z"),
     probe_options={
         "loss": {"positions": ["first_target"], "shuffle": "z"},  # first_target, z_shuffled, z_shuffle_gap
@@ -47,10 +48,9 @@ SELECTOR_STUDY = Study(
     reads_batch={"attention_to": "probe", "patching": "probe"},
     headline=TAU,
 )
-NO_SELECTOR = "this variant has no selector z"
-PLAIN_STUDY = Study(
+PLAIN_STUDY = Study(  # no selector z: attention_to, patching and random_z have nothing to read
+    position_sets=("first_target",),
     probe_options={"loss": {"positions": ["first_target"]}, "logit_lens": {"positions": "first_target"}},
-    inapplicable_probes={"attention_to": NO_SELECTOR, "patching": NO_SELECTOR, "random_z": NO_SELECTOR},
     induction_batch=True,
     headline=TAU,
 )

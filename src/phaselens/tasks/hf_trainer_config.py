@@ -25,14 +25,15 @@ class HFTrainerData(DataConfig):
     task: str = "hf_trainer"
     seq_len: int = 0
     dataset: str = ""  # what the dataset was (its class and length), for the report
+    rebuildable: ClassVar[bool] = False
 
     # the probe batch is the user's data, without position sets: heads (and, by name, attention_to and
     # patching) read the induction batch the callback writes beside it
     study: ClassVar[Study] = Study(
         live_probes=("attention", "heads", "loss"),
         post_hoc_probes=("attention", "heads", "loss", "logit_lens", "geometry"),
+        position_sets=(),  # plain text: no named positions (heads and friends read the induction batch)
         probe_options=INDUCTION_BATCH_OPTIONS,
-        inapplicable_probes={"random_z": "the Trainer's batches have no selector z"},
         induction_batch=True,
     )
 

@@ -17,10 +17,11 @@ from typing import Sequence
 import torch
 
 from phaselens.tasks.batch import TaskBatch
+from phaselens.tasks.study import INDUCTION_MIN_LEN
 
 VARIANTS = ("variable_offset", "half_repeat")
 PROBE_MIN_LEN, PROBE_MAX_LEN = 8, 24
-PROBE_MIN_SEQ_LEN = 4  # the shortest sequence an induction probe batch fits: a segment of two tokens and its repeat
+PROBE_MIN_SEQ_LEN = INDUCTION_MIN_LEN  # the shortest sequence an induction probe batch fits (`tasks.study`)
 
 
 @dataclass(frozen=True)

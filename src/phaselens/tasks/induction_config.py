@@ -6,14 +6,16 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from phaselens.tasks.config import DataConfig, register_task
-from phaselens.tasks.study import POST_HOC_PROBES, Study
+from phaselens.tasks.study import INDUCTION_SETS, POST_HOC_PROBES, Study
 
 
-# How attention_to and patching read an induction batch (this task's, or the induction batch an
-# imported series stores beside its text batch): from the copies to the first occurrence.
+# How attention_to, patching and circuits read an induction batch (this task's, or the induction batch an
+# imported series stores beside its text batch): from the copies to the first occurrence. The circuits
+# pairs: the first occurrence replaced by fresh ordinary tokens, metric = the copies' loss.
 INDUCTION_BATCH_OPTIONS = {
     "attention_to": {"query": "copy", "key": "source"},
     "patching": {"patch": "source", "read": "copy", "corrupt": "noise"},
+    "circuits": {"patch": "source", "read": "copy"},
 }
 
 
@@ -33,7 +35,7 @@ class InductionData(DataConfig):
             "loss": {"positions": ["copy"], "complements": ["copy"]},  # copy, non_copy
             **INDUCTION_BATCH_OPTIONS,
         },
-        inapplicable_probes={"random_z": "induction batches have no selector z"},
+        position_sets=INDUCTION_SETS,
     )
 
     def build(self, model: Any):

@@ -40,11 +40,9 @@ class ModularAdditionData(DataConfig):
         live_probes=("loss", "grokking"),
         post_hoc_probes=("loss", "grokking"),
         probe_options={"grokking": {"answer": "answer", "train": "train_pairs"}},
+        position_sets=("answer", "train_pairs"),
         inapplicable_probes={
             "heads": "the head scores need long sequences of random tokens with repeats; modular addition has 4 tokens",
-            "attention_to": "modular addition has no query and key position sets",
-            "patching": "modular addition batches have no pairs to patch",
-            "random_z": "modular addition batches have no selector z",
         },
         headline=Headline(
             "grokking", "tau", description="τ = first step where test accuracy is at least 0.95",

@@ -1,9 +1,10 @@
 """What a task declares so that nothing above it branches on the task: a study, as a plug-in.
 
-A task's `DataConfig` subclass returns a `Study` from `study_for(task)`: the probes measured by
-default (live and post-hoc), the options those probes read the task's named position sets with
-(`TaskBatch.positions`), which of the run's batches each probe reads, the probes its batches cannot
-feed, and the headline `compare` fits.
+A task's `DataConfig` subclass returns a `Study` from `study_for(task)`: the named position sets its
+batches have (`TaskBatch.positions`), the probes measured by default (live and post-hoc), the options
+those probes read the position sets with, which of the run's batches a probe reads where the probe's
+own `Needs.batch` is not it, the probes its batches cannot feed for a reason no probe declares, and
+the headline `compare` fits. The measurement plan (`phaselens.probes.plan`) reads all of it.
 The report layer looks up the report section registered for the task's name
 (`phaselens.report.register_study`); a task without one gets the generic report.
 Torch-free: configs validate before anything heavy loads.
@@ -16,6 +17,8 @@ from typing import Any, Mapping
 
 LIVE_PROBES = ("attention", "heads", "loss")  # measured on the training forward every telemetry.every steps
 POST_HOC_PROBES = ("attention", "heads", "loss", "logit_lens")  # read no position set: they fit any task
+INDUCTION_SETS = ("copy", "source")  # the position sets of an induction batch (`tasks.induction.induction_probe_batch`)
+INDUCTION_MIN_LEN = 4  # the shortest sequence an induction batch fits: a segment of two tokens and its repeat
 
 
 @dataclass(frozen=True)
@@ -66,10 +69,14 @@ class Headline:
 class Study:
     """A task's defaults and declarations (see the module docstring).
 
+    position_sets: the named position sets of the task's probe batch (induction: copy, source); a probe's
+    position options must name one of them (or of the induction batch's, `INDUCTION_SETS`, for a probe
+    that reads that batch).
     probe_options: per probe, the options that make it read this task's position sets, e.g.
     {"attention_to": {"query": "copy", "key": "source"}}; telemetry.probe_options and
     `--probe-option` override them key by key.
-    inapplicable_probes: probe name -> why this task's batches cannot feed it (refused by name).
+    inapplicable_probes: probe name -> why this task's batches cannot feed it, where the probe's needs
+    do not already say so (a probe whose position options have no default here is refused by the plan).
     induction_batch: the task's batches have no segment repeated at a variable offset (text, late
     disambiguation), so its runs store an induction batch beside the probe batch, in the model's own
     vocabulary, for the probes that read "induction" (`batch_for`); such a task offers
@@ -80,6 +87,7 @@ class Study:
     patching on its own batch (its z positions) while heads reads the induction batch.
     """
 
+    position_sets: tuple[str, ...] | None = None  # None: not declared (names are then checked when measured)
     live_probes: tuple[str, ...] = LIVE_PROBES
     post_hoc_probes: tuple[str, ...] = POST_HOC_PROBES
     probe_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -88,16 +96,6 @@ class Study:
     reads_batch: Mapping[str, str] = field(default_factory=dict)
     headline: Headline | None = None  # what `compare` reports and fits; None: compare has nothing to fit
 
-    def options_for(self, probe: str, overrides: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
-        """The options of `probe` for this task: its declared defaults, then `overrides[probe]` key by key."""
-        return {**self.probe_options.get(probe, {}), **((overrides or {}).get(probe) or {})}
-
-    def batch_for(self, probe: Any) -> str:
-        """The run batch `probe` (a `Probe`: its `name` and class `reads_batch`) reads on this task's runs.
-
-        A run without that batch measures the probe on its probe batch (`measure_batches`).
-        """
-        return self.reads_batch.get(probe.name, probe.reads_batch)
 
 
 GENERIC = Study()  # a task that declares nothing: probes that read no position set, the generic report

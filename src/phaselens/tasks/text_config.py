@@ -27,8 +27,8 @@ class TextData(DataConfig):
 
     # heads (and, by name, attention_to and patching) read the run's induction batch, stored beside the text one
     study: ClassVar[Study] = Study(
+        position_sets=(),  # plain text: no named positions (heads and friends read the induction batch)
         probe_options={**INDUCTION_BATCH_OPTIONS, "loss": {"icl_score": True}},
-        inapplicable_probes={"random_z": "text batches have no selector z"},
         induction_batch=True,
     )
 

@@ -33,8 +33,8 @@ class TokenizedTextData(DataConfig):
     # heads (and, by name, attention_to and patching) read the run's induction batch, stored beside the text one
     study: ClassVar[Study] = Study(
         post_hoc_probes=(*POST_HOC_PROBES, "geometry"),
+        position_sets=(),  # plain text: no named positions (heads and friends read the induction batch)
         probe_options={**INDUCTION_BATCH_OPTIONS, "loss": {"icl_score": True}},
-        inapplicable_probes={"random_z": "text batches have no selector z"},
         induction_batch=True,
     )
 

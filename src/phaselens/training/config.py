@@ -19,6 +19,7 @@ import yaml
 
 from phaselens.errors import ConfigError
 from phaselens.models.config import ModelConfig, ModelSpec
+from phaselens.models.device import check_device
 from phaselens.tasks.config import DataConfig
 from phaselens.tasks.induction_config import InductionData
 
@@ -40,7 +41,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     eval_every: int = 100
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    device: str = "auto"  # auto|cpu|cuda|cuda:N|mps (`phaselens.models.device`)
     threads: int = 0  # CPU threads for torch (0: torch's default); tiny models run best on 1
 
 
@@ -67,7 +68,9 @@ class RunConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
     def __post_init__(self) -> None:
-        if self.telemetry.probes is None:
+        # None: the study's live probes, less those the model cannot run (`validate` leaves those out)
+        self._default_live = self.telemetry.probes is None
+        if self._default_live:
             self.telemetry.probes = list(self.study.live_probes)
 
     @property
@@ -75,11 +78,28 @@ class RunConfig:
         """What the run's task declares (default probes and their options); see `phaselens.tasks.study`."""
         return type(self.data).study_for(self.data.task)
 
-    @property
-    def probe_options(self) -> dict[str, dict[str, Any]]:
-        """Options of every probe this run measures: the task's declarations, then `telemetry.probe_options`."""
+    def plan(self, mode: str, names: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None,
+             induction_batch: bool | None = None):
+        """The measurement plan (`phaselens.probes.plan`) of this run for `mode` (live | checkpoint | post_hoc):
+        `names` (default: the study's) with the task's, the config's and then `options`' options;
+        `induction_batch`: whether the run has an induction batch (default: where its study keeps one)."""
+        from dataclasses import replace
+
+        from phaselens.probes.plan import PlanContext, plan_probes
+
+        context = PlanContext.of(self)
+        if induction_batch is not None:
+            context = replace(context, induction_batch=induction_batch)
+        return plan_probes(context, mode, names, options)
+
+    def live_plan(self):
+        """What training measures every `telemetry.every` steps."""
+        return self.plan("live", self.telemetry.probes)
+
+    def checkpoint_plan(self, induction_batch: bool | None = None):
+        """What training measures at each checkpoint on the run's fixed batches: the live probes and the checkpoint-only ones."""
         tel = self.telemetry
-        return {name: self.study.options_for(name, tel.probe_options) for name in [*tel.probes, *tel.checkpoint_probes]}
+        return self.plan("checkpoint", list(dict.fromkeys([*tel.probes, *tel.checkpoint_probes])), induction_batch=induction_batch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -118,31 +138,23 @@ class RunConfig:
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be in [0, 1), got {getattr(t, key)}")
-        if not (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda") or t.device == "mps"):
-            raise ConfigError(f"train.device must be 'auto', 'cpu' or 'cuda[:N]', got {t.device!r}")
+        check_device(t.device, "train.device")
         d.validate(self.model)
-        import phaselens.probes  # noqa: F401  (registers the built-in probes)
-        from phaselens.probes.base import probe_names
-
-        for key, names in (("telemetry.probes", tel.probes), ("telemetry.checkpoint_probes", tel.checkpoint_probes)):
-            unknown = [p for p in names if p not in probe_names()]
-            if unknown:
-                raise ConfigError(f"{key}: unknown probe(s) {unknown}; registered: {probe_names()}")
-            for name in names:
-                problem = self.model.probe_problem(name)
-                if problem:
-                    raise ConfigError(f"{key}: {problem} (model.kind={self.model.kind})")
-        from phaselens.probes.base import make_probe
-
-        post_hoc = [p for p in tel.probes if not make_probe(p).live]
-        if post_hoc:
-            raise ConfigError(f"telemetry.probes: {post_hoc} run on checkpoints only (phaselens probe RUN --probes ...)")
         validate_probe_options(tel.probe_options, "telemetry.probe_options")
-        for name in {*self.probe_options, *tel.probe_options}:  # the post-hoc sweep reads options of other probes too
+        for name in tel.probe_options:  # options of probes measured post-hoc only are checked here too
             try:
-                make_probe(name, **self.study.options_for(name, tel.probe_options))
-            except (TypeError, ValueError) as exc:
+                self.plan("post_hoc", [name])
+            except ConfigError as exc:
                 raise ConfigError(f"telemetry.probe_options.{name}: {exc}") from None
+        for key, mode, names in (("telemetry.probes", "live", None if self._default_live else tel.probes),
+                                 ("telemetry.checkpoint_probes", "checkpoint", tel.checkpoint_probes)):
+            try:
+                plan = self.plan(mode, names)
+            except ConfigError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
+            plan.require(key)
+            if names is None:  # the study's live probes: those this model cannot run are left out
+                tel.probes = plan.names
 
     def build_task(self):
         """The task object for `data` (its sequences fill the model's context)."""

@@ -11,8 +11,8 @@ Two sources of values, one set of probes:
 * `checkpoint`: whenever a checkpoint is saved, the probes also measure the run's fixed probe
   batch on those weights: exactly what `phaselens probe` computes post-hoc on the checkpoint.
   On runs that store an induction batch (`Study.induction_batch`: text, late disambiguation) the
-  probes the study routes to it (`Study.batch_for`: heads, and on text runs attention_to and
-  patching) read that batch instead, as they do post-hoc.
+  probes the checkpoint plan routes to it (`RunConfig.checkpoint_plan`: heads, and on text runs
+  attention_to and patching) read that batch instead, as they do post-hoc.
 """
 
 from __future__ import annotations
@@ -32,14 +32,16 @@ import torch
 from phaselens.errors import CheckpointError, RunError, StoreError, TrainingDiverged
 from phaselens.models import build_model
 from phaselens.models.checkpoints import load_trainer_state, load_weights, save_checkpoint
-from phaselens.probes.base import Measurement, make_probe
+from phaselens.models.device import resolve_device
+from phaselens.probes.base import Measurement
 from phaselens.probes.live import Telemetry, ValueQueue
 from phaselens.probes.loss import prediction_accuracy, token_losses
 from phaselens.probes.measure import measure_batches
 from phaselens.progress import progress_bar
 from phaselens.store.atomic import write_json
 from phaselens.store.metrics import MetricsStore, MetricsWriter, integrity_problem, set_aside
-from phaselens.store.run_dir import RunDir, versions
+from phaselens.store.run_dir import RunDir
+from phaselens.store.run_record import RunRecord, timestamp, versions
 from phaselens.store.unigram import unigram_path
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.induction import PROBE_MIN_SEQ_LEN, induction_probe_batch
@@ -52,15 +54,6 @@ EVAL_SEED_OFFSET = 2_000_003
 INDUCTION_SEED_OFFSET = 3_000_003
 NAN_CHECK_EVERY = 50
 ANSWER = "answer"  # a task whose batches have this prediction set gets train_acc and eval_acc
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RunError(f"train.device={name!r} but CUDA is not available; use train.device=auto or cpu")
-    return device
 
 
 def learning_rate(config: RunConfig, step: int) -> float:
@@ -145,7 +138,7 @@ class Trainer:
         self.resume = resume
         self.new_metrics = new_metrics
         self.progress = progress
-        self.device = pick_device(config.train.device)
+        self.device = resolve_device(config.train.device, "train.device")
         check_memory(config, self.device)
 
     # ------------------------------------------------------------------ set-up
@@ -158,7 +151,7 @@ class Trainer:
         if self.resume:
             if not run.exists():
                 raise RunError(f"cannot resume: {run.path} has no run.json")
-            changed = config_differences(run.read()["config"], self.config.to_dict())
+            changed = config_differences(run.record().config, self.config.to_dict())
             if changed:
                 raise RunError(f"cannot resume {run.path}: its config differs in {', '.join(changed)}; resume with the same config")
             if run.checkpoint_steps():
@@ -166,26 +159,21 @@ class Trainer:
                 return
         elif run.exists() and run.checkpoint_steps():
             raise RunError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
-        elif not run.exists() and run.path.is_dir() and any(run.path.iterdir()):
+        elif not run.exists() and run.path.is_dir() and not run.holds_only_a_lock():
             raise RunError(f"{run.path} is not empty and holds no phaselens run ({', '.join(sorted(e.name for e in run.path.iterdir())[:5])}); "
                            "choose a new or empty --out")
         if run.exists():  # set up but never checkpointed (interrupted or crashed early): nothing to resume, start over
             print(f"{run.path} has no checkpoint yet: starting it over")
-            run.remove()
+            run.clear()  # refuses (naming them) when the user's files are among phaselens's
             self.resume = False
         run.path.mkdir(parents=True, exist_ok=True)
         cfg = self.config
-        run.write({
-            "name": cfg.name,
-            "status": "running",
-            "config": cfg.to_dict(),
-            "model": cfg.to_dict()["model"],
-            "task": {"name": cfg.data.task, **cfg.to_dict()["data"], "seq_len": cfg.model.n_ctx, "vocab": cfg.model.d_vocab},
-            "versions": versions(),
-            "device": str(self.device),
-            "steps_done": 0,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        config = cfg.to_dict()
+        run.write(RunRecord(
+            name=cfg.name, status="running", config=config, model=config["model"],
+            task={"name": cfg.data.task, **config["data"], "seq_len": cfg.model.n_ctx, "vocab": cfg.model.d_vocab},
+            versions=versions(), device=str(self.device), steps_done=0, created=timestamp(),
+        ))
         MetricsStore(run.metrics_db).close()  # readers find a store from the start
 
     def _check_metrics_store(self) -> None:
@@ -215,7 +203,7 @@ class Trainer:
             probe = self.task.sample(cfg.data.probe_size, torch.Generator().manual_seed(cfg.train.seed + PROBE_SEED_OFFSET), split="probe")
             probe.save(self.run.probe_batch)
         self.probe_batch = probe.to(self.device)
-        # Batches by the name probes read them under (`Study.batch_for`); the induction batch, where the
+        # Batches by the name the checkpoint plan routes probes to; the induction batch, where the
         # study keeps one, is written once like the probe batch.
         self.probe_batches = {"probe": self.probe_batch}
         if cfg.study.induction_batch:
@@ -254,7 +242,7 @@ class Trainer:
 
     def _restore(self) -> int:
         """Load the newest checkpoint that reads cleanly; returns its step."""
-        for stale in self.run.checkpoints.glob(".step_*"):  # half-written by a killed run
+        for stale in self.run.partial_checkpoints():  # half-written by a killed run
             shutil.rmtree(stale, ignore_errors=True)
         steps = self.run.checkpoint_steps()
         errors = []
@@ -298,18 +286,17 @@ class Trainer:
         tel = self.config.telemetry
         if not unigram_path(self.run.path).is_file():  # the training data's token counts, for `kl_unigram`
             write_training_unigram(self.config, unigram_path(self.run.path))
-        options = self.config.probe_options  # the task's declarations, then telemetry.probe_options
-        probes = [make_probe(name, **({"every": tel.geometry_every} if name == "geometry" else {}), **options[name])
-                  for name in tel.probes]
+        # What is measured, with which options and on which batch: the run's measurement plans (`probes.plan`).
+        probes = [planned.make() for planned in self.config.live_plan().require("telemetry.probes").probes]
         for probe in probes:
             probe.bind_run(self.run.path)
         writer = MetricsWriter(self.run.metrics_db)
         self.telemetry = Telemetry(self.model, probes, store=writer, every=tel.every, flush_every=tel.flush_every,
                                    background=None if tel.background else False)
-        # Checkpoint measurements: the live probes plus those asked for at checkpoints only.
-        self.checkpoint_probes = self.telemetry.probes + [
-            make_probe(p, **options[p]) for p in tel.checkpoint_probes if p not in tel.probes
-        ]
+        # Checkpoint measurements: the live probes plus those asked for at checkpoints only, on the fixed batches.
+        checkpoint = self.config.checkpoint_plan("induction" in self.probe_batches).require("telemetry.checkpoint_probes")
+        self.checkpoint_probes = [planned.make() for planned in checkpoint.probes]
+        self.checkpoint_routes = checkpoint.routes
         for probe in self.checkpoint_probes:
             probe.bind_run(self.run.path)
         # Shares the writer; closing the live telemetry closes it.
@@ -325,7 +312,8 @@ class Trainer:
         if self.config.train.threads:
             torch.set_num_threads(self.config.train.threads)
         try:
-            return self._train()
+            with self.run.writer_lock("train --resume" if self.resume else "train"):  # one writer per run directory
+                return self._train()
         finally:
             torch.set_num_threads(threads)
 
@@ -378,7 +366,7 @@ class Trainer:
                 self.checkpoint_values.flush()
             if hasattr(self, "telemetry"):
                 self.telemetry.close()
-            self.run.update(status=status, stop_reason=reason, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            self.run.update(status=status, stop_reason=reason, finished=timestamp())
         return TrainResult(self.run.path, step, status, time.time() - started)
 
     def step(self, step: int) -> torch.Tensor:
@@ -391,7 +379,6 @@ class Trainer:
         batch = self.full_batch
         if batch is None:
             batch = self.task.sample(cfg.train.batch_size, self.data_rng).to(self.device)
-        self.last_batch = batch  # the batch of the latest update (what a hand-written probe of this step would read)
         # Live probes read a few rows of the training forward: averages over 8 sequences are
         # steady, and the cost of the reductions stays a small fraction of the step.
         rows = slice(0, cfg.telemetry.rows or None)
@@ -425,8 +412,7 @@ class Trainer:
         wanted = {p.name for p in self.checkpoint_probes if p.checkpoint_artifacts}
         artifacts: dict[str, Any] = {}
         for name, measurements in measure_batches(self.model, self.probe_batches, self.checkpoint_probes,
-                                                  artifacts=artifacts if wanted else None,
-                                                  batch_for=self.config.study.batch_for):
+                                                  self.checkpoint_routes, artifacts=artifacts if wanted else None):
             self.checkpoint_values.log(step, name, measurements)
         self.checkpoint_values.flush()
         for name in wanted & set(artifacts):

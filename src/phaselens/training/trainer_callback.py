@@ -15,7 +15,6 @@ world's process zero measures and writes.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -30,6 +29,7 @@ from phaselens.probes.base import Probe
 from phaselens.probes.live import Telemetry
 from phaselens.store.atomic import write_json
 from phaselens.store.run_dir import RunDir
+from phaselens.store.run_record import ImportedSeries, RunRecord, TrainerOrigin, timestamp, versions
 from phaselens.store.unigram import unigram_path, write_unigram_counts
 from phaselens.tasks.batch import TaskBatch
 from phaselens.tasks.induction import PROBE_MIN_SEQ_LEN, induction_probe_batch
@@ -46,8 +46,8 @@ class _ForwardTelemetry(Telemetry):
     def _install_hooks(self) -> None:
         adapter = adapter_for(self.model)
         self.n_layers, self.n_heads = adapter.n_layers, adapter.n_heads
-        check_live_probes(self.probes, self.n_layers)
-        self._wants_patterns = any(probe.hook_names(self.n_layers) for probe in self.probes)
+        check_live_probes(self.probes, adapter)
+        self._wants_patterns = any(probe.hook_names(adapter) for probe in self.probes)
         self._armed_step: int | None = None
         self._batch: TaskBatch | None = None
         self._handles.append(self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
@@ -82,15 +82,15 @@ class _ForwardTelemetry(Telemetry):
         self._record(step, batch, None)
 
 
-def check_live_probes(probes: Sequence[str | Probe], n_layers: int) -> None:
+def check_live_probes(probes: Sequence[str | Probe], adapter: Any) -> None:
     """Refuse probes that read activations a Hugging Face forward does not return (before anything is written)."""
     from phaselens.probes.base import make_probe
 
     import phaselens.probes  # noqa: F401  (registers the built-in probes)
 
-    available = {PATTERN.format(layer) for layer in range(n_layers)}
+    available = {PATTERN.format(layer) for layer in range(adapter.n_layers)}
     for probe in (make_probe(p) for p in probes):
-        unread = sorted(set(probe.hook_names(n_layers)) - available)
+        unread = sorted(set(probe.hook_names(adapter)) - available)
         if unread:
             raise ConfigError(f"probe {probe.name!r} reads {unread[:2]}{' ...' if len(unread) > 2 else ''}; a Trainer's "
                               "forward returns only attention patterns and logits. Measure it on the checkpoints "
@@ -138,7 +138,7 @@ class TelemetryCallback(TrainerCallback):
         if model is None:
             raise ConfigError("TelemetryCallback needs the Trainer's model")
         adapter = adapter_for(model)
-        check_live_probes(self.probes, adapter.n_layers)
+        check_live_probes(self.probes, adapter)
         self._output_dir = Path(args.output_dir).resolve()
         resuming = self._open_run(state.global_step)
         if getattr(model.config, "_attn_implementation", "eager") != "eager":
@@ -166,7 +166,7 @@ class TelemetryCallback(TrainerCallback):
         finally:
             self.telemetry = None
             self._reference_checkpoints()
-            self.run.update(status="finished", steps_done=state.global_step, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            self.run.update(status="finished", steps_done=state.global_step, finished=timestamp())
 
     # ------------------------------------------------------------------ the run directory
 
@@ -176,8 +176,8 @@ class TelemetryCallback(TrainerCallback):
             if self.run.path.exists() and any(self.run.path.iterdir()):
                 raise RunError(f"{self.run.path} is not empty and holds no phaselens run; choose another directory")
             return False
-        info = self.run.read()
-        if (info.get("trainer") or {}).get("output_dir") != str(self._output_dir) or step == 0:
+        trainer = self.run.record().trainer
+        if trainer is None or trainer.output_dir != str(self._output_dir) or step == 0:
             raise RunError(f"{self.run.path} already holds a run; give TelemetryCallback another directory")
         from phaselens.store.metrics import MetricsStore
 
@@ -192,7 +192,6 @@ class TelemetryCallback(TrainerCallback):
     def _write_run(self, args, state, model, train_dataloader, tokenizer) -> None:
         from phaselens.models.hf_config import HFModelConfig
         from phaselens.tasks.hf_trainer_config import HFTrainerData
-        from phaselens.store.run_dir import versions
 
         dataset = getattr(train_dataloader, "dataset", None)
         if dataset is None:
@@ -227,18 +226,12 @@ class TelemetryCallback(TrainerCallback):
             "telemetry": {"every": self.every, "probes": [p if isinstance(p, str) else p.name for p in self.probes],
                           "rows": 0, "flush_every": self.flush_every},
         }
-        self.run.write({
-            "name": self.name,
-            "status": "running",
+        self.run.write(RunRecord(
+            name=self.name, status="running", config=run_config, versions=versions(), created=timestamp(),
             # the checkpoints are references to the Trainer's checkpoint folders, booted like an imported series
-            "imported": {"source": str(self._output_dir), "local": True, "revisions": {}},
-            "trainer": {"output_dir": str(self._output_dir), "args": json.loads(args.to_json_string())},
-            "config": run_config,
-            "model": run_config["model"],
-            "task": run_config["data"],
-            "versions": versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+            imported=ImportedSeries(source=str(self._output_dir), local=True),
+            trainer=TrainerOrigin(output_dir=str(self._output_dir), args=json.loads(args.to_json_string())),
+        ))
 
     def _reference_checkpoints(self) -> None:
         """One `reference.json` per `output_dir/checkpoint-N` saved by the Trainer; those it has rotated away are dropped."""
@@ -259,12 +252,11 @@ class TelemetryCallback(TrainerCallback):
             reference = self.run.checkpoint(step) / REFERENCE_FILE
             if not reference.is_file():
                 write_json(reference, {"source": str(self._output_dir), "revision": revision, "local": True})
-        info = self.run.read()
-        revisions = {str(step): saved[step] for step in sorted(saved)}
-        info["imported"]["revisions"] = revisions
+        record = self.run.record()
+        record.imported.revisions = {step: saved[step] for step in sorted(saved)}
         if saved:
-            info["config"]["model"]["revision"] = info["model"]["revision"] = saved[max(saved)]
-        self.run.write(info)
+            record.config["model"]["revision"] = record.model["revision"] = saved[max(saved)]
+        self.run.write(record)
 
 
 def _sequence(item: Any) -> torch.Tensor:

@@ -74,3 +74,21 @@ export function newest(view) {
 export function generation(view) { return generations[view] || 0; }
 
 export function enc(name) { return encodeURIComponent(name); }
+
+// Data reaches the page only as text, never as markup: a run directory or a probe may be named
+// `<img onerror=...>`. `fillOptions` sets a <select>'s options from [value, text] pairs (or strings).
+export function fillOptions(select, items) {
+  select.replaceChildren(...items.map((item) => {
+    const [value, text] = Array.isArray(item) ? item : [item, item];
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = text;
+    return option;
+  }));
+}
+
+// Plotly renders a subset of HTML in titles, names, tick labels and hover text: escape data going
+// into them so that a name shows as the characters it has.
+export function plotText(text) {
+  return String(text).replace(/[&<>]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;" }[c]));
+}

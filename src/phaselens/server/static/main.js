@@ -1,5 +1,5 @@
 // The dashboard page: state, wiring between views, and the WebSocket that pushes changes.
-import { get, post, enc, guarded, action, hold, newest, generation, showError } from "./api.js";
+import { get, post, enc, guarded, action, hold, newest, generation, showError, fillOptions } from "./api.js";
 import { drawTimeline, drawHeatmap, moveStepLine } from "./timeline.js";
 import { loadHeadScores, drawArchitecture, runText, drawHead, ablate, patch, gradients } from "./modelview.js";
 import { loadNeurons } from "./neurons.js";
@@ -15,14 +15,14 @@ const $ = (id) => document.getElementById(id);
 async function loadRuns() {
   const { runs } = await get("/api/runs");
   state.runs = runs;
-  const options = runs.map((r) => `<option value="${r.name}">${r.name}</option>`).join("");
+  const names = runs.map((r) => r.name);
   const keep = state.run;
-  $("run-select").innerHTML = options;
-  $("compare-select").innerHTML = `<option value="">(none)</option>` + options;
+  fillOptions($("run-select"), names);
+  fillOptions($("compare-select"), [["", "(none)"], ...names]);
   $("compare-select").value = state.compare;
   if (keep && runs.some((r) => r.name === keep)) $("run-select").value = keep;
   const body = $("runs-table").querySelector("tbody");
-  body.innerHTML = "";
+  body.replaceChildren();
   for (const r of runs) {
     const row = document.createElement("tr");
     row.dataset.run = r.name;
@@ -77,8 +77,8 @@ async function loadSeries() {
   state.stages = stages;
   const names = series.map((s) => `${s.probe}/${s.metric}`);
   const heat = series.filter((s) => s.per === "head").map((s) => `${s.probe}/${s.metric}`);
-  $("metric-select").innerHTML = names.map((n) => `<option>${n}</option>`).join("");
-  $("heatmap-select").innerHTML = heat.map((n) => `<option>${n}</option>`).join("");
+  fillOptions($("metric-select"), names);
+  fillOptions($("heatmap-select"), heat);
   state.metric = names.includes(state.metric) ? state.metric : (names.includes("loss/copy") ? "loss/copy" : names[0] || null);
   state.heatmap = heat.includes(state.heatmap) ? state.heatmap : (heat.includes("attention/entropy") ? "attention/entropy" : heat[0] || null);
   $("metric-select").value = state.metric || "";

@@ -1,7 +1,7 @@
 // Model view at the scrubbed checkpoint: architecture map, per-token loss, a head's attention,
 // scores and circuits, ablate / freeze, patching and gradient attribution.
-import { post, get, enc, guarded, newest } from "./api.js";
-import { toSeries } from "./timeline.js";
+import { post, get, enc, guarded, newest, plotText } from "./api.js";
+import { PREFER, toSeries } from "./timeline.js";
 
 const SVG = "http://www.w3.org/2000/svg";
 const PLOT = { displaylogo: false, responsive: true };
@@ -21,7 +21,7 @@ function el(tag, attrs, parent) {
 export async function loadHeadScores(state) {
   if (!state.headRows || state.headRows.run !== state.run) {
     const run = state.run;
-    const rows = await get(`/api/runs/${enc(run)}/metrics?probe=heads`).catch(() => null);
+    const rows = await get(`/api/runs/${enc(run)}/metrics?probe=heads&prefer=${PREFER}`).catch(() => null);
     if (run === state.run) state.headRows = rows && { ...rows, run };
   }
   const rows = state.headRows;
@@ -61,7 +61,7 @@ export function mapLayout(arch) {
 
 export function drawArchitecture(state, arch, scores, onSelect) {
   const svg = document.getElementById("arch");
-  svg.innerHTML = "";
+  svg.replaceChildren();
   svg.dataset.step = state.useKernel ? "kernel" : String(state.step);  // which model the map shows
   const L = mapLayout(arch);
   const height = L.top + arch.n_layers * L.rowH + L.bottom;
@@ -107,7 +107,7 @@ export function drawArchitecture(state, arch, scores, onSelect) {
 
 function fmt(v) { return v === undefined || v === null ? "–" : Number(v).toFixed(2); }
 
-function positionLabels(labels) { return labels.slice(0, -1).map((t, i) => `${i}:${t}→${labels[i + 1]}`); }
+function positionLabels(labels) { return labels.slice(0, -1).map((t, i) => plotText(`${i}:${t}→${labels[i + 1]}`)); }
 
 export async function drawLoss(state, result, ablated) {
   const x = positionLabels(result.labels);
@@ -151,7 +151,7 @@ export async function drawHead(state) {
     post("/api/model/weights", ref),
   ]);
   if (!current()) return;
-  const axis = attention.labels.map((t, i) => `${i}:${t}`);
+  const axis = attention.labels.map((t, i) => plotText(`${i}:${t}`));
   await Plotly.react("attention-plot", [{ type: "heatmap", z: attention.pattern, x: axis, y: axis, colorscale: "Blues", reversescale: true,
     hovertemplate: "query %{y} → key %{x}: %{z:.3f}<extra></extra>" }],
     { title: { text: "attention on the text (query ↓, key →)", font: { size: 12 } }, margin: { t: 30, r: 10, b: 60, l: 60 },
@@ -160,7 +160,7 @@ export async function drawHead(state) {
   // none, with the reason, for a model without per-head weights.
   document.getElementById("circuits-note").textContent = weights.space === "hidden" ? `No QK / OV circuits: ${weights.note}.`
     : `QK and OV circuits over ${weights.note}.`;
-  const circuitAxis = weights.labels.map((t, i) => (String(weights.tokens[i]) === t ? t : `${weights.tokens[i]}:${t}`));
+  const circuitAxis = weights.labels.map((t, i) => plotText(String(weights.tokens[i]) === t ? t : `${weights.tokens[i]}:${t}`));
   const circuit = (id, z, title) => Plotly.react(id, [{ type: "heatmap", z, x: circuitAxis, y: circuitAxis, colorscale: "RdBu", zmid: 0,
     hovertemplate: "%{y} → %{x}: %{z:.3f}<extra></extra>" }],
     { title: { text: title, font: { size: 12 } }, margin: { t: 30, r: 10, b: 60, l: 70 }, yaxis: { autorange: "reversed", tickfont: { size: 8 } },
@@ -239,7 +239,7 @@ export async function patch(state) {
 export async function gradients(state) {
   const position = document.getElementById("grad-position").value;
   const result = await post("/api/model/gradients", { ...modelRef(state), text: state.text, position: position === "" ? null : Number(position) });
-  await Plotly.react("grad-plot", [{ type: "bar", x: result.labels.map((t, i) => `${i}:${t}`), y: result.grad_norm, marker: { color: "#2ca02c" } }],
+  await Plotly.react("grad-plot", [{ type: "bar", x: result.labels.map((t, i) => plotText(`${i}:${t}`)), y: result.grad_norm, marker: { color: "#2ca02c" } }],
     { title: { text: `‖∂loss/∂embedding‖ per token (loss ${result.loss.toFixed(3)})`, font: { size: 12 } }, margin: { t: 30, r: 10, b: 40, l: 45 },
       xaxis: { showticklabels: false } }, PLOT);
   return result;

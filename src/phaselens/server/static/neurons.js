@@ -1,5 +1,5 @@
 // Neurons view: shown only when the run has neuron reports (RUN/artifacts/neurons/*.json).
-import { get, enc } from "./api.js";
+import { get, enc, fillOptions, plotText } from "./api.js";
 
 export async function loadNeurons(state) {
   const section = document.getElementById("neurons-view");
@@ -10,23 +10,23 @@ export async function loadNeurons(state) {
   const statSelect = document.getElementById("neuron-stat");
   const neuronSelect = document.getElementById("neuron-select");
   const layers = report.layers;
-  layerSelect.innerHTML = layers.map((l, i) => `<option value="${i}">layer ${l.layer} (${escape(l.name)})</option>`).join("");
+  fillOptions(layerSelect, layers.map((l, i) => [String(i), `layer ${l.layer} (${l.name})`]));
   const drawHistogram = () => {
     const layer = layers[Number(layerSelect.value)];
     if (!layer) { Plotly.purge("neuron-hist"); return; }
     const stats = Object.keys(layer.values);
-    if (!stats.includes(statSelect.value)) statSelect.innerHTML = stats.map((s) => `<option>${escape(s)}</option>`).join("");
+    if (!stats.includes(statSelect.value)) fillOptions(statSelect, stats);
     const values = (layer.values[statSelect.value] || []).filter((v) => v !== null);  // null: no value (never fired)
     Plotly.react("neuron-hist", [{ type: "histogram", x: values, nbinsx: 50, marker: { color: "#9467bd" } }],
-      { title: { text: `${layer.name}: ${statSelect.value} over ${values.length} neurons`, font: { size: 12 } },
+      { title: { text: plotText(`${layer.name}: ${statSelect.value} over ${values.length} neurons`), font: { size: 12 } },
         margin: { t: 30, r: 10, b: 35, l: 45 }, yaxis: { type: "log" } }, { displaylogo: false, responsive: true });
   };
-  neuronSelect.innerHTML = report.neurons.map((n, i) =>
-    `<option value="${i}">${escape(n.layer)} #${n.neuron} (fires on ${(100 * n.firing_rate).toFixed(2)}%)</option>`).join("");
+  fillOptions(neuronSelect, report.neurons.map((n, i) =>
+    [String(i), `${n.layer} #${n.neuron} (fires on ${(100 * n.firing_rate).toFixed(2)}%)`]));
   const drawContexts = () => {
     const neuron = report.neurons[Number(neuronSelect.value)];
     const list = document.getElementById("neuron-contexts");
-    list.innerHTML = "";
+    list.replaceChildren();
     for (const c of neuron ? neuron.contexts : []) {
       // The text before, the activating token highlighted, the text after (newlines shown as ↵).
       const item = document.createElement("li");
@@ -48,8 +48,4 @@ export async function loadNeurons(state) {
 
 function visible(text) {
   return String(text).replace(/\n/g, "↵").replace(/\t/g, "⇥");
-}
-
-function escape(text) {
-  return String(text).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
 }

@@ -1,5 +1,5 @@
 // Timeline: metric curves with transition markers and windows, layer x head heatmaps, a scrubber line.
-import { get, enc, newest } from "./api.js";
+import { get, enc, newest, plotText } from "./api.js";
 
 const COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
 
@@ -8,16 +8,16 @@ function label(layer, head) {
   return head === null ? `L${layer}` : `L${layer}H${head}`;
 }
 
-// Rows of one metric, grouped into series (one per layer/head), from the source with most rows.
+// The API's choice of source for every curve (`Run.metrics(prefer=...)`); the page never decides it.
+export const PREFER = "densest";
+
+// Rows of one metric, grouped into series (one per layer/head). The rows hold one source per series
+// when asked with `prefer=`; the source is kept on each series for its hover text.
 export function toSeries(rows) {
-  const counts = {};
-  rows.source.forEach((s) => { counts[s] = (counts[s] || 0) + 1; });
-  const source = Object.keys(counts).sort((a, b) => counts[b] - counts[a])[0];
   const series = new Map();
   for (let i = 0; i < rows.step.length; i++) {
-    if (rows.source[i] !== source) continue;
     const key = label(rows.layer[i], rows.head[i]);
-    if (!series.has(key)) series.set(key, { name: key, layer: rows.layer[i], head: rows.head[i], x: [], y: [] });
+    if (!series.has(key)) series.set(key, { name: key, layer: rows.layer[i], head: rows.head[i], source: rows.source[i], x: [], y: [] });
     const s = series.get(key);
     s.x.push(rows.step[i]);
     s.y.push(rows.value[i]);
@@ -25,8 +25,14 @@ export function toSeries(rows) {
   return [...series.values()];
 }
 
+// "probe/metric" as the selects show it; a probe's own name may hold a "/".
+function probeAndMetric(name) {
+  const cut = name.lastIndexOf("/");
+  return [name.slice(0, cut), name.slice(cut + 1)];
+}
+
 export async function loadMetric(run, probe, metric) {
-  return toSeries(await get(`/api/runs/${enc(run)}/metrics?probe=${enc(probe)}&metric=${enc(metric)}`));
+  return toSeries(await get(`/api/runs/${enc(run)}/metrics?probe=${enc(probe)}&metric=${enc(metric)}&prefer=${PREFER}`));
 }
 
 // Developmental stages (cut at the critical points of the LLC curve) as alternating bands behind every curve.
@@ -40,7 +46,7 @@ function stageBands(stages) {
 function stageLabels(stages) {
   return stages.map((st) => ({ x: (st.start + st.end) / 2, y: 1, xref: "x", yref: "paper", yanchor: "bottom", showarrow: false,
     text: `stage ${st.index}`, font: { size: 10, color: "#555" },
-    hovertext: `steps ${st.start}–${st.end}: LLC ${st.llc_start.toFixed(1)} → ${st.llc_end.toFixed(1)}<br>${st.transitions.join("<br>")}` }));
+    hovertext: `steps ${st.start}–${st.end}: LLC ${st.llc_start.toFixed(1)} → ${st.llc_end.toFixed(1)}<br>${st.transitions.map(plotText).join("<br>")}` }));
 }
 
 function stepLine(step) {
@@ -49,12 +55,12 @@ function stepLine(step) {
 
 export async function drawTimeline(state) {
   const current = newest("timeline");
-  const [probe, metric] = state.metric.split("/");
+  const [probe, metric] = probeAndMetric(state.metric);
   const own = await loadMetric(state.run, probe, metric);
   const traces = own.map((s, i) => ({ ...s, type: "scatter", mode: "lines", line: { color: COLORS[i % COLORS.length], width: 1.5 } }));
   if (state.compare) {
     const other = await loadMetric(state.compare, probe, metric).catch(() => []);
-    other.forEach((s, i) => traces.push({ ...s, name: `${state.compare}: ${s.name}`, type: "scatter", mode: "lines",
+    other.forEach((s, i) => traces.push({ ...s, name: `${plotText(state.compare)}: ${s.name}`, type: "scatter", mode: "lines",
       line: { color: COLORS[i % COLORS.length], width: 1.5, dash: "dot" } }));
   }
   if (!current()) return;
@@ -65,7 +71,7 @@ export async function drawTimeline(state) {
     shapes.push({ type: "line", xref: "x", yref: "paper", x0: t.step, x1: t.step, y0: 0, y1: 1, line: { color: "#555", dash: "dot", width: 1 } });
   }
   state.timelineShapes = shapes;
-  const layout = { title: { text: `${probe} / ${metric}`, font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 45 },
+  const layout = { title: { text: plotText(`${probe} / ${metric}`), font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 45 },
     xaxis: { title: { text: "step" } }, shapes: [...shapes, stepLine(state.step ?? 0)], legend: { font: { size: 10 } },
     annotations: stageLabels(state.stages || []) };
   await Plotly.react("timeline-plot", traces, layout, { displaylogo: false, responsive: true });
@@ -74,14 +80,14 @@ export async function drawTimeline(state) {
 export async function drawHeatmap(state) {
   if (!state.heatmap) { Plotly.purge("heatmap-plot"); return; }
   const current = newest("heatmap");
-  const [probe, metric] = state.heatmap.split("/");
+  const [probe, metric] = probeAndMetric(state.heatmap);
   const series = (await loadMetric(state.run, probe, metric)).filter((s) => s.head !== null);
   if (!current()) return;
   const steps = [...new Set(series.flatMap((s) => s.x))].sort((a, b) => a - b);
   const index = new Map(steps.map((s, i) => [s, i]));
   const z = series.map((s) => { const row = new Array(steps.length).fill(null); s.x.forEach((x, i) => { row[index.get(x)] = s.y[i]; }); return row; });
   const trace = { type: "heatmap", x: steps, y: series.map((s) => s.name), z, colorscale: "Viridis", hovertemplate: "%{y} step %{x}: %{z:.3f}<extra></extra>" };
-  const layout = { title: { text: `${probe} / ${metric} (layer x head over steps)`, font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 55 },
+  const layout = { title: { text: plotText(`${probe} / ${metric} (layer x head over steps)`), font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 55 },
     xaxis: { title: { text: "step" } }, shapes: [stepLine(state.step ?? 0)] };
   await Plotly.react("heatmap-plot", [trace], layout, { displaylogo: false, responsive: true });
 }

@@ -24,7 +24,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import pandas as pd
 
-COLUMNS = ["probe", "metric", "layer", "head", "step", "start", "end", "before", "after", "strength"]
+from phaselens.signals.sources import Prefer, prefer_source
+
+COLUMNS = ["probe", "metric", "layer", "head", "step", "start", "end", "before", "after", "strength", "source"]
 MIN_POINTS = 12
 MAX_PER_SERIES = 4
 MAX_WINDOW_FRACTION = 0.4
@@ -146,22 +148,22 @@ def find_transitions(steps: np.ndarray, values: np.ndarray) -> list[Transition]:
     return sorted(found, key=lambda t: t.step)
 
 
-def detect_transitions(metrics: pd.DataFrame) -> pd.DataFrame:
+def detect_transitions(metrics: pd.DataFrame, prefer: Prefer = "densest") -> pd.DataFrame:
     """Transitions of every (probe, metric, layer, head) series in a metrics frame.
 
-    Where a series has values from several sources (live and checkpoint), the densest is used.
+    Where a series has values from both sources (live and checkpoint), `prefer` picks the curve searched
+    (`signals.sources.prefer_source`; None: both, each on its own); `source` names it on every transition.
     """
     rows = []
     if len(metrics):
-        keys = ["probe", "metric", "layer", "head"]
-        frame = metrics.copy()
+        keys = ["probe", "metric", "layer", "head", "source"]
+        frame = prefer_source(metrics, prefer).copy()
         frame[["layer", "head"]] = frame[["layer", "head"]].astype("float").fillna(-1).astype(int)
-        for (probe, metric, layer, head), group in frame.groupby(keys, sort=True):
-            source = group["source"].value_counts().idxmax()
-            series = group[group["source"] == source].sort_values("step")
+        for (probe, metric, layer, head, source), group in frame.groupby(keys, sort=True):
+            series = group.sort_values("step")
             for t in find_transitions(series["step"].to_numpy(), series["value"].to_numpy()):
                 rows.append({"probe": probe, "metric": metric, "layer": None if layer < 0 else layer,
-                             "head": None if head < 0 else head, **asdict(t)})
+                             "head": None if head < 0 else head, **asdict(t), "source": source})
     out = pd.DataFrame(rows, columns=COLUMNS)
     return out.astype({"layer": "Int64", "head": "Int64"})
 

@@ -1,0 +1,104 @@
+"""The circuits artifact `phaselens.circuits/1`: written by the `circuits` probe at every checkpoint it measures,
+read by `Run.edges()`, the over-training analysis and the report, through this one typed reader and writer
+(torch-free).
+
+    RUN/artifacts/circuits/step_<S>.json
+    {"format": "phaselens.circuits/1", "step": S | null, "methods": ["exact", "eap", "eap_ig"],
+     "steps": m (EAP-IG interpolation steps), "circuit_method": method the circuit was found with,
+     "threshold": 0.8, "metric_clean": m(clean), "metric_corrupt": m(corrupt), "faithfulness": f,
+     "pairs": {"patch": token set corrupted, "read": prediction set read, "seed": s, "sequences": B},
+     "edges": [{"edge": "L0H1->L1H0.k", "upstream": "L0H1", "downstream": "L1H0", "input": "k" | "q" | "v" | "mlp" | "logits",
+                "scores": {method: score}, "in_circuit": bool}]}
+
+A score is metric(edge patched to corrupt) − metric(clean) (exact) or its first-order estimate (eap, eap_ig):
+positive where the edge carries what lowers the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from phaselens.store.atomic import write_json
+from phaselens.store.neuron_artifact import ArtifactError
+
+CIRCUITS_FORMAT = "phaselens.circuits/1"
+_STEP_FILE = re.compile(r"^step_(\d{8,})\.json$")
+
+
+@dataclass
+class EdgeRecord:
+    edge: str
+    upstream: str
+    downstream: str
+    input: str
+    scores: dict[str, float]
+    in_circuit: bool = False
+
+
+@dataclass
+class CircuitArtifact:
+    """Every edge's scores at one checkpoint, and the circuit found there."""
+
+    methods: list[str]
+    steps: int
+    circuit_method: str
+    threshold: float
+    metric_clean: float
+    metric_corrupt: float
+    faithfulness: float
+    pairs: dict[str, Any]
+    edges: list[EdgeRecord] = field(default_factory=list)
+    step: int | None = None
+
+    @property
+    def circuit(self) -> list[str]:
+        """The names of the circuit's edges."""
+        return [e.edge for e in self.edges if e.in_circuit]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": CIRCUITS_FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any], origin: str = "circuits artifact") -> "CircuitArtifact":
+        if not isinstance(raw, dict) or raw.get("format") != CIRCUITS_FORMAT:
+            got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+            raise ArtifactError(f"{origin}: not a {CIRCUITS_FORMAT} artifact (format {got!r})")
+        try:
+            edges = [EdgeRecord(**e) for e in raw["edges"]]
+            fields = {k: raw[k] for k in ("methods", "steps", "circuit_method", "threshold", "metric_clean",
+                                          "metric_corrupt", "faithfulness", "pairs")}
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"{origin}: malformed {CIRCUITS_FORMAT} artifact ({exc})") from None
+        return cls(**fields, edges=edges, step=raw.get("step"))
+
+
+def write_circuits(path: Path, artifact: CircuitArtifact) -> None:
+    """Write one checkpoint's artifact (atomically)."""
+    write_json(path, artifact.to_json(), compact=True)
+
+
+def read_circuits(path: Path) -> CircuitArtifact:
+    """One checkpoint's artifact; its step from the file name where the file does not say it."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: cannot read the circuits artifact ({exc})") from None
+    artifact = CircuitArtifact.from_json(raw, str(path))
+    match = _STEP_FILE.match(path.name)
+    if artifact.step is None and match:
+        artifact.step = int(match.group(1))
+    return artifact
+
+
+def read_all_circuits(folder: Path) -> list[CircuitArtifact]:
+    """Every checkpoint's artifact in `folder` (RUN/artifacts/circuits), by step; none when the probe never ran."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [read_circuits(p) for p in sorted(folder.iterdir()) if _STEP_FILE.match(p.name)]
+    return sorted(found, key=lambda a: a.step if a.step is not None else -1)
