@@ -14,7 +14,7 @@ SHELL  := /bin/bash
 # This environment's pip config lists index folders that may not exist; hide those warnings only.
 QUIET  := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 
-.PHONY: demo test test-fast test-perturbed bench clean
+.PHONY: demo test test-fast test-perturbed bench docs typecheck clean
 
 $(VENV)/.base: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,8 +43,22 @@ test-perturbed: $(VENV)/.test
 	PHASELENS_TEST_THREADS=2 PHASELENS_TEST_SEED_OFFSET=1 $(PY) -m pytest -m slow -k "demo and not control" \
 		tests/test_demo.py tests/test_transitions.py $(PYTEST_ARGS)
 
+$(VENV)/.docs: $(VENV)/.base
+	$(PIP) install -e ".[docs]" $(QUIET)
+	touch $@
+
+# The docs site (mkdocs-material) into site/; --strict turns every warning into an error. The CLI reference,
+# the Python API, the config and HTTP tables and the benchmark tables are generated from the code (docs/hooks/).
+docs: $(VENV)/.docs
+	$(VENV)/bin/mkdocs build --strict --site-dir site
+
+# mypy over the public API (`import phaselens as pl` names and their modules) and the export package, with the
+# settings and file list in pyproject.toml ([tool.mypy]); no errors allowed.
+typecheck: $(VENV)/.test
+	$(PY) -m mypy
+
 bench: $(VENV)/.base
 	$(PY) benchmarks/telemetry_overhead.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache site

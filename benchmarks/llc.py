@@ -13,7 +13,12 @@ And it measures the bound any batching of the chains can reach: the same C·m se
 forward/backward with shared weights (the fewest kernels and the largest matmuls the work allows),
 against C one-chain forward/backwards of m sequences each; `ideal_ratio` is the second over the
 first. Batched chains cannot beat that (they do the same arithmetic, with C weight sets), so when it
-is near 1 the chains are compute-bound and batching has little left to save. The last line is JSON.
+is near 1 the chains are compute-bound and batching has little left to save.
+
+Per-component case: the weight-refined LLC of every head at the last measured checkpoint, all heads'
+chains in one batched step (H·C chains: `LLCEstimator.estimate_components`) against the same chains one
+head after another (H runs of C batched chains); `ratio_components_batched_vs_sequential` is the second
+over the first, and the script checks both give the same traces. The last line is JSON.
 
     .venv/bin/python benchmarks/llc.py [--run runs/demo] [--checkpoints 3] [--chains 8] [--threads 1]
                                        [--option batch_size=1] [--profile-steps 20]
@@ -94,6 +99,24 @@ def step_profile(estimator: LLCEstimator, reps: int) -> tuple[dict[str, float], 
     return {k: round(v[0], 3) for k, v in costs.items()}, {k: round(v[1], 3) for k, v in costs.items()}
 
 
+def component_case(probe, model: torch.nn.Module) -> dict[str, float]:
+    """Per-head rLLC of every head: batched together vs one head after another (seconds, and the head count)."""
+    from phaselens.models.adapter import adapter_for
+
+    heads = [c for c in adapter_for(model).component_parameters() if c.kind == "heads"]
+    began, began_cpu = time.perf_counter(), time.process_time()
+    together = probe.estimator(model).estimate_components(heads)
+    batched, batched_cpu = time.perf_counter() - began, time.process_time() - began_cpu
+    began, began_cpu = time.perf_counter(), time.process_time()
+    alone = [probe.estimator(model).estimate_components([head])[0] for head in heads]
+    sequential, sequential_cpu = time.perf_counter() - began, time.process_time() - began_cpu
+    if not all(np.allclose(a.traces, b.traces, rtol=1e-3, atol=1e-4) for a, b in zip(together, alone)):
+        raise SystemExit("the heads' chains batched together differ from the same chains run one head at a time")
+    print(f"per-head rLLC, {len(heads)} heads × {probe.settings.chains} chains: batched {batched:.2f} s, one head after "
+          f"another {sequential:.2f} s ({sequential / batched:.2f}×); λ̂: " + ", ".join(f"{r.component} {r.llc:.1f}" for r in together))
+    return {"batched": batched, "sequential": sequential, "cpu_ratio": sequential_cpu / batched_cpu, "heads": len(heads)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="an induction run (default: train the demo model for 300 steps)")
@@ -135,6 +158,7 @@ def main() -> None:
             if not same:
                 raise SystemExit(f"step {step}: the batched chains differ from the sequential ones")
         profile, profile_cpu = step_profile(probe.estimator(run.load_model(picked[-1])), args.profile_steps)
+        component_seconds = component_case(probe, run.load_model(picked[-1]))
     s = probe.settings
     outside = profile["minibatch"] + profile["noise"] + profile["update"]
     print(f"one step at step {picked[-1]} (median ms): batched {profile['batched_step']:.2f}, sequential "
@@ -154,6 +178,11 @@ def main() -> None:
                       "ideal_ratio": round(ideal, 2), "cpu_ideal_ratio": round(cpu_ideal, 2),
                       "step_ratio": round(profile["sequential_step"] / profile["batched_step"], 2), "step_ms": profile,
                       "step_cpu_ms": profile_cpu,
+                      "ratio_components_batched_vs_sequential": round(component_seconds["sequential"] / component_seconds["batched"], 2),
+                      "cpu_ratio_components_batched_vs_sequential": round(component_seconds["cpu_ratio"], 2),
+                      "seconds_components_batched": round(component_seconds["batched"], 2),
+                      "seconds_components_sequential": round(component_seconds["sequential"], 2),
+                      "components": component_seconds["heads"],
                       "chains": s.chains, "batch_size": s.batch_size, "steps": s.burnin + s.draws, "threads": args.threads}))
 
 

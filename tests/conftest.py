@@ -155,18 +155,33 @@ def probed_imported_run(imported_run, tmp_path_factory) -> Path:
     return path
 
 
-CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM = Path(os.environ.get("PHASELENS_TEST_CHROMIUM") or "/usr/bin/chromium")  # the variable: to test the skip notice
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+NO_CHROMIUM = "Debian chromium is not installed"
+_SKIPPED_BROWSER_TESTS: list[str] = []
 
 
 def pytest_collection_modifyitems(items):
     """Browser tests (those that use the `browser` or `chromium` fixture) are skipped where Debian's Chromium is missing."""
     if CHROMIUM.exists():
         return
-    skip = pytest.mark.skip(reason="Debian chromium is not installed")
+    skip = pytest.mark.skip(reason=NO_CHROMIUM)
     for item in items:
         if {"browser", "chromium"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip)
+            _SKIPPED_BROWSER_TESTS.append(item.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say once, at the end, which browser tests did not run and how to get them."""
+    if _SKIPPED_BROWSER_TESTS:
+        terminalreporter.write_sep("=", "browser tests skipped", yellow=True)
+        terminalreporter.write_line(f"{len(_SKIPPED_BROWSER_TESTS)} browser tests did not run: {CHROMIUM} is missing. "
+                                    "Install it with `apt-get install -y chromium` (`bash .ci/run` does) and run them again:")
+        for nodeid in _SKIPPED_BROWSER_TESTS:
+            terminalreporter.write_line(f"  {nodeid}")
 
 
 @pytest.fixture(scope="session")

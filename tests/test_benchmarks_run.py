@@ -42,8 +42,9 @@ def test_the_post_hoc_and_llc_benchmarks_run_on_a_run(run_copy):
     assert sweep["checkpoints"] == 3 and sweep["ratio_vs_naive"] > 0
     assert sweep["rows"]["naive"] == sweep["rows"]["phaselens"]  # both sides measure the same probes
     llc = last_json("llc.py", "--run", str(run_copy), "--checkpoints", "1", "--chains", "2", "--option", "draws=4",
-                    "--option", "burnin=2", "--profile-steps", "2")
+                    "--option", "burnin=2", "--option", "n=64", "--profile-steps", "2")
     assert llc["chains"] == 2 and llc["ratio_batched_vs_sequential"] > 0
+    assert llc["components"] == 4 and llc["ratio_components_batched_vs_sequential"] > 0  # every head of the 2×2 model
 
 
 def test_the_dashboard_latency_benchmark_clicks_ablate_in_the_browser(induction_run, chromium):

@@ -468,3 +468,300 @@ def test_a_fifo_as_the_probe_batch_is_refused_not_read_forever(run_copy):
     result = phaselens_within(120, "probe", run_copy, "--probes", "heads", "--remeasure")
     assert result.returncode != 0 and "probe_batch.safetensors is not a regular file" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------- issue 27: settings refused up front
+
+@pytest.mark.parametrize("setting, says", [
+    (f"name={'a' * 300}", "at most 255 bytes"),
+    ("train.seed=99999999999999999999", "train.seed must be between 0 and"),
+    ("train.device=cuda:abc", "train.device must be one of auto|cpu|cuda|cuda:N|mps"),
+    ("train.threads=100000", "train.threads must be between 0"),
+    ("model.d_vocab=1", "model.d_vocab=1: the induction task draws random tokens and needs at least 2"),
+    ("model.init_std=.inf", "model.init_std must be a finite number > 0"),
+    ("telemetry.probe_options.heads.bogus=1", "unknown option(s) ['bogus']; its options: none"),
+    ("telemetry.probe_options.attention.bogus=1", "unknown option(s) ['bogus']; its options: none"),
+    ("telemetry.probe_options.neurons.bogus=1", "unknown option(s) ['bogus']; its options: hook, threshold"),
+    ("telemetry.probe_options.logit_lens.first_token_only=maybe", "first_token_only='maybe' must be true or false"),
+    ("telemetry.probe_options.llc.gamma=.nan", "gamma must be a finite number"),
+    ("telemetry.probe_options.logit_lens.positions=[copy,source]", "positions=['copy', 'source'] must be a name"),
+])
+def test_an_impossible_setting_is_refused_by_name_before_anything_is_written(setting, says, tmp_path):
+    refused("train", *TINY_ARGS, setting, "--out", tmp_path / "r", says=says)
+    assert not (tmp_path / "r").exists()
+
+
+def test_mps_on_a_machine_without_it_is_refused_naming_the_key(tmp_path):
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    refused("train", *TINY_ARGS, "train.device=mps", "--out", tmp_path / "r", says="train.device=mps: no MPS")
+
+
+def test_an_option_no_probe_has_is_refused_for_every_probe_on_the_command_line(induction_run):
+    from phaselens.probes.base import probe_names
+
+    for name in probe_names():  # one check, in the measurement plan, for every probe (built-in or a plug-in)
+        result = refused("probe", induction_run, "--probes", name, "--probe-option", f"{name}.no_such_option=1",
+                         says="unknown option(s) ['no_such_option']")
+        assert f"probe {name!r}" in result.stderr
+
+
+def test_import_hf_refuses_an_object_of_counts_a_step_beyond_the_store_and_a_series_without_its_tokenizer(tiny_hf_models, tmp_path):
+    import shutil
+
+    series = tmp_path / "series"
+    for revision in ("step0", "step99999999999999999999"):
+        shutil.copytree(tiny_hf_models["gpt2"], series / revision)
+    (tmp_path / "text.txt").write_text("the cat sat on the mat while the dog ran far away from the old red barn\n" * 20)
+    (tmp_path / "counts.json").write_text(json.dumps({"the": 3, "cat": 1}))
+    common = ["--text", tmp_path / "text.txt", "--seq-len", "16", "--sequences", "2"]
+    refused("import-hf", series, "--revisions", "step0", "--out", tmp_path / "a", "--unigram", tmp_path / "counts.json", *common,
+            says="--unigram: ")
+    refused("import-hf", series, "--revisions", "step0,step99999999999999999999", "--out", tmp_path / "b", *common,
+            says="its step is beyond the largest phaselens stores")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (series / "step0" / name).unlink()
+    refused("import-hf", series, "--revisions", "step0", "--out", tmp_path / "c", *common, says="step0 has no tokenizer files")
+    assert not any((tmp_path / out).exists() for out in "abc")  # nothing half-made is left
+
+
+# ---------------------------------------------------------------------------- issue 27: signals, locks, NaN weights
+
+# `phaselens ARGV` in which the SIGTERM a scheduler sends arrives while step 10's checkpoint is being written:
+# between its model file and its trainer files.
+SIGTERM_DURING_A_CHECKPOINT = """
+import os, signal, sys
+import phaselens.models.checkpoints as checkpoints
+real = checkpoints.save_file
+def save_file(tensors, path, *args, **kwargs):
+    real(tensors, path, *args, **kwargs)
+    if "step_00000010" in path and path.endswith("model.safetensors"):
+        os.kill(os.getpid(), signal.SIGTERM)
+checkpoints.save_file = save_file
+from phaselens.cli import app
+app(sys.argv[1:], prog_name="phaselens")
+"""
+
+
+def test_sigterm_during_a_checkpoint_write_finishes_it_and_stops_the_run_as_ctrl_c_does(tmp_path):
+    import subprocess
+    import sys
+
+    from phaselens.store.run_dir import RunDir
+
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-c", SIGTERM_DURING_A_CHECKPOINT, "train", *FIXTURE_ARGS, "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 143 and "Traceback" not in result.stderr, result.stdout + result.stderr
+    assert "stopped by SIGTERM at step 10: checkpoint and metrics up to it are saved" in result.stdout
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "stopped" and info["steps_done"] == 10 and "SIGTERM" in info["stop_reason"]
+    assert RunDir(out).checkpoint_steps() == [0, 10] and sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000000", "step_00000010"]  # the checkpoint being written was finished; no temp dir is left
+    assert run_cli("train", *FIXTURE_ARGS, "--out", out, "--resume").exit_code == 0
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs (an exited one waiting to be reaped, a zombie, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in state and "\nState:\tX" not in state
+
+
+def test_sigterm_to_probe_with_workers_ends_the_workers_and_the_python_api_takes_the_same_lock(run_copy):
+    import signal
+    import subprocess
+    import sys
+
+    from phaselens.errors import RunError
+    from phaselens.posthoc.runner import run_probes
+
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("needs /proc to find the worker processes")
+    driver = subprocess.Popen([sys.executable, "-m", "phaselens.cli", "probe", str(run_copy), "--probes", "llc", "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers) < 2:  # the sweep is under way: both workers measure a checkpoint
+            assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read() if driver.poll() is not None else "no workers"
+            children = Path(f"/proc/{driver.pid}/task/{driver.pid}/children")
+            workers = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+            time.sleep(0.1)
+        with pytest.raises(RunError, match=f"is in use: pid {driver.pid} \\(probe\\)"):  # a second writer, through Python
+            run_probes(run_copy, ["attention"], progress=False)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) == 143
+        stderr = driver.stderr.read()
+        assert "interrupted by SIGTERM" in stderr and "Traceback" not in stderr, stderr
+        deadline = time.monotonic() + 30
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"workers {[p for p in workers if _alive(p)]} outlived their driver"
+            time.sleep(0.1)
+    finally:
+        driver.kill()
+        driver.wait()
+        for pid in workers:
+            if _alive(pid):
+                import os
+
+                os.kill(pid, signal.SIGKILL)
+    assert run_probes(run_copy, ["attention"], progress=False).ok  # the lock went with its holder
+
+
+def test_a_metrics_store_locked_by_another_process_is_named_after_a_bounded_wait(run_copy, monkeypatch):
+    import subprocess
+    import sys
+
+    import phaselens.store.metrics as metrics
+
+    monkeypatch.setattr(metrics, "LOCK_WAIT", 1.0)
+    killed_after_step_10(run_copy)
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+                               "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(120)", str(run_copy / "metrics.sqlite")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        began = time.monotonic()
+        refused("probe", run_copy, "--probes", "logit_lens", "--steps", "0", says="metrics.sqlite is locked by another process")
+        result = refused("train", *FIXTURE_ARGS, "--out", run_copy, "--resume", says="metrics.sqlite is locked by another process")
+        assert time.monotonic() - began < 60 and "damaged" not in result.stderr
+        info = json.loads((run_copy / "run.json").read_text())
+        assert info["status"] != "running" and "locked" in info["stop_reason"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_cli("train", *FIXTURE_ARGS, "--out", run_copy, "--resume").exit_code == 0  # resumable once the lock is gone
+
+
+def nan_weights(checkpoint: Path) -> None:
+    """Overwrite a checkpoint's weights with NaN, keeping every name and shape (a diverged run saved, or bad memory)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    file = checkpoint / "model.safetensors"
+    save_file({name: torch.full_like(t, float("nan")) for name, t in load_file(str(file)).items()}, str(file))
+
+
+def test_a_checkpoint_of_nan_weights_is_flagged_failed_with_the_reason_not_measured(run_copy):
+    import phaselens as pl
+
+    nan_weights(run_copy / "checkpoints" / "step_00000010")
+    result = run_cli("probe", run_copy, "--probes", "logit_lens")
+    assert result.exit_code == 1 and "step 10:" in result.stderr and "NaN or infinite weights" in result.stderr
+    lens = pl.open_run(run_copy).metrics(probe="logit_lens", source="checkpoint")
+    assert set(lens["step"]) == {0, 20}  # no row of NaN-weight values
+
+
+# ---------------------------------------------------------------------------- issue 27: read-only runs and full disks
+
+# Mounts a user may make in a namespace of their own (no real root needed): a read-only bind, a small tmpfs.
+# `phaselens` commands run there in one interpreter; the answer is one JSON line per step.
+IN_NAMESPACE = """
+import json, subprocess, sys
+from pathlib import Path
+from typer.testing import CliRunner
+from phaselens.cli import app
+run, answers = Path(sys.argv[1]), []
+for step in json.loads(sys.argv[2]):
+    if step[0] == "sh":
+        subprocess.run(step[1], shell=True, check=True)
+        continue
+    result = CliRunner().invoke(app, step)
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    temps = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")) if (run / "checkpoints").is_dir() else []
+    answers.append({"exit": result.exit_code, "stdout": result.stdout, "stderr": result.stderr, "status": info.get("status"),
+                    "steps_done": info.get("steps_done"), "temps": temps,
+                    "escaped": None if isinstance(result.exception, (SystemExit, type(None))) else repr(result.exception)})
+print(json.dumps(answers))
+"""
+
+
+def in_own_namespace(mount: str, run: Path, *steps: list[str]) -> list[dict]:
+    """Run `steps` (phaselens argument lists, or ["sh", command]) after the shell command `mount`, in a user and
+    mount namespace of their own; skips where the kernel does not lend such namespaces."""
+    import shutil
+    import subprocess
+    import sys
+
+    unshare = ["unshare", "--user", "--map-root-user", "--mount"]
+    if shutil.which("unshare") is None or subprocess.run([*unshare, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs user and mount namespaces (unshare) to mount a read-only or small file system")
+    result = subprocess.run([*unshare, "sh", "-c", f'{mount} && exec "$@"', "sh", sys.executable, "-c", IN_NAMESPACE, str(run),
+                             json.dumps([[str(a) for a in step] for step in steps])], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    answers = json.loads(result.stdout.strip().splitlines()[-1])
+    for answer in answers:
+        assert answer["escaped"] is None and "Traceback" not in answer["stderr"], answer
+    return answers
+
+
+@pytest.mark.slow
+def test_a_read_only_run_is_exported_and_writers_say_it_is_read_only_not_damaged(run_copy, tmp_path):
+    import shlex
+
+    killed_after_step_10(run_copy)
+    where = shlex.quote(str(run_copy))
+    export, probe, report, resume = in_own_namespace(
+        f"mount --bind {where} {where} && mount -o remount,bind,ro {where}", run_copy,
+        ["export", run_copy, "--out", tmp_path / "metrics.csv"], ["probe", run_copy, "--probes", "logit_lens"],
+        ["report", run_copy], ["train", *FIXTURE_ARGS, "--out", run_copy, "--resume"])
+    assert export["exit"] == 0 and len((tmp_path / "metrics.csv").read_text().splitlines()) > 10
+    for answer in (probe, report, resume):
+        assert answer["exit"] != 0 and f"{run_copy} is read-only" in answer["stderr"], answer
+        assert "damaged" not in answer["stderr"]
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_train_resume_and_probe_is_one_line_and_the_run_resumes(tmp_path):
+    import shlex
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    run = disk / "run"
+    quoted = shlex.quote(str(disk))
+    args = ["induction", "train.steps=60", "train.checkpoint_every=5", "telemetry.every=5", "--out", run]
+    first, resumed, probe, finished, probed = in_own_namespace(
+        f"mount -t tmpfs -o size=3m tmpfs {quoted}", run,  # room for about four checkpoints
+        ["train", *args],
+        ["sh", f"mount -o remount,size=4m {quoted}"], ["train", *args, "--resume"],
+        ["sh", f"dd if=/dev/zero of={quoted}/filler bs=4k 2>/dev/null || true"], ["probe", run, "--probes", "logit_lens"],
+        ["sh", f"rm {quoted}/filler && mount -o remount,size=64m {quoted}"], ["train", *args, "--resume"],
+        ["probe", run, "--probes", "logit_lens"])
+    for answer in (first, resumed):
+        assert answer["exit"] != 0 and answer["status"] == "failed" and not answer["temps"], answer
+        assert f"the disk holding {run}, {disk} (" in answer["stderr"] and "free space and continue with --resume" in answer["stderr"]
+        assert len(answer["stderr"].strip().splitlines()) == 1
+    assert 0 < first["steps_done"] < resumed["steps_done"] < 60  # the resume went on from the last checkpoint
+    assert probe["exit"] != 0 and "is full" in probe["stderr"] and str(disk) in probe["stderr"], probe
+    assert finished["exit"] == 0 and finished["status"] == "finished" and probed["exit"] == 0, (finished, probed)
+
+
+def test_the_reliability_page_python_block_is_refused_by_a_writer_holding_the_run(run_copy):
+    """docs/reference/reliability.md's Python block, run while another process holds the run's writer lock."""
+    import contextlib
+    import io
+    import re
+    import subprocess
+    import sys
+
+    page = (Path(__file__).parent.parent / "docs" / "reference" / "reliability.md").read_text()
+    blocks = re.findall(r"<!-- run by tests/test_cli_bad_input.py -->\n```python\n(.*?)```", page, re.S)
+    block = next(b for b in blocks if "another process writes the run" in b)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from phaselens.store.run_dir import RunDir\n"
+                               "with RunDir(sys.argv[1]).writer_lock('probe'):\n    print('held', flush=True); time.sleep(120)",
+                               str(run_copy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(block.replace('"runs/induction"', repr(str(run_copy))), {})
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"is in use: pid {holder.pid} (probe)" in printed.getvalue()

@@ -50,7 +50,7 @@ def test_alignment_says_whether_each_diagnostic_moves_inside_the_loss_window():
     loss = frame("first_target", lag_curve(drop_at=60))
     gap_together = frame("z_shuffle_gap", 5 * (1 - lag_curve(drop_at=60) / 3.6))
     z_late = frame("z_dependence", 1 / (1 + np.exp(-(np.arange(100) - 85) / 1.5)), probe="patching", source="checkpoint")
-    found = alignment(pd.concat([loss, gap_together, z_late], ignore_index=True))
+    found = alignment(pd.concat([loss, gap_together, z_late], ignore_index=True), k=10)
     rows = {r["diagnostic"]: r for r in found.rows}
     assert 550 <= rows["first-target loss"]["step"] <= 650
     assert rows["z-shuffle gap"]["overlaps"] is True

@@ -147,3 +147,26 @@ def test_dashboard_serves_an_imported_series_timeline_and_its_model_view(series,
         arch = client.post("/api/model/architecture", json={"run": out.name, "step": 0})
     assert arch.status_code == 200, arch.text  # the model view reads it through its adapter (tests/test_dashboard_models.py)
     assert arch.json()["architecture"] == "GPTNeoXForCausalLM" and arch.json()["tokenizer"] == "hf"
+
+
+def test_revisions_all_and_a_run_with_an_ellipsis_name_the_series_folders(series, tmp_path):
+    """The README's `--revisions step0,...` recipes as typed: `all` takes every step{N} folder, in step order, and
+    `step0,step20,...,step80` every 20 steps; the default probe length fits a model whose context is 64."""
+    from phaselens.series.hf import expand_revisions
+
+    model_dir, text = series
+    (model_dir / "step7").mkdir()  # a folder without a saved model is not a revision
+    (model_dir / "notes").mkdir()
+    assert expand_revisions(["all"], str(model_dir)) == [f"step{s}" for s in STEPS]
+    assert expand_revisions(["step0", "step20", "...", "step80"], str(model_dir)) == ["step0", "step20", "step40", "step60", "step80"]
+    with pytest.raises(ConfigError, match="constant"):
+        expand_revisions(["step0", "step30", "...", "step80"], str(model_dir))
+    with pytest.raises(ConfigError, match="not a directory"):
+        expand_revisions(["all"], "EleutherAI/pythia-70m")
+    result = invoke("import-hf", model_dir, "--revisions", "all", "--out", tmp_path / "all", "--text", text, "--sequences", "2")
+    run = pl.open_run(tmp_path / "all")
+    assert run.checkpoint_steps() == list(STEPS), result.output
+    assert run.config["data"]["seq_len"] == 64  # min(128, the model's context)
+    too_long = CliRunner().invoke(app, ["import-hf", str(model_dir), "--revisions", "step0", "--out", str(tmp_path / "long"),
+                                        "--text", str(text), "--seq-len", "500"])
+    assert too_long.exit_code != 0 and "--seq-len 64 or less" in too_long.output and "Traceback" not in too_long.output

@@ -31,7 +31,7 @@ LAYERS = [
     ("signals",),
     ("run", "series", "run_files"),
     ("posthoc", "analysis"),
-    ("report", "sweeps", "server"),
+    ("report", "sweeps", "server", "export"),
     ("cli", "__init__"),
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}

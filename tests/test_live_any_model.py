@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import phaselens as pl
 from phaselens.probes.heads import detection_patterns
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "own-training-loop.md"  # the loops' page
 STEPS = 3
 
 

@@ -1,24 +1,28 @@
-"""The README's Python examples run as written (with fewer steps)."""
+"""The front page's and the docs' Python examples run as written (with fewer steps).
+
+Blocks come from README.md, docs/getting-started.md, docs/tutorials/own-training-loop.md and
+docs/concepts/probes.md (each marked `<!-- run by tests/test_readme.py -->`).
+"""
 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+from test_docs import page_block
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-
-
-def test_readme_examples_for_telemetry_cache_metrics_and_a_custom_probe_run():
-    blocks = python_blocks()
-    loop = next(b for b in blocks if "pl.Telemetry(" in b).replace("range(200)", "range(6)")
-    cache = next(b for b in blocks if "run_with_cache(batch.tokens)" in b)
-    probe = next(b for b in blocks if "@pl.register_probe" in b)
+def test_own_loop_telemetry_cache_metrics_and_a_custom_probe_run_as_written():
+    loop = page_block("docs/tutorials/own-training-loop.md", "pl.Telemetry(").replace("range(200)", "range(6)")
+    cache = page_block("docs/concepts/probes.md", "run_with_cache(batch.tokens)")
+    probe = page_block("docs/concepts/probes.md", "@pl.register_probe")
     namespace: dict = {}
     exec(loop, namespace)
     frame = namespace["frame"]
@@ -35,3 +39,31 @@ def test_readme_examples_for_telemetry_cache_metrics_and_a_custom_probe_run():
         rows = telemetry.dataframe()
     assert list(rows["metric"].unique()) == ["mean_norm"] and len(rows) == 2
     assert (rows["value"] > 0).all()
+
+
+def test_the_readmes_python_block_reads_a_trained_run(induction_run, tmp_path, monkeypatch):
+    shutil.copytree(induction_run, tmp_path / "runs" / "demo")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(page_block("README.md", "pl.open_run"), namespace)
+    assert namespace["run"].checkpoint_steps() == [0, 10, 20]
+    assert namespace["model"].cfg.n_layers == 2
+
+
+def test_the_two_commands_are_the_makefile_targets_that_train_the_demo_and_run_the_suite():
+    for page in ("README.md", "docs/getting-started.md"):
+        assert page_block(page, "make demo", "bash").split() == ["make", "demo", "make", "test"]
+    demo = subprocess.run(["make", "-n", "demo", "TORCH=skip"], cwd=ROOT, capture_output=True, text=True)
+    test = subprocess.run(["make", "-n", "test", "TORCH=skip"], cwd=ROOT, capture_output=True, text=True)
+    assert demo.returncode == 0 and re.search(r"bin/phaselens demo\s*$", demo.stdout, flags=re.M), demo.stdout
+    assert test.returncode == 0 and "-m pytest" in test.stdout, test.stdout
+
+
+@pytest.mark.slow
+def test_the_demo_prints_what_the_front_page_shows(demo_run):
+    """`phaselens demo` (what `make demo` runs after installing) prints lines of the shapes the README's example has."""
+    _, printed = demo_run
+    example = (ROOT / "README.md").read_text().split("```text\n", 1)[1].split("```", 1)[0]
+    for line in example.splitlines()[:4]:
+        prefix = re.split(r"\d", line, maxsplit=1)[0]
+        assert prefix in printed, f"the demo no longer prints a line starting {prefix!r}:\n{printed}"

@@ -211,3 +211,46 @@ def test_a_request_behind_a_computation_that_hangs_is_refused_after_a_bounded_wa
             assert client.post("/api/model/architecture", json={"run": induction_run.name, "step": 20}).status_code == 200
     finally:
         release.set()
+
+
+# ---------------------------------------------------------------------------- issue 27: NaN weights, deep JSON, token forms
+
+def test_a_checkpoint_of_nan_weights_is_a_4xx_naming_it_not_200_with_nan_losses(run_copy):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = run_copy / "checkpoints" / "step_00000010" / "model.safetensors"
+    save_file({name: torch.full_like(t, float("nan")) for name, t in load_file(str(weights)).items()}, str(weights))
+    app, _ = build([run_copy])
+    with TestClient(app, base_url=LOCAL) as client:
+        for path, body in (("loss", {"text": "1 2 3"}), ("architecture", {})):
+            response = client.post(f"/api/model/{path}", json={"run": run_copy.name, "step": 10, **body})
+            assert 400 <= response.status_code < 500, response.text
+            error = response.json()["error"]
+            assert "NaN or infinite weights" in error and "step_00000010/model.safetensors" in error
+        assert client.post("/api/model/loss", json={"run": run_copy.name, "step": 20, "text": "1 2 3"}).status_code == 200
+
+
+def test_a_neuron_artifact_nested_too_deeply_is_named_not_a_500(run_copy):
+    folder = run_copy / "artifacts" / "neurons"
+    folder.mkdir(parents=True)
+    (folder / "step_00000020.json").write_text("[" * 100_000)
+    app, _ = build([run_copy])
+    with TestClient(app, base_url=LOCAL) as client:
+        response = client.get(f"/api/runs/{run_copy.name}/neurons")
+        assert response.status_code < 500, response.text
+        assert any("step_00000020.json is not valid JSON: nested too deeply" in p for p in response.json()["problems"])
+
+
+def test_the_token_is_taken_from_the_query_the_cookie_or_a_bearer_header_and_nothing_else(induction_run):
+    app, token = build([induction_run], host="0.0.0.0")
+    with TestClient(app) as client:
+        for header in (f"Bearer {token}", f"bearer {token}", f"Bearer  {token} "):
+            assert client.get("/api/runs", headers={"Authorization": header}).status_code == 200, header
+        for header in (token, f"Basic {token}", "Bearer", f"Token {token}", f"Bearer{token}"):
+            refused = client.get("/api/runs", headers={"Authorization": header})
+            assert refused.status_code == 401 and "Authorization: Bearer TOKEN" in refused.json()["error"], header
+        assert client.get("/api/runs", params={"token": token}).status_code == 200  # and the page's cookie, set by it
+        assert client.get("/api/runs").status_code == 200
+    with TestClient(app) as fresh:
+        assert fresh.get("/api/runs").status_code == 401

@@ -32,7 +32,7 @@ from phaselens.training.config import load_config
 from phaselens.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+README = ROOT / "docs" / "tutorials" / "own-study.md"  # the study example's page
 
 
 def readme_block(language: str, marker: str) -> str:
@@ -124,7 +124,7 @@ def test_probe_options_from_the_command_line_override_the_tasks_and_bad_ones_are
     assert ok.exit_code == 0, ok.output
     lens = open_run(run_copy).metrics(probe="logit_lens", metric="top1")
     assert len(lens) == 3
-    for probe, bad, message in (("logit_lens", "logit_lens.bogus=1", "unexpected keyword argument 'bogus'"),
+    for probe, bad, message in (("logit_lens", "logit_lens.bogus=1", "unknown option(s) ['bogus']"),
                                 ("logit_lens", "nosuch.x=1", "--probe-option.nosuch: unknown probe"),
                                 ("logit_lens", "logit_lens=1", "must look like probe.option=value"),
                                 ("loss", "logit_lens.positions=copy", "probe option(s) for ['logit_lens'], which this sweep does not measure"),
@@ -140,7 +140,7 @@ def test_probe_options_in_a_config_reach_live_probes_and_bad_ones_name_the_key(t
     assert config.live_plan().options["loss"] == {"positions": ["copy"], "complements": []}  # the task's, then the config's
     train(config, tmp_path / "run", progress=False)
     assert set(open_run(tmp_path / "run").metrics(probe="loss", source="live")["metric"]) == {"all", "copy", "train", "eval"}
-    with pytest.raises(ConfigError, match=r"telemetry.probe_options.loss: .*unexpected keyword argument 'nope'"):
+    with pytest.raises(ConfigError, match=r"telemetry.probe_options.loss: .*unknown option\(s\) \['nope'\]"):
         load_config("induction", ["telemetry.probe_options.loss.nope=1"])
     with pytest.raises(ConfigError, match=r"telemetry.probe_options.nosuch: unknown probe"):
         load_config("induction", ["telemetry.probe_options.nosuch.x=1"])

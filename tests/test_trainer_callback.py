@@ -17,7 +17,7 @@ from phaselens.cli import app
 from phaselens.errors import ConfigError, RunError
 from phaselens.series.toy import toy_tokenizer
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "tutorials" / "own-training-loop.md"  # the Trainer example's page
 SEQUENCES, LENGTH = 16, 24
 
 
@@ -198,3 +198,17 @@ def test_a_resumed_trainer_continues_its_run_and_measures_the_resumed_steps_agai
     key = ["step", "probe", "metric", "layer", "head"]
     kept = after[after["step"] < 4].set_index(key)["value"]
     assert kept.equals(before[before["step"] < 4].set_index(key)["value"].loc[kept.index])  # earlier steps untouched
+
+
+@pytest.mark.slow  # probe + report + serve of the 6-step Trainer run: ~10 s
+def test_the_pages_probe_report_and_serve_commands_run_on_the_trainer_run(neox, tmp_path):
+    """The commands after the Trainer example in docs/tutorials/own-training-loop.md, as typed, on its own run."""
+    from test_docs import page_block, run_shell_block
+
+    model_dir, dataset = neox
+    exec(readme_trainer_code(model_dir, tmp_path, steps=4), {"dataset": dataset})
+    run_dir = tmp_path / "run"
+    block = page_block("docs/tutorials/own-training-loop.md", "phaselens probe runs/tiny-neox", "bash")
+    ran = run_shell_block(block.replace("runs/tiny-neox", str(run_dir)), tmp_path)
+    assert [line.split()[1] for line in ran] == ["probe", "report", "serve"]
+    assert (run_dir / "report" / "report.md").is_file()

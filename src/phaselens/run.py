@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -19,6 +19,12 @@ from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir
 from phaselens.store.run_record import RunRecord
 from phaselens.signals.sources import Prefer, prefer_source
+
+if TYPE_CHECKING:  # for annotations only: these load torch, or sit above the run in the layers
+    from phaselens.probes.plan import MeasurementPlan
+    from phaselens.store.circuit_artifact import CircuitArtifact
+    from phaselens.tasks.batch import TaskBatch
+    from phaselens.training.config import RunConfig
 
 
 class Run:
@@ -110,13 +116,13 @@ class Run:
 
         return identical_texts(self.dir.read(), self.checkpoint_steps())
 
-    def run_config(self):
+    def run_config(self) -> RunConfig:
         """The resolved `RunConfig` this run was trained with."""
         from phaselens.training.config import RunConfig, from_dict
 
         return from_dict(RunConfig, self.config, origin=str(self.dir.run_json))
 
-    def load_model(self, step: int | None = None, device: str | None = None):
+    def load_model(self, step: int | None = None, device: str | None = None) -> Any:
         """The model at checkpoint `step` (default: the last), hookable with TransformerLens names."""
         from phaselens.models import build_model
         from phaselens.models.hf import boot_reference, is_reference
@@ -137,7 +143,7 @@ class Run:
         model.eval()
         return model.to(device) if device else model
 
-    def probe_batch(self):
+    def probe_batch(self) -> TaskBatch:
         """The fixed probe batch every step and checkpoint of this run is measured on."""
         from phaselens.tasks.batch import TaskBatch
 
@@ -153,7 +159,8 @@ class Run:
             batches["induction"] = TaskBatch.load(self.dir.induction_batch)
         return batches
 
-    def plan(self, names: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None, writable: bool = True):
+    def plan(self, names: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None,
+             writable: bool = True) -> MeasurementPlan:
         """The post-hoc measurement plan of this run (`phaselens.probes.plan`): `names` (default: the study's
         post-hoc probes) with the task's, the run's configured and then `options`' options, on the batches
         this run keeps: an induction batch where the run has one, or (`writable`) can have one written
@@ -176,6 +183,20 @@ class Run:
                 for a in read_all_circuits(self.dir.artifacts / "circuits") for e in a.edges for method, score in e.scores.items()]
         return pd.DataFrame(rows, columns=["step", "edge", "upstream", "downstream", "input", "method", "score", "in_circuit"])
 
+    def circuit(self, step: int) -> CircuitArtifact | None:
+        """The `circuits` probe's artifact at checkpoint `step` (`store.circuit_artifact.CircuitArtifact`), or None
+        where the probe did not measure that step."""
+        from phaselens.store.circuit_artifact import circuits_path, read_circuits
+
+        path = circuits_path(self.dir.artifacts / "circuits", step)
+        return read_circuits(path) if path.is_file() else None
+
+    def circuit_steps(self) -> list[int]:
+        """The checkpoint steps the `circuits` probe measured (it wrote an artifact for)."""
+        from phaselens.store.circuit_artifact import measured_steps
+
+        return measured_steps(self.dir.artifacts / "circuits")
+
     def transitions(self, probe: str | None = None, metric: str | None = None, prefer: Prefer = "densest") -> pd.DataFrame:
         """Detected phase transitions: probe, metric, layer, head, step, start, end, before, after, strength, source.
 
@@ -191,6 +212,18 @@ class Run:
         if duplicates:
             rows = rows[~rows["step"].isin(list(duplicates))]
         return detect_transitions(rows, prefer=prefer)
+
+
+    def headline_transitions(self) -> pd.DataFrame:
+        """The transitions that are the run's study's phenomenon (`tasks.study.Phenomenon`, e.g. late
+        disambiguation's drop from the log K plateau), earliest first: the ones its report, `compare`
+        and the dashboard mark. Empty where the study declares none."""
+        from phaselens.signals.transitions import headline_transitions
+
+        phenomenon = self.study.phenomenon
+        if phenomenon is None:
+            return self.transitions().iloc[0:0]
+        return headline_transitions(self.transitions(probe=phenomenon.probe, metric=phenomenon.metric), phenomenon, self.config)
 
 
 def _summarise(steps: list[int]) -> str:

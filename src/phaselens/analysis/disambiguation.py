@@ -16,7 +16,8 @@ import pandas as pd
 from phaselens.analysis.headlines import register_headline
 from phaselens.signals.levels import final_level
 from phaselens.signals.sources import prefer_source
-from phaselens.signals.transitions import detect_transitions
+from phaselens.signals.transitions import detect_transitions, headline_transitions
+from phaselens.tasks.disambiguation_config import DROP_FROM_PLATEAU
 
 PLATEAU_TOLERANCE = 0.15  # within 15% of log K
 SMOOTH_POINTS = 5  # live first-target losses come from a few rows: a rolling median of this many steps
@@ -105,7 +106,8 @@ class Alignment:
         return all(r["overlaps"] for r in measured)
 
     def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["diagnostic", "probe", "metric", "series", "step", "start", "end", "overlaps"])
+        return pd.DataFrame(self.rows, columns=["diagnostic", "probe", "metric", "series", "step", "start", "end", "before", "after", "effect",
+                                        "overlaps"])
 
 
 def _series_label(layer, head) -> str:
@@ -114,22 +116,39 @@ def _series_label(layer, head) -> str:
     return f"L{int(layer)}" + ("" if pd.isna(head) else f"H{int(head)}")
 
 
-def alignment(metrics: pd.DataFrame, transitions: pd.DataFrame | None = None) -> Alignment:
-    """The strongest transition of each diagnostic (for per-layer/head metrics: of its strongest series)."""
+def alignment(metrics: pd.DataFrame, transitions: pd.DataFrame | None = None,
+              headline: pd.DataFrame | None = None, k: int | None = None) -> Alignment:
+    """Each diagnostic's transition beside the first-target loss's headline transition.
+
+    The first row is the study's phenomenon, the drop from the log K plateau (`headline`: the run's
+    `headline_transitions()`, earliest first), never simply the strongest first-target change. Every
+    other diagnostic shows its strongest transition that overlaps that window where it has one, else
+    its strongest (for per-layer/head metrics: of any of its series). Without `headline`, it is found
+    in `transitions` by the study's declaration with ambiguity `k`.
+    """
     if transitions is None:
         transitions = detect_transitions(metrics)
+    if headline is None:
+        headline = headline_transitions(transitions, DROP_FROM_PLATEAU, {"data": {"k": k}})
     found = Alignment()
+    reference = None if headline is None or headline.empty else headline.iloc[0]
     for label, probe, metric in DIAGNOSTICS:
         measured = ((metrics["probe"] == probe) & (metrics["metric"] == metric)).any()
         if not measured:
             continue
         rows = transitions[(transitions["probe"] == probe) & (transitions["metric"] == metric)]
         row = {"diagnostic": label, "probe": probe, "metric": metric, "series": None, "step": None,
-               "start": None, "end": None, "overlaps": None}
+               "start": None, "end": None, "before": None, "after": None, "effect": None, "overlaps": None}
+        if not found.rows:  # the first-target loss: its headline transition only
+            rows = rows.iloc[0:0] if reference is None else headline.iloc[:1]
+        elif reference is not None:
+            inside = rows[(rows["start"] <= reference["end"]) & (rows["end"] >= reference["start"])]
+            rows = inside if len(inside) else rows
         if len(rows):
             best = rows.loc[rows["strength"].idxmax()]
             row.update(series=_series_label(best["layer"], best["head"]), step=int(best["step"]),
-                       start=int(best["start"]), end=int(best["end"]))
+                       start=int(best["start"]), end=int(best["end"]), before=float(best["before"]),
+                       after=float(best["after"]), effect=float(best["effect"]))
         found.rows.append(row)
     ref = found.reference
     if ref is not None:
@@ -197,19 +216,21 @@ def summarize_disambiguation(run) -> DisambiguationSummary:
         task=run.task, k=k, steps=int(metrics["step"].max()) if len(metrics) else 0,
         tau=tau(metrics, k), plateau=plateau(metrics, k),
         initial=float(series.iloc[0]) if len(series) else float("nan"), final=final_level(series), final_gap=final_level(gap_series),
-        alignment=alignment(metrics, run.transitions()),
+        alignment=alignment(metrics, run.transitions(), run.headline_transitions()),
     )
 
 
 @register_headline("disambiguation")
 def disambiguation_headline(run) -> dict[str, object]:
-    """`compare`'s row of a run: K, τ, the plateau and the step of each diagnostic's strongest transition."""
+    """`compare`'s row of a run: K, τ, the plateau, the step of the drop from the plateau (`step_first_target`) and of
+    each other diagnostic's transition beside it (as in the alignment table)."""
     metrics = run.metrics()
     k = int((run.config.get("data") or {}).get("k", 0) or 0)
     found = plateau(metrics, k)
     row: dict[str, object] = {"data.k": k, "tau": tau(metrics, k), "plateau_steps": found.steps if found else None,
                               "plateau_level": found.level if found else None}
-    steps = {r["metric"] if r["probe"] == "loss" else r["probe"]: r["step"] for r in alignment(metrics).rows}
+    rows = alignment(metrics, run.transitions(), run.headline_transitions()).rows
+    steps = {r["metric"] if r["probe"] == "loss" else r["probe"]: r["step"] for r in rows}
     for _, probe, metric in DIAGNOSTICS:
         name = metric if probe == "loss" else probe
         row[f"step_{name}"] = steps.get(name)

@@ -139,10 +139,22 @@ def _inside(transitions: pd.DataFrame | None, start: int, end: int, last: bool) 
 
 
 def llc_curve(metrics: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
-    """λ̂ and its std over chains, indexed by checkpoint step, from a run's metrics rows."""
-    rows = metrics[(metrics["probe"] == "llc") & (metrics["source"] == "checkpoint")]
-    series = {m: rows[rows["metric"] == m].groupby("step")["value"].mean().sort_index() for m in ("llc", "llc_std")}
-    return series["llc"], series["llc_std"]
+    """The whole model's λ̂ and its standard error over chains (`llc_se`; `llc_std` for runs measured before it),
+    indexed by checkpoint step, from a run's metrics rows (the per-head rows of `components=heads` left out)."""
+    rows = metrics[(metrics["probe"] == "llc") & (metrics["source"] == "checkpoint") & metrics["layer"].isna()
+                   & metrics["head"].isna()]
+    series = {m: rows[rows["metric"] == m].groupby("step")["value"].mean().sort_index() for m in ("llc", "llc_se", "llc_std")}
+    return series["llc"], series["llc_se"] if len(series["llc_se"]) else series["llc_std"]
+
+
+def head_llc_curves(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The weight-refined λ̂ of every head over checkpoints: steps × "L{l}H{h}" columns (empty without components=heads)."""
+    rows = metrics[(metrics["probe"] == "llc") & (metrics["source"] == "checkpoint") & (metrics["metric"] == "llc")
+                   & metrics["head"].notna()]
+    if rows.empty:
+        return pd.DataFrame()
+    rows = rows.assign(name=[f"L{int(l)}H{int(h)}" for l, h in zip(rows["layer"], rows["head"])])
+    return rows.pivot_table(index="step", columns="name", values="value").sort_index()
 
 
 def stage_loss(metrics: pd.DataFrame) -> pd.Series | None:

@@ -36,9 +36,9 @@ Fast paths (`adapter.supports(name)` before calling; calling an undeclared one r
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -77,6 +77,44 @@ class GraphSites:
     mlp_out: dict[int, str]  # MLP layer -> its output (B, T, d_model)
     logits_in: str  # the stream entering the final norm (B, T, d_model)
     parallel: bool = False  # the MLP reads the block's input, not the stream after its attention (GPT-NeoX, GPT-J)
+
+
+COMPONENT_KINDS = ("heads", "mlps", "layers", "embeddings")  # what `component_parameters()` returns, by kind
+
+
+@dataclass(frozen=True)
+class ComponentParameters:
+    """One component's share of a model's weights (the weight-refined LLC samples only these).
+
+    `masks` maps a parameter's name (its first name in `model.named_parameters()`) to a bool mask of
+    its shape; a parameter not listed lies outside the component.
+    """
+
+    name: str  # "L1H0", "L1 MLP", "L1", "embed", "unembed"
+    kind: str  # one of COMPONENT_KINDS
+    layer: int | None
+    head: int | None
+    masks: dict[str, torch.Tensor]
+    note: str = ""  # what the subset holds where that is not obvious (shared keys and values, shared weights)
+
+    @property
+    def size(self) -> int:
+        """d′: how many weights the component holds."""
+        return sum(int(m.sum()) for m in self.masks.values())
+
+
+def _whole(model: torch.nn.Module, modules: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """Every parameter of `modules` (modules or parameters of `model`), whole, by its name in `model`."""
+    ids = {id(p) for m in modules if m is not None
+           for p in ([m] if isinstance(m, torch.nn.Parameter) else m.parameters())}
+    return {name: torch.ones_like(p, dtype=torch.bool) for name, p in model.named_parameters() if id(p) in ids}
+
+
+def _indexed(shape: Sequence[int], flat_index: torch.Tensor) -> torch.Tensor:
+    """A bool mask of `shape` holding the entries whose flat indices are given."""
+    mask = torch.zeros(int(torch.tensor(shape).prod()), dtype=torch.bool)
+    mask[flat_index.reshape(-1).long()] = True
+    return mask.view(*shape)
 
 
 # ---------------------------------------------------------------------------- tokenizers
@@ -202,7 +240,7 @@ class ModelAdapter:
     n_ctx: int
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
-        self.model = model
+        self.model: Any = model  # its parts (cfg, blocks, ...) are the architecture's own: each subclass reads them
         self._tokenizer = tokenizer
 
     def __repr__(self) -> str:
@@ -275,6 +313,12 @@ class ModelAdapter:
     def head_weights(self) -> HeadWeights | None:
         return None
 
+    def component_parameters(self) -> list[ComponentParameters]:
+        """Each head, MLP, layer and the embeddings/unembedding as parameter masks (`ComponentParameters`)."""
+        raise UnsupportedModel(f"{self.architecture} ({self.kind}) has no component map, so the llc probe measures it "
+                               "whole (components=model); components run on phaselens transformers, BDH and "
+                               "TransformerBridge models")
+
     # ---- forward passes
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """The model's output: tokens (B, T) -> logits (B, T, d_vocab)."""
@@ -300,7 +344,7 @@ class ModelAdapter:
             return cache
         wanted = len(set(names))
 
-        def keeper(name: str):
+        def keeper(name: str) -> Callable[[torch.Tensor, Any], None]:
             def keep(activation: torch.Tensor, hook: Any) -> None:
                 cache[name] = activation.detach()
                 if len(cache) == wanted:
@@ -325,6 +369,10 @@ class ModelAdapter:
             parts.add("edge_graph")
         return frozenset(parts)
 
+    def own_config(self) -> Any | None:
+        """The phaselens model config this model is built from (it loads back from run.json), or None."""
+        return self.model.cfg if self.kind in ("transformer", "bdh") else None
+
     # ---- the circuits graph
     def graph_sites(self) -> GraphSites:
         """Hook points of the circuits graph: node outputs and per-head q/k/v inputs (`GraphSites`)."""
@@ -332,7 +380,7 @@ class ModelAdapter:
                                "phaselens builds no circuits graph for it; the circuits probe runs on phaselens "
                                "transformers and TransformerBridge models")
 
-    def graph_session(self):
+    def graph_session(self) -> AbstractContextManager[Any]:
         """A context in which the hook points of `graph_sites()` are computed (some models build them only on request)."""
         return nullcontext()
 
@@ -376,7 +424,7 @@ class TransformerAdapter(ModelAdapter):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
         super().__init__(model, tokenizer)
-        cfg = model.cfg
+        cfg = self.model.cfg
         self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
         self.d_head, self.d_vocab, self.n_ctx = cfg.d_head, cfg.d_vocab, cfg.n_ctx
 
@@ -396,6 +444,25 @@ class TransformerAdapter(ModelAdapter):
         attn = [block.attn for block in self.model.blocks]
         return HeadWeights(*(torch.stack([getattr(a, name) for a in attn]) for name in ("W_Q", "W_K", "W_V", "W_O")))
 
+    def component_parameters(self) -> list[ComponentParameters]:
+        """Head h of layer l: row h of its W_Q, W_K, W_V, W_O, b_Q, b_K, b_V (b_O, shared by the heads, belongs to the
+        layer); an MLP: W_in, b_in, W_out, b_out; a layer: everything in its block (norms included); embeddings:
+        W_E, W_pos; unembedding: the final norm, W_U, b_U."""
+        m, out = self.model, []
+        for l, block in enumerate(m.blocks):
+            for h in range(self.n_heads):
+                masks = {}
+                for w in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V"):
+                    mask = torch.zeros_like(getattr(block.attn, w), dtype=torch.bool)
+                    mask[h] = True
+                    masks[f"blocks.{l}.attn.{w}"] = mask
+                out.append(ComponentParameters(f"L{l}H{h}", "heads", l, h, masks))
+        out += [ComponentParameters(f"L{l} MLP", "mlps", l, None, _whole(m, [m.blocks[l].mlp])) for l in self.mlp_layers]
+        out += [ComponentParameters(f"L{l}", "layers", l, None, _whole(m, [b])) for l, b in enumerate(m.blocks)]
+        out.append(ComponentParameters("embed", "embeddings", None, None, _whole(m, [m.W_E, m.W_pos])))
+        out.append(ComponentParameters("unembed", "embeddings", None, None, _whole(m, [m.ln_final, m.W_U, m.b_U])))
+        return out
+
     def graph_sites(self) -> GraphSites:
         layers = range(self.n_layers)
         return GraphSites(
@@ -414,7 +481,7 @@ class BridgeAdapter(ModelAdapter):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
         super().__init__(model, tokenizer)
-        cfg = model.cfg
+        cfg = self.model.cfg
         self.n_layers, self.n_heads, self.d_model = int(cfg.n_layers), int(cfg.n_heads), int(cfg.d_model)
         self.d_head, self.d_vocab, self.n_ctx = int(cfg.d_head), int(cfg.d_vocab), int(cfg.n_ctx)
 
@@ -441,6 +508,26 @@ class BridgeAdapter(ModelAdapter):
         m = self.model
         return HeadWeights(m.W_Q, per_head(m.W_K), per_head(m.W_V), m.W_O)
 
+    def component_parameters(self) -> list[ComponentParameters]:
+        """Head h: its slices of the split q, k, v, o weights and q, k, v biases (and of a joint qkv weight that holds
+        the same values, as GPT-2's does), found by passing index tensors through the bridge's own per-head reshapes,
+        so any weight layout maps the way `W_Q` ... `W_O` read it. Grouped-query models (Llama with fewer K/V heads):
+        query head h's subset holds the K and V slices of its group, which the group's other query heads share,
+        so their subsets overlap there. MLPs, layers, embeddings and unembedding (with the final norm): whole modules."""
+        m, out = self.model, []
+        names = {id(p): name for name, p in m.named_parameters()}
+        for l, block in enumerate(m.blocks):
+            slices = _bridge_head_slices(block.attn, self.n_heads, names)  # head -> {name: mask}
+            grouped = int(getattr(m.cfg, "n_key_value_heads", None) or self.n_heads) < self.n_heads
+            note = "K and V shared with the other query heads of its group" if grouped else ""
+            out += [ComponentParameters(f"L{l}H{h}", "heads", l, h, slices[h], note) for h in range(self.n_heads)]
+        out += [ComponentParameters(f"L{l} MLP", "mlps", l, None, _whole(m, [m.blocks[l].mlp])) for l in self.mlp_layers]
+        out += [ComponentParameters(f"L{l}", "layers", l, None, _whole(m, [b])) for l, b in enumerate(m.blocks)]
+        out.append(ComponentParameters("embed", "embeddings", None, None,
+                                       _whole(m, [m.embed, getattr(m, "pos_embed", None)])))
+        out.append(ComponentParameters("unembed", "embeddings", None, None, _whole(m, [m.ln_final, m.unembed])))
+        return out
+
     def graph_sites(self) -> GraphSites:
         layers = range(self.n_layers)
         return GraphSites(
@@ -452,7 +539,7 @@ class BridgeAdapter(ModelAdapter):
             logits_in="ln_final.hook_in", parallel=bool(getattr(self.model.cfg, "parallel_attn_mlp", False)))
 
     @contextmanager
-    def graph_session(self):
+    def graph_session(self) -> Iterator[None]:
         """The bridge builds per-head results and q/k/v inputs only when asked (`use_attn_result`, `use_split_qkv_input`)."""
         cfg, switches = self.model.cfg, ("use_split_qkv_input", "use_attn_result", "use_hook_mlp_in")
         before = {name: bool(getattr(cfg, name, False)) for name in switches}
@@ -481,7 +568,7 @@ class BDHAdapter(ModelAdapter):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
         super().__init__(model, tokenizer)
-        cfg = model.cfg
+        cfg = self.model.cfg
         self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
         self.d_head, self.d_vocab, self.n_ctx = 0, cfg.d_vocab, cfg.n_ctx
 
@@ -515,6 +602,81 @@ class BDHAdapter(ModelAdapter):
     def unembedding(self) -> torch.Tensor:
         return self.model.lm_head
 
+    def component_parameters(self) -> list[ComponentParameters]:
+        """BDH's own components. Head h: its N neurons' encoder[h], encoder_v[h] and decoder rows h·N..(h+1)·N; every
+        pass shares them (BDH has one set of weights), so heads are stored at layer 0 and there are no per-layer or
+        MLP components. Embeddings: the token embedding; unembedding: lm_head."""
+        m, N = self.model, self.model.cfg.n_neurons
+        out = []
+        for h in range(self.n_heads):
+            enc, enc_v, dec = (torch.zeros_like(p, dtype=torch.bool) for p in (m.encoder, m.encoder_v, m.decoder))
+            enc[h], enc_v[h], dec[h * N:(h + 1) * N] = True, True, True
+            out.append(ComponentParameters(f"H{h}", "heads", 0, h, {"encoder": enc, "encoder_v": enc_v, "decoder": dec},
+                                           "shared by every pass"))
+        out.append(ComponentParameters("embed", "embeddings", None, None, _whole(m, [m.embed])))
+        out.append(ComponentParameters("unembed", "embeddings", None, None, _whole(m, [m.lm_head])))
+        return out
+
+
+def _bridge_head_slices(attn: Any, n_heads: int, names: dict[int, str]) -> list[dict[str, torch.Tensor]]:
+    """Per query head of one bridge attention: {parameter name: bool mask} of its q, k, v, o (and joint qkv) slices."""
+    slices: list[dict[str, torch.Tensor]] = [{} for _ in range(n_heads)]
+    try:
+        def add(param: torch.Tensor | None, per_head: torch.Tensor, kind: str) -> None:
+            """per_head: (H_kind, ...) flat indices into `param`; query head h takes group h // (H / H_kind)."""
+            if param is None or id(param) not in names:
+                return
+            groups = per_head.shape[0]
+            for h in range(n_heads):
+                mask = _indexed(param.shape, per_head[h // (n_heads // groups)])
+                name = names[id(param)]
+                slices[h][name] = slices[h][name] | mask if name in slices[h] else mask
+
+        def index(t: torch.Tensor) -> torch.Tensor:
+            return torch.arange(t.numel()).view(t.shape)
+
+        layouts = {}
+        for kind in "qkvo":
+            module = getattr(attn, kind)
+            layout = attn._weight_layout_in_out(module)
+            layouts[kind] = layout
+            heads = attn._get_n_heads(use_kv=kind in "kv") if kind in "kv" else attn._get_n_heads()
+            pattern = {"pattern": "o"} if kind == "o" else {}
+            add(module.weight, attn._reshape_weight_to_3d(index(module.weight), heads, in_out_layout=layout, **pattern), kind)
+            bias = getattr(module, "bias", None)
+            if kind != "o" and bias is not None:
+                add(bias, attn._reshape_bias(index(bias), use_kv=kind in "kv"), kind)
+        joint = getattr(attn, "qkv", None)
+        if joint is not None and getattr(joint, "weight", None) is not None:
+            _joint_slices(attn, joint, layouts, add)
+    except (AttributeError, TypeError, ValueError, RuntimeError) as exc:
+        raise UnsupportedModel(f"cannot map the heads of {type(attn).__name__} to its weights ({exc}); measure "
+                               "components=layers,mlps,embeddings instead") from None
+    return slices
+
+
+def _joint_slices(attn: Any, joint: Any, layouts: dict[str, bool | None], add: Any) -> None:
+    """A joint qkv weight that holds the split q, k, v values (concatenated along its output axis): its head slices."""
+    in_out = attn._weight_layout_in_out(joint)
+    weight = joint.weight.T if in_out else joint.weight  # (3·width, d_model), output first
+    index = torch.arange(joint.weight.numel()).view(joint.weight.shape)
+    index = index.T if in_out else index
+    bias = getattr(joint, "bias", None)
+    start = 0
+    for kind in "qkv":
+        split = getattr(attn, kind).weight
+        split_first = split.T if layouts[kind] else split  # (width, d_model)
+        width = split_first.shape[0]
+        if weight.shape[1] != split_first.shape[1] or not torch.equal(weight[start:start + width], split_first):
+            return  # not a copy of the split weights: it stays outside the heads (it is still part of its layer)
+        chunk = index[start:start + width]
+        use_kv = kind in "kv"
+        heads = attn._get_n_heads(use_kv=use_kv) if use_kv else attn._get_n_heads()
+        add(joint.weight, attn._reshape_weight_to_3d(chunk.T if layouts[kind] else chunk, heads, in_out_layout=layouts[kind]), kind)
+        if bias is not None:
+            add(bias, attn._reshape_bias(torch.arange(bias.numel())[start:start + width], use_kv=use_kv), kind)
+        start += width
+
 
 class HFModelAdapter(ModelAdapter):
     """A plain Hugging Face causal LM (e.g. the model a `transformers.Trainer` trains): dimensions only.
@@ -528,7 +690,7 @@ class HFModelAdapter(ModelAdapter):
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
         super().__init__(model, tokenizer)
-        config = model.config
+        config = self.model.config
         self.n_layers, self.n_heads, self.d_model = config.num_hidden_layers, config.num_attention_heads, config.hidden_size
         self.d_head = getattr(config, "head_dim", None) or self.d_model // self.n_heads
         self.d_vocab, self.n_ctx = config.vocab_size, getattr(config, "max_position_embeddings", 0) or 0

@@ -45,27 +45,31 @@ def save_checkpoint(
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    tensors: dict[str, torch.Tensor] = {}
-    info: dict[str, Any] = dict(meta or {})
-    if optimizer is not None:
-        state = optimizer.state_dict()
-        scalars: dict[str, dict[str, Any]] = {}
-        for index, entry in state["state"].items():
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
-                else:
-                    scalars.setdefault(str(index), {})[key] = value
-        info["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars}
-    for name, value in (rng or {}).items():
-        tensors[f"rng.{name}"] = value.contiguous().cpu()
-    save_file(tensors, str(tmp / "trainer.safetensors"))
-    (tmp / "trainer.json").write_text(json.dumps(info, indent=2))
-    for file in tmp.iterdir():
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+    try:
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        tensors: dict[str, torch.Tensor] = {}
+        info: dict[str, Any] = dict(meta or {})
+        if optimizer is not None:
+            state = optimizer.state_dict()
+            scalars: dict[str, dict[str, Any]] = {}
+            for index, entry in state["state"].items():
+                for key, value in entry.items():
+                    if isinstance(value, torch.Tensor):
+                        tensors[f"optimizer.{index}.{key}"] = value.detach().contiguous().cpu()
+                    else:
+                        scalars.setdefault(str(index), {})[key] = value
+            info["optimizer"] = {"param_groups": state["param_groups"], "scalars": scalars}
+        for name, value in (rng or {}).items():
+            tensors[f"rng.{name}"] = value.contiguous().cpu()
+        save_file(tensors, str(tmp / "trainer.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(info, indent=2))
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:  # a full disk, Ctrl-C, SIGTERM: no half-written temp dir is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if path.exists():  # re-saving a step (a run resumed from it): move the old one aside first
         foreign = sorted(set(os.listdir(path)) - CHECKPOINT_FILES) if path.is_dir() and not path.is_symlink() else [path.name]
         if foreign:  # the old one is deleted below: only when phaselens wrote everything in it
@@ -122,6 +126,11 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     problems = state_dict_problems(model, weights, expected=own)
     if problems:
         raise CheckpointError(f"{file} does not match the model: {problems}")
+    broken = [name for name, tensor in weights.items() if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:  # measured, such weights give NaN for most values, silently: refuse them as a truncated file is refused
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        raise CheckpointError(f"{file} holds NaN or infinite weights ({shown}): the model there is unusable (training "
+                              "diverged before it was saved, or the file was damaged); delete it or use an earlier step")
     with torch.no_grad():  # what load_state_dict does for these plain modules, without its per-module walk
         for name, tensor in own.items():
             tensor.copy_(weights[name])

@@ -6,6 +6,8 @@ of its `nn.Module` (built lazily). Every config exposes `n_ctx` and `d_vocab`, w
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, Callable
@@ -119,8 +121,8 @@ class ModelConfig(ModelSpec):
             raise ConfigError(f"{prefix}.act_fn must be 'gelu' or 'relu', got {self.act_fn!r}")
         if self.normalization not in ("LN", "none"):
             raise ConfigError(f"{prefix}.normalization must be 'LN' or 'none', got {self.normalization!r}")
-        if not self.init_std > 0:
-            raise ConfigError(f"{prefix}.init_std must be > 0, got {self.init_std}")
+        if not (self.init_std > 0 and math.isfinite(self.init_std)):
+            raise ConfigError(f"{prefix}.init_std must be a finite number > 0, got {self.init_std}")
 
     def offers(self) -> frozenset[str]:
         return frozenset(MODEL_PARTS) - ({"mlp_neurons"} if self.attn_only else set())

@@ -7,11 +7,18 @@ worker computes with one torch thread: N workers share N cores without thrashing
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+import signal
+import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Callable, Iterator, Sequence
 
 from phaselens.errors import ConfigError, PhaselensError
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process receives when its parent dies
 
 
 def _one_thread() -> None:
@@ -19,6 +26,40 @@ def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+def _worker_start(driver: int) -> None:
+    """Worker initialiser: one torch thread, and no life beyond the driver's. The driver ends its workers when it
+    is interrupted (Ctrl-C, SIGTERM); where it dies without a word (SIGKILL), Linux sends them SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the driver ends the workers
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the driver's handler, inherited through fork
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != driver:  # the driver died before the request took effect
+            os._exit(1)
+    _one_thread()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM (a scheduler's stop, `kill PID`) raises KeyboardInterrupt as Ctrl-C does, so what
+    was done is kept and worker processes end with this one; a second SIGTERM kills at once. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _context():
@@ -36,9 +77,18 @@ def local_map(function: Callable[..., Any], calls: Sequence[tuple], workers: int
         for args in calls:
             yield function(*args)
         return
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_one_thread) as pool:
+    before = set(multiprocessing.active_children())
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_context(), initializer=_worker_start, initargs=(os.getpid(),))
+    try:
         for future in as_completed([pool.submit(function, *args) for args in calls]):
             yield future.result()
+    except BaseException:  # interrupted, closed early or failed: the workers go with the driver, pending calls are dropped
+        pool.shutdown(wait=False, cancel_futures=True)
+        for worker in set(multiprocessing.active_children()) - before:
+            worker.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True)
 
 
 def _one_thread_call(function: Callable[..., Any], *args: Any) -> Any:

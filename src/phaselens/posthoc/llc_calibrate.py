@@ -14,6 +14,7 @@ tightly to mix at small ε: both show as λ̂ moving with ε, which the diagnost
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,14 +91,17 @@ def recommend(points: Sequence[CalibrationPoint]) -> CalibrationPoint | None:
 
 
 def calibrate_llc(run: str | Path, step: int | None = None, epsilons: Sequence[float] = EPSILONS,
-                  gammas: Sequence[float] = GAMMAS, options: dict | None = None, progress: bool = True) -> Calibration:
+                  gammas: Sequence[float] = GAMMAS, options: dict | None = None, progress: bool = True,
+                  device: str | None = None) -> Calibration:
     """Estimate the LLC at checkpoint `step` (default: the last) for every (ε, γ) in the grid, other options as given.
 
-    All settings' chains advance together (`LLCEstimator.estimate_grid`) on one torch thread.
+    All settings' chains advance together (`LLCEstimator.estimate_grid`), on one torch thread on a CPU;
+    `device` (auto|cpu|cuda|cuda:N|mps, the one device rule) says where (default: auto).
     """
     import torch
 
     import phaselens.probes  # noqa: F401
+    from phaselens.models.device import resolve_device
     from phaselens.probes.llc import one_cpu_thread
     from phaselens.progress import progress_bar
     from phaselens.run import open_run
@@ -113,12 +117,13 @@ def calibrate_llc(run: str | Path, step: int | None = None, epsilons: Sequence[f
     ensure_run_files(opened, plan)
     probe = plan.probes[0].make()
     probe.bind_run(opened.path)
-    model = opened.load_model(step)
+    where = resolve_device(device)
+    model = opened.load_model(step, device=str(where))
     grid = [(float(e), float(g)) for e in epsilons for g in gammas]
     steps_per_chain = probe.settings.burnin + probe.settings.draws
     unit = f"SGLD steps, {len(grid)}×{probe.settings.chains} chains"
     with progress_bar(f"llc-calibrate step {step}", steps_per_chain, unit=unit, enabled=progress) as update, \
-            torch.inference_mode(False), one_cpu_thread():
+            torch.inference_mode(False), one_cpu_thread() if where.type == "cpu" else contextlib.nullcontext():
         results = probe.estimator(model).estimate_grid(grid, progress=lambda done: update(completed=done))
     points = [CalibrationPoint(r.options.epsilon, r.options.gamma, r.llc, r.llc_std, r.traces.tolist(), r.options.burnin,
                                r.init_loss, r.warnings) for r in results]

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from phaselens.background import OrderedThread
-from phaselens.errors import PhaselensError
+from phaselens.errors import PhaselensError, RunError
 from phaselens.posthoc.worker import SOURCE, TaskResult, measure_checkpoint
 from phaselens.progress import progress_bar
-from phaselens.store.atomic import write_json
+from phaselens.store.atomic import disk_full, disk_of, write_json
 from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir
 
@@ -95,17 +95,32 @@ def run_probes(
         remeasure: drop the stored checkpoint values of `probes` (at `steps`, or everywhere) and measure
             them again.
     """
-    from phaselens.posthoc.backends import check_workers, get_backend
+    from phaselens.posthoc.backends import check_workers, sigterm_as_interrupt
+    from phaselens.run import open_run
 
     check_workers(workers)
-    began = time.time()
-    from phaselens.posthoc.option_record import reconcile_options
-    from phaselens.run import open_run
-    from phaselens.run_files import ensure_run_files
+    opened = open_run(run)  # a clear error when this is not a run
+    # One writer per run, as train takes it: a second probe, or a train into the run, is refused naming this one.
+    with opened.dir.writer_lock("probe"), sigterm_as_interrupt():
+        try:
+            return _sweep(opened, probes, steps, backend, workers, address, progress, device, dtype, options, remeasure)
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+            raise RunError(f"the disk holding {opened.dir.path}, {disk_of(opened.dir.path)}, is full: the checkpoints "
+                           "measured before it filled are saved; free space and run the same command again "
+                           "(it measures the rest)") from None
+
+
+def _sweep(opened, probes, steps, backend, workers, address, progress, device, dtype, options, remeasure) -> SweepResult:
+    """`run_probes`'s work on the opened run, while this process holds its writer lock."""
     from phaselens.models.device import resolve_device
+    from phaselens.posthoc.backends import get_backend
+    from phaselens.posthoc.option_record import reconcile_options
+    from phaselens.run_files import ensure_run_files
     from phaselens.series.revisions import resolve_dtype
 
-    opened = open_run(run)  # a clear error when this is not a run
+    began = time.time()
     run_dir = opened.dir
     imported = opened.info.get("imported") or {}
     device, dtype = device or imported.get("device"), dtype or imported.get("dtype")
@@ -117,6 +132,7 @@ def run_probes(
     chosen, routes = plan.options, plan.routes
     store = MetricsStore(run_dir.metrics_db)
     try:
+        store.claim_write_lock()  # a store another process holds is named now, before any checkpoint is measured
         reconcile_options(run_dir, store, chosen, steps, remeasure)
     except BaseException:
         store.close()
@@ -132,6 +148,7 @@ def run_probes(
     # so stored rows mark what is done, artifacts included: a killed sweep redoes at most the last
     # second's checkpoints, and one whose artifacts failed to write is measured again next time.
     done: list[TaskResult] = []
+    results: Iterator[TaskResult] = iter(())
     last_commit = time.monotonic()
     writer = OrderedThread("phaselens-artifacts", "writing probe artifacts", depth=8)
 
@@ -178,6 +195,8 @@ def run_probes(
                     commit()
                 update(advance=1)
     finally:
+        if hasattr(results, "close"):  # interrupted: the backend ends its workers now, not when the generator is collected
+            results.close()
         try:
             commit()  # also when interrupted: what was measured is kept
         finally:
@@ -187,6 +206,14 @@ def run_probes(
                 from phaselens.series.integrity import record_hashes
 
                 record_hashes(run_dir, hashes)
+    if "circuits" in plan.names and (measured or remeasure):  # the over-training rows read every checkpoint's circuit
+        from phaselens.analysis.circuits import store_circuit_analysis
+
+        store_circuit_analysis(opened)
+    if "essential_dynamics" in plan.names and not failures:  # the PCA spans every checkpoint: redone when they change
+        from phaselens.analysis.essential_dynamics import update_essential_dynamics
+
+        update_essential_dynamics(run_dir.path, force=remeasure)
     identical = []
     if imported or hashes:
         from phaselens.series.integrity import identical_texts

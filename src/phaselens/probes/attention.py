@@ -119,6 +119,7 @@ class AttentionProbe(Probe):
 
     name = "attention"
     needs = Needs(parts=frozenset({"attention_patterns"}))
+    option_names = ()
     off_thread = True  # reads activations and the batch only
 
     def hook_names(self, adapter: ModelAdapter) -> list[str]:

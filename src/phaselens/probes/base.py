@@ -62,6 +62,7 @@ class ProbeInputs:
         loss, the KL to the unigram, the logit lens' last layer): one log-softmax and one exp in all.
         """
         if self._predictions is None:
+            assert self.logits is not None, "next-token probabilities need the logits (a probe that reads them sets needs_logits)"
             log_probs = self.logits[:, :-1].float().log_softmax(-1)
             self._predictions = (log_probs, log_probs.exp())
         return self._predictions
@@ -115,9 +116,17 @@ class Probe:
     # model: live telemetry may then measure it on a spare core while the optimizer updates the weights.
     off_thread: ClassVar[bool] = False
     every: int = 1  # live telemetry measures this probe only at steps that are a multiple of it
+    # True when `compute` runs its own forwards (and backwards) on the model instead of reading the training
+    # forward's activations (circuits): live telemetry measures it at its cadence on a copy of the weights taken
+    # at that step, in eval mode, outside the training step's autograd and RNG, so training is unchanged
+    # (`probes.live`); the plan routes it to the batch it reads at checkpoints, not the training batch.
+    live_on_copy: ClassVar[bool] = False
     # True when training writes the probe's artifact at every checkpoint it measures there (small
     # artifacts a report reads, such as the grokking probe's key frequencies); else only `phaselens probe` does.
     checkpoint_artifacts: ClassVar[bool] = False
+    # The options a probe whose __init__ takes **options accepts (the plan refuses any other, `probes.plan`);
+    # None: the keyword parameters of its __init__ (a plug-in taking **options then accepts any).
+    option_names: ClassVar[tuple[str, ...] | None] = None
     options: dict[str, Any]
 
     def __init__(self, **options: Any):
@@ -169,6 +178,16 @@ def probe_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def probe_class(name: str) -> type[Probe]:
+    """The class registered under `name` (ConfigError naming the registered ones if there is none)."""
+    _load_builtin()
+    if name not in _REGISTRY:
+        from phaselens.errors import ConfigError
+
+        raise ConfigError(f"unknown probe {name!r}; registered probes: {', '.join(probe_names())}")
+    return _REGISTRY[name]
+
+
 def make_probe(name: str | Probe, **options: Any) -> Probe:
     """A probe instance from its registered name (or pass an instance through)."""
     if isinstance(name, Probe):
@@ -189,7 +208,7 @@ class Layout:
 
     @classmethod
     def of(cls, probe: str, measurements: list[Measurement]) -> "Layout":
-        keys = []
+        keys: list[tuple[str, str, int | None, int | None]] = []
         for m in measurements:
             v = m.value
             if v.dim() == 0:

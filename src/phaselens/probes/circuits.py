@@ -1,15 +1,24 @@
 """The `circuits` probe: edge attribution on the study's clean/corrupt pairs, and the faithful circuit.
 
 Pairs come from the batch the probe reads, by the position sets its options name (the study declares
-them): the corrupted input has the token set `patch` replaced by fresh ordinary tokens (seeded, each
-different from the token it replaces); the metric is the mean loss of the clean tokens at the prediction
-set `read` (induction: the first copy of the segment replaced, metric = copy-position loss). Edge
+them, with how to corrupt): the corrupted input has the token set `patch` replaced, by `corrupt`:
+
+    fresh    fresh ordinary tokens, seeded, each different from the one it replaces
+             (induction batch: the first copy of the segment; text runs read the induction batch)
+    partner  the paired row's tokens (`TaskBatch.pair_index`; late disambiguation: z swapped between
+             two examples of the same B)
+    rolled   the next row's tokens (grokking: one operand changed)
+
+The metric is the mean loss of the clean tokens at the prediction set `read` (copy-position loss,
+first-target loss, answer loss). `rows` sequences are read, spread evenly over the batch. Edge
 scores, methods and the circuit are those of `probes.edge_graph`.
 
 Metrics: `circuit_size` and `faithfulness` (the smallest top-n edge set whose faithfulness reaches
-`threshold`), `metric_clean`, `metric_corrupt`, and `node_score` per head (L, H): the summed scores of
-the head's outgoing edges. Every edge's scores go to the artifact (`store.circuit_artifact`), read back
-by `Run.edges()`.
+`threshold`; NaN where the pairs show no clear effect, `GraphScores.has_effect`), `metric_clean`,
+`metric_corrupt`, `node_score` per head (L, H): the summed scores of the head's outgoing edges, and
+`edge:<name>` per edge (its score by the circuit's method, so edges are series the transition detector
+reads). Every edge's scores, split by sequence too, go to the artifact (`store.circuit_artifact`), read
+back by `Run.edges()` and `analysis.circuits`.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from phaselens.store.circuit_artifact import CircuitArtifact, EdgeRecord
 from phaselens.tasks.batch import TaskBatch
 
 CHOICES = ("auto", *METHODS)
+CORRUPTIONS = ("fresh", "partner", "rolled")
+EDGE_METRIC = "edge:"  # metric name prefix of an edge's score series: "edge:L0H1->L1H0.k"
 
 
 def fresh_tokens(tokens: torch.Tensor, positions: torch.Tensor, ids: list[int], seed: int) -> torch.Tensor:
@@ -38,38 +49,68 @@ def fresh_tokens(tokens: torch.Tensor, positions: torch.Tensor, ids: list[int], 
     return torch.where(positions, pool[draw].to(tokens.device), tokens)
 
 
-def study_pairs(batch: TaskBatch, patch: str, read: str, ids: list[int], seed: int, rows: int = 0) -> Pairs:
-    """The clean/corrupt pairs a study's position sets declare, on the first `rows` sequences of `batch` (0: all)."""
-    picked = batch.rows(slice(0, rows or len(batch)))
+def study_pairs(batch: TaskBatch, patch: str, read: str, ids: list[int], seed: int, rows: int = 0,
+                corrupt: str = "fresh") -> Pairs:
+    """The clean/corrupt pairs a study's position sets declare, on `rows` sequences of `batch` (0: all).
+
+    fresh and rolled read `rows` sequences spread evenly over the batch (a batch in id order, as grokking's grid,
+    is sampled across); partner reads the first `rows`, which keeps pairs together, and drops rows without one.
+    """
+    if corrupt not in CORRUPTIONS:
+        raise ValueError(f"circuits corrupt must be one of {CORRUPTIONS}, got {corrupt!r}")
+    n = min(rows or len(batch), len(batch))
+    stride = 1 if corrupt == "partner" else max(1, len(batch) // n)
+    picked = batch.rows(slice(0, stride * n, stride))
     positions = picked.token_positions(patch, "circuits")  # (B, T)
-    corrupt = fresh_tokens(picked.tokens, positions, sorted(ids), seed)
-    return Pairs(picked.tokens, corrupt, picked.predictions(read, "circuits"))
+    read_mask = picked.predictions(read, "circuits")  # (B, T-1)
+    if corrupt == "fresh":
+        corrupted = fresh_tokens(picked.tokens, positions, sorted(ids), seed)
+    elif corrupt == "rolled":
+        corrupted = picked.rolled(patch, "circuits")
+    else:
+        if picked.pair_index is None:
+            raise ValueError("circuits corrupt=partner needs a batch that pairs its rows; this batch does not")
+        keep = (picked.pair_index >= 0).nonzero().flatten()  # (B',)
+        partner = picked.pair_index.clamp(min=0)
+        corrupted = torch.where(positions, picked.tokens[partner], picked.tokens)[keep]
+        return Pairs(picked.tokens[keep], corrupted, read_mask[keep])
+    return Pairs(picked.tokens, corrupted, read_mask)
 
 
 @register_probe
 class CircuitsProbe(Probe):
     """Edge scores (exact, EAP, EAP-IG) and the circuit with faithfulness ≥ `threshold` (see module docstring).
 
-    Options: `patch`, `read` (position sets, the study's), `seed`; `method` auto | exact | eap | eap_ig (auto:
+    Options: `patch`, `read` (position sets, the study's), `corrupt` (fresh | partner | rolled), `seed`;
+    `method` auto | exact | eap | eap_ig (auto:
     every method where the graph has at most `exact_limit` edges, the circuit from exact; EAP and EAP-IG
     otherwise, the circuit from EAP-IG); `steps`, EAP-IG's interpolation steps; `threshold`; `rows`, the
-    sequences used (0: all); `chunk`, sequences per batched patched forward.
+    sequences used (0: all); `chunk`, sequences per batched patched forward; `every`, live only: measure every
+    this many steps (`telemetry.probes` with circuits; at checkpoints and post-hoc: always).
     """
 
     name = "circuits"
-    # a backward and a forward per edge: measured on checkpoints only
-    needs = Needs(parts=frozenset({"edge_graph"}), position_options=("patch", "read"), batch="induction", live=False)
+    # A backward and a forward per edge: live, it is measured every `every` steps on a copy of the weights, on
+    # the batch it reads at checkpoints, off the training step (`Probe.live_on_copy`, `probes.live`).
+    needs = Needs(parts=frozenset({"edge_graph"}), position_options=("patch", "read"), batch="induction")
+    live_on_copy = True
 
     def __init__(self, patch: str | None = None, read: str | None = None, seed: int = 0, method: str = "auto",
-                 steps: int = 5, threshold: float = 0.8, exact_limit: int = 400, rows: int = 32, chunk: int = 2048):
+                 steps: int = 5, threshold: float = 0.8, exact_limit: int = 400, rows: int = 32, chunk: int = 2048,
+                 corrupt: str = "fresh", every: int = 100):
+        if int(every) < 1:
+            raise ValueError(f"circuits every must be >= 1, got {every}")
         if method not in CHOICES:
             raise ValueError(f"circuits method must be one of {CHOICES}, got {method!r}")
+        if corrupt not in CORRUPTIONS:
+            raise ValueError(f"circuits corrupt must be one of {CORRUPTIONS}, got {corrupt!r}")
         if int(steps) < 1:
             raise ValueError(f"circuits steps must be >= 1, got {steps}")
         if not 0 < float(threshold) <= 1:
             raise ValueError(f"circuits threshold must be in (0, 1], got {threshold}")
         super().__init__(patch=patch, read=read, seed=seed, method=method, steps=int(steps), threshold=float(threshold),
-                         exact_limit=int(exact_limit), rows=int(rows), chunk=int(chunk))
+                         exact_limit=int(exact_limit), rows=int(rows), chunk=int(chunk), corrupt=corrupt)
+        self.every = int(every)  # not an option of the measurement: the values do not depend on it
         self._last: tuple[Any, tuple[GraphScores, list[int], float]] | None = None
 
     def hook_names(self, adapter: ModelAdapter) -> list[str]:
@@ -92,7 +133,8 @@ class CircuitsProbe(Probe):
             raise ValueError("circuits needs options patch (a token set) and read (a prediction set); this task declares none: "
                              "set them, e.g. --probe-option circuits.patch=source --probe-option circuits.read=copy")
         adapter = inputs.adapter
-        pairs = study_pairs(inputs.batch, opts["patch"], opts["read"], adapter.tokenizer.ordinary_ids(), opts["seed"], opts["rows"])
+        pairs = study_pairs(inputs.batch, opts["patch"], opts["read"], adapter.tokenizer.ordinary_ids(), opts["seed"], opts["rows"],
+                            opts["corrupt"])
         graph = EdgeGraph(adapter)
         methods, chosen = self.methods(graph)
         with torch.inference_mode(False):
@@ -106,15 +148,18 @@ class CircuitsProbe(Probe):
         graph, chosen = scores.graph, self.methods(scores.graph)[1]
         a = inputs.adapter
         node = torch.zeros(a.n_layers, a.n_heads)
-        for edge, value in zip(graph.edges, scores.by_method[chosen].tolist()):
+        values = scores.by_method[chosen].tolist()
+        for edge, value in zip(graph.edges, values):
             if edge.upstream.startswith("L") and "H" in edge.upstream:
                 layer, head = edge.upstream[1:].split("H")
                 node[int(layer), int(head)] += value
-        return [Measurement("circuit_size", torch.tensor(float(len(circuit)))),
+        size = float(len(circuit)) if scores.has_effect else float("nan")
+        return [Measurement("circuit_size", torch.tensor(size)),
                 Measurement("faithfulness", torch.tensor(faithfulness)),
                 Measurement("metric_clean", torch.tensor(scores.clean_loss)),
                 Measurement("metric_corrupt", torch.tensor(scores.corrupt_loss)),
-                Measurement("node_score", node)]
+                Measurement("node_score", node),
+                *(Measurement(EDGE_METRIC + edge.name, torch.tensor(value)) for edge, value in zip(graph.edges, values))]
 
     def artifact(self, inputs: ProbeInputs) -> dict[str, Any]:
         scores, circuit, faithfulness = self._measure(inputs)
@@ -124,6 +169,9 @@ class CircuitsProbe(Probe):
         members = set(circuit)
         edges = [EdgeRecord(e.name, e.upstream, e.downstream, e.input.kind, {m: values[m][i] for m in methods}, i in members)
                  for i, e in enumerate(graph.edges)]
-        pairs = {"patch": opts["patch"], "read": opts["read"], "seed": opts["seed"], "sequences": int(scores.pairs.clean.shape[0])}
+        pairs = {"patch": opts["patch"], "read": opts["read"], "corrupt": opts["corrupt"], "seed": opts["seed"],
+                 "sequences": int(scores.pairs.clean.shape[0]), "rows": opts["rows"]}
+        per_sequence = scores.per_sequence[chosen].tolist() if chosen in scores.per_sequence else []
         return CircuitArtifact(list(methods), opts["steps"], chosen, opts["threshold"], scores.clean_loss, scores.corrupt_loss,
-                               faithfulness, pairs, edges).to_json()
+                               faithfulness, pairs, edges, has_effect=scores.has_effect, effect_se=scores.effect_se,
+                               read_counts=scores.pairs.counts.tolist(), per_sequence=per_sequence).to_json()

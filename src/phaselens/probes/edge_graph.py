@@ -21,7 +21,7 @@ patched run itself: faithfulness = (m(C) − m(corrupt)) / (m(clean) − m(corru
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable
 
@@ -65,13 +65,24 @@ class Pairs:
     corrupt: torch.Tensor
     read: torch.Tensor
 
-    def loss(self, logits: torch.Tensor) -> torch.Tensor:
-        """Mean loss of the clean next tokens at the predictions read, per replica: logits (R·B, T, V) -> (R,)."""
+    @property
+    def counts(self) -> torch.Tensor:
+        """Predictions read per sequence: (B,)."""
+        return self.read.sum(-1)
+
+    def contributions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each sequence's share of the metric, Σ of its losses read / N: logits (R·B, T, V) -> (R, B), summing to `loss`."""
         B = self.clean.shape[0]
         rows, cols = self.read.nonzero(as_tuple=True)  # (N,) each
         picked = logits.view(-1, B, *logits.shape[1:])[:, rows, cols].float()  # (R, N, V)
         answers = self.clean[rows, cols + 1]  # (N,)
-        return -picked.log_softmax(-1).gather(-1, answers.expand(picked.shape[0], -1)[..., None])[..., 0].mean(-1)
+        losses = -picked.log_softmax(-1).gather(-1, answers.expand(picked.shape[0], -1)[..., None])[..., 0]  # (R, N)
+        shares = losses.new_zeros(picked.shape[0], B)
+        return shares.index_add_(1, rows, losses) / len(rows)
+
+    def loss(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean loss of the clean next tokens at the predictions read, per replica: logits (R·B, T, V) -> (R,)."""
+        return self.contributions(logits).sum(-1)
 
 
 class EdgeGraph:
@@ -152,8 +163,9 @@ class EdgeGraph:
             return keep
         return [(hook, keeper(members)) for hook, members in self._output_hooks().items()]
 
-    def patched_loss(self, pairs: Pairs, corrupt_out: torch.Tensor, patch: torch.Tensor) -> torch.Tensor:
-        """The metric with, in replica r, every edge e with patch[r, e] = 1 patched to corrupt: patch (R, E) -> (R,).
+    def patched_loss(self, pairs: Pairs, corrupt_out: torch.Tensor, patch: torch.Tensor, per_sequence: bool = False) -> torch.Tensor:
+        """The metric with, in replica r, every edge e with patch[r, e] = 1 patched to corrupt: patch (R, E) -> (R,)
+        (per_sequence: each sequence's share of it, (R, B), `Pairs.contributions`).
 
         Each patched input takes out_u(corrupt) − out_u(this run) for each of its patched edges, so the
         outputs of upstream nodes are the patched run's own (a circuit's nodes see a partly corrupted input).
@@ -186,7 +198,8 @@ class EdgeGraph:
         hooks = self._capture(current) + [(hook, patcher(*site)) for hook, site in self._input_sites.items()]
         with torch.no_grad(), self.adapter.graph_session():
             logits = self.adapter.run_with_hooks(tokens, hooks)
-        return pairs.loss(logits)
+        shares = pairs.contributions(logits)  # (R, B)
+        return shares if per_sequence else shares.sum(-1)
 
     def gradients(self, pairs: Pairs, clean_embed: torch.Tensor, corrupt_embed: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
         """∂m/∂input at every input hook, the embeddings set to corrupt + alpha·(clean − corrupt): hook -> grad."""
@@ -212,6 +225,14 @@ class EdgeGraph:
     def attribution(self, pairs: Pairs, steps: int = 1, clean_out: torch.Tensor | None = None,
                     corrupt_out: torch.Tensor | None = None) -> torch.Tensor:
         """EAP (steps=1) or EAP-IG (steps=m) score of every edge: (E,)."""
+        return self.attribution_per_sequence(pairs, steps, clean_out, corrupt_out).sum(-1)
+
+    def attribution_per_sequence(self, pairs: Pairs, steps: int = 1, clean_out: torch.Tensor | None = None,
+                                 corrupt_out: torch.Tensor | None = None) -> torch.Tensor:
+        """EAP / EAP-IG scores split by the sequence each term comes from: (E, B), summing to `attribution`.
+
+        One clean and one corrupt forward (no autograd), then `steps` forwards + backwards, whatever the edge count.
+        """
         if clean_out is None:
             clean_out, _ = self.outputs(pairs.clean)
         if corrupt_out is None:
@@ -221,23 +242,29 @@ class EdgeGraph:
         for k in range(1, steps + 1):
             for hook, grad in self.gradients(pairs, clean_out[0], corrupt_out[0], k / steps).items():
                 total[hook] = total.get(hook, 0) + grad / steps
-        scores = torch.zeros(len(self.edges), dtype=torch.float32, device=diff.device)
+        scores = torch.zeros(len(self.edges), diff.shape[1], dtype=torch.float32, device=diff.device)  # (E, B)
         for hook, (ups, edges, where) in self._input_sites.items():
             grad = total[hook].float()
             grad = grad if grad.dim() == 4 else grad[:, :, None]  # (B, T, H_site, d)
-            per = torch.einsum("ubtd,bthd->uh", diff[ups].float(), grad)  # (U_site, H_site)
-            scores[edges] = per[where[:, 0], where[:, 1]]
+            per = torch.einsum("ubtd,bthd->ubh", diff[ups].float(), grad)  # (U_site, B, H_site)
+            scores[edges] = per[where[:, 0], :, where[:, 1]]
         return scores
 
-    def exact(self, pairs: Pairs, corrupt_out: torch.Tensor | None = None, clean_loss: torch.Tensor | None = None,
+    def exact(self, pairs: Pairs, corrupt_out: torch.Tensor | None = None, clean_shares: torch.Tensor | None = None,
               rows: int = 4096) -> torch.Tensor:
         """Exact edge patching of every edge, one patched forward each (batched `rows` sequences at a time): (E,)."""
+        return self.exact_per_sequence(pairs, corrupt_out, clean_shares, rows).sum(-1)
+
+    def exact_per_sequence(self, pairs: Pairs, corrupt_out: torch.Tensor | None = None, clean_shares: torch.Tensor | None = None,
+                           rows: int = 4096) -> torch.Tensor:
+        """Exact scores split by sequence, each sequence's share of metric(patched) − metric(clean): (E, B)."""
         if corrupt_out is None:
             corrupt_out, _ = self.outputs(pairs.corrupt)
-        if clean_loss is None:
-            clean_loss = pairs.loss(self.outputs(pairs.clean)[1])[0]
+        if clean_shares is None:
+            clean_shares = pairs.contributions(self.outputs(pairs.clean)[1])[0]  # (B,)
         eye = torch.eye(len(self.edges), device=corrupt_out.device)  # replica e patches edge e
-        return torch.cat([self.patched_loss(pairs, corrupt_out, chunk) for chunk in eye.split(self._chunk(pairs, rows))]) - clean_loss
+        chunks = [self.patched_loss(pairs, corrupt_out, chunk, per_sequence=True) for chunk in eye.split(self._chunk(pairs, rows))]
+        return torch.cat(chunks) - clean_shares
 
     def _chunk(self, pairs: Pairs, rows: int) -> int:
         return max(1, rows // pairs.clean.shape[0])
@@ -246,16 +273,21 @@ class EdgeGraph:
         """Clean and corrupt metrics and every edge's score by each of `methods`."""
         clean_out, clean_logits = self.outputs(pairs.clean)
         corrupt_out, corrupt_logits = self.outputs(pairs.corrupt)
-        clean_loss, corrupt_loss = pairs.loss(clean_logits)[0], pairs.loss(corrupt_logits)[0]
-        by_method = {}
+        clean_shares, corrupt_shares = pairs.contributions(clean_logits)[0], pairs.contributions(corrupt_logits)[0]  # (B,) each
+        per_sequence = {}
         for method in methods:
             if method == "exact":
-                by_method[method] = self.exact(pairs, corrupt_out, clean_loss, rows)
+                per_sequence[method] = self.exact_per_sequence(pairs, corrupt_out, clean_shares, rows)
             elif method in ("eap", "eap_ig"):
-                by_method[method] = self.attribution(pairs, 1 if method == "eap" else steps, clean_out, corrupt_out)
+                per_sequence[method] = self.attribution_per_sequence(pairs, 1 if method == "eap" else steps, clean_out, corrupt_out)
             else:
                 raise ValueError(f"edge scoring method must be one of {METHODS}, got {method!r}")
-        return GraphScores(self, pairs, corrupt_out, float(clean_loss), float(corrupt_loss), by_method)
+        return GraphScores(self, pairs, corrupt_out, float(clean_shares.sum()), float(corrupt_shares.sum()),
+                           {m: s.sum(-1) for m, s in per_sequence.items()}, per_sequence, clean_shares, corrupt_shares)
+
+
+MIN_EFFECT = 0.02  # nats: a clean/corrupt gap smaller than this has no behaviour for a circuit to explain
+EFFECT_SE = 3.0  # ... and so has one within this many standard errors (over the sequences) of zero
 
 
 @dataclass
@@ -268,6 +300,29 @@ class GraphScores:
     clean_loss: float
     corrupt_loss: float
     by_method: dict[str, torch.Tensor]  # method -> (E,)
+    per_sequence: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> (E, B), summing to by_method
+    clean_shares: torch.Tensor | None = None  # (B,): each sequence's share of m(clean)
+    corrupt_shares: torch.Tensor | None = None  # (B,)
+
+    @property
+    def effect_se(self) -> float:
+        """Standard error of m(clean) − m(corrupt) over the sequences (the ratio estimator's, linearised)."""
+        if self.clean_shares is None or len(self.clean_shares) < 2:
+            return 0.0
+        gap = self.clean_shares - self.corrupt_shares  # (B,)
+        weights = self.pairs.counts.to(gap) / self.pairs.counts.sum()  # (B,)
+        residual = gap - gap.sum() * weights
+        B = len(gap)
+        return float((residual.pow(2).sum() * B / (B - 1)).sqrt())
+
+    @property
+    def has_effect(self) -> bool:
+        """Whether the corruption moves the metric clearly: |m(clean) − m(corrupt)| > MIN_EFFECT and > EFFECT_SE·SE.
+
+        Without it (at initialisation, or where the model has not learned the behaviour) faithfulness is 0/0:
+        no circuit is claimed."""
+        gap = abs(self.clean_loss - self.corrupt_loss)
+        return gap > MIN_EFFECT and gap > EFFECT_SE * self.effect_se
 
     def faithfulness(self, patched_loss: torch.Tensor) -> torch.Tensor:
         """(m(C) − m(corrupt)) / (m(clean) − m(corrupt)): 1 where the circuit does what the model does, 0 where nothing is left."""
@@ -276,7 +331,10 @@ class GraphScores:
 
     def circuit(self, method: str, threshold: float = 0.8, max_linear: int = 256, rows: int = 4096) -> tuple[list[int], float]:
         """The smallest top-n edge set (by |score|) whose faithfulness, measured by patching every other edge, reaches
-        `threshold`: (edge indices, faithfulness). Every n up to `max_linear` is tried, beyond it n grows by 10%."""
+        `threshold`: (edge indices, faithfulness). Every n up to `max_linear` is tried, beyond it n grows by 10%.
+        Where the pairs show no clear effect (`has_effect`), no circuit: ([], nan)."""
+        if not self.has_effect:
+            return [], float("nan")
         order = self.by_method[method].abs().argsort(descending=True)  # (E,)
         E = len(order)
         sizes = list(range(1, min(E, max_linear) + 1))

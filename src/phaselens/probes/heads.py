@@ -88,6 +88,7 @@ class HeadsProbe(Probe):
 
     name = "heads"
     needs = Needs(parts=frozenset({"attention_patterns"}), batch="induction")
+    option_names = ()  # none: it reads every head on the batch the study routes it to
     off_thread = True  # reads activations and the batch only
 
     def __init__(self, **options):
@@ -108,6 +109,7 @@ class HeadsProbe(Probe):
             with torch.inference_mode(False):  # kept across calls: must stay usable outside inference mode
                 detection = detection_stack(tokens, dtype)  # (B, S, Q, K)
             self._cached_tokens, self._cached_key, self._cached_detection = tokens, key, detection
+        assert self._cached_detection is not None
         return self._cached_detection
 
     def compute(self, inputs: ProbeInputs) -> list[Measurement]:

@@ -14,6 +14,12 @@ measured on a background thread while the backward pass and the optimizer run.
         loss.backward(); optimizer.step(); optimizer.zero_grad()
     telemetry.close()
 
+A probe that runs its own forwards and backwards (`Probe.live_on_copy`: circuits) reads no activations
+of the training forward: at its cadence the weights are cloned (before the optimizer moves them) and a
+copy of the model in eval mode, without parameter gradients, is measured on its fixed batch, on the
+background thread where there is one. The training step's autograd graph, gradients and RNG are left
+alone, so a run trains bit-identically with or without it.
+
 In a `torch.distributed` job only rank 0 measures and writes: on every other rank a Telemetry
 installs no hooks, opens no store and measures nothing, so the same loop runs on every rank.
 """
@@ -21,9 +27,10 @@ installs no hooks, opens no store and measures nothing, so the same loop runs on
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 import torch
 
@@ -31,8 +38,12 @@ from phaselens.background import OrderedThread, spare_core
 from phaselens.models.adapter import adapter_for
 from phaselens.errors import ConfigError
 from phaselens.probes.base import Layout, Measurement, Probe, ProbeInputs, flatten, make_probe
+from phaselens.probes.live_run import LoopRun
 from phaselens.probes.plan import model_refusal
 from phaselens.tasks.batch import TaskBatch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class MemorySink:
@@ -112,8 +123,8 @@ class ValueQueue:
         rows = []
         for key, entries in by_layout.items():
             keys = self._layouts[key].keys
-            values = torch.stack([v for _, v in entries]).cpu().tolist()  # (n_steps, n_values)
-            for (step, _), vector in zip(entries, values):
+            listed = torch.stack([v for _, v in entries]).cpu().tolist()  # (n_steps, n_values)
+            for (step, _), vector in zip(entries, listed):
                 rows += [(step, probe, metric, layer, head, value, self.source)
                          for (probe, metric, layer, head), value in zip(keys, vector)]
         self.sink.write(rows)
@@ -126,11 +137,18 @@ class Telemetry:
         model: a `HookedRootModule` (phaselens models, TransformerLens models and bridges).
         probes: probe names or instances (default: attention, heads, loss).
         store: a metrics.sqlite path to write to (in a background thread); None keeps rows in memory.
+        run: a run directory to write instead (created): run.json, the live rows, the first measured
+            batch as probe batch, and the checkpoints `checkpoint(step)` saves, so `pl.open_run`,
+            `phaselens report`, `serve`, `export` and `probe` read it like a run of `phaselens train`.
+        name: the run's name (with `run`; default: the directory's name).
         every: measure every `every` steps; other steps cost nothing.
         flush_every: move values to the CPU and the store every this many measured steps.
         source: the `source` column of the rows.
         background: measure probes that read only activations on a background thread while the
             step goes on. None (default): when the model is on the CPU and a core is spare.
+        copy_batches: probe name -> the fixed batch a probe measured on a copy of the weights reads
+            (`Probe.live_on_copy`, e.g. circuits: the trainer passes the batch its plan routes it to);
+            without one, such a probe reads the rows of the step's batch.
 
     In a `torch.distributed` job, only rank 0 measures: create the Telemetry after
     `init_process_group` (or under torchrun, which sets RANK) and the other ranks' is inert.
@@ -145,6 +163,9 @@ class Telemetry:
         flush_every: int = 100,
         source: str = "live",
         background: bool | None = None,
+        run: str | Path | None = None,
+        name: str | None = None,
+        copy_batches: Mapping[str, TaskBatch] | None = None,
     ):
         import phaselens.probes  # noqa: F401  (registers the built-in probes)
 
@@ -160,8 +181,14 @@ class Telemetry:
         self.every, self.flush_every, self.source = every, flush_every, source
         self.n_layers, self.n_heads = self.adapter.n_layers, self.adapter.n_heads
         self.rank = distributed_rank()
+        if run is not None and store is not None:
+            raise ConfigError("give pl.Telemetry a store or a run directory, not both (a run keeps its rows in run/metrics.sqlite)")
+        self.run: LoopRun | None = None
         if self.rank != 0:  # another rank writes nothing, not even the store's schema
-            store = None
+            store = run = None
+        if run is not None:
+            self.run = LoopRun.create(run, model, self.adapter, [p.name for p in self.probes], every, name)
+            store = self.run.dir.metrics_db
         if store is None:
             self.sink: Any = MemorySink()
         elif isinstance(store, (str, Path)):
@@ -177,9 +204,13 @@ class Telemetry:
         self._unflushed = 0  # measured steps since the last flush
         self.values = ValueQueue(self.sink, source)
         self._handles: list[Any] = []
+        self._copy_batches = dict(copy_batches or {})
+        self._shadow: torch.nn.Module | None = None
         if self.rank != 0:
             self._background = None
             return
+        if any(p.live_on_copy for p in self.probes):  # copied before the hooks go in: the copy measures without them
+            self._shadow = copy.deepcopy(model).eval().requires_grad_(False)
         self._install_hooks()
         # With a background thread, every change to `values` happens on it, in submission order.
         if background is None:
@@ -242,9 +273,13 @@ class Telemetry:
 
     def _record(self, step: int, batch: TaskBatch | torch.Tensor, rows: slice | None) -> None:
         batch = TaskBatch.coerce(batch)
+        if self.run is not None:
+            self.run.saw(step, batch.rows(rows) if rows is not None else batch)
         acts, logits = self._acts, self._logits
         self._acts, self._logits = {}, None  # the next step's hooks fill new ones
         due = [p for p in self.probes if step % p.every == 0]
+        on_copy = [p for p in due if p.live_on_copy]
+        due = [p for p in due if not p.live_on_copy]
         inline = [p for p in due if self._background is None or not p.runs_off_thread(batch)]
         later = [p for p in due if p not in inline]
         results = self._measure(inline, acts, logits, batch, rows) if inline else []
@@ -253,6 +288,8 @@ class Telemetry:
             self._submit(lambda: self.values.log_many(step, results + self._measure(later, acts, logits, batch, rows)))
         else:
             self._submit(lambda: self.values.log_many(step, results))
+        if on_copy:
+            self._measure_on_copy(step, on_copy, batch)
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
             self._unflushed = 0
@@ -266,6 +303,33 @@ class Telemetry:
                                  logits=logits[index] if logits is not None else None, n_layers=self.n_layers, n_heads=self.n_heads,
                                  _adapter=self.adapter)
             return run_probes(probes, inputs)
+
+    def _measure_on_copy(self, step: int, probes: list[Probe], batch: TaskBatch) -> None:
+        """Measure `probes` on a copy of the weights as they are at `step` (after `step` updates), off the step.
+
+        The weights are cloned here, before the optimizer moves them; the copy (eval mode, no parameter
+        gradients) is measured on the background thread when there is one, else now. Nothing of the training
+        step is touched: not its autograd graph, nor the parameters' gradients, nor the RNG (the probes draw
+        from their own seeded generators; inline, the global RNG state is restored after them as well).
+        """
+        from phaselens.probes.measure import measure_model
+
+        with torch.no_grad():
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # the weights at `step`
+        batches = [(p, self._copy_batches.get(p.name) or (batch.clone() if self._background else batch)) for p in probes]
+
+        def measure() -> None:
+            assert self._shadow is not None  # built in __init__ whenever checkpoint probes run in the background
+            self._shadow.load_state_dict(weights)
+            results = [item for probe, fixed in batches for item in measure_model(self._shadow, fixed, [probe])]
+            self.values.log_many(step, results)
+
+        if self._background is not None:
+            self._background.submit(measure)
+            return
+        device = self.adapter.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            measure()
 
     def _submit(self, fn: Any) -> None:
         """Run `fn` now, or on the background thread after what was submitted before it."""
@@ -290,8 +354,17 @@ class Telemetry:
         if self._background is not None:
             self._background.wait()
 
-    def close(self) -> None:
-        """Flush, wait for the writes, and remove the hooks."""
+    def checkpoint(self, step: int) -> Path | None:
+        """Save the model's weights as the run's checkpoint at `step` (with `run=`; phaselens's own models),
+        for `phaselens probe` to measure afterwards. Other ranks save nothing."""
+        if self.rank != 0:
+            return None
+        if self.run is None:
+            raise ConfigError("telemetry.checkpoint(step) saves into the run directory: create the Telemetry with run=DIR")
+        return self.run.checkpoint(step)
+
+    def close(self, status: str = "finished", reason: str | None = None) -> None:
+        """Flush, wait for the writes, and remove the hooks; a run directory is marked `status`."""
         try:
             self.flush()
         finally:
@@ -303,21 +376,37 @@ class Telemetry:
             for handle in self._handles:
                 handle.remove()
             self._handles = []
+            if self.run is not None and self.run.open:
+                self.run.finish(status, reason)
 
-    def dataframe(self):
-        """Rows recorded in memory (when no store was given) as a DataFrame."""
+    def dataframe(self) -> pd.DataFrame:
+        """The rows recorded so far as a DataFrame: from memory, or read back from the store written to."""
         import pandas as pd
 
-        from phaselens.store.metrics import COLUMNS
+        from phaselens.store.metrics import COLUMNS, MetricsStore
 
         self.flush()
-        if not isinstance(self.sink, MemorySink):
-            raise RuntimeError("this Telemetry writes to a store; read it with pl.open_run(...).metrics()")
-        frame = pd.DataFrame(self.sink.rows, columns=COLUMNS)
-        return frame.astype({"layer": "Int64", "head": "Int64"})
+        if isinstance(self.sink, MemorySink):
+            frame = pd.DataFrame(self.sink.rows, columns=COLUMNS)
+            return frame.astype({"layer": "Int64", "head": "Int64"})
+        path = getattr(self.sink, "path", None)
+        if path is None:
+            raise RuntimeError(f"this Telemetry writes to {type(self.sink).__name__}, which it cannot read back")
+        if hasattr(self.sink, "flush"):
+            self.sink.flush()  # every queued row on disk
+        store = MetricsStore(path, create=False)
+        try:
+            return store.read()
+        finally:
+            store.close()
 
     def __enter__(self) -> "Telemetry":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if kind is None:
+            self.close()
+        elif issubclass(kind, KeyboardInterrupt):
+            self.close("stopped", "interrupted (Ctrl-C)")
+        else:
+            self.close("failed", f"{kind.__name__}: {error}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
@@ -10,6 +10,9 @@ from phaselens.probes.base import Probe, ProbeInputs, make_probe, to_rows
 from phaselens.models.adapter import ModelAdapter, adapter_for
 from phaselens.probes.live import run_probes
 from phaselens.tasks.batch import TaskBatch
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def measure_cache(
@@ -20,7 +23,7 @@ def measure_cache(
     logits: torch.Tensor | None = None,
     step: int = 0,
     source: str = "cache",
-):
+) -> pd.DataFrame:
     """Probe values from cached activations as a DataFrame (step, probe, metric, layer, head, value, source).
 
     Args:
@@ -37,18 +40,18 @@ def measure_cache(
     if model is None:
         raise ValueError("measure_cache needs model= (the model the cache came from): probes read their hook "
                          "names and dimensions from it")
-    probes = [make_probe(p) for p in probes]
-    model = adapter_for(model)
-    n_layers, n_heads = model.n_layers, model.n_heads
-    for probe in probes:
-        missing = [n for n in probe.hook_names(model) if n not in cache]
+    made = [make_probe(p) for p in probes]
+    adapter = adapter_for(model)
+    n_layers, n_heads = adapter.n_layers, adapter.n_heads
+    for probe in made:
+        missing = [n for n in probe.hook_names(adapter) if n not in cache]
         if missing:
             raise KeyError(f"probe {probe.name!r} needs {missing} in the cache; run_with_cache with those names")
         if probe.needs_logits and logits is None:
             raise ValueError(f"probe {probe.name!r} reads logits: pass logits=model output")
-    inputs = ProbeInputs(acts=cache, batch=TaskBatch.coerce(batch), model=model.model, logits=logits,
-                         n_layers=n_layers, n_heads=n_heads, _adapter=model)
-    rows = to_rows(step, source, run_probes(probes, inputs))
+    inputs = ProbeInputs(acts=cache, batch=TaskBatch.coerce(batch), model=adapter.model, logits=logits,
+                         n_layers=n_layers, n_heads=n_heads, _adapter=adapter)
+    rows = to_rows(step, source, run_probes(made, inputs))
     return pd.DataFrame(rows, columns=COLUMNS).astype({"layer": "Int64", "head": "Int64"})
 
 
@@ -63,7 +66,7 @@ def measure_batches(
     groups: dict[str, list[Probe]] = {}
     for probe in probes:
         groups.setdefault(routes[probe.name], []).append(probe)
-    results = {}
+    results: dict[str, list] = {}
     for name, group in groups.items():
         results.update(measure_model(model, batches[name], group, artifacts=artifacts))
     return [(probe.name, results[probe.name]) for probe in probes]

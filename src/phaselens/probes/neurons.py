@@ -229,6 +229,7 @@ class NeuronsProbe(Probe):
 
     name = "neurons"
     needs = Needs(parts=frozenset({"mlp_neurons"}))
+    option_names = ("hook", "threshold")
     off_thread = True  # reads activations and the batch only
 
     def hook_names(self, adapter: ModelAdapter) -> list[str]:

@@ -26,8 +26,13 @@ Torch-free, like the configs it reads.
 
 from __future__ import annotations
 
+import collections.abc
+import inspect
 import json
+import math
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from phaselens.errors import ConfigError
@@ -140,9 +145,10 @@ def merge_options(context: PlanContext, name: str, given: Mapping[str, Any] | No
 
 
 def route(context: PlanContext, probe_class: type, mode: str) -> str:
-    """The batch a probe reads: the training batch live; else the study's routing, then the probe's own
-    `Needs.batch`, where the run keeps that batch (the probe batch otherwise)."""
-    if mode == "live":
+    """The batch a probe reads: the training batch live (except a probe measured on a copy of the weights,
+    `Probe.live_on_copy`); else the study's routing, then the probe's own `Needs.batch`, where the run keeps
+    that batch (the probe batch otherwise)."""
+    if mode == "live" and not probe_class.live_on_copy:
         return TRAINING_BATCH
     wanted = context.study.reads_batch.get(probe_class.name, probe_class.needs.batch)
     return wanted if wanted == "probe" or (wanted == "induction" and context.induction_batch) else "probe"
@@ -197,7 +203,7 @@ def plan_probes(context: PlanContext, mode: str, names: Sequence[str] | None = N
     Unknown probes, options for probes not measured and options a probe refuses are ConfigErrors here;
     inapplicable probes are listed in `refused` (`MeasurementPlan.require` makes them errors).
     """
-    from phaselens.probes.base import make_probe, probe_names
+    from phaselens.probes.base import make_probe, probe_class, probe_names
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -213,6 +219,9 @@ def plan_probes(context: PlanContext, mode: str, names: Sequence[str] | None = N
     planned, refused = [], []
     for name in wanted:
         options = merge_options(context, name, (given or {}).get(name), mode)
+        problem = option_problem(probe_class(name), options)
+        if problem:
+            raise ConfigError(f"probe {name!r} with options {_text(options)}: {problem}")
         try:
             probe = make_probe(name, **options)
         except (TypeError, ValueError) as exc:
@@ -225,6 +234,65 @@ def plan_probes(context: PlanContext, mode: str, names: Sequence[str] | None = N
         files = tuple(probe.needs.run_files) + (("induction_batch",) if batch == "induction" else ())
         planned.append(PlannedProbe(name, options, batch, files))
     return MeasurementPlan(mode, planned, refused, explicit)
+
+
+def option_problem(probe_class: type, options: Mapping[str, Any]) -> str | None:
+    """Why `options` do not fit what `probe_class` accepts (an option it does not have, a value not of the type
+    its __init__ declares); None if they fit. Checked once, here, for every probe and every source of options."""
+    parameters = inspect.signature(probe_class.__init__).parameters
+    named = [p.name for p in parameters.values() if p.name != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    known = probe_class.option_names if probe_class.option_names is not None else (None if takes_any else named)
+    if known is not None:
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            return f"unknown option(s) {unknown}; its options: {', '.join(known) or 'none'}"
+    try:
+        hints = typing.get_type_hints(probe_class.__init__)
+    except Exception:  # an annotation that does not resolve (a plug-in's): its probe checks its own values
+        hints = {}
+    for key, value in options.items():
+        if key in hints and not _fits(value, hints[key]):
+            return f"option {key}={value!r} must be {_type_text(hints[key])}"
+    return None
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether an option value (as YAML or a Python call gives it) is of the annotated type `kind`."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if origin is typing.Union or (origin is not None and type(kind).__name__ == "UnionType"):
+        return any(_fits(value, arg) for arg in args)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is str:
+        return isinstance(value, str)
+    if kind is Path:
+        return isinstance(value, (str, Path))
+    if origin in (list, tuple, collections.abc.Sequence):
+        return isinstance(value, (list, tuple)) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, (list, tuple))
+    return True  # a type YAML cannot give (a tensor): only Python callers pass it, and the probe checks it
+
+
+def _type_text(kind: Any) -> str:
+    """`kind` as a user reads it: "true or false", "a finite number", "a name or a list of indices"."""
+    words = {bool: "true or false", int: "a whole number", float: "a finite number", str: "a name",
+             type(None): "unset", Path: "a path"}
+    if kind in words:
+        return words[kind]
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"a list of {_type_text(args[0]).removeprefix('a ')}s" if args else "a list"
+    if args:
+        return " or ".join(_type_text(arg) for arg in args)
+    return getattr(kind, "__name__", str(kind))
 
 
 def canonical_options(options: Mapping[str, Any]) -> dict[str, Any]:

@@ -22,9 +22,10 @@ import pandas as pd
 from phaselens.registry import qualified_name, register
 from phaselens.report.plotting import Figure
 from phaselens.run import Run, open_run
+from phaselens.signals.transitions import MIN_EFFECT
 
 MAX_TRANSITION_ROWS = 40
-TRANSITION_COLUMNS = ["probe", "metric", "layer", "head", "step", "start", "end", "before", "after", "source"]
+TRANSITION_COLUMNS = ["probe", "metric", "layer", "head", "step", "start", "end", "before", "after", "effect", "source"]
 CONFIG_SECTIONS = ("model", "data", "train", "telemetry")
 
 
@@ -70,6 +71,7 @@ def write_report(run: str | Path | Run) -> Path:
     _load_builtin()
     run = run if isinstance(run, Run) else open_run(run)
     out = run.dir.report
+    run.dir.require_writable("report", out)  # a read-only run: one line, not an OSError
     out.mkdir(parents=True, exist_ok=True)
     # A figure the last report drew and this one cannot must not survive it; any other PNG there is the user's.
     for stale in run.dir.report_figures():
@@ -152,6 +154,7 @@ def _transitions_section(transitions: pd.DataFrame) -> str:
         f"{total} transitions in all, strongest first (strength = change over the series' noise)"
         + (f"; the {len(shown)} strongest are shown." if total > len(shown) else ".")
         + " `step` is the steepest change, `start`–`end` the window where 10% and 90% of it are reached;"
+        + f" `effect` is the change over its metric's range (at least {MIN_EFFECT:.2f}, see docs/concepts/claims.md);"
         + " `source` is the curve it was found on (live: training batches; checkpoint: the fixed probe batch)."
     )
     rows = ["| " + " | ".join(TRANSITION_COLUMNS) + " |", "|" + "---|" * len(TRANSITION_COLUMNS)]

@@ -61,6 +61,8 @@ def disambiguation_study(run: Run, out: Path) -> StudyReport:
                         "argmax flips with tiny changes: read the probability drop there.",
     }
     text = summary.text()
+    if transition is not None:
+        text += "\n" + drop_sentence(transition, log_k)
     return StudyReport(
         summary=[f"Run `{run.path}` ({run.status}): task `{summary.task}`, K = {k}, {summary.steps} steps.",
                  "## What happened\n\n" + "\n\n".join(text.splitlines())],
@@ -69,15 +71,25 @@ def disambiguation_study(run: Run, out: Path) -> StudyReport:
     )
 
 
+def drop_sentence(transition: dict, log_k: float) -> str:
+    """The study's phenomenon in one sentence: the drop from the log K plateau, its window and effect size."""
+    return (f"The drop from the log K = {log_k:.2f} plateau (the study's headline transition, not the strongest "
+            f"first-target change): step {transition['step']}, 10–90% window {transition['start']}–{transition['end']}, "
+            f"first-target loss {transition['before']:.2f} → {transition['after']:.2f} "
+            f"(effect size {transition['effect']:.2f} of the loss's range).")
+
+
 def alignment_table(found: Alignment) -> str:
     if not found.rows:
         return "No diagnostics recorded."
-    lines = ["| diagnostic | probe / metric | series | step | window | overlaps the loss window |", "|---|---|---|---|---|---|"]
+    lines = ["| diagnostic | probe / metric | series | step | window | effect | overlaps the loss window |",
+             "|---|---|---|---|---|---|---|"]
     for row in found.rows:
         window = "–" if row["step"] is None else f"{row['start']}–{row['end']}"
+        effect = "–" if row.get("effect") is None else f"{row['effect']:.2f}"
         overlaps = {None: "–", True: "yes", False: "no"}[row["overlaps"]]
         lines.append(f"| {row['diagnostic']} | `{row['probe']}` `{row['metric']}` | {row['series'] or '–'} | "
-                     f"{'–' if row['step'] is None else row['step']} | {window} | {overlaps} |")
+                     f"{'–' if row['step'] is None else row['step']} | {window} | {effect} | {overlaps} |")
     verdict = found.coincide()
     note = {None: "Not enough transitions to compare (run `phaselens probe RUN` for the post-hoc diagnostics).",
             True: "All diagnostics change within the first-target loss window: one mechanism, seen from several sides.",

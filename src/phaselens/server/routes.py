@@ -154,6 +154,22 @@ def runs_router(session: Session) -> APIRouter:
         root = session.runs[run].resolve()
         return s.NeuronsResponse(files=[str(f.relative_to(root)) for f in files], **neuron_view(files, root))
 
+    @router.get("/runs/{run}/essential", response_model=s.EssentialDynamics)
+    def essential(run: str):
+        from phaselens.analysis.essential_dynamics import current_trajectory
+
+        if run == KERNEL and session.model_run == KERNEL:
+            return s.EssentialDynamics(run=run, available=False)
+        trajectory, stored = current_trajectory(session.run(run))
+        if trajectory is None:
+            return s.EssentialDynamics(run=run, available=False)
+        coords = list(zip(*trajectory.coords))
+        return s.EssentialDynamics(run=run, available=True, stored=stored, steps=trajectory.steps, pc1=list(coords[0]),
+                                   pc2=list(coords[1]), pc3=list(coords[2]), turning=trajectory.turning,
+                                   threshold=trajectory.threshold, turning_points=trajectory.turning_points,
+                                   explained=trajectory.explained, null_explained=trajectory.null_explained,
+                                   matched_null_explained=trajectory.matched_null_explained)
+
     return router
 
 

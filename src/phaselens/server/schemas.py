@@ -103,6 +103,24 @@ class StageList(BaseModel):
     stages: list[StageRow]  # empty until the `llc` probe has measured the run
 
 
+class EssentialDynamics(BaseModel):
+    """The PCA trajectory of the outputs across checkpoints (`analysis.essential_dynamics`), one entry per checkpoint."""
+
+    run: str
+    available: bool  # False before the `essential_dynamics` probe has measured three checkpoints
+    stored: bool = False  # the stored PCA (else computed for this answer from the stored vectors)
+    steps: list[int] = []
+    pc1: list[float] = []
+    pc2: list[float] = []
+    pc3: list[float] = []
+    turning: list[Optional[float]] = []  # degrees; null at the ends
+    threshold: list[Optional[float]] = []  # the random-walk null's quantile at each checkpoint
+    turning_points: list[int] = []  # steps beyond the null
+    explained: list[float] = []  # fraction of variance per component
+    null_explained: list[float] = []  # 6/(π²k²)
+    matched_null_explained: list[float] = []  # walks with this trajectory's step lengths
+
+
 # ---------------------------------------------------------------------------- the model view
 
 
@@ -262,3 +280,65 @@ class NeuronsResponse(BaseModel):
     layers: list[NeuronLayer] = []
     neurons: list[NeuronContexts] = []
     problems: list[str] = []  # artifacts that could not be read, and why
+
+
+# ---------------------------------------------------------------------------- circuits (server/circuits.py)
+
+
+class CircuitSteps(BaseModel):
+    run: str
+    steps: list[int]  # checkpoint steps the circuits probe measured (empty before `phaselens probe RUN --probes circuits`)
+
+
+class CircuitNode(BaseModel):
+    name: str  # embed, L1H0, L0M, logits
+    kind: Literal["embed", "head", "mlp", "logits"]
+    layer: Optional[int]
+    head: Optional[int]
+    column: int  # where the view draws it, left to right: embed, layer 0 heads, layer 0 MLP (if any), ..., logits
+
+
+class CircuitEdge(BaseModel):
+    edge: str  # L0H1->L1H0.k
+    upstream: str
+    downstream: str
+    input: Literal["q", "k", "v", "mlp", "logits"]
+    scores: dict[str, Optional[float]]  # method -> metric(edge patched) − metric(clean), or its estimate
+    in_circuit: bool
+
+
+class CircuitGraph(BaseModel):
+    """One checkpoint's circuits artifact (`store.circuit_artifact`) as the view draws it."""
+
+    run: str
+    step: int
+    methods: list[str]
+    circuit_method: str
+    threshold: float
+    metric_clean: Optional[float]
+    metric_corrupt: Optional[float]
+    faithfulness: Optional[float]
+    pairs: dict[str, object]  # how the clean/corrupt pairs were built: patch, read, corrupt, seed, sequences
+    nodes: list[CircuitNode]
+    edges: list[CircuitEdge]
+
+
+class EdgePatchRequest(Strict):
+    run: str
+    step: int = Field(ge=0, description="a checkpoint step")
+    edge: str = Field(min_length=1, max_length=200, description="an edge name, e.g. L0H1->L1H0.k")
+
+
+class EdgePatchResponse(BaseModel):
+    run: str
+    step: int
+    edge: str
+    patch: str  # the token set corrupted
+    read: str  # the prediction set whose loss is the metric
+    sequences: int
+    metric_clean: float
+    metric_corrupt: float
+    metric_patched: float  # the metric with this one edge patched clean -> corrupt
+    change: float  # metric_patched − metric_clean: the edge's exact score, computed now
+    stored: dict[str, Optional[float]]  # the scores the probe stored for this edge at this step, by method
+    in_circuit: Optional[bool]  # None where the probe did not measure this step

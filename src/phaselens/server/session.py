@@ -13,7 +13,7 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from phaselens.errors import PhaselensError, RunError
 from phaselens.models.adapter import ModelAdapter, adapter_for
@@ -57,7 +57,7 @@ class ModelLock:
 class Session:
     """Runs by name, a small cache of loaded checkpoints, and the in-process model if any."""
 
-    def __init__(self, runs: list[Path | str] = (), model: Any = None, model_run: str | None = None,
+    def __init__(self, runs: Sequence[Path | str] = (), model: Any = None, model_run: str | None = None,
                  device: str | None = None):
         self.runs: dict[str, Path] = {}
         self.device = device  # where checkpoints are loaded (None: the CPU); `pl.serve` resolves it by the device rule

@@ -6,23 +6,28 @@ read by `Run.edges()`, the over-training analysis and the report, through this o
     {"format": "phaselens.circuits/1", "step": S | null, "methods": ["exact", "eap", "eap_ig"],
      "steps": m (EAP-IG interpolation steps), "circuit_method": method the circuit was found with,
      "threshold": 0.8, "metric_clean": m(clean), "metric_corrupt": m(corrupt), "faithfulness": f,
-     "pairs": {"patch": token set corrupted, "read": prediction set read, "seed": s, "sequences": B},
+     "pairs": {"patch": token set corrupted, "read": prediction set read, "corrupt": "fresh" | "partner" | "rolled",
+               "seed": s, "sequences": B, "rows": rows asked for},
      "edges": [{"edge": "L0H1->L1H0.k", "upstream": "L0H1", "downstream": "L1H0", "input": "k" | "q" | "v" | "mlp" | "logits",
-                "scores": {method: score}, "in_circuit": bool}]}
+                "scores": {method: score}, "in_circuit": bool}],
+     "has_effect": bool (the clean/corrupt gap is clear; else faithfulness is NaN and no edge is in the circuit),
+     "effect_se": standard error of that gap over the sequences,
+     "read_counts": [B] predictions read per sequence,
+     "per_sequence": [E][B] the circuit method's scores split by sequence (rows summing to the scores), in edge order}
 
 A score is metric(edge patched to corrupt) − metric(clean) (exact) or its first-order estimate (eap, eap_ig):
-positive where the edge carries what lowers the loss.
+positive where the edge carries what lowers the loss. The last four keys are absent from artifacts written
+before they existed (read as has_effect = true, no split).
 """
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from phaselens.store.atomic import write_json
+from phaselens.store.atomic import read_json, write_json
 from phaselens.store.neuron_artifact import ArtifactError
 
 CIRCUITS_FORMAT = "phaselens.circuits/1"
@@ -53,6 +58,10 @@ class CircuitArtifact:
     pairs: dict[str, Any]
     edges: list[EdgeRecord] = field(default_factory=list)
     step: int | None = None
+    has_effect: bool = True
+    effect_se: float = 0.0
+    read_counts: list[int] = field(default_factory=list)  # (B,)
+    per_sequence: list[list[float]] = field(default_factory=list)  # (E, B), or empty
 
     @property
     def circuit(self) -> list[str]:
@@ -73,7 +82,8 @@ class CircuitArtifact:
                                           "metric_corrupt", "faithfulness", "pairs")}
         except (KeyError, TypeError) as exc:
             raise ArtifactError(f"{origin}: malformed {CIRCUITS_FORMAT} artifact ({exc})") from None
-        return cls(**fields, edges=edges, step=raw.get("step"))
+        optional = {k: raw[k] for k in ("has_effect", "effect_se", "read_counts", "per_sequence") if raw.get(k) is not None}
+        return cls(**fields, edges=edges, step=raw.get("step"), **optional)
 
 
 def write_circuits(path: Path, artifact: CircuitArtifact) -> None:
@@ -85,7 +95,7 @@ def read_circuits(path: Path) -> CircuitArtifact:
     """One checkpoint's artifact; its step from the file name where the file does not say it."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text())
+        raw = read_json(path)
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"{path}: cannot read the circuits artifact ({exc})") from None
     artifact = CircuitArtifact.from_json(raw, str(path))
@@ -102,3 +112,16 @@ def read_all_circuits(folder: Path) -> list[CircuitArtifact]:
         return []
     found = [read_circuits(p) for p in sorted(folder.iterdir()) if _STEP_FILE.match(p.name)]
     return sorted(found, key=lambda a: a.step if a.step is not None else -1)
+
+
+def circuits_path(folder: Path, step: int) -> Path:
+    """Where the artifact of checkpoint `step` lies in `folder` (RUN/artifacts/circuits)."""
+    return Path(folder) / f"step_{step:08d}.json"
+
+
+def measured_steps(folder: Path) -> list[int]:
+    """The steps with an artifact in `folder`, without reading them (none when the probe never ran)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, (p.name for p in folder.iterdir())) if m)

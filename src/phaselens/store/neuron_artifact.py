@@ -15,14 +15,13 @@ the dashboard, through this one typed reader and writer (torch-free).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from phaselens.errors import RunError
-from phaselens.store.atomic import write_json
+from phaselens.store.atomic import read_json, write_json
 
 NEURON_FORMAT = "phaselens.neurons/1"
 Values = list  # one float (or None) per neuron
@@ -146,7 +145,7 @@ def read_neuron_artifact(path: Path | str, name: str | None = None) -> NeuronArt
     path = Path(path)
     where = name or str(path)
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
     except OSError as exc:
         raise ArtifactError(f"{where} cannot be read: {exc.strerror or exc}") from exc
     except ValueError as exc:

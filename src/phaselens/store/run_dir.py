@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from phaselens.errors import RunError
-from phaselens.store.atomic import write_json
+from phaselens.store.atomic import is_read_only, write_json
 from phaselens.store.run_record import STATUSES, RunRecord, read_run_record, versions, write_run_record
 
 __all__ = ["RunDir", "STATUSES", "versions"]
@@ -243,6 +243,14 @@ class RunDir:
         """True for a directory that is empty but for the lock file (a writer stopped before writing run.json)."""
         return self.path.is_dir() and all(entry.name == LOCK_FILE for entry in self.path.iterdir())
 
+    def require_writable(self, what: str, folder: Path | None = None) -> None:
+        """RunError (one line) when `folder` (default: the run directory) cannot be written, a read-only mount or a
+        folder this user may not write: `what` writes there. Readers (export, serve) never ask."""
+        folder = folder if folder is not None and folder.is_dir() else self.path
+        if folder.is_dir() and is_read_only(folder):
+            raise RunError(f"{folder} is read-only: {what} writes into the run there; make it writable, or copy the run "
+                           "somewhere writable (phaselens export reads a read-only run)")
+
     @contextmanager
     def writer_lock(self, what: str):
         """Hold the run's lock (an flock on RUN/run.lock) while this process writes the run: a second writer
@@ -257,10 +265,11 @@ class RunDir:
         except ImportError:  # no flock (Windows): unlocked, as before
             yield
             return
+        self.require_writable(what)
         self.path.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as exc:  # a link, a directory, a read-only run
+        except OSError as exc:  # a link, a directory
             raise RunError(f"cannot lock {self.path / LOCK_FILE} for writing the run ({exc.strerror})") from exc
         try:
             try:
@@ -269,8 +278,11 @@ class RunDir:
                 holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
                 raise RunError(f"{self.path} is in use: {holder} is writing it; a second writer is refused, "
                                "wait for that one to finish (or stop it)") from None
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} ({what})\n".encode(), 0)
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"pid {os.getpid()} ({what})\n".encode(), 0)
+            except OSError:  # a full disk: the lock holds all the same, only without the holder's name
+                pass
             try:
                 yield
             finally:

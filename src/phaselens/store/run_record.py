@@ -33,7 +33,6 @@ Every key but `config` is optional when read, so an older run.json reads with th
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
 import time
 from dataclasses import dataclass, field
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from phaselens.errors import RunError
-from phaselens.store.atomic import write_json
+from phaselens.store.atomic import parse_json, write_json
 
 STATUSES = ("running", "finished", "failed", "stopped")  # what a writer may record (a reader accepts any string)
 
@@ -242,7 +241,7 @@ def read_run_record(path: Path | str) -> RunRecord:
     except OSError as exc:
         raise RunError(f"{path} cannot be read: {exc.strerror or exc}") from exc
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
+        data = parse_json(text)
+    except ValueError as exc:
         raise RunError(f"{path} is not valid JSON: {exc}") from exc
     return RunRecord.from_json(data, str(path))

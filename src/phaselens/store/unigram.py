@@ -8,11 +8,10 @@ counts there (a JSON list, index = token id, is read too).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
-from phaselens.store.atomic import write_json
+from phaselens.store.atomic import read_json, write_json
 
 UNIGRAM_FILE = "unigram.json"
 
@@ -30,8 +29,8 @@ def read_unigram_counts(path: Path | str) -> list[float]:
     """Token counts from a JSON file: a list of counts, or an object with a "counts" list."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read unigram counts from {path}: {exc}") from exc
     counts = data.get("counts") if isinstance(data, dict) else data
     if (not isinstance(counts, list) or not counts

@@ -379,6 +379,8 @@ def plot_tau_fits(table: pd.DataFrame, fits: list[Fit], swept: list[str], path: 
 
     by_key = {fit.key: fit for fit in fits}
     taus = _numeric(table[metric])
+    if not (taus > 0).any():  # no run reached τ: nothing to put on log axes
+        return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.8 * len(keys), 4), squeeze=False)
     for ax, key in zip(axes[0], keys):
         x = temperature(table) if key == TEMPERATURE else _numeric(table[key])

@@ -96,6 +96,7 @@ class TaskBatch:
         if self.pair_index is None:
             return picked
         start, stop, _ = index.indices(len(self))
+        assert picked.pair_index is not None  # mapped from ours, which is set
         partner = picked.pair_index - start
         kept = torch.where((self.pair_index[index] >= 0) & (partner >= 0) & (partner < stop - start), partner, -1)
         return replace(picked, pair_index=kept)

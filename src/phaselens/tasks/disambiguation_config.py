@@ -16,7 +16,7 @@ from typing import Any
 
 from phaselens.errors import ConfigError
 from phaselens.tasks.config import DataConfig, register_task
-from phaselens.tasks.study import POST_HOC_PROBES, Axis, Headline, Study
+from phaselens.tasks.study import POST_HOC_PROBES, Axis, Headline, Phenomenon, Study
 
 VARIANTS = ("bz_to_a", "az_to_b", "b_to_a", "a_to_b")
 SELECTOR_VARIANTS = ("bz_to_a", "az_to_b")  # the variants with a selector z
@@ -31,6 +31,9 @@ TAU = Headline(
     axes=(Axis("D", ("data.n_unique_b", "data.k"), description="examples: bases × K"),
           Axis("K", ("data.k",), description="ambiguity: targets per base")),
 )
+# The phenomenon: the first-target loss drops *from* the log K plateau (not its descent to it, which is often stronger)
+DROP_FROM_PLATEAU = Phenomenon("loss", "first_target", "fall", leaves_log_of="data.k",
+                               description="the first-target loss drops from the log K plateau")
 # Position sets: `first_target` (the prediction of the first target token) and, with a selector, `z`.
 # Head scores need a segment and its repeat, which these sequences lack: every variant's runs store an
 # induction batch of the characters for `heads`; attention_to and patching keep reading z on the task's batch.
@@ -43,16 +46,19 @@ SELECTOR_STUDY = Study(
         "attention_to": {"query": "first_target", "key": "z"},
         "patching": {"patch": "z", "read": "first_target", "corrupt": "partner"},
         "random_z": {"selector": "z", "read": "first_target"},
+        "circuits": {"patch": "z", "read": "first_target", "corrupt": "partner"},  # z swapped within a pair (same B)
     },
     induction_batch=True,
-    reads_batch={"attention_to": "probe", "patching": "probe"},
+    reads_batch={"attention_to": "probe", "patching": "probe", "circuits": "probe"},
     headline=TAU,
+    phenomenon=DROP_FROM_PLATEAU,
 )
 PLAIN_STUDY = Study(  # no selector z: attention_to, patching and random_z have nothing to read
     position_sets=("first_target",),
     probe_options={"loss": {"positions": ["first_target"]}, "logit_lens": {"positions": "first_target"}},
     induction_batch=True,
     headline=TAU,
+    phenomenon=DROP_FROM_PLATEAU,
 )
 
 

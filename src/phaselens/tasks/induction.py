@@ -22,6 +22,7 @@ from phaselens.tasks.study import INDUCTION_MIN_LEN
 VARIANTS = ("variable_offset", "half_repeat")
 PROBE_MIN_LEN, PROBE_MAX_LEN = 8, 24
 PROBE_MIN_SEQ_LEN = INDUCTION_MIN_LEN  # the shortest sequence an induction probe batch fits (`tasks.study`)
+INDUCTION_SEED_OFFSET = 3_000_003  # a run's induction batch is drawn with its seed plus this (every writer of one)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ class InductionTask:
 
         if self.variant not in VARIANTS:
             raise ConfigError(f"data.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.vocab < 2:  # one token: every sequence is that token repeated, a segment's copy is not told from the rest
+            raise ConfigError(f"model.d_vocab={self.vocab}: the induction task draws random tokens and needs at least 2")
         if self.variant == "variable_offset":
             if not 2 <= self.min_len <= self.max_len:
                 raise ConfigError(

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from phaselens.tasks.config import DataConfig, register_task
-from phaselens.tasks.study import INDUCTION_SETS, POST_HOC_PROBES, Study
+from phaselens.tasks.study import INDUCTION_SETS, POST_HOC_PROBES, Phenomenon, Study
 
 
 # How attention_to, patching and circuits read an induction batch (this task's, or the induction batch an
@@ -36,6 +36,8 @@ class InductionData(DataConfig):
             **INDUCTION_BATCH_OPTIONS,
         },
         position_sets=INDUCTION_SETS,
+        phenomenon=Phenomenon("loss", "copy", "fall", min_change=0.5,
+                              description="the copy-position loss drops (each drop of at least 0.5 nats)"),
     )
 
     def build(self, model: Any):

@@ -48,14 +48,17 @@ class ModularAdditionTask:
         return self.batch(pool[torch.randint(0, len(pool), (batch_size,), generator=generator)])
 
     def batch(self, ids: torch.Tensor) -> TaskBatch:
-        """Rows `a b = c` of pair ids (n,): tokens (n, 4), the `answer` and `train_pairs` prediction sets (n, 3)."""
+        """Rows `a b = c` of pair ids (n,): tokens (n, 4), the `answer` and `train_pairs` prediction sets (n, 3) and the
+        `operand` token set (n, 4): the second operand b (the circuits probe changes it)."""
         p = self.p
         a, b = ids // p, ids % p
         tokens = torch.stack((a, b, torch.full_like(a, p), (a + b) % p), dim=1)  # (n, 4)
         answer = torch.zeros(len(ids), 3, dtype=torch.bool)
         answer[:, ANSWER_POSITION] = True  # (n, 3)
+        operand = torch.zeros(len(ids), 4, dtype=torch.bool)
+        operand[:, 1] = True  # (n, 4)
         return TaskBatch(tokens=tokens, loss_mask=answer,
-                         positions={"answer": answer, "train_pairs": answer & self.is_train[ids][:, None]})
+                         positions={"answer": answer, "train_pairs": answer & self.is_train[ids][:, None], "operand": operand})
 
     def validate(self) -> None:
         """The config checked the options already (`ModularAdditionData.validate`)."""

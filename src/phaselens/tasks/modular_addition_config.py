@@ -33,14 +33,16 @@ class ModularAdditionData(DataConfig):
     eval_size: int = 0  # 0: every held-out pair
 
     fixed_splits: ClassVar[bool] = True
-    # position sets: `answer` (the prediction of c) and `train_pairs` (that prediction, on training pairs only)
+    # position sets: `answer` (the prediction of c), `train_pairs` (that prediction, on training pairs only) and
+    # `operand` (the token b); circuits pairs: b changed to another row's b, metric = answer loss
     # compare: the grokking step against lr·weight decay (the rate weight decay shrinks the weights at)
     # and the training fraction
     study: ClassVar[Study] = Study(
         live_probes=("loss", "grokking"),
         post_hoc_probes=("loss", "grokking"),
-        probe_options={"grokking": {"answer": "answer", "train": "train_pairs"}},
-        position_sets=("answer", "train_pairs"),
+        probe_options={"grokking": {"answer": "answer", "train": "train_pairs"},
+                       "circuits": {"patch": "operand", "read": "answer", "corrupt": "rolled", "rows": 64}},
+        position_sets=("answer", "train_pairs", "operand"),
         inapplicable_probes={
             "heads": "the head scores need long sequences of random tokens with repeats; modular addition has 4 tokens",
         },

@@ -66,6 +66,32 @@ class Headline:
 
 
 @dataclass(frozen=True)
+class Phenomenon:
+    """Which change of which series is the study's phenomenon: its headline transitions.
+
+    The report, the alignment table, `compare`'s step columns and the dashboard mark these
+    (`signals.transitions.headline_transitions`), never simply the strongest change of the series, which
+    can be another one (late disambiguation: the descent *to* the log K plateau is stronger than the
+    drop *from* it).
+
+    probe, metric: the per-model series; direction: "fall" or "rise".
+    min_change: the least |after − before| in the metric's units (induction: 0.5 nats of copy loss).
+    leaves_log_of: a dotted config key K; the change leaves the level log K: it starts nearer that level
+    than it ends, and ends beyond `LEAVE_TOLERANCE` of it on the far side (the drop from the plateau).
+    """
+
+    probe: str
+    metric: str
+    direction: str = "fall"
+    min_change: float = 0.0
+    leaves_log_of: str | None = None
+    description: str = ""
+
+
+LEAVE_TOLERANCE = 0.15  # a change has left a level once it is more than 15% of the level past it
+
+
+@dataclass(frozen=True)
 class Study:
     """A task's defaults and declarations (see the module docstring).
 
@@ -95,6 +121,7 @@ class Study:
     induction_batch: bool = False
     reads_batch: Mapping[str, str] = field(default_factory=dict)
     headline: Headline | None = None  # what `compare` reports and fits; None: compare has nothing to fit
+    phenomenon: Phenomenon | None = None  # which change of which series the study is about (its headline transitions)
 
 
 

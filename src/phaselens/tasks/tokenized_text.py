@@ -54,5 +54,8 @@ class TokenizedTextTask:
         return torch.bincount(self.tokens, minlength=d_vocab)
 
     def validate(self) -> None:
+        if len(self.tokens) == 0 and self.path.read_text(encoding="utf-8").strip():  # the text is there: its tokenizer is at fault
+            raise ConfigError(f"the tokenizer turned the text of {self.path} into no tokens at all: it does not read this "
+                              "text (a model revision saved without its tokenizer files? save them beside config.json)")
         if len(self.tokens) < self.seq_len:
             raise ConfigError(f"{self.path} has {len(self.tokens)} tokens; crops of data.seq_len={self.seq_len} need at least that many")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -23,7 +24,13 @@ from phaselens.models.device import check_device
 from phaselens.tasks.config import DataConfig
 from phaselens.tasks.induction_config import InductionData
 
+if TYPE_CHECKING:  # for annotations only
+    from phaselens.probes.plan import MeasurementPlan
+    from phaselens.tasks.study import Study
+
 SCHEDULES = ("constant", "cosine")
+SEED_LIMIT = 2**32  # seeds are below this: torch's generators take 64 bits, and seeds plus their offsets stay inside
+MAX_NAME_BYTES = 255  # a run's name becomes a directory name, which file systems limit to 255 bytes
 
 
 @dataclass
@@ -57,6 +64,8 @@ class TelemetryConfig:
     # probe name -> options, over the ones the task declares (`telemetry.probe_options.logit_lens.first_token_only=true`);
     # they hold live, at checkpoints and in `phaselens probe`
     probe_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a TensorBoard log directory that live and checkpoint values are mirrored to while training (needs `tensorboard`)
+    tensorboard: str | None = None
 
 
 @dataclass
@@ -74,12 +83,12 @@ class RunConfig:
             self.telemetry.probes = list(self.study.live_probes)
 
     @property
-    def study(self):
+    def study(self) -> Study:
         """What the run's task declares (default probes and their options); see `phaselens.tasks.study`."""
         return type(self.data).study_for(self.data.task)
 
     def plan(self, mode: str, names: list[str] | None = None, options: dict[str, dict[str, Any]] | None = None,
-             induction_batch: bool | None = None):
+             induction_batch: bool | None = None) -> MeasurementPlan:
         """The measurement plan (`phaselens.probes.plan`) of this run for `mode` (live | checkpoint | post_hoc):
         `names` (default: the study's) with the task's, the config's and then `options`' options;
         `induction_batch`: whether the run has an induction batch (default: where its study keeps one)."""
@@ -92,14 +101,14 @@ class RunConfig:
             context = replace(context, induction_batch=induction_batch)
         return plan_probes(context, mode, names, options)
 
-    def live_plan(self):
+    def live_plan(self) -> MeasurementPlan:
         """What training measures every `telemetry.every` steps."""
         return self.plan("live", self.telemetry.probes)
 
-    def checkpoint_plan(self, induction_batch: bool | None = None):
+    def checkpoint_plan(self, induction_batch: bool | None = None) -> MeasurementPlan:
         """What training measures at each checkpoint on the run's fixed batches: the live probes and the checkpoint-only ones."""
         tel = self.telemetry
-        return self.plan("checkpoint", list(dict.fromkeys([*tel.probes, *tel.checkpoint_probes])), induction_batch=induction_batch)
+        return self.plan("checkpoint", list(dict.fromkeys([*(tel.probes or []), *tel.checkpoint_probes])), induction_batch=induction_batch)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,10 +129,19 @@ class RunConfig:
             raise ConfigError(f"train.batch_size must be >= 1, got {t.batch_size}" + (
                 "; 0 (full batch) needs a task with a fixed training set, such as modular_addition, "
                 f"and data.task={d.task} draws new examples" if t.batch_size == 0 else ""))
-        if t.threads < 0:
-            raise ConfigError(f"train.threads must be >= 0 (0 = torch's default), got {t.threads}")
+        cores = os.cpu_count() or 1
+        if not 0 <= t.threads <= 4 * cores:  # torch starts that many threads: 100,000 exhausts the process
+            raise ConfigError(f"train.threads must be between 0 (torch's default) and {4 * cores} (4 x this machine's "
+                              f"{cores} cores), got {t.threads}")
+        for key, seed in (("train.seed", t.seed), ("data.seed", getattr(d, "seed", 0))):
+            if not 0 <= seed < SEED_LIMIT:
+                raise ConfigError(f"{key} must be between 0 and {SEED_LIMIT - 1}, got {seed}")
         if tel.rows < 0:
             raise ConfigError(f"telemetry.rows must be >= 0 (0 = the whole batch), got {tel.rows}")
+        if tel.tensorboard is not None:
+            from phaselens.store.tensorboard import check_log_dir
+
+            check_log_dir(tel.tensorboard, "telemetry.tensorboard")
         if not (t.lr > 0 and math.isfinite(t.lr)):
             raise ConfigError(f"train.lr must be a finite number > 0, got {t.lr}")
         for key in ("weight_decay", "grad_clip", "warmup"):
@@ -131,6 +149,9 @@ class RunConfig:
                 raise ConfigError(f"train.{key} must be a finite number >= 0, got {getattr(t, key)}")
         if not self.name or self.name in (".", "..") or any(c in self.name for c in "/\\") or Path(self.name).is_absolute():
             raise ConfigError(f"name must be a plain directory name (it becomes runs/<name>), got {self.name!r}")
+        if len(self.name.encode()) > MAX_NAME_BYTES:
+            raise ConfigError(f"name is {len(self.name.encode())} bytes long; a run's name becomes a directory name, "
+                              f"at most {MAX_NAME_BYTES} bytes")
         if t.schedule not in SCHEDULES:
             raise ConfigError(f"train.schedule must be one of {SCHEDULES}, got {t.schedule!r}")
         if not 0 <= t.min_lr_ratio <= 1:
@@ -156,7 +177,7 @@ class RunConfig:
             if names is None:  # the study's live probes: those this model cannot run are left out
                 tel.probes = plan.names
 
-    def build_task(self):
+    def build_task(self) -> Any:
         """The task object for `data` (its sequences fill the model's context)."""
         return self.data.build(self.model)
 
@@ -267,7 +288,7 @@ def from_dict(cls: type, raw: Any, origin: str, prefix: str = "") -> Any:
     for name, value in raw.items():
         key = prefix + name
         kind = hints[name]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             values[name] = from_dict(kind, value, origin, key + ".")
         else:
             values[name] = coerce(value, kind, key, origin)

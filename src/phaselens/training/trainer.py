@@ -37,9 +37,11 @@ from phaselens.probes.base import Measurement
 from phaselens.probes.live import Telemetry, ValueQueue
 from phaselens.probes.loss import prediction_accuracy, token_losses
 from phaselens.probes.measure import measure_batches
+from phaselens.probes.plan import TRAINING_BATCH
 from phaselens.progress import progress_bar
-from phaselens.store.atomic import write_json
+from phaselens.store.atomic import disk_full, disk_of, write_json
 from phaselens.store.metrics import MetricsStore, MetricsWriter, integrity_problem, set_aside
+from phaselens.store.tensorboard import TensorBoardLog
 from phaselens.store.run_dir import RunDir
 from phaselens.store.run_record import RunRecord, timestamp, versions
 from phaselens.store.unigram import unigram_path
@@ -48,10 +50,10 @@ from phaselens.tasks.induction import PROBE_MIN_SEQ_LEN, induction_probe_batch
 from phaselens.tasks.unigram import write_training_unigram
 from phaselens.training.config import RunConfig, config_differences
 from phaselens.training.memory import check_memory
+from phaselens.tasks.induction import INDUCTION_SEED_OFFSET
 
 PROBE_SEED_OFFSET = 1_000_003  # probe and eval batches use their own seeded streams
 EVAL_SEED_OFFSET = 2_000_003
-INDUCTION_SEED_OFFSET = 3_000_003
 NAN_CHECK_EVERY = 50
 ANSWER = "answer"  # a task whose batches have this prediction set gets train_acc and eval_acc
 
@@ -88,7 +90,8 @@ def induction_batch_for(config: RunConfig, task: Any, probe: TaskBatch) -> TaskB
     None when the sequences are too short to hold a segment and its repeat (heads then read the probe batch)."""
     if probe.tokens.shape[1] < PROBE_MIN_SEQ_LEN:
         return None
-    ordinary = task.model_tokenizer(config.model.d_vocab).ordinary_ids()
+    model: Any = config.model  # every kind's config has d_vocab and n_ctx (`models.config`), as its own field
+    ordinary = task.model_tokenizer(model.d_vocab).ordinary_ids()
     generator = torch.Generator().manual_seed(config.train.seed + INDUCTION_SEED_OFFSET)
     return induction_probe_batch(ordinary, probe.tokens.shape[1], len(probe), generator)
 
@@ -99,32 +102,42 @@ class TrainResult:
     steps_done: int
     status: str
     seconds: float
+    stopped_by: str | None = None  # "SIGINT" (Ctrl-C) or "SIGTERM" when a signal stopped the run
 
 
 class _StopFlag:
-    """Turns the first Ctrl-C into a request to checkpoint and stop at the end of the step."""
+    """Turns the first Ctrl-C, or SIGTERM (what a scheduler or `kill` sends), into a request to checkpoint and
+    stop at the end of the step (a checkpoint being written is finished first); a second one stops at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
+        self.by: str | None = None  # the signal that asked: "SIGINT" or "SIGTERM"
 
     @contextmanager
     def installed(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {number: signal.getsignal(number) for number in self.SIGNALS}
+
+        def restore() -> None:
+            for number, handler in previous.items():
+                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
         def handler(signum, frame):
-            if self.requested:  # a second Ctrl-C stops at once
-                signal.signal(signal.SIGINT, previous)
-                raise KeyboardInterrupt
-            self.requested = True
+            if self.requested:  # a second one stops at once
+                restore()
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+            self.requested, self.by = True, signal.Signals(signum).name
 
-        signal.signal(signal.SIGINT, handler)
+        for number in self.SIGNALS:
+            signal.signal(number, handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            restore()
 
 
 class Trainer:
@@ -169,9 +182,10 @@ class Trainer:
         run.path.mkdir(parents=True, exist_ok=True)
         cfg = self.config
         config = cfg.to_dict()
+        model: Any = cfg.model  # every kind's config has d_vocab and n_ctx (`models.config`), as its own field
         run.write(RunRecord(
             name=cfg.name, status="running", config=config, model=config["model"],
-            task={"name": cfg.data.task, **config["data"], "seq_len": cfg.model.n_ctx, "vocab": cfg.model.d_vocab},
+            task={"name": cfg.data.task, **config["data"], "seq_len": model.n_ctx, "vocab": model.d_vocab},
             versions=versions(), device=str(self.device), steps_done=0, created=timestamp(),
         ))
         MetricsStore(run.metrics_db).close()  # readers find a store from the start
@@ -207,6 +221,7 @@ class Trainer:
         # study keeps one, is written once like the probe batch.
         self.probe_batches = {"probe": self.probe_batch}
         if cfg.study.induction_batch:
+            induction: TaskBatch | None
             if self.run.induction_batch.is_file():
                 induction = TaskBatch.load(self.run.induction_batch)
             else:
@@ -287,12 +302,16 @@ class Trainer:
         if not unigram_path(self.run.path).is_file():  # the training data's token counts, for `kl_unigram`
             write_training_unigram(self.config, unigram_path(self.run.path))
         # What is measured, with which options and on which batch: the run's measurement plans (`probes.plan`).
-        probes = [planned.make() for planned in self.config.live_plan().require("telemetry.probes").probes]
+        live = self.config.live_plan().require("telemetry.probes")
+        probes = [planned.make() for planned in live.probes]
+        # probes measured on a copy of the weights (circuits) read the fixed batch the plan routes them to
+        copy_batches = {p.name: self.probe_batches.get(p.batch, self.probe_batch) for p in live.probes if p.batch != TRAINING_BATCH}
         for probe in probes:
             probe.bind_run(self.run.path)
-        writer = MetricsWriter(self.run.metrics_db)
+        # The TensorBoard mirror writes on the metrics writer's thread, never on the training step's.
+        writer = MetricsWriter(self.run.metrics_db, mirror=TensorBoardLog(tel.tensorboard) if tel.tensorboard else None)
         self.telemetry = Telemetry(self.model, probes, store=writer, every=tel.every, flush_every=tel.flush_every,
-                                   background=None if tel.background else False)
+                                   background=None if tel.background else False, copy_batches=copy_batches)
         # Checkpoint measurements: the live probes plus those asked for at checkpoints only, on the fixed batches.
         checkpoint = self.config.checkpoint_plan("induction" in self.probe_batches).require("telemetry.checkpoint_probes")
         self.checkpoint_probes = [planned.make() for planned in checkpoint.probes]
@@ -342,24 +361,30 @@ class Trainer:
                             self.run.update(steps_done=done)
                         if stop.requested:
                             step = done
-                            status, reason = "stopped", f"interrupted at step {done} (checkpoint saved); continue with --resume"
+                            status, reason = "stopped", f"{_stopped_by(stop.by)} at step {done} (checkpoint saved); continue with --resume"
                             break
                     else:
                         step = cfg.train.steps
                         self._measure_final(step)
                         status = "finished"
                     update(completed=step)
-        except KeyboardInterrupt:  # a second Ctrl-C: stop at once; the last checkpoint is where a resume starts
+        except KeyboardInterrupt as exc:  # a second Ctrl-C or SIGTERM: stop at once; the last checkpoint is where a resume starts
             saved = self.run.checkpoint_steps()
-            status = "stopped"
-            reason = (f"interrupted during step {step}; last checkpoint: step {saved[-1]}, continue with --resume" if saved
-                      else "interrupted before the first checkpoint; run the same command again to start over")
+            status, by = "stopped", _stopped_by(str(exc) or stop.by)
+            reason = (f"{by} during step {step}; last checkpoint: step {saved[-1]}, continue with --resume" if saved
+                      else f"{by} before the first checkpoint; run the same command again to start over")
             raise
         except BaseException as exc:
             reason = str(exc) if isinstance(exc, TrainingDiverged) else (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
             if _out_of_memory(exc):
                 raise RunError(f"out of memory at step {step} of {self.run.path} ({_first_line(exc)}); "
                                "lower train.batch_size or model.n_ctx") from exc
+            if disk_full(exc):
+                saved = self.run.checkpoint_steps()
+                reason = f"the disk filled up at step {step}"
+                raise RunError(f"the disk holding {self.run.path}, {disk_of(self.run.path)}, is full at step {step}: "
+                               + (f"the last checkpoint is step {saved[-1]} (metrics up to it are saved); free space and "
+                                  "continue with --resume" if saved else "nothing was saved; free space and run it again")) from None
             raise
         finally:
             if hasattr(self, "checkpoint_values"):
@@ -367,7 +392,7 @@ class Trainer:
             if hasattr(self, "telemetry"):
                 self.telemetry.close()
             self.run.update(status=status, stop_reason=reason, finished=timestamp())
-        return TrainResult(self.run.path, step, status, time.time() - started)
+        return TrainResult(self.run.path, step, status, time.time() - started, stop.by)
 
     def step(self, step: int) -> torch.Tensor:
         """One optimizer update (with eval and telemetry when due); returns the detached training loss."""
@@ -433,6 +458,11 @@ class Trainer:
                 f"(now {self.config.train.lr}) or set train.grad_clip; last good checkpoint: step {good[-1] if good else 'none'}"
             )
         return float(losses.mean())
+
+
+def _stopped_by(signal_name: str | None) -> str:
+    """How run.json's stop_reason names an interruption: "interrupted" (Ctrl-C) or "stopped by SIGTERM"."""
+    return "stopped by SIGTERM" if signal_name == "SIGTERM" else "interrupted"
 
 
 def _out_of_memory(exc: BaseException) -> bool:

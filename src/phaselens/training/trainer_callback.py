@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from phaselens.errors import ConfigError, RunError
 from phaselens.models.adapter import HFTokenizer, adapter_for
@@ -32,8 +32,7 @@ from phaselens.store.run_dir import RunDir
 from phaselens.store.run_record import ImportedSeries, RunRecord, TrainerOrigin, timestamp, versions
 from phaselens.store.unigram import unigram_path, write_unigram_counts
 from phaselens.tasks.batch import TaskBatch
-from phaselens.tasks.induction import PROBE_MIN_SEQ_LEN, induction_probe_batch
-from phaselens.training.trainer import INDUCTION_SEED_OFFSET
+from phaselens.tasks.induction import INDUCTION_SEED_OFFSET, PROBE_MIN_SEQ_LEN, induction_probe_batch
 
 PATTERN = "blocks.{}.attn.hook_pattern"  # the only activation a Hugging Face forward returns per layer
 UNIGRAM_SEQUENCES = 10_000  # token counts for `kl_unigram`: the first this many sequences of the dataset
@@ -132,14 +131,15 @@ class TelemetryCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ Trainer events
 
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, processing_class=None, **kwargs):
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None,
+                       train_dataloader: Any = None, processing_class: Any = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
             return
         if model is None:
             raise ConfigError("TelemetryCallback needs the Trainer's model")
         adapter = adapter_for(model)
         check_live_probes(self.probes, adapter)
-        self._output_dir = Path(args.output_dir).resolve()
+        self._output_dir = Path(args.output_dir).resolve()  # type: ignore[arg-type]  # the Trainer sets it before training
         resuming = self._open_run(state.global_step)
         if getattr(model.config, "_attn_implementation", "eager") != "eager":
             model.set_attn_implementation("eager")  # sdpa and flash attention return no patterns
@@ -148,17 +148,17 @@ class TelemetryCallback(TrainerCallback):
         if not resuming:
             self._write_run(args, state, model, train_dataloader, processing_class)
 
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.telemetry is not None:
             self.telemetry.arm(state.global_step)
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.telemetry is None:
             return
         self.telemetry.flush()
         self._reference_checkpoints()
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.telemetry is None:
             return
         try:
@@ -237,11 +237,12 @@ class TelemetryCallback(TrainerCallback):
         """One `reference.json` per `output_dir/checkpoint-N` saved by the Trainer; those it has rotated away are dropped."""
         from phaselens.models.hf import REFERENCE_FILE
 
+        assert self._output_dir is not None  # set when training began
         saved = {}
         for folder in self._output_dir.glob("checkpoint-*"):
-            step = folder.name.removeprefix("checkpoint-")
-            if step.isdigit() and (folder / "config.json").is_file():
-                saved[int(step)] = folder.name
+            number = folder.name.removeprefix("checkpoint-")
+            if number.isdigit() and (folder / "config.json").is_file():
+                saved[int(number)] = folder.name
         for step in self.run.checkpoint_steps():
             if step not in saved:  # deleted by save_total_limit: remove the reference we wrote (and its folder, if empty)
                 reference = self.run.checkpoint(step) / REFERENCE_FILE
@@ -253,6 +254,7 @@ class TelemetryCallback(TrainerCallback):
             if not reference.is_file():
                 write_json(reference, {"source": str(self._output_dir), "revision": revision, "local": True})
         record = self.run.record()
+        assert record.imported is not None  # written at the start of training
         record.imported.revisions = {step: saved[step] for step in sorted(saved)}
         if saved:
             record.config["model"]["revision"] = record.model["revision"] = saved[max(saved)]

@@ -3,6 +3,8 @@ import { get, post, enc, guarded, action, hold, newest, generation, showError, f
 import { drawTimeline, drawHeatmap, moveStepLine } from "./timeline.js";
 import { loadHeadScores, drawArchitecture, runText, drawHead, ablate, patch, gradients } from "./modelview.js";
 import { loadNeurons } from "./neurons.js";
+import { loadEssential, highlightEssential } from "./essential.js";
+import { drawCircuits, renderCircuit, patchEdge } from "./circuits.js";
 
 const state = {
   runs: [], run: null, compare: "", steps: [], step: null, useKernel: false,
@@ -67,7 +69,8 @@ async function selectRun(name) {
   $("patch-corrupted").value = sample.corrupted_text;
   await loadSeries();
   if (!current()) return;
-  await Promise.all([guarded(refreshTimeline), guarded(refreshModel), guarded(() => loadNeurons(state))]);
+  await Promise.all([guarded(refreshTimeline), guarded(refreshModel), guarded(() => loadNeurons(state)),
+    guarded(() => loadEssential(state))]);
 }
 
 async function loadSeries() {
@@ -106,6 +109,7 @@ async function refreshModel() {
   await Promise.all([
     generation("loss") === lossAtStart ? guarded(() => runText(state)) : null,
     guarded(() => drawHead(state)),
+    guarded(() => drawCircuits(state)),
   ]);
 }
 
@@ -132,6 +136,7 @@ function wire() {
     state.step = state.steps[Number(e.target.value)] ?? null;
     updateStepLabel();
     moveStepLine(state);
+    highlightEssential(state);
     clearTimeout(scrubTimer);
     if (state.useKernel) return;
     releaseScrub ||= hold();
@@ -147,6 +152,8 @@ function wire() {
   $("run-text").addEventListener("click", () => { state.text = $("text-input").value; action(() => Promise.all([runText(state), drawHead(state)])); });
   $("ablate-btn").addEventListener("click", () => { state.text = $("text-input").value; action(() => ablate(state)); });
   $("patch-btn").addEventListener("click", () => action(() => patch(state)));
+  state.onEdge = (edge) => action(() => patchEdge(state, edge));
+  $("circuit-method").addEventListener("change", () => { if (state.circuit) renderCircuit(state); });
   $("grad-btn").addEventListener("click", () => { state.text = $("text-input").value; action(() => gradients(state)); });
 }
 
@@ -170,6 +177,9 @@ function listen() {
       }
       await loadSeries();
       await refreshTimeline();
+      state.circuitSteps = null;  // a probe sweep may have measured circuits at more steps
+      await guarded(() => drawCircuits(state));
+      await loadEssential(state);
     });
   };
   socket.onclose = () => setTimeout(listen, 2000);

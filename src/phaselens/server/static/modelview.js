@@ -173,11 +173,29 @@ export async function drawHead(state) {
   await drawHeadScores(state, node);
 }
 
-// The head's scores over training (rows of the heads probe), or, where the run has none, a note
-// that says how to get them instead of empty axes.
+// The head's weight-refined LLC rows (the llc probe with components=heads), fetched once per run.
+async function loadHeadLLC(state) {
+  if (!state.run) return null;
+  if (!state.llcRows || state.llcRows.run !== state.run) {
+    const run = state.run;
+    const rows = await get(`/api/runs/${enc(run)}/metrics?probe=llc&metric=llc&prefer=${PREFER}`).catch(() => null);
+    if (run === state.run) state.llcRows = rows && { ...rows, run };
+  }
+  return state.llcRows;
+}
+
+// The head's scores over training (rows of the heads probe), with its rLLC on a second axis where the
+// run has it, or, where the run has no scores, a note that says how to get them instead of empty axes.
 async function drawHeadScores(state, node) {
   const rows = state.headRows;
   const traces = [];
+  const llc = await loadHeadLLC(state);
+  const llcPick = { step: [], probe: [], metric: [], layer: [], head: [], value: [], source: [] };
+  for (let i = 0; llc && i < llc.step.length; i++) {
+    if (llc.layer[i] === node.layer && llc.head[i] === node.head) {
+      for (const k of Object.keys(llcPick)) llcPick[k].push(llc[k][i]);
+    }
+  }
   for (const metric of ["induction", "prev_token", "duplicate"]) {
     const pick = { step: [], probe: [], metric: [], layer: [], head: [], value: [], source: [] };
     for (let i = 0; rows && i < rows.step.length; i++) {
@@ -187,6 +205,9 @@ async function drawHeadScores(state, node) {
     }
     for (const s of toSeries(pick)) traces.push({ type: "scatter", mode: "lines+markers", name: metric, x: s.x, y: s.y });
   }
+  const refined = toSeries(llcPick).map(s => ({ type: "scatter", mode: "lines+markers", name: "rLLC (weight-refined λ̂)",
+    x: s.x, y: s.y, yaxis: "y2", line: { dash: "dot", color: "#3060b0" } }));
+  traces.push(...refined);
   const plot = document.getElementById("head-scores-plot");
   const note = document.getElementById("head-scores-note");
   plot.hidden = !traces.length;
@@ -198,7 +219,8 @@ async function drawHeadScores(state, node) {
     return;
   }
   await Plotly.react(plot, traces, { title: { text: "head scores over training", font: { size: 12 } },
-    margin: { t: 30, r: 10, b: 35, l: 40 }, yaxis: { range: [0, 1] },
+    margin: { t: 30, r: refined.length ? 45 : 10, b: 35, l: 40 }, yaxis: { range: [0, 1] },
+    ...(refined.length ? { yaxis2: { overlaying: "y", side: "right", title: { text: "rLLC", font: { size: 10 } } } } : {}),
     shapes: [{ type: "line", xref: "x", yref: "paper", x0: state.step ?? 0, x1: state.step ?? 0, y0: 0, y1: 1, line: { color: "#d33" } }] }, PLOT);
 }
 

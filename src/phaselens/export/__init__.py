@@ -1,0 +1,1 @@
+"""Runs in other tools' formats: TensorBoard event files (`tensorboard`) and Hugging Face checkpoint series (`hf_series`)."""
