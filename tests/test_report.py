@@ -21,7 +21,7 @@ from phaselens.training.trainer import train
 FIGURES = ("dashboard.png", "entropy_heatmap.png", "head_scores.png")
 POST_HOC_FIGURES = ("logit_lens.png", "patching.png")
 PROBE_HINT = "run `phaselens probe RUN` to add logit-lens and patching figures"
-TRANSITIONS_HEADER = "| probe | metric | layer | head | step | start | end | before | after | source |"
+TRANSITIONS_HEADER = "| probe | metric | layer | head | step | start | end | before | after | effect | source |"
 
 
 def _train(tmp_path_factory, *overrides: str):
