@@ -15,18 +15,7 @@ import torch
 
 from phaselens.models.adapter import ComponentParameters
 from phaselens.probes.llc import LLCEstimator, SGLDOptions, chain_warnings
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def half_mse(call, rows):
-    return 0.5 * ((call(rows["x"]).squeeze(-1) - rows["y"]) ** 2).mean()
+from test_llc import half_mse, one_thread  # noqa: F401  (one_thread: the autouse fixture, used here too)
 
 
 def regression(d: int, n: int, scale: float = 1.0):
