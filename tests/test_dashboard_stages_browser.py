@@ -48,6 +48,8 @@ def test_timeline_draws_stage_bands_only_for_a_run_with_llc_values(browser, open
         assert [b["name"] for b in bands] == [f"stage {i}" for i in range(1, len(stages) + 1)]
         assert [t for t in labels if t.startswith("stage ")] == [f"stage {i}" for i in range(1, len(stages) + 1)]
         assert drawn >= len(stages)
+        legend = page.eval_on_selector_all("#timeline-plot .legendtext", "nodes => nodes.map(n => n.textContent)")
+        assert "LLC stage (grey band)" in legend  # told apart from a transition window in the legend
 
         bands, labels, drawn = show(induction_run)  # no llc rows: no stages
         assert bands == [] and not any(t.startswith("stage ") for t in labels) and drawn == 0

@@ -92,3 +92,26 @@ def test_the_demo_prints_and_writes_the_grokking_report(grokking_demo):
         assert text in report
     assert (out / "report" / "progress_measures.png").stat().st_size > 10_000
     print(f"grokking demo: {seconds:.0f} s")  # the cost of this shared run, shown with -s
+
+
+def test_the_report_ranks_every_component_by_what_ablating_it_costs_the_held_out_answers(grokking_demo):
+    """The Components table agrees with our own mean ablation of the MLP, is ordered by its first column, and the
+    component ranked first is one the generalising solution needs (its ablation costs over a nat)."""
+    import torch
+    import torch.nn.functional as F
+
+    out, _, _ = grokking_demo
+    report = (out / "report" / "report.md").read_text()
+    table = report.split("## Components", 1)[1].split("\n\n")[2].splitlines()[2:]
+    cells = {row.split("|")[1].strip(): float(row.split("|")[2]) for row in table}
+    clean, ranked = cells.pop("none (clean)"), list(cells)
+    assert [cells[c] for c in ranked] == sorted(cells.values(), reverse=True) and "MLP 0" in cells
+    assert cells[ranked[0]] > clean + 1.0
+    run = pl.open_run(out)
+    model, batch = run.load_model(), run.probe_batch()
+    held_out = batch.positions["answer"] & ~batch.positions["train_pairs"]  # (B, 3)
+    with torch.no_grad():
+        mlp = model.run_with_cache(batch.tokens)[1]["blocks.0.hook_mlp_out"].mean((0, 1), keepdim=True)  # (1, 1, d)
+        logits = model.run_with_hooks(batch.tokens, fwd_hooks=[("blocks.0.hook_mlp_out", lambda x, hook: mlp.expand_as(x))])
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.tokens[:, 1:], reduction="none")  # (B, 3)
+    assert float(losses[held_out].mean()) == pytest.approx(cells["MLP 0"], abs=2e-3)

@@ -32,7 +32,7 @@ LAYERS = [
     ("run", "series", "run_files"),
     ("posthoc", "analysis"),
     ("report", "sweeps", "server", "export"),
-    ("cli", "__init__"),
+    ("cli", "__init__", "__main__"),
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

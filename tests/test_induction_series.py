@@ -56,7 +56,12 @@ def test_a_layer_1_induction_head_forms_and_its_transition_is_found(probed_serie
     found = found[(found["layer"] == 1) & (found["head"] == best)]
     assert len(found) >= 1 and found.iloc[0]["after"] > found.iloc[0]["before"] + 0.3
     invoke("report", run.path)
-    assert f"| heads | induction | 1 | {best} |" in (run.path / "report" / "report.md").read_text()
+    report = (run.path / "report" / "report.md").read_text()
+    assert f"| heads | induction | 1 | {best} |" in report
+    # the summary lists the head's rise as a headline transition with its effect size, and the figure marks it
+    assert "Transitions of the headline curves" in report and f"- heads induction L1H{best}: " in report
+    assert "effect " in report.split(f"- heads induction L1H{best}: ")[1].splitlines()[0]
+    assert (run.path / "report" / "series.png").stat().st_size > 10_000
 
 
 def test_stored_head_scores_equal_the_hf_models_own_attentions(probed_series):

@@ -20,7 +20,13 @@ patching, at each checkpoint where both ran.
 
 `store_circuit_analysis(run)` writes all of it to the run's metrics as probe `circuits` (source
 `checkpoint`), so reports, `Run.transitions()` and `phaselens export` read it like any metric; births are
-rows `edge_birth:<edge>` at the birth step (value: the edge's final score).
+rows `edge_birth:<edge>` at the birth step (value: the edge's final score). It is the one place these rows
+are made: `phaselens probe` (`posthoc.runner`) calls it after every sweep that measured `circuits`, over
+every checkpoint's artifact (a new checkpoint changes `jaccard_final` and the births everywhere). The
+edges' own score series are the probe's rows `edge:<edge>` (`store.circuit_artifact.EDGE_METRIC`), one per
+edge and checkpoint, so the transition detector finds an edge's rise like any metric's. The report's
+circuits section (`report.circuits`) draws from the artifacts through the functions here, so it never
+reads stale rows.
 """
 
 from __future__ import annotations

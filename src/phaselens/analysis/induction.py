@@ -1,4 +1,5 @@
-"""What an induction run found: the copy-loss transition, the heads that formed, which layer settled first (beyond noise)."""
+"""What an induction run found: the copy-loss transition, the heads that formed (ranked by what ablating each
+costs the copy loss), which layer settled first (beyond noise)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from phaselens.analysis.components import ablations_at
 from phaselens.signals.levels import final_level, initial_level
 from phaselens.signals.transitions import detect_transitions, moving_with, series_label, smooth
 
 COPY_LOSS_SOLVED = 1.0  # copy loss below this after the drop: the model copies
 INDUCTION_FORMED = 0.5  # a head's induction score above this afterwards
-MIN_COPY_DROP = 0.5  # nats: a smaller move of the copy loss is not the induction transition
+ROLE_THRESHOLD = INDUCTION_FORMED  # a head holds a role (induction, previous-token) when its score ends above this
+SCORE_NAMES = {"induction": "induction score", "prev_token": "previous-token score"}
 MOVERS_SHOWN = 5  # series named as moving with each copy-loss transition
 SETTLE_BAND = 0.1  # a layer has settled once its coherence stays within 10% of its total move of its final level
 NOISE_BANDS = (0.05, 0.2)  # the same rule with a tighter and a looser band: how far the settle step moves is its noise
@@ -35,13 +38,69 @@ class StoryEvent:
         return line + ("; moving with it: " + ", ".join(self.moved) if self.moved else "") + "."
 
 
+@dataclass(frozen=True)
+class Ablation:
+    """The headline loss at one checkpoint, clean and with one head mean-ablated (`probes.ablation.ablation_losses`)."""
+
+    step: int
+    clean: float
+    ablated: float
+
+    @property
+    def effect(self) -> float:
+        return self.ablated - self.clean
+
+
 @dataclass
 class HeadChange:
+    """One head's score before and after the transition, and what mean-ablating it costs the copy loss."""
+
     layer: int
     head: int
     score: str
     before: float
     after: float
+    ablations: list[Ablation] = field(default_factory=list)  # at the final checkpoint, then after the first drop
+
+    @property
+    def label(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+@dataclass
+class HeadRole:
+    """The heads that hold one role, most important first: ranked by their ablation effect where measured, else by score.
+
+    `heads` are those whose score ends above `ROLE_THRESHOLD`, or the single best head when none does
+    (`passing` False). `not_ablated` says why no ablation was measured (the ranking is then by score).
+    """
+
+    name: str  # "Induction", "Previous-token"
+    score: str  # the head score of the role: "induction", "prev_token"
+    heads: list[HeadChange]
+    passing: bool = True
+    not_ablated: str | None = None
+
+    def text(self) -> str:
+        """"Induction heads: L1H1 (ablating it: copy loss 0.44 → 3.43 at step 3000; score 0.05 → 0.58), L1H0 (...); how
+        they were chosen and ranked."""
+        score = SCORE_NAMES.get(self.score, self.score)
+        which = (f"the {'heads' if len(self.heads) > 1 else 'head'} whose {score} ends above {ROLE_THRESHOLD}" if self.passing
+                 else f"the head with the highest {score}; none ends above {ROLE_THRESHOLD}")
+        order = ("ranked by the copy-position loss with each head mean-ablated on the probe batch" if self.not_ablated is None
+                 else f"ranked by score (not ablated: {self.not_ablated})")
+        named = f"{self.name} head{'s' if len(self.heads) > 1 else ''}: "
+        return named + ", ".join(self._head_text(h, i == 0) for i, h in enumerate(self.heads)) + f"; {which}, {order}."
+
+    @staticmethod
+    def _head_text(head: HeadChange, first: bool) -> str:
+        score = f"score {head.before:.2f} → {head.after:.2f}"
+        if not head.ablations:
+            return f"{head.label} ({score})"
+        if first:
+            effects = ", ".join(f"{a.clean:.2f} → {a.ablated:.2f} at step {a.step}" for a in head.ablations)
+            return f"{head.label} (ablating it: copy loss {effects}; {score})"
+        return f"{head.label} ({', '.join(f'→ {a.ablated:.2f}' for a in head.ablations)}; {score})"
 
 
 @dataclass
@@ -53,10 +112,12 @@ class InductionSummary:
     transition: dict | None  # the steepest copy-loss drop: step, start, end, before, after
     copy_loss_final: float
     copy_loss_initial: float
-    induction_head: HeadChange | None
+    induction_head: HeadChange | None  # the first of `induction_heads`: the one whose ablation costs most
     prev_token_head: HeadChange | None
     settling: Settling | None = None  # when each layer's attention settled, with the noise of that step
     story: list[StoryEvent] = field(default_factory=list)  # every copy-loss transition, in order
+    induction_heads: HeadRole | None = None  # every induction head, most important first
+    prev_token_heads: HeadRole | None = None
 
     @property
     def found(self) -> bool:
@@ -97,11 +158,11 @@ class InductionSummary:
             f"Induction transition at step {t['step']}: the copy-position loss falls from {self.copy_loss_initial:.2f} "
             f"(chance: ln {self.vocab} = {ln_v:.2f}) to {self.copy_loss_final:.2f}; its steepest drop, "
             f"{t['before']:.2f} → {t['after']:.2f}, spans steps {t['start']}–{t['end']} (10–90%).",
-            f"Induction head L{ih.layer}H{ih.head}: induction score {ih.before:.2f} → {ih.after:.2f}.",
+            self.induction_heads.text() if self.induction_heads is not None
+            else f"Induction head {ih.label}: induction score {ih.before:.2f} → {ih.after:.2f}.",
         ]
-        if self.prev_token_head is not None:
-            ph = self.prev_token_head
-            lines.append(f"Previous-token head L{ph.layer}H{ph.head}: previous-token score {ph.before:.2f} → {ph.after:.2f}.")
+        if self.prev_token_heads is not None:
+            lines.append(self.prev_token_heads.text())
         if self.settling is not None:
             lines.append(self.settling.text())
         return "\n".join(lines)
@@ -112,16 +173,14 @@ def _level(frame: pd.DataFrame, steps: range | np.ndarray) -> float:
     return float(values.median()) if len(values) else float("nan")
 
 
-def _head_change(scores: pd.DataFrame, score: str, window: tuple[int, int], layer: int | None) -> HeadChange | None:
-    """The head of `layer` (any layer if None) with the highest `score` after the window, and its level before."""
+def _head_changes(scores: pd.DataFrame, score: str, window: tuple[int, int], layer: int | None) -> list[HeadChange]:
+    """Every head of `layer` (any layer if None): its `score` after the window and its level before, highest after first."""
     sub = scores[scores["metric"] == score]
     if layer is not None:
         sub = sub[sub["layer"] == layer]
-    if sub.empty:
-        return None
     start, end = window
     lead = max(1, end - start)  # stay clear of the rise itself when reading the level before
-    best = None
+    changes = []
     for (lay, head), group in sub.groupby(["layer", "head"]):
         group = group.sort_values("step")
         before = _level(group, group["step"][group["step"] <= start - lead].tail(50).to_numpy())
@@ -130,10 +189,49 @@ def _head_change(scores: pd.DataFrame, score: str, window: tuple[int, int], laye
             before = float(group["value"].iloc[0])
         if math.isnan(after):
             after = float(group["value"].iloc[-1])
-        change = HeadChange(int(lay), int(head), score, before, after)
-        if best is None or change.after > best.after:
-            best = change
-    return best
+        changes.append(HeadChange(int(lay), int(head), score, before, after))
+    return sorted(changes, key=lambda c: -c.after)
+
+
+def _role(name: str, changes: list[HeadChange], ablate) -> HeadRole | None:
+    """The heads holding a role (see `HeadRole`), ranked by `ablate(heads)`: a reason it could not ablate, or None
+    after filling each head's `ablations`."""
+    if not changes:
+        return None
+    heads = [c for c in changes if c.after > ROLE_THRESHOLD]
+    passing = bool(heads)
+    heads = heads or changes[:1]
+    reason = ablate(heads)
+    if reason is None:  # the head whose ablation costs most at the final checkpoint first; ties by score
+        heads = sorted(heads, key=lambda h: (-h.ablations[0].effect, -h.after))
+    return HeadRole(name, changes[0].score, heads, passing, reason)
+
+
+def _ablator(run, steps: list[int]):
+    """A function that fills each head's `ablations` at `steps` (checkpoints) with the copy-position loss on the run's
+    batch holding the phenomenon's prediction set (`analysis.components.ablations_at`), or returns why it cannot."""
+    metric = run.study.phenomenon.metric if run.study.phenomenon else "copy"
+
+    def ablate(heads: list[HeadChange]) -> str | None:
+        found, reason = ablations_at(run, steps, [(h.layer, h.head) for h in heads], metric)
+        for h in heads:
+            h.ablations = [Ablation(a.step, a.clean, a.ablated[(h.layer, h.head)]) for a in found]
+        return reason
+
+    return ablate
+
+
+def ablation_steps(checkpoints: list[int], transition: dict | None) -> list[int]:
+    """Where heads are ablated: the final checkpoint, then the first at or after the end of the first headline drop
+    (where the heads have just formed), when that is another one."""
+    if not checkpoints:
+        return []
+    steps = [checkpoints[-1]]
+    if transition is not None:
+        after = [s for s in checkpoints if s >= transition["end"]]
+        if after and after[0] != steps[0]:
+            steps.append(after[0])
+    return steps
 
 
 @dataclass
@@ -214,28 +312,40 @@ def settle_steps(attention: pd.DataFrame, band: float = SETTLE_BAND) -> dict[int
     return out
 
 
-def summarize_induction(run) -> InductionSummary:
-    """Read an induction run's live metrics and say what formed, when."""
+def summarize_induction(run, ablate: bool = True) -> InductionSummary:
+    """Read an induction run's live metrics and say what formed, when; where induction formed, rank the heads by
+    mean-ablating each at the final checkpoint and after the first drop (a few forward passes; `ablate=False`
+    ranks them by score)."""
     metrics = run.metrics(source="live")
     losses = metrics[metrics["probe"] == "loss"]
     copy = losses[losses["metric"] == "copy"].sort_values("step")
     vocab = int(run.config["model"]["d_vocab"])
     steps = int(metrics["step"].max()) if len(metrics) else 0
     transitions = detect_transitions(copy)
-    drops = transitions[transitions["before"] - transitions["after"] >= MIN_COPY_DROP]
+    headline = run.headline_transitions()  # the study's phenomenon: each copy-loss drop of at least 0.5 nats
     transition = None
-    if len(drops):
-        best = drops.loc[(drops["before"] - drops["after"]).idxmax()]
+    if len(headline):
+        best = headline.loc[(headline["before"] - headline["after"]).idxmax()]  # the steepest of them
         transition = {k: (int(best[k]) if k in ("step", "start", "end") else float(best[k])) for k in ("step", "start", "end", "before", "after")}
     final, initial = final_level(copy["value"]), initial_level(copy["value"])
     heads = metrics[metrics["probe"] == "heads"]
     n_layers = int(run.config["model"]["n_layers"])
     window = (transition["start"], transition["end"]) if transition else (0, steps)
-    induction = _head_change(heads, "induction", window, None)
-    prev = _head_change(heads, "prev_token", window, 0 if n_layers > 1 else None)
+    induction = _head_changes(heads, "induction", window, None)
+    prev = _head_changes(heads, "prev_token", window, 0 if n_layers > 1 else None)
     attention = metrics[metrics["probe"] == "attention"]
     story = _story(transitions, metrics) if len(transitions) else []
-    return InductionSummary(vocab, steps, transition, final, initial, induction, prev, settling(attention), story)
+    summary = InductionSummary(vocab, steps, transition, final, initial, induction[0] if induction else None,
+                               prev[0] if prev else None, settling(attention), story)
+    if summary.found:
+        first = headline.sort_values("step").iloc[0]
+        ablation_at = ablation_steps(run.checkpoint_steps(), {"end": int(first["end"])})
+        ablator = _ablator(run, ablation_at) if ablate else (lambda heads: "ranking by score was asked for")
+        summary.induction_heads = _role("Induction", induction, ablator)
+        summary.prev_token_heads = _role("Previous-token", prev, ablator)
+        summary.induction_head = summary.induction_heads.heads[0]
+        summary.prev_token_head = summary.prev_token_heads.heads[0] if summary.prev_token_heads else None
+    return summary
 
 
 def _value(value: float) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from phaselens.store.neuron_artifact import NeuronArtifact, NeuronContext
+from phaselens.store.neuron_artifact import MIN_FIRING_TOKENS, NeuronArtifact, NeuronContext
 
 NEWLINE = "↵"
 TAB = "⇥"
@@ -75,8 +75,8 @@ def markdown(data: NeuronArtifact, figure: Path | None) -> str:
         "\n".join(summary_lines(data)),
         "## Per layer\n\n" + layer_table(data) + "\n\nRare neurons fire on fewer than 1% of tokens (dead ones included); "
         "selectivity is max / mean over all tokens, its median taken over neurons that fired.",
-        f"## Most selective neurons and their strongest contexts\n\nAmong neurons that fired at least "
-        f"{data.top_k} times. Each context shows {data.window} tokens before the activating token "
+        f"## Most selective neurons and their strongest contexts\n\nAmong neurons that fired on at least "
+        f"{max(MIN_FIRING_TOKENS, data.top_k)} tokens (rarer ones' max / mean rests on a few values near the threshold). Each context shows {data.window} tokens before the activating token "
         f"[in brackets] and a few after; {NEWLINE} is a newline.\n\n" + top_contexts_section(data),
     ]
     if figure is not None:

@@ -24,7 +24,7 @@ from phaselens.errors import ConfigError
 from phaselens.models.adapter import ModelAdapter, adapter_for
 from phaselens.probes.neurons import NeuronStats, default_neuron_hook
 from phaselens.progress import progress_bar
-from phaselens.store.neuron_artifact import NeuronArtifact, NeuronContext, NeuronLayer, SelectiveNeuron, write_neuron_artifact
+from phaselens.store.neuron_artifact import MIN_FIRING_TOKENS, NeuronArtifact, NeuronContext, NeuronLayer, SelectiveNeuron, write_neuron_artifact
 
 CHUNK_ELEMENTS = 2**22  # activation values per layer and chunk (16 MB in float32)
 DEFAULT_TOKENS = 200_000
@@ -202,13 +202,13 @@ def _floats(values: torch.Tensor, digits: int = 6) -> list:
 
 def context(stream: TokenStream, position: int, window: int, value: float) -> NeuronContext:
     """The text around `position`: `window` tokens before it, the token, and window // 4 after."""
-    return NeuronContext(value=round(value, 6), position=position, before=stream.show(position - window, position),
+    return NeuronContext(value=float(f"{value:.6g}"), position=position, before=stream.show(position - window, position),
                          token=stream.show(position, position + 1),
                          after=stream.show(position + 1, position + 1 + window // 4))
 
 
-def most_selective(stats: NeuronStats, count: int, min_firings: int) -> list[int]:
-    """The `count` neurons with the highest selectivity among those that fired at least `min_firings` times."""
+def most_selective(stats: NeuronStats, count: int, min_firings: int = MIN_FIRING_TOKENS) -> list[int]:
+    """The `count` neurons with the highest selectivity among those that fired on at least `min_firings` tokens."""
     selectivity = stats.selectivity().nan_to_num(nan=-1.0)
     selectivity[stats.count < min_firings] = -1.0
     order = selectivity.argsort(descending=True)[:count]
@@ -222,7 +222,7 @@ def scan_to_artifact(scan: NeuronScan, window: int = 40, show: int = 8) -> Neuro
         summary = {k: float(v) for k, v in stats.summary().items()}
         summary["rate_quantiles"] = {str(q): v for q, v in stats.rate_quantiles().items()}
         top = []
-        for neuron in most_selective(stats, show, max(1, scan.top_k)):
+        for neuron in most_selective(stats, show, max(MIN_FIRING_TOKENS, scan.top_k)):
             entries = [context(scan.stream, position, window, value)
                        for value, position in zip(stats.top_values[:, neuron].tolist(), stats.top_positions[:, neuron].tolist())
                        if position >= 0 and value > scan.threshold]

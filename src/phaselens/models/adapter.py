@@ -230,6 +230,7 @@ class ModelAdapter:
     kind: ClassVar[str] = ""
     capabilities: ClassVar[frozenset[str]] = frozenset()
     has_attention: ClassVar[bool] = True
+    shared_layers: ClassVar[bool] = False  # every layer is another pass of one block's weights (BDH)
     embed_hook: ClassVar[str] = "hook_embed"
 
     n_layers: int
@@ -238,6 +239,7 @@ class ModelAdapter:
     d_head: int
     d_vocab: int
     n_ctx: int
+    n_neurons: int = 0  # sparse neurons per head (BDH's N); 0 where heads have none
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
         self.model: Any = model  # its parts (cfg, blocks, ...) are the architecture's own: each subclass reads them
@@ -565,12 +567,14 @@ class BDHAdapter(ModelAdapter):
 
     kind = "bdh"
     has_attention = False
+    shared_layers = True
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None):
         super().__init__(model, tokenizer)
         cfg = self.model.cfg
         self.n_layers, self.n_heads, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_model
         self.d_head, self.d_vocab, self.n_ctx = 0, cfg.d_vocab, cfg.n_ctx
+        self.n_neurons = cfg.n_neurons  # per head; every pass has n_heads·N of them
 
     @property
     def residual_sites(self) -> tuple[ResidualSite, ...]:

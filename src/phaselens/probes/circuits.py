@@ -30,12 +30,11 @@ import torch
 from phaselens.models.adapter import ModelAdapter
 from phaselens.probes.base import Measurement, Needs, Probe, ProbeInputs, register_probe
 from phaselens.probes.edge_graph import METHODS, EdgeGraph, GraphScores, Pairs
-from phaselens.store.circuit_artifact import CircuitArtifact, EdgeRecord
+from phaselens.store.circuit_artifact import EDGE_METRIC, CircuitArtifact, EdgeRecord
 from phaselens.tasks.batch import TaskBatch
 
 CHOICES = ("auto", *METHODS)
 CORRUPTIONS = ("fresh", "partner", "rolled")
-EDGE_METRIC = "edge:"  # metric name prefix of an edge's score series: "edge:L0H1->L1H0.k"
 
 
 def fresh_tokens(tokens: torch.Tensor, positions: torch.Tensor, ids: list[int], seed: int) -> torch.Tensor:

@@ -207,7 +207,7 @@ class NeuronStats:
         return {
             "firing_rate_mean": rate.mean(),
             "frac_rare": (rate < RARE_RATE).double().mean(),
-            "frac_dead": (self.count == 0).double().mean(),
+            "frac_dead": dead_fraction(self.count),
             "selectivity_median": firing.median() if len(firing) else torch.tensor(float("nan"), dtype=torch.float64),
         }
 
@@ -217,6 +217,17 @@ class NeuronStats:
 
 
 SUMMARY_METRICS = ("firing_rate_mean", "frac_rare", "frac_dead", "selectivity_median")
+
+
+def dead_fraction(count: torch.Tensor) -> torch.Tensor:
+    """Share of neurons that fired on no token of the sample: count (n,) long (tokens each fired on) -> () float64.
+
+    The one definition of a dead neuron, used by the `neurons` probe, `phaselens neurons` and every report
+    section that prints the share. It is read on a sample, so it falls as the sample grows (a neuron silent on
+    a probe batch of a few thousand tokens may fire in a 200,000-token scan): reports name the sample, and the
+    run report quotes the scan's value at the step a scan measured (`report.neurons`).
+    """
+    return (count == 0).double().mean()
 
 
 @register_probe

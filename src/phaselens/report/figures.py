@@ -76,8 +76,9 @@ def _draw_loss(ax, losses: dict[str, pd.DataFrame], vocab: int) -> None:
     ax.legend(fontsize=8, loc="best", framealpha=0.9)
 
 
-def _top_heads(metrics: pd.DataFrame) -> list[tuple[str, pd.Series]]:
-    """The head with the highest final induction score and the one with the highest previous-token score."""
+def top_heads(metrics: pd.DataFrame) -> list[tuple[str, pd.Series]]:
+    """The head with the highest final induction score and the one with the highest previous-token score
+    (label, scores by step; each series is named by its (layer, head))."""
     out = []
     for score in ("induction", "prev_token"):
         table = per_head_table(metric_rows(metrics, "heads", score))
@@ -108,7 +109,7 @@ def _drawper_layer_table(ax, table: pd.DataFrame, title: str, ylabel: str) -> No
 def plot_dashboard(metrics: pd.DataFrame, transition: dict | None, vocab: int, path: Path) -> Figure:
     """Loss, top heads, coherence and specialization over steps, with the transition marked on each."""
     losses = {name: metric_rows(metrics, "loss", name) for name in LOSS_STYLES}
-    top = _top_heads(metrics)
+    top = top_heads(metrics)
     coherence = metric_rows(metrics, "attention", "coherence")
     coherence = coherence[coherence["head"].notna()].pivot_table(index="step", columns="layer", values="value")
     specialization = metric_rows(metrics, "attention", "specialization")
@@ -191,6 +192,73 @@ def plot_head_scores(metrics: pd.DataFrame, transition: dict | None, path: Path)
     axes[0][0].set_ylabel("score (attention on the pattern)")
     axes[0][-1].legend(fontsize=8, title="head", loc="upper left", bbox_to_anchor=(1.01, 1))
     _finish_tight(fig, transition, "Head scores (live, training batch)", path)
+    return Figure(path, missing)
+
+
+SERIES_LOSSES = {"all": dict(color="black", lw=1.4, marker="o", ms=3, label="probe text"),
+                 "eval": dict(color="tab:blue", lw=1.2, marker="o", ms=3, label="eval")}
+
+
+def _mark_series(ax, transitions: pd.DataFrame, probe: str, metric: str, layer=None, head=None) -> int:
+    """Every transition of one series on an axis (line at its step over its 10–90% window); how many were drawn."""
+    rows = transitions[(transitions["probe"] == probe) & (transitions["metric"] == metric)]
+    rows = rows[rows["layer"].isna()] if layer is None else rows[(rows["layer"] == layer) & (rows["head"] == head)]
+    for row in rows.to_dict("records"):
+        mark_transition(ax, row)
+    return len(rows)
+
+
+def plot_series_headlines(metrics: pd.DataFrame, transitions: pd.DataFrame, vocab: int, path: Path,
+                          log_steps: bool = False) -> Figure:
+    """A checkpoint series' headline curves over its revisions' steps, each with its own transitions marked:
+    the loss on the probe text, the top induction and previous-token heads, and the in-context score."""
+    losses = {name: metric_rows(metrics, "loss", name) for name in SERIES_LOSSES}
+    top = top_heads(metrics)
+    icl = metric_rows(metrics, "loss", "icl_score")
+
+    def draw_loss(ax) -> int:
+        for name, style in SERIES_LOSSES.items():
+            if len(losses[name]):
+                ax.plot(losses[name]["step"], losses[name]["value"], **style)
+        ax.axhline(math.log(vocab), color="0.3", ls=":", lw=1.2, label=f"uniform: ln {vocab} = {math.log(vocab):.2f}")
+        ax.set_title("(a) loss at each revision")
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.legend(fontsize=8, loc="best")
+        return sum(_mark_series(ax, transitions, "loss", name) for name in SERIES_LOSSES)
+
+    def draw_heads(ax) -> int:
+        _draw_top_heads(ax, top)
+        return sum(_mark_series(ax, transitions, "heads", label.split()[-1], *series.name) for label, series in top)
+
+    def draw_icl(ax) -> int:
+        ax.plot(icl["step"], icl["value"], color="tab:red", lw=1.2, marker="o", ms=3)
+        ax.axhline(0, color="0.3", ls=":", lw=1)
+        ax.set_title("(c) in-context score (late − early loss)")
+        ax.set_ylabel("nats (below 0: the context helps)")
+        return _mark_series(ax, transitions, "loss", "icl_score")
+
+    panels = [  # (name, what it needs, recorded, draw)
+        ("(a) loss", "probe `loss`", any(len(frame) for frame in losses.values()), draw_loss),
+        ("(b) top heads", "probe `heads`, metrics `induction`, `prev_token`", bool(top), draw_heads),
+    ]
+    missing = [f"{name} — {what}" for name, what, recorded, _ in panels if not recorded]
+    if len(icl):  # only where the contexts reach token 500: never missing from a series with shorter ones
+        panels.append(("(c) in-context score", "", True, draw_icl))
+    drawn = [draw for _, _, recorded, draw in panels if recorded]
+    if not drawn:
+        return Figure(None, missing)
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5.2 * len(drawn), 4.2), squeeze=False)
+    marked = 0
+    for ax, draw in zip(axes[0], drawn):
+        marked += draw(ax)
+        ax.set_xlabel("step (log scale)" if log_steps else "step")
+        if log_steps:
+            ax.set_xscale("symlog", linthresh=1)  # step 0 stays on the axis
+        ax.grid(alpha=0.25)
+    title = "Checkpoint series: headline curves"
+    fig.suptitle(title + (" (dashed: a transition of the curve; shaded: its 10–90% window)" if marked else ""), fontsize=12)
+    fig.tight_layout()
+    save_figure(fig, path)
     return Figure(path, missing)
 
 

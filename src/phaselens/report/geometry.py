@@ -1,5 +1,5 @@
-"""Report parts for residual-stream geometry: the `geometry` section (any run that measured it),
-and the study of an imported checkpoint series (task `tokenized_text`).
+"""Report parts for residual-stream geometry: the `geometry` section (any run that measured it).
+The study of an imported checkpoint series is `report.imported_series`.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from phaselens.analysis.phases import Phase, geometry_phases
+from phaselens.analysis.phases import MIN_PHASE_CHECKPOINTS, MIN_PHASE_EFFECT, Phase, geometry_phases
 from phaselens.models.sites import residual_label
-from phaselens.report import StudyReport, checkpoints_measured, figures_section, register_section, register_study
+from phaselens.report import figures_section, register_section
 from phaselens.report.plotting import Figure, metric_rows, per_layer_table, plt, save_tight
 from phaselens.run import Run
 from phaselens.signals.sources import prefer_source
@@ -115,27 +115,15 @@ def geometry_section(run: Run, out: Path) -> str | None:
     caption = ("IE per residual stream (top) and KL of the model's predictions to the run's unigram distribution (the token "
                "counts in `unigram.json`) (bottom) against step; dotted lines: critical points of the smoothed IE (mean over streams ≥ 1) and "
                "KL curves, which bound the phases below.")
-    lines = [f"- {p.description()}: steps {p.start}–{p.end}" for p in phases]
+    lines = [f"- {p.description()}: steps {p.start}–{p.end} (effect {p.effect:.2f} of the curve's range, {p.checkpoints} checkpoints)"
+             for p in phases]
     critical = (f"Critical points: KL at steps {', '.join(map(str, points['kl'])) or 'none'}; "
                 f"IE at steps {', '.join(map(str, points['ie'])) or 'none'}.")
+    floors = (f"A phase spans at least {MIN_PHASE_CHECKPOINTS} checkpoints and moves KL or IE by at least "
+              f"{MIN_PHASE_EFFECT:.0%} of that curve's range (its effect); shorter or smaller stretches join a neighbour "
+              "(see docs/concepts/claims.md).")
+    listed = ("\n".join(lines) + "\n\n" + _phase_table(phases)) if phases else (
+        "No phases: over these checkpoints neither curve makes a move that passes the floors.")
     return ("## Residual-stream geometry\n\n" + intro + "\n\n"
             + figures_section({"geometry": figure}, {"geometry": caption})
-            + "\n\n### Phases\n\n" + critical + "\n\n" + "\n".join(lines) + "\n\n" + _phase_table(phases))
-
-
-@register_study("tokenized_text")
-def imported_series_study(run: Run, out: Path) -> StudyReport:
-    """An imported checkpoint series: what was imported, and what has been measured on it."""
-    imported = run.record.imported
-    revisions = imported.revisions if imported else {}
-    data = run.config.get("data", {})
-    text = (f"Checkpoint series `{imported.source if imported else run.config['model'].get('source')}`: {len(revisions)} revisions "
-            f"({', '.join(list(revisions.values())[:3])}{', …' if len(revisions) > 3 else ''}), loaded one at a time through "
-            f"TransformerLens's TransformerBridge. Probe batch: {data.get('probe_size')} crops of {data.get('seq_len')} tokens "
-            f"of `{Path(data.get('path', '')).name}`.")
-    text += "\n\n" + checkpoints_measured(run, run.metrics(source="checkpoint"))
-    identical = run.identical_revisions()
-    if identical:
-        text += ("\n\n**Identical revisions** (same weights, byte for byte; left out of transition detection):\n\n"
-                 + "\n".join(f"- {line}" for line in identical))
-    return StudyReport(summary=[text])
+            + "\n\n### Phases\n\n" + critical + " " + floors + "\n\n" + listed)

@@ -7,7 +7,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from phaselens.analysis.grokking import GrokkingSummary, key_frequency_artifact, series, summarize_grokking
+from phaselens.analysis.components import ablations_at, node_label
+from phaselens.analysis.grokking import TEST_SOLVED, GrokkingSummary, key_frequency_artifact, series, summarize_grokking
 from phaselens.report import StudyReport, figures_section, register_study
 from phaselens.report.plotting import Figure, save_figure
 from phaselens.run import Run
@@ -42,8 +43,33 @@ def grokking_study(run: Run, out: Path) -> StudyReport:
         summary=[f"Run `{run.path}` ({run.status}): modular addition over p = {summary.p}, {summary.steps} steps.",
                  "## What happened\n\n" + "\n\n".join(text.splitlines())],
         figures=figures_section(figures, captions),
-        extra=["## Phases\n\n" + phase_table(summary)],
+        extra=["## Phases\n\n" + phase_table(summary), "## Components\n\n" + component_table(run, summary)],
     )
+
+
+def component_table(run: Run, summary: GrokkingSummary) -> str:
+    """Every head and MLP ranked by the held-out answer loss with it mean-ablated (`analysis.components`), at the final
+    checkpoint and at the first one after clean-up; only once test accuracy has passed its bar (a solution to take apart)."""
+    if summary.test_solved is None:
+        return f"Not measured: test accuracy never passed {TEST_SOLVED}, so there is no generalising solution to take apart."
+    checkpoints = run.checkpoint_steps()
+    steps = checkpoints[-1:]
+    after = [s for s in checkpoints if summary.cleanup is not None and s >= summary.cleanup[1]]
+    if after and steps and after[0] != steps[0]:
+        steps.append(after[0])
+    found, reason = ablations_at(run, steps, None, "answer", leave_out="train_pairs")
+    if reason is not None:
+        return f"Not measured: {reason}."
+    final = found[0]
+    ranked = sorted(final.ablated, key=lambda node: -final.ablated[node])
+    head = "| component | " + " | ".join(f"held-out answer loss, ablated at step {a.step}" for a in found) + " |"
+    rows = [head, "|---|" + "---|" * len(found),
+            "| none (clean) | " + " | ".join(f"{a.clean:.3f}" for a in found) + " |"]
+    rows += [f"| {node_label(node)} | " + " | ".join(f"{a.ablated[node]:.3f}" for a in found) + " |" for node in ranked]
+    return ("Each head (its mixed values) and each MLP (its output) is replaced by its mean over the probe batch, one "
+            "at a time, and the answer loss is read on the held-out pairs (not the training pairs), at the final checkpoint"
+            + (" and the first one after clean-up" if len(found) > 1 else "") + "; ranked by the first column, the "
+            "component the generalising solution needs most first (see docs/concepts/claims.md).\n\n" + "\n".join(rows))
 
 
 def phase_table(summary: GrokkingSummary) -> str:

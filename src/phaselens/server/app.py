@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -160,6 +161,8 @@ def create_app(session: Session, token: str | None = None, local_only: bool = Tr
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         hub.loop = asyncio.get_running_loop()
+        # The runs' whole-run views (series, transitions, stages) are computed while the page loads its scripts.
+        threading.Thread(target=routes.prewarm, args=(session,), name="phaselens-prewarm", daemon=True).start()
         yield
 
     app = FastAPI(title="phaselens dashboard", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")

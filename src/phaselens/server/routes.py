@@ -8,10 +8,11 @@ from typing import Optional
 from fastapi import APIRouter
 
 from phaselens.errors import PhaselensError
+from phaselens.probes import ablation
 from phaselens.server import interventions as iv
 from phaselens.server import schemas as s
 from phaselens.server.session import (KERNEL, BadInput, Session, as_text, corrupt_first_half, induction_sample, neuron_view,
-                                      text_hint, token_labels, tokenize)
+                                      run_signature, text_hint, token_labels, tokenize)
 
 KEY_CONFIG = {"model": ("n_layers", "n_heads", "d_model", "d_mlp"), "train": ("steps", "lr", "batch_size", "seed")}  # beside model.kind, data.task
 MAX_METRIC_ROWS = 2_000_000
@@ -24,15 +25,7 @@ def finite(value: float | None) -> float | None:
 
 def runs_signature(session: Session) -> tuple:
     """Changes whenever a served run writes: run.json, checkpoints, metrics (WAL included)."""
-    parts = []
-    for name, path in session.runs.items():
-        for file in (path / "run.json", path / "metrics.sqlite", path / "metrics.sqlite-wal", path / "checkpoints"):
-            try:
-                stat = file.stat()
-                parts.append((name, file.name, stat.st_mtime_ns, stat.st_size))
-            except OSError:
-                parts.append((name, file.name, None, None))
-    return tuple(parts)
+    return tuple((name, run_signature(path)) for name, path in session.runs.items())
 
 
 # ---------------------------------------------------------------------------- runs
@@ -74,13 +67,7 @@ def runs_router(session: Session) -> APIRouter:
 
     @router.get("/runs/{run}/series", response_model=s.SeriesList)
     def series(run: str):
-        frame = _metrics(session, run)
-        out = []
-        for (probe, metric), group in frame.groupby(["probe", "metric"], sort=True):
-            per_head = group["head"].notna().any()
-            per_layer = group["layer"].notna().any()
-            out.append(s.SeriesKey(probe=probe, metric=metric, per="head" if per_head else "layer" if per_layer else "model", rows=len(group)))
-        return s.SeriesList(run=run, series=out)
+        return s.SeriesList(run=run, series=series_keys(session, run))
 
     @router.get("/runs/{run}/metrics", response_model=s.MetricRows)
     def metrics(run: str, probe: Optional[str] = None, metric: Optional[str] = None, source: Optional[str] = None,
@@ -99,7 +86,7 @@ def runs_router(session: Session) -> APIRouter:
 
     @router.get("/runs/{run}/transitions", response_model=s.TransitionList)
     def transitions(run: str):
-        frame = _transitions(session, run)
+        frame = run_transitions(session, run)
         rows = [s.TransitionRow(probe=r.probe, metric=r.metric, layer=_optional_int(r.layer), head=_optional_int(r.head),
                                 step=int(r.step), start=int(r.start), end=int(r.end), before=finite(r.before) or 0.0,
                                 after=finite(r.after) or 0.0, strength=finite(r.strength) or 0.0, source=r.source)
@@ -108,41 +95,49 @@ def runs_router(session: Session) -> APIRouter:
 
     @router.get("/runs/{run}/stages", response_model=s.StageList)
     def stages(run: str):
-        from phaselens.analysis.stages import run_stages
-
-        frame = _metrics(session, run)
-        found, _ = run_stages(frame, _transitions(session, run)) if len(frame) else ([], {})
-        rows = [s.StageRow(index=st.index, start=st.start, end=st.end, llc_start=finite(st.llc[0]) or 0.0,
-                           llc_end=finite(st.llc[1]) or 0.0, transitions=st.transitions) for st in found]
-        return s.StageList(run=run, stages=rows)
+        return s.StageList(run=run, stages=stage_rows(session, run))
 
     @router.get("/runs/{run}/sample", response_model=s.Sample)
     def sample(run: str, step: Optional[int] = None):
-        """A default text: the first sequence of the run's probe batch, as text where the model has a tokenizer.
+        """A default text: the first sequence of the run's induction batch where it has one (text runs, late
+        disambiguation, imported series), else of its probe batch; as text where the model has a tokenizer.
 
-        Without a probe batch (a model from the notebook), a repeated segment of random tokens.
-        The corrupted prompt for patching is the same with its first half changed.
+        Without either (a model from the notebook), a repeated segment of random tokens. `copy_positions` are the
+        batch's own `copy` predictions where it names them. The corrupted prompt for patching is the same with
+        its first half changed.
         """
-        tokens = None
+        batches = {}
         if session.has_run(run):
             try:
-                tokens = session.run(run).probe_batch().tokens[0].tolist()
+                batches = session.run(run).probe_batches()
             except OSError:
                 pass  # an older import without a probe batch: draw one below
         with session.lock:
             try:
                 model, _ = session.model_for(run, step)
             except PhaselensError:
-                if tokens is None:
+                if not batches:
                     raise
                 model = None  # no checkpoint yet: the ids serve as they are
+            # The induction batch is there to show an induction head's stripe; a model without softmax heads
+            # (BDH) has no stripe to show and opens on its probe batch, the run's own text.
+            order = ("induction", "probe") if model is None or model.has_attention else ("probe", "induction")
+            tokens, copies, origin = None, None, "drawn"
+            for name in (n for n in order if n in batches):
+                batch, origin = batches[name], f"{name} batch"
+                tokens = batch.tokens[0].tolist()
+                copies = batch.positions["copy"][0].tolist() if "copy" in batch.positions else None  # (T-1,) predictions
+                break
             if tokens is None:
                 tokens = induction_sample(model)
             tokens = tokens[: model.n_ctx] if model is not None else tokens
+            copies = copies[: len(tokens) - 1] if copies is not None else None
             corrupted = corrupt_first_half(tokens)
             if model is None:
-                return s.Sample(run=run, text=" ".join(map(str, tokens)), tokens=tokens, corrupted_text=" ".join(map(str, corrupted)))
-            return s.Sample(run=run, text=as_text(tokens, model), tokens=tokens, corrupted_text=as_text(corrupted, model))
+                return s.Sample(run=run, text=" ".join(map(str, tokens)), tokens=tokens, corrupted_text=" ".join(map(str, corrupted)),
+                                origin=origin, copy_positions=copies)
+            return s.Sample(run=run, text=as_text(tokens, model), tokens=tokens, corrupted_text=as_text(corrupted, model),
+                            origin=origin, copy_positions=copies)
 
     @router.get("/runs/{run}/neurons", response_model=s.NeuronsResponse)
     def neurons(run: str):
@@ -193,6 +188,61 @@ def _metrics(session: Session, run: str, **filters):
     return session.run(run).metrics(**filters)
 
 
+# ---------------------------------------------------------------------------- whole-run views, computed once per change
+
+
+def series_keys(session: Session, run: str) -> list[s.SeriesKey]:
+    """Every (probe, metric) of the run, with what it is measured per and its row count."""
+    def compute():
+        out = []
+        for (probe, metric), group in _metrics(session, run).groupby(["probe", "metric"], sort=True):
+            per_head = group["head"].notna().any()
+            per_layer = group["layer"].notna().any()
+            out.append(s.SeriesKey(probe=probe, metric=metric, per="head" if per_head else "layer" if per_layer else "model",
+                                   rows=len(group)))
+        return out
+
+    return _derived(session, run, "series", compute)
+
+
+def run_transitions(session: Session, run: str):
+    return _derived(session, run, "transitions", lambda: _transitions(session, run))
+
+
+def stage_rows(session: Session, run: str) -> list[s.StageRow]:
+    """The run's developmental stages (`analysis.stages.run_stages`); none before the llc probe ran."""
+    import pandas as pd
+
+    from phaselens.analysis.stages import run_stages
+
+    def compute():
+        llc = _metrics(session, run, probe="llc")  # without llc rows there are no stages: the rest is not read
+        if not len(llc):
+            return []
+        found, _ = run_stages(pd.concat([llc, _metrics(session, run, probe="loss")], ignore_index=True), run_transitions(session, run))
+        return [s.StageRow(index=st.index, start=st.start, end=st.end, llc_start=finite(st.llc[0]) or 0.0,
+                           llc_end=finite(st.llc[1]) or 0.0, transitions=st.transitions) for st in found]
+
+    return _derived(session, run, "stages", compute)
+
+
+def prewarm(session: Session) -> None:
+    """Compute every served run's whole-run views ahead of the first page load (the server runs it in a thread at start)."""
+    for name in list(session.runs):
+        for view in (series_keys, run_transitions, stage_rows):
+            try:
+                view(session, name)
+            except Exception:  # noqa: BLE001 - an unreadable run is reported when the page asks for it
+                break
+
+
+def _derived(session: Session, run: str, what: str, compute):
+    """A whole-run view computed once per change of the run (`Session.derived`); the notebook's model has no run files."""
+    if run == KERNEL and session.model_run == KERNEL:
+        return compute()
+    return session.derived(run, what, compute)
+
+
 def _transitions(session: Session, run: str):
     """The run's detected transitions as `Run.transitions()` defines them (revisions with repeated weights left out)."""
     if run == KERNEL and session.model_run == KERNEL:
@@ -241,6 +291,8 @@ def model_router(session: Session) -> APIRouter:
             model, source = session.model_for(request.run, request.step)
             return s.Architecture(run=request.run, step=request.step, source=source, architecture=model.architecture,
                                   n_layers=model.n_layers, n_heads=model.n_heads if model.has_attention else 0,
+                                  n_linear_heads=0 if model.has_attention else model.n_heads, n_neurons=model.n_neurons,
+                                  shared_weights=model.shared_layers,
                                   has_mlp=bool(model.mlp_layers), mlp_layers=list(model.mlp_layers), d_model=model.d_model,
                                   d_head=model.d_head, d_vocab=model.d_vocab, n_ctx=model.n_ctx,
                                   tokenizer=model.tokenizer.kind, text_hint=text_hint(model))
@@ -286,10 +338,10 @@ def model_router(session: Session) -> APIRouter:
                 if len(ref) < len(tokens):
                     raise BadInput(f"the reference text has {len(ref)} tokens and the text {len(tokens)}: "
                                    "freezing holds each position at the reference's value, so it needs at least as many")
-                replacements = iv.node_values(model, ref[None], nodes)
+                replacements = ablation.node_values(model, ref[None], nodes)
             with torch.no_grad():
                 clean = model.logits(tokens[None])
-            ablated = iv.ablated_logits(model, tokens, iv.ablation_hooks(model, nodes, replacements))
+            ablated = ablation.ablated_logits(model, tokens, ablation.ablation_hooks(model, nodes, replacements))
             before, after = loss_response(clean, tokens, model), loss_response(ablated, tokens, model)
         change = None if before.copy_loss is None or after.copy_loss is None else after.copy_loss - before.copy_loss
         return s.AblateResponse(clean=before, ablated=after, delta=[a - b for a, b in zip(after.loss, before.loss)],
@@ -310,7 +362,9 @@ def model_router(session: Session) -> APIRouter:
                 raise BadInput(f"position {request.position} is past the end of the prompts ({len(clean)} tokens)")
             for name, token in (("answer", request.answer), ("wrong", request.wrong)):
                 if token is not None and token >= model.d_vocab:
-                    raise BadInput(f"{name} token {token} is outside the vocabulary ({model.d_vocab})")
+                    raise BadInput(f"{name} token {token} is outside the vocabulary (ids 0–{model.d_vocab - 1})")
+            if request.answer is not None and request.answer == request.wrong:
+                raise BadInput(f"answer and wrong are both token {request.answer}: their logit difference is always 0")
             hook_name = patch_hook(model, request.hook, request.layer)
             result = iv.patch_logit_diff(model, clean, corrupted, hook_name, head, request.position, request.answer, request.wrong)
             answer_label, wrong_label = token_labels([result["answer"], result["wrong"]], model)

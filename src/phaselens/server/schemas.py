@@ -142,6 +142,9 @@ class Architecture(BaseModel):
     architecture: str  # the model's class: Transformer, GPTNeoXForCausalLM, ...
     n_layers: int
     n_heads: int  # 0 when the model has no softmax attention heads
+    n_linear_heads: int = 0  # heads without a softmax pattern (BDH's linear attention): drawn, not inspectable
+    n_neurons: int = 0  # sparse neurons per head (BDH), as the adapter says
+    shared_weights: bool = False  # every layer is one pass of the same block (BDH)
     has_mlp: bool
     mlp_layers: list[int]
     d_model: int
@@ -157,6 +160,8 @@ class Sample(BaseModel):
     text: str  # decoded text when it tokenises back to `tokens`, else the ids
     tokens: list[int]
     corrupted_text: str  # the same with its first half changed: the patching counterpart
+    origin: Literal["induction batch", "probe batch", "drawn"] = "drawn"  # where the sequence comes from
+    copy_positions: Optional[list[bool]] = None  # (T-1,) the batch's `copy` predictions, where it names them
 
 
 class AttentionRequest(TextRequest):

@@ -13,7 +13,7 @@ import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from phaselens.errors import PhaselensError, RunError
 from phaselens.models.adapter import ModelAdapter, adapter_for
@@ -23,6 +23,24 @@ KERNEL = "kernel"  # the entry of a model given without a run
 MODEL_CACHE_SIZE = 4
 MAX_NEURON_FILE_BYTES = 20_000_000
 ABSOLUTE_PATH = re.compile(r"(^|[\s'\"(=])(/[^\s'\"():,;]+)")  # a path outside the served runs: shown by its last part
+
+
+RUN_FILES = ("run.json", "metrics.sqlite", "metrics.sqlite-wal", "checkpoints")  # what a run writes as it goes
+
+
+def run_signature(path: Path) -> tuple:
+    """Changes whenever the run at `path` writes: its record, its metrics (the WAL included) or a checkpoint."""
+    parts = []
+    for name in RUN_FILES:
+        try:
+            stat = (path / name).stat()
+        except OSError:
+            stat = None
+        if stat is None or (name.endswith("-wal") and stat.st_size == 0):  # SQLite makes an empty WAL on a first read
+            parts.append((name, None, None))
+        else:
+            parts.append((name, stat.st_mtime_ns, stat.st_size))
+    return tuple(parts)
 
 
 class NotFound(PhaselensError):
@@ -79,6 +97,8 @@ class Session:
         self._models: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._means: dict[tuple, Any] = {}
         self._head_weights: dict[int, Any] = {}  # id(checkpoint adapter) -> its HeadWeights, evicted with the model
+        self._derived: dict[tuple[str, str], tuple[tuple, Any]] = {}  # (run, what) -> (run_signature, value)
+        self._derived_locks: dict[str, threading.RLock] = {}
         self.model_version = 0
 
     # -------------------------------------------------------------------- runs
@@ -97,6 +117,23 @@ class Session:
 
     def has_run(self, name: str) -> bool:
         return name in self.runs
+
+    def derived(self, run: str, what: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`'s value for `run`, kept until the run writes again (`run_signature`).
+
+        The views that read a whole run (its series list, transitions and stages) then cost a page load
+        nothing once computed; requests for one run wait for each other, so a value is computed once.
+        """
+        if run not in self.runs:
+            raise NotFound(f"no run named {run!r} is served here; served: {', '.join(self.names()) or 'none'}")
+        with self._derived_locks.setdefault(run, threading.RLock()):
+            signature = run_signature(self.runs[run])  # read first: a write during `compute` recomputes next time
+            kept = self._derived.get((run, what))
+            if kept is not None and kept[0] == signature:
+                return kept[1]
+            value = compute()
+            self._derived[(run, what)] = (signature, value)
+            return value
 
     def redact(self, message: str) -> str:
         """`message` with the server's absolute paths replaced by run-relative names (errors go to the browser)."""
@@ -130,7 +167,7 @@ class Session:
 
     def mean_values(self, run: str, step: int | None, source: str, model: ModelAdapter, nodes: list, tokens: Any) -> dict:
         """Mean activation of each node over the run's probe batch (over `tokens` when the run has none), cached."""
-        from phaselens.server.interventions import mean_values
+        from phaselens.probes.ablation import mean_values
 
         key = (source, run, id(model), self.model_version if source == "kernel" else None)
         cached = self._means.setdefault(key, {})
@@ -231,7 +268,7 @@ def as_text(ids: list[int], model: ModelAdapter) -> str:
     """`ids` as the user would type them: decoded text when it tokenises back to exactly these ids, else the ids."""
     tokenizer = model.tokenizer
     if tokenizer.kind != "ids":
-        text = tokenizer.hf.decode(list(ids)) if tokenizer.kind == "hf" else "".join(tokenizer.labels(ids))
+        text = tokenizer.decode(list(ids))  # bytes as their UTF-8 characters, line breaks included
         if not re.fullmatch(r"[\d\s,]*", text):
             try:
                 if tokenizer.encode(text) == list(ids):

@@ -31,6 +31,7 @@ from phaselens.store.atomic import read_json, write_json
 from phaselens.store.neuron_artifact import ArtifactError
 
 CIRCUITS_FORMAT = "phaselens.circuits/1"
+EDGE_METRIC = "edge:"  # metric name prefix of an edge's score series, probe `circuits`: "edge:L0H1->L1H0.k"
 _STEP_FILE = re.compile(r"^step_(\d{8,})\.json$")
 
 
@@ -117,6 +118,26 @@ def read_all_circuits(folder: Path) -> list[CircuitArtifact]:
 def circuits_path(folder: Path, step: int) -> Path:
     """Where the artifact of checkpoint `step` lies in `folder` (RUN/artifacts/circuits)."""
     return Path(folder) / f"step_{step:08d}.json"
+
+
+_NODE = re.compile(r"^L(\d+)(?:H(\d+)|(M))$")
+
+
+def graph_columns(names: list[str]) -> dict[str, tuple[int, int]]:
+    """Where each node of a circuits graph sits: name -> (column, row). Columns left to right: embed, layer 0's heads
+    (row = head), layer 0's MLP where the model has one, layer 1's heads, ..., logits; no empty columns."""
+    def place(name: str) -> tuple[float, int]:
+        if name in ("embed", "logits"):
+            return (-1.0 if name == "embed" else float("inf")), 0
+        match = _NODE.match(name)
+        if match is None:
+            raise ArtifactError(f"not a circuits graph node: {name!r}")
+        layer, head, _ = match.groups()
+        return (2.0 * int(layer), int(head)) if head is not None else (2.0 * int(layer) + 1, 0)
+
+    placed = {name: place(name) for name in names}
+    dense = {c: i for i, c in enumerate(sorted({c for c, _ in placed.values()}))}
+    return {name: (dense[c], row) for name, (c, row) in placed.items()}
 
 
 def measured_steps(folder: Path) -> list[int]:

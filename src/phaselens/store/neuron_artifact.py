@@ -24,6 +24,10 @@ from phaselens.errors import RunError
 from phaselens.store.atomic import read_json, write_json
 
 NEURON_FORMAT = "phaselens.neurons/1"
+MIN_FIRING_TOKENS = 50
+"""`most_selective` ranks only neurons that fired on at least this many tokens of the scan (and on at least
+`top_k`, so their context lists fill). Below it, max / mean is set by a handful of activations just over the
+threshold, and the 'most selective' neurons are near-dead ones whose contexts say nothing."""
 Values = list  # one float (or None) per neuron
 
 

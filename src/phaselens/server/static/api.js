@@ -19,6 +19,15 @@ async function handle(response) {
   return body;
 }
 
+// plotly.min.js loads `async` (index.html): the page's first requests go out while the browser parses it, and
+// drawing waits for this.
+export const plotlyReady = new Promise((resolve, reject) => {
+  if (window.Plotly) { resolve(); return; }
+  const tag = document.getElementById("plotly-js");
+  tag.addEventListener("load", () => resolve());
+  tag.addEventListener("error", () => reject(new Error("the plotting library (/vendor/plotly.min.js) did not load")));
+});
+
 export function showError(error) {
   const bar = document.getElementById("error-bar");
   if (!error) { bar.hidden = true; return; }

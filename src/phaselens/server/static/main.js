@@ -1,7 +1,7 @@
 // The dashboard page: state, wiring between views, and the WebSocket that pushes changes.
-import { get, post, enc, guarded, action, hold, newest, generation, showError, fillOptions } from "./api.js";
+import { get, post, enc, guarded, action, hold, newest, generation, showError, fillOptions, plotlyReady } from "./api.js";
 import { drawTimeline, drawHeatmap, moveStepLine } from "./timeline.js";
-import { loadHeadScores, drawArchitecture, runText, drawHead, ablate, patch, gradients } from "./modelview.js";
+import { loadHeadScores, drawArchitecture, structureText, runText, drawHead, ablate, patch, gradients } from "./modelview.js";
 import { loadNeurons } from "./neurons.js";
 import { loadEssential, highlightEssential } from "./essential.js";
 import { drawCircuits, renderCircuit, patchEdge } from "./circuits.js";
@@ -54,23 +54,42 @@ async function selectRun(name) {
   $("use-kernel").checked = info.kernel_model;
   state.headRows = null;
   state.selected = null;
+  $("patch-result").textContent = "–";  // results of the previous run's model
+  if (window.Plotly) Plotly.purge("grad-plot");
   const slider = $("step-slider");
   slider.max = Math.max(0, state.steps.length - 1);
   slider.value = slider.max;
   state.step = state.steps.length ? state.steps[state.steps.length - 1] : null;
   updateStepLabel();
   const stepParam = state.useKernel || state.step === null ? "" : `?step=${state.step}`;
-  const sample = await get(`/api/runs/${enc(name)}/sample${stepParam}`);
+  // The default text needs the checkpoint loaded, the timeline does not: it is drawn meanwhile.
+  const sampled = get(`/api/runs/${enc(name)}/sample${stepParam}`);
+  sampled.catch(() => {});  // awaited below, where its error is shown
+  await loadSeries();
+  await plotlyReady;
+  if (!current()) return;
+  const timeline = guarded(refreshTimeline);
+  const sample = await sampled;
   if (!current()) return;
   state.text = sample.text;
+  state.sample = sample;
   $("text-input").value = sample.text;
+  $("sample-note").textContent = sampleNote(sample);
   // The patch prompts follow the run: the server writes both in the model's own vocabulary.
   $("patch-clean").value = sample.text;
   $("patch-corrupted").value = sample.corrupted_text;
-  await loadSeries();
-  if (!current()) return;
-  await Promise.all([guarded(refreshTimeline), guarded(refreshModel), guarded(() => loadNeurons(state)),
-    guarded(() => loadEssential(state))]);
+  await Promise.all([timeline, guarded(refreshModel), guarded(() => loadNeurons(state)), guarded(() => loadEssential(state))]);
+}
+
+// Where the default text comes from, and where an induction head can copy in it.
+function sampleNote(sample) {
+  const what = { "induction batch": "sequence 0 of the run's induction batch", "probe batch": "sequence 0 of the run's probe batch",
+    drawn: "random tokens with a repeated segment" }[sample.origin];
+  if (!sample.copy_positions) return `Default text: ${what}.`;
+  const copies = sample.copy_positions.map((c, i) => (c ? i : -1)).filter((i) => i >= 0);
+  if (!copies.length) return `Default text: ${what} (no copy positions).`;
+  return `Default text: ${what}; predictions ${copies[0]}–${copies[copies.length - 1]} (${copies.length}) copy a repeated segment ` +
+    "(dark bars in the loss plot: an induction head attends one token after the earlier copy there).";
 }
 
 async function loadSeries() {
@@ -100,7 +119,7 @@ async function refreshModel() {
   const lossAtStart = generation("loss");
   const arch = await post("/api/model/architecture", { run: state.run, step: state.useKernel ? null : state.step });
   if (!current()) return;
-  $("model-source").textContent = `${arch.architecture}, ${arch.n_layers} layers × ${arch.n_heads} heads, vocabulary ${arch.d_vocab} ` +
+  $("model-source").textContent = `${structureText(arch)} ` +
     (arch.source === "kernel" ? "(the notebook's model)" : `(checkpoint at step ${state.step})`);
   $("text-label").textContent = `text: ${arch.text_hint}`;
   const scores = await loadHeadScores(state);
@@ -192,6 +211,7 @@ async function start() {
     await loadRuns();
     const readable = state.runs.find((r) => !r.error);
     if (readable) await selectRun(readable.name);
+    await plotlyReady;  // pushes redraw plots
   });
   listen();
   document.body.dataset.ready = "1";

@@ -46,8 +46,9 @@ export async function loadHeadScores(state) {
 // "layer 3" caption; Pythia-410m's 24 layers x 16 heads get a compact grid (numbers in the boxes,
 // "L3" at the left) that still leaves every box a comfortable click target.
 export function mapLayout(arch) {
-  const nodes = arch.n_heads + (arch.has_mlp ? 1 : 0);
-  const compact = arch.n_layers > 8 || arch.n_heads > 4;
+  const heads = drawnHeads(arch);
+  const nodes = heads + (arch.has_mlp ? 1 : 0);
+  const compact = arch.n_layers > 8 || heads > 4;
   const rowH = compact ? Math.max(24, Math.min(40, Math.floor(640 / arch.n_layers))) : 64;
   const nodeH = compact ? rowH - 6 : 26;
   const headW = compact ? Math.max(22, Math.min(34, Math.floor(480 / nodes) - 3)) : 44;
@@ -55,8 +56,20 @@ export function mapLayout(arch) {
   const mlpW = Math.max(headW, 32);
   const spine = compact ? 30 : 24;
   const left = spine + (compact ? 10 : 20);
-  const width = Math.max(260, left + arch.n_heads * (headW + gap) + (arch.has_mlp ? mlpW + gap : 0) + 8);
+  const width = Math.max(260, left + heads * (headW + gap) + (arch.has_mlp ? mlpW + gap : 0) + 8);
   return { compact, rowH, nodeH, headW, mlpW, gap, spine, left, width, top: 40, bottom: 60 };
+}
+
+// Heads the map draws: softmax heads (clickable), or heads without a pattern (BDH's linear attention, shown only).
+function drawnHeads(arch) { return arch.n_heads || arch.n_linear_heads || 0; }
+
+// The model's structure in words, as the adapter reports it.
+export function structureText(arch) {
+  const layers = arch.shared_weights ? `${arch.n_layers} passes of one shared block` : `${arch.n_layers} layers`;
+  const heads = arch.n_heads ? ` × ${arch.n_heads} heads`
+    : arch.n_linear_heads ? ` × ${arch.n_linear_heads} linear-attention heads` : ", no attention heads";
+  const neurons = arch.n_neurons ? ` of ${arch.n_neurons} sparse neurons (${arch.n_neurons * drawnHeads(arch)} neurons per layer)` : "";
+  return `${arch.architecture}, ${layers}${heads}${neurons}${arch.has_mlp ? ", MLPs" : ""}, vocabulary ${arch.d_vocab}`;
 }
 
 export function drawArchitecture(state, arch, scores, onSelect) {
@@ -64,6 +77,8 @@ export function drawArchitecture(state, arch, scores, onSelect) {
   svg.replaceChildren();
   svg.dataset.step = state.useKernel ? "kernel" : String(state.step);  // which model the map shows
   const L = mapLayout(arch);
+  document.getElementById("select-hint").textContent = arch.n_heads || arch.has_mlp ? "Click a head (or an MLP) to inspect it."
+    : "These heads have no softmax pattern to inspect: their sparse neurons are in the Neurons view.";
   const height = L.top + arch.n_layers * L.rowH + L.bottom;
   svg.setAttribute("height", height);
   svg.setAttribute("width", L.width);
@@ -79,7 +94,7 @@ export function drawArchitecture(state, arch, scores, onSelect) {
     if (L.compact) el("text", { x: 2, y: y + 4, fill: "#555", class: "layer-label" }, svg).textContent = `L${layer}`;
     else el("text", { x: L.spine + 6, y: y - 20, fill: "#555", class: "layer-label" }, svg).textContent = `layer ${layer}`;
     const nodes = [];
-    for (let head = 0; head < arch.n_heads; head++) nodes.push({ layer, head, label: L.compact ? String(head) : `H${head}`, w: L.headW });
+    for (let head = 0; head < drawnHeads(arch); head++) nodes.push({ layer, head, label: L.compact ? String(head) : `H${head}`, w: L.headW });
     if (arch.has_mlp) nodes.push({ layer, head: null, label: "MLP", w: L.mlpW });
     const xs = [];
     nodes.reduce((x, n) => { xs.push(x); return x + n.w + L.gap; }, L.left);
@@ -91,6 +106,14 @@ export function drawArchitecture(state, arch, scores, onSelect) {
       const name = n.head === null ? `L${layer}MLP` : `L${layer}H${n.head}`;
       const s = scores[name] || {};
       const ind = s.induction ?? 0;
+      if (n.head !== null && !arch.n_heads) {  // a head without a softmax pattern: its neurons, nothing to click
+        const g = el("g", { class: "node linear", "data-node": name, "data-layer": layer, "data-head": n.head }, svg);
+        el("rect", { x, y: y - L.nodeH / 2, width: n.w, height: L.nodeH, rx: 3, fill: "#e4ecf7" }, g);
+        el("text", { x: x + n.w / 2, y: y + 4, "text-anchor": "middle" }, g).textContent = n.label;
+        el("title", {}, g).textContent = `${name}: ${arch.n_neurons} sparse neurons, linear attention (no softmax pattern to show; ` +
+          "see the Neurons view)";
+        return;
+      }
       const g = el("g", { class: "node", "data-node": name, "data-layer": layer, "data-head": n.head ?? "",
         "data-induction": s.induction ?? "", "data-prev-token": s.prev_token ?? "" }, svg);
       const fill = n.head === null ? "#f4e2c7" : `rgba(214, 60, 50, ${0.1 + 0.85 * Math.max(0, Math.min(1, ind))})`;
@@ -115,7 +138,8 @@ export async function drawLoss(state, result, ablated) {
     marker: { color: result.copy_positions.map((c) => (c ? "#1f77b4" : "#aac")) } }];
   if (ablated) traces.push({ type: "bar", name: "ablated", x, y: ablated.loss, marker: { color: "#d62728" }, opacity: 0.7 });
   const layout = { barmode: "group", margin: { t: 25, r: 10, b: 40, l: 40 }, title: { text: "loss per prediction (dark: copy positions)", font: { size: 12 } },
-    xaxis: { showticklabels: false }, yaxis: { title: { text: "nats" } }, showlegend: !!ablated };
+    xaxis: { showticklabels: false, title: { text: "prediction (position → next token; hover for the tokens)", font: { size: 11 } } },
+    yaxis: { title: { text: "cross-entropy (nats)", font: { size: 11 } } }, showlegend: !!ablated };
   await Plotly.react("loss-plot", traces, layout, PLOT);
   const copy = document.getElementById("copy-loss");
   copy.textContent = result.copy_loss === null ? "no repeats" : result.copy_loss.toFixed(3);
@@ -153,22 +177,24 @@ export async function drawHead(state) {
   if (!current()) return;
   const axis = attention.labels.map((t, i) => plotText(`${i}:${t}`));
   await Plotly.react("attention-plot", [{ type: "heatmap", z: attention.pattern, x: axis, y: axis, colorscale: "Blues", reversescale: true,
-    hovertemplate: "query %{y} → key %{x}: %{z:.3f}<extra></extra>" }],
-    { title: { text: "attention on the text (query ↓, key →)", font: { size: 12 } }, margin: { t: 30, r: 10, b: 60, l: 60 },
-      yaxis: { autorange: "reversed", tickfont: { size: 8 } }, xaxis: { tickfont: { size: 8 } } }, PLOT);
+    hovertemplate: "query %{y} → key %{x}: %{z:.3f}<extra></extra>", colorbar: { title: { text: "attention weight", side: "right", font: { size: 10 } } } }],
+    { title: { text: "attention on the text (query ↓, key →)", font: { size: 12 } }, margin: { t: 30, r: 10, b: 70, l: 75 },
+      yaxis: { autorange: "reversed", tickfont: { size: 8 }, title: { text: "query (position:token)", font: { size: 11 } } },
+      xaxis: { tickfont: { size: 8 }, title: { text: "key (position:token)", font: { size: 11 } } } }, PLOT);
   // Circuits on token axes: every token, or the top-k the server chose (the note says which), or
   // none, with the reason, for a model without per-head weights.
   document.getElementById("circuits-note").textContent = weights.space === "hidden" ? `No QK / OV circuits: ${weights.note}.`
     : `QK and OV circuits over ${weights.note}.`;
   const circuitAxis = weights.labels.map((t, i) => plotText(String(weights.tokens[i]) === t ? t : `${weights.tokens[i]}:${t}`));
-  const circuit = (id, z, title) => Plotly.react(id, [{ type: "heatmap", z, x: circuitAxis, y: circuitAxis, colorscale: "RdBu", zmid: 0,
-    hovertemplate: "%{y} → %{x}: %{z:.3f}<extra></extra>" }],
-    { title: { text: title, font: { size: 12 } }, margin: { t: 30, r: 10, b: 60, l: 70 }, yaxis: { autorange: "reversed", tickfont: { size: 8 } },
-      xaxis: { tickfont: { size: 8 } } }, PLOT);
+  const circuit = (id, z, title, rows, columns, value) => Plotly.react(id, [{ type: "heatmap", z, x: circuitAxis, y: circuitAxis, colorscale: "RdBu", zmid: 0,
+    hovertemplate: "%{y} → %{x}: %{z:.3f}<extra></extra>", colorbar: { title: { text: value, side: "right", font: { size: 10 } } } }],
+    { title: { text: title, font: { size: 12 } }, margin: { t: 30, r: 10, b: 70, l: 85 },
+      yaxis: { autorange: "reversed", tickfont: { size: 8 }, title: { text: rows, font: { size: 11 } } },
+      xaxis: { tickfont: { size: 8 }, title: { text: columns, font: { size: 11 } } } }, PLOT);
   for (const id of ["qk-plot", "ov-plot"]) document.getElementById(id).hidden = weights.space === "hidden";
   if (weights.space !== "hidden") {
-    await circuit("qk-plot", weights.qk, "QK circuit (query token ↓, key token →)");
-    await circuit("ov-plot", weights.ov, "OV circuit (attended token ↓, promoted logit →)");
+    await circuit("qk-plot", weights.qk, "QK circuit (query token ↓, key token →)", "query token", "key token", "attention score (logit)");
+    await circuit("ov-plot", weights.ov, "OV circuit (attended token ↓, promoted logit →)", "attended token", "promoted token", "logit contribution");
   }
   await drawHeadScores(state, node);
 }
@@ -219,8 +245,9 @@ async function drawHeadScores(state, node) {
     return;
   }
   await Plotly.react(plot, traces, { title: { text: "head scores over training", font: { size: 12 } },
-    margin: { t: 30, r: refined.length ? 45 : 10, b: 35, l: 40 }, yaxis: { range: [0, 1] },
-    ...(refined.length ? { yaxis2: { overlaying: "y", side: "right", title: { text: "rLLC", font: { size: 10 } } } } : {}),
+    margin: { t: 30, r: refined.length ? 45 : 10, b: 35, l: 50 }, xaxis: { title: { text: "step" } },
+    yaxis: { range: [0, 1], title: { text: "score (attention on the pattern, 0–1)", font: { size: 10 } } },
+    ...(refined.length ? { yaxis2: { overlaying: "y", side: "right", title: { text: "rLLC λ̂ (weight-refined)", font: { size: 10 } } } } : {}),
     shapes: [{ type: "line", xref: "x", yref: "paper", x0: state.step ?? 0, x1: state.step ?? 0, y0: 0, y1: 1, line: { color: "#d33" } }] }, PLOT);
 }
 
@@ -247,11 +274,17 @@ export async function ablate(state) {
 
 export async function patch(state) {
   const value = (id) => document.getElementById(id).value;
-  const position = value("patch-position");
+  // An empty box sends null (the server's default); anything else goes as typed, for the server to check.
+  const optional = (id) => (value(id).trim() === "" ? null : Number(value(id)));
   const result = await post("/api/model/patch", { ...modelRef(state), clean_text: value("patch-clean"), corrupted_text: value("patch-corrupted"),
     hook: value("patch-hook"), layer: Number(value("patch-layer")), head: value("patch-hook") === "head" ? Number(value("patch-head")) : null,
-    position: position === "" ? null : Number(position) });
-  document.getElementById("patch-result").textContent =
+    position: optional("patch-position"), answer: optional("patch-answer"), wrong: optional("patch-wrong") });
+  const out = document.getElementById("patch-result");
+  out.dataset.answer = result.answer;
+  out.dataset.wrong = result.wrong;
+  out.dataset.patched = result.patched_logit_diff;
+  out.dataset.seq = String(Number(out.dataset.seq || 0) + 1);
+  out.textContent =
     `${result.hook_name}: logit(${result.answer}:${result.answer_label}) − logit(${result.wrong}:${result.wrong_label}) clean ${result.clean_logit_diff.toFixed(3)}, ` +
     `corrupted ${result.corrupted_logit_diff.toFixed(3)}, patched ${result.patched_logit_diff.toFixed(3)}` +
     (result.recovered === null ? "" : ` (recovered ${(100 * result.recovered).toFixed(1)}%)`);
@@ -262,8 +295,9 @@ export async function gradients(state) {
   const position = document.getElementById("grad-position").value;
   const result = await post("/api/model/gradients", { ...modelRef(state), text: state.text, position: position === "" ? null : Number(position) });
   await Plotly.react("grad-plot", [{ type: "bar", x: result.labels.map((t, i) => plotText(`${i}:${t}`)), y: result.grad_norm, marker: { color: "#2ca02c" } }],
-    { title: { text: `‖∂loss/∂embedding‖ per token (loss ${result.loss.toFixed(3)})`, font: { size: 12 } }, margin: { t: 30, r: 10, b: 40, l: 45 },
-      xaxis: { showticklabels: false } }, PLOT);
+    { title: { text: `‖∂loss/∂embedding‖ per token (loss ${result.loss.toFixed(3)})`, font: { size: 12 } }, margin: { t: 30, r: 10, b: 40, l: 60 },
+      xaxis: { showticklabels: false, title: { text: "input token (hover for it)", font: { size: 11 } } },
+      yaxis: { title: { text: "‖∂loss/∂embedding‖ (L2, nats per unit)", font: { size: 10 } } } }, PLOT);
   return result;
 }
 

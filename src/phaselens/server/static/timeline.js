@@ -35,12 +35,50 @@ export async function loadMetric(run, probe, metric) {
   return toSeries(await get(`/api/runs/${enc(run)}/metrics?probe=${enc(probe)}&metric=${enc(metric)}&prefer=${PREFER}`));
 }
 
-// Developmental stages (cut at the critical points of the LLC curve) as alternating bands behind every curve.
-const STAGE_COLORS = ["#dbe6f7", "#f7ead8"];
+// The y-axis title (with its unit) of a metric: one table for every plot of the page, first match wins.
+const METRIC_AXES = [
+  [(p, m) => p === "loss", () => "cross-entropy (nats)"],
+  [(p, m) => /entropy/.test(m), () => "entropy (nats)"],
+  [(p, m) => /(^|_)kl($|_)/.test(m), () => "KL divergence (nats)"],
+  [(p, m) => /accuracy|(^|_)acc($|_)/.test(m), () => "accuracy (fraction)"],
+  [(p, m) => p === "heads", (p, m) => `${m} score (attention on the pattern, 0–1)`],
+  [(p, m) => p === "llc", () => "local learning coefficient λ̂"],
+  [(p, m) => /norm/.test(m), (p, m) => `${m} (L2)`],
+];
+
+export function metricAxis(probe, metric) {
+  const found = METRIC_AXES.find(([match]) => match(probe, metric));
+  return found ? found[1](probe, metric) : metric;
+}
+
+// Developmental stages (cut at the critical points of the LLC curve): grey bands behind every curve, labelled at
+// the top. Detected transitions: an orange outlined window with a dashed line at the step. The two never share a look,
+// and the legend names both.
+const STAGE_COLORS = ["#ececec", "#dcdcdc"];
+export const TRANSITION_COLOR = "#e07000";
 
 function stageBands(stages) {
   return stages.map((st, i) => ({ type: "rect", xref: "x", yref: "paper", x0: st.start, x1: st.end, y0: 0, y1: 1, layer: "below",
-    fillcolor: STAGE_COLORS[i % 2], opacity: 0.6, line: { width: 0 }, name: `stage ${st.index}` }));
+    fillcolor: STAGE_COLORS[i % 2], opacity: 0.8, line: { width: 0 }, name: `stage ${st.index}` }));
+}
+
+function transitionShapes(t) {
+  return [
+    { type: "rect", xref: "x", yref: "paper", x0: t.start, x1: t.end, y0: 0, y1: 1, fillcolor: TRANSITION_COLOR, opacity: 0.18,
+      line: { color: TRANSITION_COLOR, width: 1.5 }, name: "transition window" },
+    { type: "line", xref: "x", yref: "paper", x0: t.step, x1: t.step, y0: 0, y1: 1, line: { color: TRANSITION_COLOR, dash: "dash", width: 1.5 },
+      name: "transition" },
+  ];
+}
+
+// Legend entries for what shapes draw (Plotly lists traces only): empty traces styled as the shapes are.
+function shapeLegend(hasStages, hasTransitions) {
+  const entry = (name, color, line) => ({ type: "scatter", mode: "markers", x: [null], y: [null], name, hoverinfo: "skip",
+    marker: { symbol: "square", size: 12, color, line: { color: line, width: 2 } } });
+  return [
+    ...(hasStages ? [entry("LLC stage (grey band)", STAGE_COLORS[1], STAGE_COLORS[1])] : []),
+    ...(hasTransitions ? [entry("detected transition (window, step dashed)", "rgba(224, 112, 0, 0.25)", TRANSITION_COLOR)] : []),
+  ];
 }
 
 function stageLabels(stages) {
@@ -65,14 +103,12 @@ export async function drawTimeline(state) {
   }
   if (!current()) return;
   const marks = state.transitions.filter((t) => t.probe === probe && t.metric === metric);
-  const shapes = stageBands(state.stages || []);
-  for (const t of marks) {
-    shapes.push({ type: "rect", xref: "x", yref: "paper", x0: t.start, x1: t.end, y0: 0, y1: 1, fillcolor: "#999", opacity: 0.12, line: { width: 0 } });
-    shapes.push({ type: "line", xref: "x", yref: "paper", x0: t.step, x1: t.step, y0: 0, y1: 1, line: { color: "#555", dash: "dot", width: 1 } });
-  }
+  const shapes = [...stageBands(state.stages || []), ...marks.flatMap(transitionShapes)];
+  traces.push(...shapeLegend((state.stages || []).length > 0, marks.length > 0));
   state.timelineShapes = shapes;
-  const layout = { title: { text: plotText(`${probe} / ${metric}`), font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 45 },
-    xaxis: { title: { text: "step" } }, shapes: [...shapes, stepLine(state.step ?? 0)], legend: { font: { size: 10 } },
+  const layout = { title: { text: plotText(`${probe} / ${metric}`), font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 60 },
+    xaxis: { title: { text: "step" } }, yaxis: { title: { text: plotText(metricAxis(probe, metric)), font: { size: 11 } } },
+    shapes: [...shapes, stepLine(state.step ?? 0)], legend: { font: { size: 10 } },
     annotations: stageLabels(state.stages || []) };
   await Plotly.react("timeline-plot", traces, layout, { displaylogo: false, responsive: true });
 }
@@ -86,9 +122,10 @@ export async function drawHeatmap(state) {
   const steps = [...new Set(series.flatMap((s) => s.x))].sort((a, b) => a - b);
   const index = new Map(steps.map((s, i) => [s, i]));
   const z = series.map((s) => { const row = new Array(steps.length).fill(null); s.x.forEach((x, i) => { row[index.get(x)] = s.y[i]; }); return row; });
-  const trace = { type: "heatmap", x: steps, y: series.map((s) => s.name), z, colorscale: "Viridis", hovertemplate: "%{y} step %{x}: %{z:.3f}<extra></extra>" };
-  const layout = { title: { text: plotText(`${probe} / ${metric} (layer x head over steps)`), font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 55 },
-    xaxis: { title: { text: "step" } }, shapes: [stepLine(state.step ?? 0)] };
+  const trace = { type: "heatmap", x: steps, y: series.map((s) => s.name), z, colorscale: "Viridis", hovertemplate: "%{y} step %{x}: %{z:.3f}<extra></extra>",
+    colorbar: { title: { text: plotText(metricAxis(probe, metric)), side: "right", font: { size: 10 } } } };
+  const layout = { title: { text: plotText(`${probe} / ${metric} (layer x head over steps)`), font: { size: 13 } }, margin: { t: 30, r: 10, b: 35, l: 70 },
+    xaxis: { title: { text: "step" } }, yaxis: { title: { text: "head (layer L, head H)", font: { size: 11 } } }, shapes: [stepLine(state.step ?? 0)] };
   await Plotly.react("heatmap-plot", [trace], layout, { displaylogo: false, responsive: true });
 }
 
