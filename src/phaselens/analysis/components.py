@@ -10,10 +10,12 @@ models these studies train.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from phaselens.errors import PhaselensError
 
-Node = tuple[int, "int | None"]  # (layer, head), or (layer, None) for the layer's MLP
+if TYPE_CHECKING:  # the ablation itself (torch) is imported where it runs
+    from phaselens.probes.ablation import Node
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,18 @@ class Ablations:
 def node_label(node: Node) -> str:
     layer, head = node
     return f"L{layer}H{head}" if head is not None else f"MLP {layer}"
+
+
+def ablation_steps(checkpoints: list[int], after: int | None) -> list[int]:
+    """Where components are ablated: the final checkpoint, then the first at or after step `after` (the end of the
+    study's first headline change, where its components have just formed) when that is another one."""
+    if not checkpoints:
+        return []
+    steps = [checkpoints[-1]]
+    later = [s for s in checkpoints if after is not None and s >= after]
+    if later and later[0] != steps[0]:
+        steps.append(later[0])
+    return steps
 
 
 def ablations_at(run, steps: list[int], nodes: list[Node] | None, positions: str,

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from phaselens.analysis.components import ablations_at
+from phaselens.analysis.components import ablation_steps, ablations_at
 from phaselens.signals.levels import final_level, initial_level
 from phaselens.signals.transitions import detect_transitions, moving_with, series_label, smooth
 
@@ -193,45 +193,32 @@ def _head_changes(scores: pd.DataFrame, score: str, window: tuple[int, int], lay
     return sorted(changes, key=lambda c: -c.after)
 
 
-def _role(name: str, changes: list[HeadChange], ablate) -> HeadRole | None:
-    """The heads holding a role (see `HeadRole`), ranked by `ablate(heads)`: a reason it could not ablate, or None
-    after filling each head's `ablations`."""
-    if not changes:
-        return None
+def _candidates(changes: list[HeadChange]) -> tuple[list[HeadChange], bool]:
+    """The heads that hold a role: those whose score ends above `ROLE_THRESHOLD` (True), else the best one (False)."""
     heads = [c for c in changes if c.after > ROLE_THRESHOLD]
-    passing = bool(heads)
-    heads = heads or changes[:1]
-    reason = ablate(heads)
-    if reason is None:  # the head whose ablation costs most at the final checkpoint first; ties by score
+    return (heads, True) if heads else (changes[:1], False)
+
+
+def _role(name: str, score: str, heads: list[HeadChange], passing: bool, not_ablated: str | None) -> HeadRole | None:
+    """The heads holding a role (see `HeadRole`), the one whose ablation costs most at the final checkpoint first (ties
+    by score) where their `ablations` were measured, else in score order."""
+    if not heads:
+        return None
+    if not_ablated is None:
         heads = sorted(heads, key=lambda h: (-h.ablations[0].effect, -h.after))
-    return HeadRole(name, changes[0].score, heads, passing, reason)
+    return HeadRole(name, score, heads, passing, not_ablated)
 
 
-def _ablator(run, steps: list[int]):
-    """A function that fills each head's `ablations` at `steps` (checkpoints) with the copy-position loss on the run's
-    batch holding the phenomenon's prediction set (`analysis.components.ablations_at`), or returns why it cannot."""
+def _ablate(run, steps: list[int], heads: list[HeadChange]) -> str | None:
+    """Fill each head's `ablations` at `steps` (checkpoints) with the copy-position loss on the run's batch holding the
+    phenomenon's prediction set (`analysis.components.ablations_at`, each checkpoint loaded once for all the heads),
+    or return why it cannot."""
     metric = run.study.phenomenon.metric if run.study.phenomenon else "copy"
-
-    def ablate(heads: list[HeadChange]) -> str | None:
-        found, reason = ablations_at(run, steps, [(h.layer, h.head) for h in heads], metric)
-        for h in heads:
-            h.ablations = [Ablation(a.step, a.clean, a.ablated[(h.layer, h.head)]) for a in found]
-        return reason
-
-    return ablate
-
-
-def ablation_steps(checkpoints: list[int], transition: dict | None) -> list[int]:
-    """Where heads are ablated: the final checkpoint, then the first at or after the end of the first headline drop
-    (where the heads have just formed), when that is another one."""
-    if not checkpoints:
-        return []
-    steps = [checkpoints[-1]]
-    if transition is not None:
-        after = [s for s in checkpoints if s >= transition["end"]]
-        if after and after[0] != steps[0]:
-            steps.append(after[0])
-    return steps
+    nodes = list(dict.fromkeys((h.layer, h.head) for h in heads))
+    found, reason = ablations_at(run, steps, nodes, metric)
+    for h in heads:
+        h.ablations = [Ablation(a.step, a.clean, a.ablated[(h.layer, h.head)]) for a in found]
+    return reason
 
 
 @dataclass
@@ -338,11 +325,14 @@ def summarize_induction(run, ablate: bool = True) -> InductionSummary:
     summary = InductionSummary(vocab, steps, transition, final, initial, induction[0] if induction else None,
                                prev[0] if prev else None, settling(attention), story)
     if summary.found:
-        first = headline.sort_values("step").iloc[0]
-        ablation_at = ablation_steps(run.checkpoint_steps(), {"end": int(first["end"])})
-        ablator = _ablator(run, ablation_at) if ablate else (lambda heads: "ranking by score was asked for")
-        summary.induction_heads = _role("Induction", induction, ablator)
-        summary.prev_token_heads = _role("Previous-token", prev, ablator)
+        (induction_heads, induction_pass), (prev_heads, prev_pass) = _candidates(induction), _candidates(prev)
+        if ablate:
+            steps_at = ablation_steps(run.checkpoint_steps(), int(headline.iloc[0]["end"]))  # headline: earliest first
+            not_ablated = _ablate(run, steps_at, induction_heads + prev_heads)
+        else:
+            not_ablated = "ranking by score was asked for"
+        summary.induction_heads = _role("Induction", "induction", induction_heads, induction_pass, not_ablated)
+        summary.prev_token_heads = _role("Previous-token", "prev_token", prev_heads, prev_pass, not_ablated)
         summary.induction_head = summary.induction_heads.heads[0]
         summary.prev_token_head = summary.prev_token_heads.heads[0] if summary.prev_token_heads else None
     return summary

@@ -85,16 +85,25 @@ def per_head(z: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def node_values(model: ModelAdapter, tokens: torch.Tensor, nodes: Sequence[Node]) -> dict:
     """Each node's activation on `tokens` (B, T): {(layer, head): (B, T, dh) or (B, T, d_model)}."""
+    return _cached_node_values(model, tokens, nodes)[1]
+
+
+def _cached_node_values(model: ModelAdapter, tokens: torch.Tensor, nodes: Sequence[Node]) -> tuple[torch.Tensor, dict]:
+    """The logits (B, T, V) of one clean forward pass and each node's activation in it (`node_values`)."""
     names = sorted({node_hook_name(model, layer, head) for layer, head in nodes})
     with torch.no_grad():
-        _, cache = run_caching(model, tokens, names)
-    return {(layer, head): per_head(cache[node_hook_name(model, layer, head)], model.n_heads)[:, :, head] if head is not None
-            else cache[node_hook_name(model, layer, head)] for layer, head in nodes}
+        logits, cache = run_caching(model, tokens, names)
+    return logits, {(layer, head): per_head(cache[node_hook_name(model, layer, head)], model.n_heads)[:, :, head]
+                    if head is not None else cache[node_hook_name(model, layer, head)] for layer, head in nodes}
 
 
 def mean_values(model: ModelAdapter, tokens: torch.Tensor, nodes: Sequence[Node]) -> dict:
     """Each node's activation averaged over the batch and positions of `tokens` (B, T): {node: (1, 1, ·)}."""
-    return {node: value.mean((0, 1), keepdim=True) for node, value in node_values(model, tokens, nodes).items()}
+    return _means(node_values(model, tokens, nodes))
+
+
+def _means(values: dict) -> dict:
+    return {node: value.mean((0, 1), keepdim=True) for node, value in values.items()}
 
 
 def ablation_hooks(model: ModelAdapter, nodes: Sequence[Node], replacements: dict | None) -> list[tuple[str, Hook]]:
@@ -130,9 +139,10 @@ def ablation_losses(model: ModelAdapter, tokens: torch.Tensor, predictions: torc
     set, e.g. `copy`). Each node's mean is taken over the same batch and every position. One clean
     forward pass with a cache, then one forward pass per node. Returns (clean loss, {node: ablated loss}).
     """
-    means = mean_values(model, tokens, nodes)
+    logits, values = _cached_node_values(model, tokens, nodes)
+    means = _means(values)
     with torch.no_grad():
-        clean = float(masked_mean(token_losses(model.logits(tokens), tokens), predictions))
+        clean = float(masked_mean(token_losses(logits, tokens), predictions))
         ablated = {}
         for node in nodes:
             with temporary_hooks(model, ablation_hooks(model, [node], means)):

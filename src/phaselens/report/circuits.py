@@ -259,7 +259,7 @@ def circuits_section(run: Run, out: Path) -> str | None:
                 f"`phaselens probe {run.path} --probes circuits --remeasure`.")
     steps = [a.step for a in artifacts]
     spacing = int(np.median(np.diff(steps))) if len(steps) > 1 else 0
-    transitions = run.transitions()
+    transitions = run.transitions(probe=PROBE)  # the edge-score series are the probe's own
     windows = run.headline_transitions()
     phenomenon = run.study.phenomenon
     label = f"{phenomenon.probe}/{phenomenon.metric} transition" if phenomenon else "headline transition"

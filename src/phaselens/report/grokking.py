@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from phaselens.analysis.components import ablations_at, node_label
+from phaselens.analysis.components import ablation_steps, ablations_at, node_label
 from phaselens.analysis.grokking import TEST_SOLVED, GrokkingSummary, key_frequency_artifact, series, summarize_grokking
 from phaselens.report import StudyReport, figures_section, register_study
 from phaselens.report.plotting import Figure, save_figure
@@ -52,11 +52,7 @@ def component_table(run: Run, summary: GrokkingSummary) -> str:
     checkpoint and at the first one after clean-up; only once test accuracy has passed its bar (a solution to take apart)."""
     if summary.test_solved is None:
         return f"Not measured: test accuracy never passed {TEST_SOLVED}, so there is no generalising solution to take apart."
-    checkpoints = run.checkpoint_steps()
-    steps = checkpoints[-1:]
-    after = [s for s in checkpoints if summary.cleanup is not None and s >= summary.cleanup[1]]
-    if after and steps and after[0] != steps[0]:
-        steps.append(after[0])
+    steps = ablation_steps(run.checkpoint_steps(), summary.cleanup[1] if summary.cleanup is not None else None)
     found, reason = ablations_at(run, steps, None, "answer", leave_out="train_pairs")
     if reason is not None:
         return f"Not measured: {reason}."

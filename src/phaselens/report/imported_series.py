@@ -38,9 +38,10 @@ def series_metrics(run: Run) -> pd.DataFrame:
     return rows[~rows["step"].isin(list(duplicates))] if duplicates else rows
 
 
-def headline_transitions(run: Run) -> pd.DataFrame:
+def curve_transitions(run: Run) -> pd.DataFrame:
     """The detected transitions of the headline series (already past the detector's floors), earliest first."""
-    found = run.transitions()
+    found = pd.concat([run.transitions(probe=probe) for probe in dict.fromkeys(p for p, _ in HEADLINE_SERIES)],
+                      ignore_index=True)
     keep = pd.Series(False, index=found.index)
     for probe, metric in HEADLINE_SERIES:
         keep |= (found["probe"] == probe) & (found["metric"] == metric)
@@ -84,8 +85,7 @@ def _curves_text(metrics: pd.DataFrame, vocab: int) -> str:
     return "From the first revision to the last, " + "; ".join(parts) + "."
 
 
-def _transitions_text(run: Run, metrics: pd.DataFrame) -> str:
-    found = headline_transitions(run)
+def _transitions_text(found: pd.DataFrame, metrics: pd.DataFrame) -> str:
     if found.empty:
         points = metrics["step"].nunique()
         if points < MIN_POINTS:
@@ -118,8 +118,9 @@ def imported_series_study(run: Run, out: Path) -> StudyReport:
         return StudyReport(summary=[text])
     metrics = series_metrics(run)
     vocab = int(run.config.get("model", {}).get("d_vocab") or 2)
+    found = curve_transitions(run)
     summary = [text, "## What the series shows\n\n" + "\n\n".join(
-        part for part in (_curves_text(metrics, vocab), _transitions_text(run, metrics)) if part)]
-    figure = plot_series_headlines(metrics, headline_transitions(run), vocab, out / "series.png",
+        part for part in (_curves_text(metrics, vocab), _transitions_text(found, metrics)) if part)]
+    figure = plot_series_headlines(metrics, found, vocab, out / "series.png",
                                    log_steps=log_spaced(sorted(metrics["step"].unique())))
     return StudyReport(summary=summary, figures=figures_section({"series": figure}, {"series": CAPTION}))

@@ -122,13 +122,13 @@ def runs_router(session: Session) -> APIRouter:
             # The induction batch is there to show an induction head's stripe; a model without softmax heads
             # (BDH) has no stripe to show and opens on its probe batch, the run's own text.
             order = ("induction", "probe") if model is None or model.has_attention else ("probe", "induction")
+            name = next((n for n in order if n in batches), None)
             tokens, copies, origin = None, None, "drawn"
-            for name in (n for n in order if n in batches):
+            if name is not None:
                 batch, origin = batches[name], f"{name} batch"
                 tokens = batch.tokens[0].tolist()
                 copies = batch.positions["copy"][0].tolist() if "copy" in batch.positions else None  # (T-1,) predictions
-                break
-            if tokens is None:
+            else:
                 tokens = induction_sample(model)
             tokens = tokens[: model.n_ctx] if model is not None else tokens
             copies = copies[: len(tokens) - 1] if copies is not None else None
