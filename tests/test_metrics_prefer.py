@@ -137,8 +137,10 @@ def test_the_dashboard_timeline_draws_the_curve_the_api_chose(browser, open_dash
     with open_dashboard(browser, run=[run_path]) as page:
         page.select_option("#metric-select", "loss/train")
         page.wait_for_function(idle)
-        drawn = page.evaluate("""() => document.getElementById('timeline-plot').data
-            .map((t) => ({name: t.name, source: t.source, steps: t.x.length}))""")
+        traces = page.evaluate("""() => document.getElementById('timeline-plot').data
+            .map((t) => ({name: t.name, source: t.source, steps: t.x.filter((x) => x !== null).length}))""")
+        curves = [t for t in traces if t["steps"]]  # legend entries for shapes are empty traces
         expected = pl.open_run(run_path).metrics(probe="loss", metric="train", prefer="densest")
-        assert drawn == [{"name": "model", "source": "live", "steps": len(expected)}]
+        assert curves == [{"name": "model", "source": "live", "steps": len(expected)}]
+        assert "detected transition (window, step dashed)" in {t["name"] for t in traces}
         assert page.errors == []
