@@ -30,7 +30,7 @@ def last_json(script: str, *args: str) -> dict:
 @pytest.mark.parametrize("script, args", [
     ("telemetry_overhead.py", ["--steps", "20", "--block", "10"]),
     ("z_shuffle_overhead.py", ["--steps", "20", "--block", "10"]),
-    ("geometry_import.py", ["--revisions", "2"]),
+    ("geometry_import.py", ["--revisions", "2", "--quick"]),
 ])
 def test_a_training_or_import_benchmark_runs_to_its_json_line(script, args):
     result = last_json(script, *args)

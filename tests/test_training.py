@@ -86,14 +86,13 @@ def test_checkpoint_values_equal_a_post_hoc_measurement_of_the_checkpoint(tmp_pa
 
 def test_resume_after_kill_gives_identical_metrics(tmp_path):
     args = ["train", "induction", "train.steps=120", "train.checkpoint_every=40", "train.eval_every=20"]
-    whole = cli(*args, "--out", str(tmp_path / "whole"))
-    assert whole.wait(timeout=300) == 0, whole.stdout.read()
-
+    whole = cli(*args, "--out", str(tmp_path / "whole"))  # side by side with the run it kills: one thread each
     killed = cli(*args, "--out", str(tmp_path / "killed"))
     wait_for(tmp_path / "killed" / "checkpoints" / "step_00000080", killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     resumed = cli(*args, "--out", str(tmp_path / "killed"), "--resume")
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
     assert resumed.wait(timeout=300) == 0, resumed.stdout.read()
 
     a, b = sorted_metrics(tmp_path / "whole"), sorted_metrics(tmp_path / "killed")

@@ -175,3 +175,15 @@ def test_an_order_that_the_band_reverses_is_never_printed():
     orders = {band: min(s, key=s.get) for band in (0.05, 0.1, 0.2) for s in [settle_steps(attention, band)]}
     assert len(set(orders.values())) == 2, orders  # the 5% and the 20% band disagree on who settled first
     assert "settled together" in settling(attention).text()
+
+
+def test_a_measurements_own_noise_and_bounds_are_not_the_models_transitions():
+    from phaselens.signals.transitions import detect_transitions
+
+    jump = noisy(4.0 - 3.0 * sigmoid(1200, 30))
+    frame = pd.DataFrame([{"step": int(s), "probe": "circuits", "metric": m, "layer": None, "head": None, "value": float(v),
+                           "source": "checkpoint"}
+                          for m in ("jaccard_final", "jaccard_final_lo", "llc_se", "spearman_eap") for s, v in zip(STEPS, jump)])
+    assert set(detect_transitions(frame)["metric"]) == {"jaccard_final"}
+    assert set(detect_transitions(frame, measurements=True)["metric"]) == {"jaccard_final", "jaccard_final_lo", "llc_se",
+                                                                            "spearman_eap"}

@@ -204,6 +204,9 @@ class Run:
         measured steps, see `metrics`); `source` says which curve each transition was found on
         (`prefer=None` searches both curves of a series measured both ways).
         Revisions whose weights repeat another's are left out: their curves are flat by construction.
+        Series that describe a measurement rather than the model (standard errors, confidence bounds, the
+        agreement of two estimators: `signals.transitions.describes_a_measurement`) are searched only when
+        `metric` names one.
         """
         from phaselens.signals.transitions import detect_transitions
 
@@ -211,7 +214,7 @@ class Run:
         duplicates = self.identical_steps()
         if duplicates:
             rows = rows[~rows["step"].isin(list(duplicates))]
-        return detect_transitions(rows, prefer=prefer)
+        return detect_transitions(rows, prefer=prefer, measurements=metric is not None)
 
 
     def headline_transitions(self) -> pd.DataFrame:

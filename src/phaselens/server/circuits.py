@@ -12,7 +12,6 @@ A checkpoint the probe never measured is patched on the pairs the plan would mea
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from fastapi import APIRouter
@@ -21,36 +20,16 @@ from phaselens.errors import PhaselensError
 from phaselens.server import schemas as s
 from phaselens.server.routes import finite
 from phaselens.server.session import KERNEL, BadInput, NotFound, Session
+from phaselens.store.circuit_artifact import graph_columns, node_kind
 
 
 def graph_nodes(edges: list[Any]) -> list[s.CircuitNode]:
-    """The nodes of a circuit graph, each in its column, left to right: embed, layer 0's heads, its MLP (where it has
-    one), layer 1's heads, ..., logits."""
+    """The nodes of a circuit graph, each in its column (`store.circuit_artifact.graph_columns`), left to right:
+    embed, layer 0's heads, its MLP (where it has one), layer 1's heads, ..., logits."""
     names = {"embed", "logits"} | {e.upstream for e in edges} | {e.downstream for e in edges}
-    nodes = []
-    for name in names:
-        kind, layer, head = node_kind(name)
-        column = {"embed": 0, "logits": -1}.get(kind, 2 * (layer or 0) + (1 if kind == "head" else 2))
-        nodes.append(s.CircuitNode(name=name, kind=kind, layer=layer, head=head, column=column))
-    last = max((n.column for n in nodes), default=0) + 1
-    dense = {c: i for i, c in enumerate(sorted({last if n.column < 0 else n.column for n in nodes}))}  # no empty columns
-    for node in nodes:
-        node.column = dense[last if node.column < 0 else node.column]
+    nodes = [s.CircuitNode(name=name, kind=kind, layer=layer, head=head, column=column)
+             for name, (column, _) in graph_columns(names).items() for kind, layer, head in [node_kind(name)]]
     return sorted(nodes, key=lambda n: (n.column, n.head if n.head is not None else -1))
-
-
-NODE = re.compile(r"^L(\d+)(?:H(\d+)|(M))$")
-
-
-def node_kind(name: str) -> tuple[str, int | None, int | None]:
-    """("embed" | "head" | "mlp" | "logits", layer, head) of a node name: embed, L1H0, L0M, logits."""
-    if name in ("embed", "logits"):
-        return name, None, None
-    match = NODE.match(name)
-    if match is None:
-        raise ValueError(f"not a circuits graph node: {name!r}")
-    layer, head, mlp = match.groups()
-    return ("mlp", int(layer), None) if mlp else ("head", int(layer), int(head))
 
 
 def circuits_router(session: Session) -> APIRouter:

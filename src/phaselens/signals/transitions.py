@@ -52,6 +52,15 @@ DRIFT_RATE = 0.5  # a move is a drift when next to its window the curve moves at
 EXTEND = 0.3  # the change goes on outward while the curve moves at 35% of its core's mean rate or more
 MIN_EFFECT = 0.1  # a transition moves its series by at least 10% of its metric's range
 RANGE_QUANTILES = (0.01, 0.99)  # a series' range: robust to a spike
+# Series that describe a measurement rather than the model: another series' standard error or spread, its confidence
+# bounds, the rank agreement of two estimators. Their moves are not the model's transitions: searched only on request.
+MEASUREMENT_SUFFIXES = ("_se", "_std", "_lo", "_hi")
+MEASUREMENT_PREFIXES = ("spearman_",)
+
+
+def describes_a_measurement(metric: str) -> bool:
+    """Whether `metric` is a measurement's own noise or agreement (`MEASUREMENT_SUFFIXES`, `MEASUREMENT_PREFIXES`)."""
+    return metric.endswith(MEASUREMENT_SUFFIXES) or metric.startswith(MEASUREMENT_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -224,13 +233,17 @@ def find_transitions(steps: np.ndarray, values: np.ndarray, metric_scale: float 
     return sorted(found, key=lambda t: t.step)
 
 
-def detect_transitions(metrics: pd.DataFrame, prefer: Prefer = "densest") -> pd.DataFrame:
+def detect_transitions(metrics: pd.DataFrame, prefer: Prefer = "densest", measurements: bool = False) -> pd.DataFrame:
     """Transitions of every (probe, metric, layer, head) series in a metrics frame.
 
     Where a series has values from both sources (live and checkpoint), `prefer` picks the curve searched
     (`signals.sources.prefer_source`; None: both, each on its own); `source` names it on every transition.
+    Series that describe a measurement (`describes_a_measurement`: standard errors, confidence bounds, method
+    agreement) are left out unless `measurements`.
     """
     rows = []
+    if len(metrics) and not measurements:
+        metrics = metrics[~metrics["metric"].map(describes_a_measurement)]
     if len(metrics):
         keys = ["probe", "metric", "layer", "head", "source"]
         frame = prefer_source(metrics, prefer).copy()

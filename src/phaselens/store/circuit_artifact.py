@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from phaselens.store.atomic import read_json, write_json
 from phaselens.store.neuron_artifact import ArtifactError
@@ -123,17 +123,26 @@ def circuits_path(folder: Path, step: int) -> Path:
 _NODE = re.compile(r"^L(\d+)(?:H(\d+)|(M))$")
 
 
-def graph_columns(names: list[str]) -> dict[str, tuple[int, int]]:
+def node_kind(name: str) -> tuple[str, int | None, int | None]:
+    """("embed" | "head" | "mlp" | "logits", layer, head) of a circuits graph node's name: embed, L1H0, L0M, logits."""
+    if name in ("embed", "logits"):
+        return name, None, None
+    match = _NODE.match(name)
+    if match is None:
+        raise ArtifactError(f"not a circuits graph node: {name!r}")
+    layer, head, mlp = match.groups()
+    return ("mlp", int(layer), None) if mlp else ("head", int(layer), int(head))
+
+
+def graph_columns(names: Iterable[str]) -> dict[str, tuple[int, int]]:
     """Where each node of a circuits graph sits: name -> (column, row). Columns left to right: embed, layer 0's heads
     (row = head), layer 0's MLP where the model has one, layer 1's heads, ..., logits; no empty columns."""
     def place(name: str) -> tuple[float, int]:
-        if name in ("embed", "logits"):
-            return (-1.0 if name == "embed" else float("inf")), 0
-        match = _NODE.match(name)
-        if match is None:
-            raise ArtifactError(f"not a circuits graph node: {name!r}")
-        layer, head, _ = match.groups()
-        return (2.0 * int(layer), int(head)) if head is not None else (2.0 * int(layer) + 1, 0)
+        kind, layer, head = node_kind(name)
+        if kind in ("embed", "logits"):
+            return (-1.0 if kind == "embed" else float("inf")), 0
+        assert layer is not None
+        return (2.0 * layer, head) if head is not None else (2.0 * layer + 1, 0)
 
     placed = {name: place(name) for name in names}
     dense = {c: i for i, c in enumerate(sorted({c for c, _ in placed.values()}))}
