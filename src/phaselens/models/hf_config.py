@@ -8,9 +8,13 @@ the architecture, come from the referenced revision whenever it is loaded.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from phaselens.errors import ConfigError
 from phaselens.models.config import ModelSpec, register_model
+
+if TYPE_CHECKING:
+    from phaselens.models.adapter import ModelAdapter
 
 
 @register_model("hf", "phaselens.models.hf:boot_config")
@@ -26,6 +30,13 @@ class HFModelConfig(ModelSpec):
     d_model: int = 0
     d_vocab: int = 0
     n_ctx: int = 0
+
+    @classmethod
+    def of(cls, adapter: "ModelAdapter", source: str, local: bool = False, revision: str = "") -> "HFModelConfig":
+        """The record of the model `adapter` reads, found at `source` (its architecture and dimensions as the adapter
+        reads them, so every run that records a Hugging Face model reads them one way)."""
+        return cls(source=source, local=local, revision=revision, architecture=adapter.architecture, n_layers=adapter.n_layers,
+                   n_heads=adapter.n_heads, d_model=adapter.d_model, d_vocab=adapter.d_vocab, n_ctx=adapter.n_ctx)
 
     def validate(self, prefix: str = "model") -> None:
         if not self.source:

@@ -32,8 +32,7 @@ def model_section(model: torch.nn.Module, adapter: ModelAdapter) -> dict[str, An
     from phaselens.models.hf_config import HFModelConfig
 
     source = adapter.architecture
-    return asdict(HFModelConfig(source=source, architecture=adapter.architecture, n_layers=adapter.n_layers,
-                                n_heads=adapter.n_heads, d_model=adapter.d_model, d_vocab=adapter.d_vocab, n_ctx=adapter.n_ctx))
+    return asdict(HFModelConfig.of(adapter, source=source))
 
 
 class LoopRun:

@@ -131,6 +131,7 @@ def import_hf(
     """
     import torch
 
+    from phaselens.models.adapter import adapter_for
     from phaselens.models.hf import REFERENCE_FILE, boot_revision
     from phaselens.models.hf_config import HFModelConfig
     from phaselens.series.integrity import record_hashes
@@ -177,10 +178,7 @@ def import_hf(
     where, precision = resolve_device(device), resolve_dtype(dtype)
     first = names[0]
     bridge = boot_revision(source, first, local, device=where, dtype=precision)  # shapes and tokenizer; the weights are not kept
-    cfg = bridge.cfg
-    model = HFModelConfig(source=source, local=local, revision=names[-1], architecture=type(bridge.original_model).__name__,
-                          n_layers=int(cfg.n_layers), n_heads=int(cfg.n_heads), d_model=int(cfg.d_model),
-                          d_vocab=int(cfg.d_vocab), n_ctx=int(cfg.n_ctx))
+    model = HFModelConfig.of(adapter_for(bridge), source=source, local=local, revision=names[-1])
     tokenizer = bridge.tokenizer
     del bridge
     gc.collect()

@@ -207,9 +207,7 @@ class TelemetryCallback(TrainerCallback):
             generator = torch.Generator().manual_seed(int(args.seed) + INDUCTION_SEED_OFFSET)
             induction_probe_batch(adapter.tokenizer.ordinary_ids(), probe_batch.tokens.shape[1], len(probe_batch),
                                   generator).save(self.run.induction_batch)
-        model_spec = HFModelConfig(source=str(self._output_dir), local=True, architecture=adapter.architecture,
-                                   n_layers=adapter.n_layers, n_heads=adapter.n_heads, d_model=adapter.d_model,
-                                   d_vocab=adapter.d_vocab, n_ctx=adapter.n_ctx)
+        model_spec = HFModelConfig.of(adapter, source=str(self._output_dir), local=True)
         counts, counted = _token_counts(dataset, model_spec.d_vocab)
         write_unigram_counts(unigram_path(self.run.path), counts, f"tokens of the first {counted} sequences of the train dataset")
         data = HFTrainerData(probe_size=len(probe_batch), seq_len=probe_batch.tokens.shape[1],
