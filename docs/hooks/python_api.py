@@ -13,10 +13,8 @@ MARKER = "<!-- python-api -->"
 def api_blocks() -> str:
     import phaselens
 
-    blocks: list[str] = []
-    for name in sorted(phaselens._LAZY, key=str.lower):
-        blocks.append(f"::: {phaselens._LAZY[name]}.{name}\n")
-    return "\n".join(blocks)
+    names = [name for name in phaselens.__all__ if not name.startswith("__")]
+    return "\n".join(f"::: {getattr(phaselens, name).__module__}.{name}\n" for name in sorted(names, key=str.lower))
 
 
 def on_page_markdown(markdown: str, page, config, files, **kwargs):
