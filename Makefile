@@ -29,12 +29,17 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/phaselens demo
 
+# WORKERS test processes (pytest-xdist), each given whole files, so a file's module fixtures are built once; the
+# session fixtures (the demo run, ...) are built once per process that needs them. WORKERS=0 runs in this process.
+WORKERS ?= 2
+XDIST   := $(if $(filter 0,$(WORKERS)),,-n $(WORKERS) --dist loadfile)
+
 test: $(VENV)/.test
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Skips the slow end-to-end runs (they still run in `make test` and CI).
 test-fast: $(VENV)/.test
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # The demo's claims that hold for any seed and thread count, on a demo trained with 2 torch threads (the preset
 # trains on 1) and seed 1 (tests/conftest.py): a test that leans on one machine's digits fails here. CI runs it;

@@ -160,7 +160,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 
 
 NO_CHROMIUM = "Debian chromium is not installed"
-_SKIPPED_BROWSER_TESTS: list[str] = []
 
 
 def pytest_collection_modifyitems(items):
@@ -171,16 +170,18 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if {"browser", "chromium"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(skip)
-            _SKIPPED_BROWSER_TESTS.append(item.nodeid)
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Say once, at the end, which browser tests did not run and how to get them."""
-    if _SKIPPED_BROWSER_TESTS:
+    """Say once, at the end, which browser tests did not run and how to get them (read from the skip reports, so it
+    holds when `make test` runs the tests in worker processes too)."""
+    skipped = sorted({r.nodeid for r in terminalreporter.stats.get("skipped", [])
+                      if isinstance(r.longrepr, tuple) and NO_CHROMIUM in str(r.longrepr[-1])})
+    if skipped:
         terminalreporter.write_sep("=", "browser tests skipped", yellow=True)
-        terminalreporter.write_line(f"{len(_SKIPPED_BROWSER_TESTS)} browser tests did not run: {CHROMIUM} is missing. "
+        terminalreporter.write_line(f"{len(skipped)} browser tests did not run: {CHROMIUM} is missing. "
                                     "Install it with `apt-get install -y chromium` (`bash .ci/run` does) and run them again:")
-        for nodeid in _SKIPPED_BROWSER_TESTS:
+        for nodeid in skipped:
             terminalreporter.write_line(f"  {nodeid}")
 
 
