@@ -10,7 +10,7 @@ scores within 0.05 of float32, every probe's rows present, the dashboard's model
 - report:    `phaselens report` on the CUDA run (the story must name the induction transition);
 - sweep:     `phaselens probe` over every checkpoint, float32 and bfloat16 on the device, float32 on the CPU;
 - llc:       the llc probe on three checkpoints;
-- circuits:  the circuits probe (exact, EAP, EAP-IG) on three checkpoints;
+- circuits:  the circuits probe (exact, EAP, EAP-IG) on three checkpoints, and `benchmarks/circuits.py` on the device;
 - series:    `phaselens import-hf` of a locally saved GPT-NeoX series, probed on import;
 - dashboard: `phaselens serve` and 20 timed calls each of /api/model/ablate and /api/model/patch.
 
@@ -151,6 +151,13 @@ def main() -> int:
 
         rows = pl.open_run(a).metrics(probe=probe)
         checks[f"{probe}_rows_on_device"] = int(len(rows))
+    # benchmarks/circuits.py on the device: exact patching of every edge against EAP and EAP-IG, on the demo and 1,519 edges
+    bench = subprocess.run([sys.executable, str(Path(__file__).with_name("circuits.py")), "--run", str(dev), "--device", args.device,
+                            *(["--quick"] if args.quick else [])], capture_output=True, text=True, check=True)
+    with log.open("a") as out:
+        out.write(bench.stdout)
+    figures = json.loads(bench.stdout.strip().splitlines()[-1])
+    results["circuits_benchmark"] = {k: figures[k] for k in ("exact_s", "eap_s", "eap_ig_s", "ratio_exact_vs_eap", "edges")}
 
     from phaselens.series.toy import save_toy_series
 

@@ -37,6 +37,14 @@ def test_a_training_or_import_benchmark_runs_to_its_json_line(script, args):
     assert all(value == value for value in result.values() if isinstance(value, float))  # no NaN figures
 
 
+def test_the_circuits_benchmark_runs_quick_and_eap_costs_the_same_passes_on_29_and_1519_edges(run_copy):
+    result = last_json("circuits.py", "--quick", "--run", str(run_copy))
+    assert (result["demo"]["edges"], result["edges"]) == (29, 1519) and result["big_exact_scaled"]
+    assert result["demo"]["steps_measured"] == [20]  # the run's last checkpoint
+    assert result["demo"]["passes"]["eap"] == result["big"]["passes"]["eap"] == {"forwards": 3, "backwards": 1, "sequences": 6}
+    assert result["exact_s"] > 0 and result["eap_s"] > 0 and result["eap_ig_s"] > 0
+
+
 def test_the_post_hoc_and_llc_benchmarks_run_on_a_run(run_copy):
     sweep = last_json("probe_sweep.py", "--run", str(run_copy), "--rounds", "1")
     assert sweep["checkpoints"] == 3 and sweep["ratio_vs_naive"] > 0

@@ -190,3 +190,33 @@ def test_a_bridge_graph_patches_one_heads_k_input_and_the_logits_as_the_definiti
     assert scores["exact"][graph.index["L0H1->L1H0.k"]].item() == pytest.approx(by_hand.item(), abs=1e-4)
     assert scores["exact"][graph.index["L0H1->logits"]].item() == pytest.approx(direct.item(), abs=1e-4)
     assert all(torch.isfinite(s).all() for s in scores.values())
+
+
+def test_eap_costs_the_same_forwards_and_backwards_whatever_the_edge_count_and_exact_grows_with_edges():
+    def passes(graph: EdgeGraph, score) -> tuple[int, int, int]:
+        """(forwards, of them with autograd: one backward each, sequences carried) of `score()`."""
+        counted = [0, 0, 0]
+
+        def count(module, args):
+            counted[0] += 1
+            counted[1] += torch.is_grad_enabled()
+            counted[2] += args[0].shape[0]
+
+        handle = graph.adapter.hook_points[graph.sites.embed_out].register_forward_pre_hook(count)
+        try:
+            score()
+        finally:
+            handle.remove()
+        return tuple(counted)
+
+    batch = induction_probe_batch(list(range(32)), 32, 2, torch.Generator().manual_seed(0))
+    pairs = study_pairs(batch, "source", "copy", list(range(32)), seed=0)  # 2 sequences: exact's cost is edges × sequences
+    torch.manual_seed(0)
+    deeper = Transformer(ModelConfig(n_layers=3, n_heads=2, d_model=32, d_mlp=64, d_vocab=32, n_ctx=32, init_std=0.3)).eval()
+    small, large = EdgeGraph(tiny()), EdgeGraph(deeper)
+    assert (len(small), len(large)) == (29, 100)
+    eap = [passes(g, lambda g=g: g.attribution(pairs, steps=1)) for g in (small, large)]
+    assert eap[0] == eap[1] == (3, 1, 3 * len(pairs.clean))  # clean and corrupt outputs, one clean forward + backward
+    assert passes(large, lambda: large.attribution(pairs, steps=5)) == (7, 5, 7 * len(pairs.clean))
+    exact = [passes(g, lambda g=g: g.exact(pairs))[2] for g in (small, large)]
+    assert exact == [(2 + len(g)) * len(pairs.clean) for g in (small, large)]  # one patched sequence per edge and sequence

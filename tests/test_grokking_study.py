@@ -115,3 +115,22 @@ def test_the_report_ranks_every_component_by_what_ablating_it_costs_the_held_out
         logits = model.run_with_hooks(batch.tokens, fwd_hooks=[("blocks.0.hook_mlp_out", lambda x, hook: mlp.expand_as(x))])
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.tokens[:, 1:], reduction="none")  # (B, 3)
     assert float(losses[held_out].mean()) == pytest.approx(cells["MLP 0"], abs=2e-3)
+
+
+def test_after_memorisation_the_circuit_runs_through_the_mlp(grokking_demo, tmp_path):
+    """The study's pairs (operand b changed, answer loss) at the first checkpoint after train accuracy reaches 1.0, while
+    held-out pairs are still unsolved: the faithful circuit reads the heads into the MLP and the MLP into the logits (the
+    one nonlinearity of the one-layer model computes the answer). Circuits at one checkpoint, 64 pairs: about 3 s."""
+    from test_circuits_training import circuits_on
+
+    out, _, _ = grokking_demo
+    metrics = pl.open_run(out).metrics(probe="loss", source="live")
+    memorised = first_step(metrics[metrics["metric"] == "train_acc"], 1.0)
+    step = min(s for s in pl.open_run(out).checkpoint_steps() if s > memorised)
+    assert metrics[(metrics["metric"] == "eval_acc") & (metrics["step"] == step)]["value"].item() < 0.5  # not generalised yet
+    run = circuits_on(out, tmp_path, [step])
+    circuit = run.edges().query("method == 'exact' and in_circuit")
+    print(f"step {step}: circuit {sorted(circuit['edge'])}, faithfulness {run.circuit(step).faithfulness:.2f}")
+    mlps = {n for n in run.edges()["downstream"] if n.startswith("L") and n.endswith("M")}
+    assert mlps and set(circuit["downstream"]) & mlps and set(circuit["upstream"]) & mlps  # into and out of an MLP
+    assert run.circuit(step).faithfulness >= 0.8

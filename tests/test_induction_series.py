@@ -12,6 +12,7 @@ import phaselens as pl
 from phaselens.cli import app
 from phaselens.probes.heads import detection_patterns, head_score
 from phaselens.series.induction_series import probe_text, save_induction_series
+from test_circuits_training import circuits_on, exact, heads, into_k
 
 STEPS = tuple(range(0, 1401, 100))  # 15 revisions (the transition detector needs at least 12); the head forms near step 800
 
@@ -79,3 +80,24 @@ def test_stored_head_scores_equal_the_hf_models_own_attentions(probed_series):
             stored = rows[(rows["step"] == step) & (rows["metric"] == metric)].sort_values(["layer", "head"])["value"]
             direct = torch.stack([head_score(a, D[metric]) for a in attentions]).flatten()  # (L·H,)
             torch.testing.assert_close(torch.tensor(stored.to_numpy(), dtype=torch.float32), direct, atol=1e-4, rtol=0)
+
+
+def test_circuits_find_the_k_composition_edge_forming_with_the_induction_head(probed_series, tmp_path):
+    """The previous-token head of layer 0 becomes the strongest input of the layer-1 induction head's key as the head
+    forms (circuits at four revisions, 16 sequences: about 10 s on one core)."""
+    from phaselens.analysis.circuits import circuit_artifacts, edge_births
+
+    _, series = probed_series
+    run = circuits_on(series.path, tmp_path, (0, 800, 1000, 1400), rows=16)
+    induction, prev, _ = heads(run)
+    scores = exact(run)
+    born = {b.edge: b for b in edge_births(circuit_artifacts(run))}
+    formed = run.transitions(probe="heads", metric="induction")
+    for head in induction:
+        k, edge = into_k(scores, head), f"L0H{prev}->L1H{head}.k"
+        print(f"into L1H{head}.k:\n{k.round(3)}")
+        final = k.loc[1400, f"L0H{prev}"]
+        assert final > 0.5 and abs(k.loc[0, f"L0H{prev}"]) < 0.05 * final  # nothing at initialisation
+        assert all(k.loc[step].idxmax() == f"L0H{prev}" for step in (1000, 1400))
+        (window,) = formed[(formed["layer"] == 1) & (formed["head"] == head)].itertuples()
+        assert born[edge].clear and window.start - 100 <= born[edge].step <= window.end + 100, (born[edge], window)

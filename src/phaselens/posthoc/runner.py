@@ -21,7 +21,7 @@ from phaselens.background import OrderedThread
 from phaselens.errors import PhaselensError, RunError
 from phaselens.posthoc.worker import SOURCE, TaskResult, measure_checkpoint
 from phaselens.progress import progress_bar
-from phaselens.store.atomic import disk_full, disk_of, write_json
+from phaselens.store.atomic import disk_full, disk_of
 from phaselens.store.metrics import MetricsStore
 from phaselens.store.run_dir import RunDir
 
@@ -224,7 +224,7 @@ def _sweep(opened, probes, steps, backend, workers, address, progress, device, d
 
 def _write_artifacts(run_dir: RunDir, result: TaskResult) -> None:
     for probe, artifact in result.artifacts.items():
-        write_json(run_dir.artifacts / probe / f"step_{result.step:08d}.json", artifact, compact=True)
+        run_dir.write_artifact(probe, result.step, artifact)
 
 
 def failures_text(result: SweepResult) -> str:

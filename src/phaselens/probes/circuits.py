@@ -93,6 +93,7 @@ class CircuitsProbe(Probe):
     # the batch it reads at checkpoints, off the training step (`Probe.live_on_copy`, `probes.live`).
     needs = Needs(parts=frozenset({"edge_graph"}), position_options=("patch", "read"), batch="induction")
     live_on_copy = True
+    checkpoint_artifacts = True  # `Run.edges()`, the report and the dashboard read the artifact: training writes it too
 
     def __init__(self, patch: str | None = None, read: str | None = None, seed: int = 0, method: str = "auto",
                  steps: int = 5, threshold: float = 0.8, exact_limit: int = 400, rows: int = 32, chunk: int = 2048,

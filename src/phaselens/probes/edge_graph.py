@@ -180,16 +180,18 @@ class EdgeGraph:
             n_heads = int(where[:, 1].max()) + 1
             weights = corrupt_out.new_zeros(R, len(ups), n_heads)
             weights[:, where[:, 0].to(patch.device), where[:, 1].to(patch.device)] = patch[:, edges]
-            used = [slot for slot in range(len(ups)) if weights[:, slot].any()]
+            # per upstream node, the replicas that patch it: exact patching patches one edge per replica, so each
+            # node's difference is computed for its own few replicas, not for all R (the cost grows with R, not R·U)
+            users = {slot: rows.nonzero().squeeze(-1) for slot in range(len(ups)) if (rows := weights[:, slot].any(-1)).any()}
 
             def patch_input(act, hook):
-                if not used:
+                if not users:
                     return act
-                delta = 0
-                for slot in used:  # one upstream node at a time: memory (R, B, T, H, d), not that times U
+                delta = act.new_zeros(R, B, act.shape[1], n_heads, act.shape[-1])  # (R, B, T, H, d)
+                for slot, rows in users.items():  # one upstream node at a time: memory (R, B, T, H, d), not that times U
                     u = ups[slot]
-                    diff = corrupt_out[u][None] - current[u].reshape(R, B, *current[u].shape[1:])  # (R, B, T, d)
-                    delta = delta + diff[:, :, :, None, :] * weights[:, slot, None, None, :, None]  # (R, B, T, H, d)
+                    diff = corrupt_out[u][None] - current[u].reshape(R, B, *current[u].shape[1:])[rows]  # (r, B, T, d)
+                    delta.index_add_(0, rows, diff[:, :, :, None, :] * weights[rows, slot, None, None, :, None])
                 if act.dim() == 3:  # an MLP's or the logits' input: one copy of the stream
                     delta = delta[..., 0, :]
                 return act + delta.reshape(act.shape)

@@ -17,8 +17,9 @@ measured on a background thread while the backward pass and the optimizer run.
 A probe that runs its own forwards and backwards (`Probe.live_on_copy`: circuits) reads no activations
 of the training forward: at its cadence the weights are cloned (before the optimizer moves them) and a
 copy of the model in eval mode, without parameter gradients, is measured on its fixed batch, on the
-background thread where there is one. The training step's autograd graph, gradients and RNG are left
-alone, so a run trains bit-identically with or without it.
+background thread where there is one; with `run=`, the artifact it writes post-hoc (circuits: every edge's
+scores, read by `Run.edges()`) goes into the run directory at each step it measures. The training step's
+autograd graph, gradients and RNG are left alone, so a run trains bit-identically with or without it.
 
 In a `torch.distributed` job only rank 0 measures and writes: on every other rank a Telemetry
 installs no hooks, opens no store and measures nothing, so the same loop runs on every rank.
@@ -289,7 +290,7 @@ class Telemetry:
         else:
             self._submit(lambda: self.values.log_many(step, results))
         if on_copy:
-            self._measure_on_copy(step, on_copy, batch)
+            self._measure_on_copy(step, on_copy, batch.rows(rows) if rows is not None else batch)
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
             self._unflushed = 0
@@ -316,13 +317,20 @@ class Telemetry:
 
         with torch.no_grad():
             weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # the weights at `step`
-        batches = [(p, self._copy_batches.get(p.name) or (batch.clone() if self._background else batch)) for p in probes]
+        for p in probes:  # one fixed batch, so that the steps compare: the trainer's routed batch, else the first measured
+            self._copy_batches.setdefault(p.name, batch.clone())  # (in a run directory: its probe batch, `LoopRun.saw`)
+        batches = [(p, self._copy_batches[p.name]) for p in probes]
+
+        artifacts: dict[str, Any] | None = {} if self.run is not None else None  # a run directory keeps them (`Run.edges()`)
 
         def measure() -> None:
             assert self._shadow is not None  # built in __init__ whenever checkpoint probes run in the background
             self._shadow.load_state_dict(weights)
-            results = [item for probe, fixed in batches for item in measure_model(self._shadow, fixed, [probe])]
+            results = [item for probe, fixed in batches for item in measure_model(self._shadow, fixed, [probe], artifacts=artifacts)]
             self.values.log_many(step, results)
+            if self.run is not None and artifacts:
+                for name, value in artifacts.items():
+                    self.run.dir.write_artifact(name, step, value)
 
         if self._background is not None:
             self._background.submit(measure)

@@ -84,17 +84,19 @@ def stored_scores(stored, edge: str) -> dict[str, float | None]:
 
 def pair_options(run, stored) -> dict[str, Any]:
     """How the pairs are built: as the stored scores were (their artifact's record), else as the run's plan would."""
+    record = stored.pairs if stored is not None else {}
     try:
         planned = next(iter(run.plan(["circuits"], writable=False).require("circuits").probes))
+        options, batch = dict(planned.options), planned.batch
     except PhaselensError as exc:
-        raise BadInput(f"this run cannot be measured by the circuits probe: {exc}") from None
-    options = {"patch": planned.options.get("patch"), "read": planned.options.get("read"), "seed": planned.options.get("seed", 0),
-               "rows": planned.options.get("rows", 32), "corrupt": planned.options.get("corrupt", "fresh")}
-    if stored is not None:
-        record = stored.pairs
-        options.update({k: record[k] for k in ("patch", "read", "seed", "corrupt") if k in record})
-        options["rows"] = record.get("rows", record.get("sequences", options["rows"]))
-    return {**options, "batch": planned.batch}
+        if not (record.get("patch") and record.get("read")):
+            raise BadInput(f"this run cannot be measured by the circuits probe: {exc}") from None
+        options, batch = {}, None  # a run whose study declares no pairs (an own loop): the stored record says them, on its probe batch
+    options = {"patch": options.get("patch"), "read": options.get("read"), "seed": options.get("seed", 0),
+               "rows": options.get("rows", 32), "corrupt": options.get("corrupt", "fresh")}
+    options.update({k: record[k] for k in ("patch", "read", "seed", "corrupt") if k in record})
+    options["rows"] = record.get("rows", record.get("sequences", options["rows"]))
+    return {**options, "batch": batch}
 
 
 def patch_edge(run, model, edge: str, stored) -> dict[str, Any]:

@@ -83,6 +83,12 @@ class RunDir:
     def induction_batch(self) -> Path:
         return self.path / "induction_batch.safetensors"
 
+    def write_artifact(self, probe: str, step: int, artifact: Any) -> Path:
+        """Store `probe`'s non-scalar result at `step`: artifacts/<probe>/step_XXXXXXXX.json (compact JSON)."""
+        path = self.artifacts / probe / f"step_{step:08d}.json"
+        write_json(path, artifact, compact=True)
+        return path
+
     def checkpoint(self, step: int) -> Path:
         """The directory of the checkpoint at `step`; RunError if it (or a file in it) is a link out of the run."""
         path = self.checkpoints / f"step_{step:08d}"

@@ -39,7 +39,7 @@ from phaselens.probes.loss import prediction_accuracy, token_losses
 from phaselens.probes.measure import measure_batches
 from phaselens.probes.plan import TRAINING_BATCH
 from phaselens.progress import progress_bar
-from phaselens.store.atomic import disk_full, disk_of, write_json
+from phaselens.store.atomic import disk_full, disk_of
 from phaselens.store.metrics import MetricsStore, MetricsWriter, integrity_problem, set_aside
 from phaselens.store.tensorboard import TensorBoardLog
 from phaselens.store.run_dir import RunDir
@@ -356,6 +356,8 @@ class Trainer:
                             loss = self._check_finite(recent)
                             update(completed=done, value=None if loss is None else f"{loss:.3f}")
                             recent = []
+                        else:  # the count every step (a slow step's log line is due by time), the loss when checked
+                            update(completed=done)
                         if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop.requested:
                             self._save(done)
                             self.run.update(steps_done=done)
@@ -441,7 +443,7 @@ class Trainer:
             self.checkpoint_values.log(step, name, measurements)
         self.checkpoint_values.flush()
         for name in wanted & set(artifacts):
-            write_json(self.run.artifacts / name / f"step_{step:08d}.json", artifacts[name], compact=True)
+            self.run.write_artifact(name, step, artifacts[name])
 
     def _check_finite(self, recent: list[tuple[int, torch.Tensor]]) -> float | None:
         """One device sync per NAN_CHECK_EVERY steps: raise on NaN/inf, else the mean loss."""

@@ -86,10 +86,15 @@ def check_live_probes(probes: Sequence[str | Probe], adapter: Any) -> None:
     from phaselens.probes.base import make_probe
 
     import phaselens.probes  # noqa: F401  (registers the built-in probes)
+    from phaselens.probes.plan import model_refusal
 
     available = {PATTERN.format(layer) for layer in range(adapter.n_layers)}
     for probe in (make_probe(p) for p in probes):
         unread = sorted(set(probe.hook_names(adapter)) - available)
+        refused = model_refusal(probe, adapter.offers, adapter.kind, "live")  # circuits: no graph of the Trainer's own model
+        if refused:
+            raise ConfigError(f"{refused} in the Trainer's forward; measure it on the checkpoints (booted through "
+                              f"TransformerBridge) with `phaselens probe RUN --probes {probe.name}`")
         if unread:
             raise ConfigError(f"probe {probe.name!r} reads {unread[:2]}{' ...' if len(unread) > 2 else ''}; a Trainer's "
                               "forward returns only attention patterns and logits. Measure it on the checkpoints "
