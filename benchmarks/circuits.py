@@ -19,7 +19,7 @@ Spearman rank correlations of EAP and EAP-IG with exact are reported per graph. 
 top-level figures (`exact_s`, `eap_s`, `eap_ig_s`, `ratio_exact_vs_eap`, `edges`) are the big graph's.
 
     .venv/bin/python benchmarks/circuits.py [--run runs/demo] [--checkpoints 2] [--rows 32] [--big-rows 4]
-                                            [--steps 5] [--chunk 2048] [--big-chunk 256] [--threads 1]
+                                            [--steps 5] [--chunk 2048] [--big-chunk 2048] [--threads 1]
                                             [--exact-sample 0] [--device cpu] [--quick]
 """
 
@@ -174,9 +174,7 @@ def main() -> None:
     parser.add_argument("--big-rows", type=int, default=4, help="sequences of the big model's pairs")
     parser.add_argument("--steps", type=int, default=5, help="EAP-IG interpolation steps")
     parser.add_argument("--chunk", type=int, default=2048, help="sequences per batched patched forward (the probe's default)")
-    parser.add_argument("--big-chunk", type=int, default=256,
-                        help="big graph: sequences per patched forward (here faster than the default: a forward's patch work "
-                             "grows with the upstream nodes its replicas patch)")
+    parser.add_argument("--big-chunk", type=int, default=2048, help="big graph: sequences per patched forward (the probe's default)")
     parser.add_argument("--exact-sample", type=int, default=0, help="big graph: exact on this many sampled edges, scaled (0: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (the models and pairs are moved there)")
