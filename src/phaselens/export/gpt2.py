@@ -7,8 +7,11 @@ by 1/sqrt(d_head), LayerNorm eps 1e-5. The weights map one to one, except for th
 * GPT-2 has no unembedding bias. phaselens's `b_U` is folded into the unembedding through the final
   LayerNorm: its output y = n * w + b has a normalised n with sum(n) = 0, so y . (1/w) = b . (1/w) = c
   for every input, and y @ W_U + b_U = y @ (W_U + (1/w) b_U^T / c). Exact in real arithmetic; it
-  needs every w != 0 and c away from 0 (else the export is refused), and logits, the logit lens
-  (which also reads through ln_final) and the loss are unchanged. Read `W_U` alone and it differs.
+  needs every w != 0 (else the export is refused). Training moves c through 0 (the induction demo's
+  does, twice), so where c is small the fold first shifts the bias along w, b' = b + t w with
+  t = sum|b / w| / d: y' = y + t w gives c' = c + t d, and y' @ W' = y @ W_U + b_U for
+  W' = W_U + (1/w) (b_U - t w @ W_U)^T / c'. Logits, the logit lens (which also reads through
+  ln_final) and the loss are unchanged. Read `W_U` (or, after a shift, ln_f's bias) alone and it differs.
 * GPT-2 always has an MLP: an attention-only model gets one of width 1 whose output weights and
   bias are zero, so it adds exactly nothing.
 * `normalization="none"` has no GPT-2 counterpart (its blocks always normalise): refused.
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
     from phaselens.models.transformer import Transformer
 
 LOGIT_TOLERANCE = 1e-4  # max |logit difference| allowed between the phaselens model and its GPT-2 export
-MIN_FOLD = 1e-3  # |c| of the unembedding-bias fold must be at least this times sum(|b / w|)
+MIN_FOLD = 1e-3  # where |c| is below this times sum(|b / w|), the b_U fold first shifts ln_final's bias
 
 
 def gpt2_refusal(cfg: ModelConfig) -> str | None:
@@ -54,21 +57,23 @@ def gpt2_config(cfg: ModelConfig) -> Any:
                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
-def _folded_unembedding(weights: dict[str, torch.Tensor]) -> torch.Tensor:
-    """`W_U` with `b_U` folded in through ln_final (see the module docstring): (d_model, d_vocab)."""
+def _folded_unembedding(weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`W_U` with `b_U` folded in through ln_final, and ln_final's bias (see the module docstring):
+    (d_model, d_vocab), (d_model,)."""
     W_U, b_U = weights["W_U"].double(), weights["b_U"].double()  # (d, V), (V,)
     if not b_U.any():
-        return weights["W_U"]
+        return weights["W_U"], weights["ln_final.b"]
     w, b = weights["ln_final.w"].double(), weights["ln_final.b"].double()  # (d,), (d,)
     if not w.ne(0).all():
         raise ConfigError("the final LayerNorm has a zero weight, so the unembedding bias b_U cannot be folded into "
                           "GPT-2's bias-free unembedding")
     inverse = 1.0 / w  # (d,)
     c = float(b @ inverse)  # y . (1/w) for every normalised input
-    if abs(c) < MIN_FOLD * float((b * inverse).abs().sum()) or c == 0.0:
-        raise ConfigError("the final LayerNorm's bias is too close to orthogonal to 1/weight, so the unembedding bias b_U "
-                          "cannot be folded exactly into GPT-2's bias-free unembedding")
-    return (W_U + torch.outer(inverse, b_U) / c).to(weights["W_U"].dtype)  # (d, V)
+    spread = float((b * inverse).abs().sum())
+    shift = 0.0 if abs(c) >= MIN_FOLD * spread and c != 0.0 else (spread or 1.0) / len(w)
+    c += shift * len(w)  # (b + shift·w) . (1/w)
+    folded = W_U + torch.outer(inverse, b_U - shift * (w @ W_U)) / c  # (d, V)
+    return folded.to(weights["W_U"].dtype), (b + shift * w).to(weights["ln_final.b"].dtype)
 
 
 def gpt2_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -78,9 +83,10 @@ def gpt2_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[
     def heads_in(W: torch.Tensor) -> torch.Tensor:  # (H, d, dh) -> (d, H*dh): Conv1D weights, heads side by side
         return W.permute(1, 0, 2).reshape(d, H * dh)
 
+    W_U, ln_f_bias = _folded_unembedding(weights)  # (d, V), (d,)
     out = {"transformer.wte.weight": weights["W_E"], "transformer.wpe.weight": weights["W_pos"],
-           "transformer.ln_f.weight": weights["ln_final.w"], "transformer.ln_f.bias": weights["ln_final.b"],
-           "lm_head.weight": _folded_unembedding(weights).T.contiguous()}  # (V, d)
+           "transformer.ln_f.weight": weights["ln_final.w"], "transformer.ln_f.bias": ln_f_bias,
+           "lm_head.weight": W_U.T.contiguous()}  # (V, d)
     for l in range(cfg.n_layers):
         p, h = f"blocks.{l}.", f"transformer.h.{l}."
         attn = {k: weights[p + "attn." + k] for k in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")}

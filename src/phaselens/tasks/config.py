@@ -36,7 +36,8 @@ def task_names() -> list[str]:
 def task_config_class(name: str) -> type["DataConfig"]:
     _load_builtin()
     if name not in _TASKS:
-        raise ConfigError(f"data.task must be one of {sorted(_TASKS)}, got {name!r}")
+        raise ConfigError(f"data.task must be one of {sorted(_TASKS)}, got {name!r} (a task of your own: import the module "
+                          "that registers it, or name that module under the 'phaselens.plugins' entry point; docs/tutorials/own-study.md)")
     return _TASKS[name]
 
 
