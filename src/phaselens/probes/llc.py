@@ -34,8 +34,10 @@ COMPONENT_METRICS = {"heads": "llc", "mlps": "llc_mlp", "layers": "llc_layer"}  
 class SGLDOptions:
     """Settings of the SGLD chains (the `llc` probe's options; `phaselens probe --probe-option llc.KEY=V`)."""
 
-    epsilon: float = 1e-3  # step size ε
-    gamma: float = 100.0  # localization strength γ
+    # ε and γ: what `llc-calibrate` recommends on the induction demo (γ = 1000, the one γ at which no ε leaves the basin;
+    # at γ ≤ 100 the chains' mean loss sits above the uniform guess from the first copy-loss drop on)
+    epsilon: float = 3e-4  # step size ε
+    gamma: float = 1000.0  # localization strength γ
     n_beta: float | None = None  # inverse temperature nβ; default n / log n (β = 1/log n)
     chains: int = 4  # C
     draws: int = 100  # steps averaged into λ̂, after burn-in
