@@ -132,6 +132,21 @@ def test_text_report_works_without_matplotlib(bdh_run, tmp_path, monkeypatch):
     assert "matplotlib is not installed" in text and "mean firing rate" in text
 
 
+def test_a_second_scan_of_a_step_on_another_hook_says_which_scan_it_replaced(bdh_run, tmp_path):
+    """The BDH page scans the last checkpoint on xy_sparse, then on x_sparse: the second replaced the first silently."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(bdh_run, run, ignore=shutil.ignore_patterns("neurons"))  # no scan of another test's
+    first = neurons_report(run, n_tokens=500, progress=False)
+    assert not [line for line in first.lines if line.startswith("replaced")]
+    second = neurons_report(run, hook="x_sparse", n_tokens=500, progress=False)
+    (said,) = [line for line in second.lines if line.startswith("replaced")]
+    assert "xy_sparse" in said.split(" with this one")[0] and "x_sparse" in said.split(" with this one")[1], said
+    again = neurons_report(run, hook="x_sparse", n_tokens=500, progress=False)  # the same settings: nothing to say
+    assert not [line for line in again.lines if line.startswith("replaced")]
+
+
 def test_neurons_probe_is_logged_at_every_checkpoint_and_reported_against_step(bdh_run):
     import phaselens as pl
     from phaselens.report import write_report

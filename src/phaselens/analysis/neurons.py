@@ -314,6 +314,25 @@ def neurons_report(
     else:
         out = Path(out) if out else target.parent / f"{target.stem}_neurons"
         artifact = out / "neurons.json"
+    replaced = _replaced_scan(artifact, data)
     write_neuron_artifact(artifact, data)
     report, figure = write_neuron_report(data, out)
-    return NeuronsResult(report, figure, artifact, summary_lines(data), data)
+    return NeuronsResult(report, figure, artifact, summary_lines(data) + replaced, data)
+
+
+def _replaced_scan(path: Path, data: NeuronArtifact) -> list[str]:
+    """A line saying what earlier scan `data` replaces at `path` (one scan per step is kept), where its settings differ."""
+    from phaselens.store.neuron_artifact import ArtifactError, read_neuron_artifact
+
+    if not path.is_file():
+        return []
+    try:
+        before = read_neuron_artifact(path)
+    except ArtifactError:
+        return [f"replaced an unreadable neuron scan at {path}"]
+    def settings(a: NeuronArtifact) -> str:
+        return f"{', '.join(sorted({layer.hook for layer in a.layers}))}; {a.tokens:,} tokens, threshold {a.threshold:g}"
+    if settings(before) == settings(data):
+        return []
+    return [f"replaced the earlier scan of this step ({settings(before)}) with this one ({settings(data)}): one scan per "
+            f"step is kept ({path}), and the report and the dashboard show this one"]
