@@ -109,3 +109,25 @@ def test_the_byte_tokenizer_of_a_text_model_maps_each_utf8_byte_to_its_id():
     ids = tokenizer(text)["input_ids"]
     assert ids == list(text.encode("utf-8")) and tokenizer.decode(ids) == text
     assert id_tokenizer(64, "ids")("12 7 31")["input_ids"] == [12, 7, 31]
+
+
+def test_an_export_refused_part_way_leaves_no_half_series(induction_run, tmp_path, monkeypatch):
+    """A checkpoint that cannot be saved (here the last) stops the export: the revisions written before it are
+    removed, so `--out` is free for the next try and `import-hf` never reads a series without its card."""
+    from phaselens.errors import ConfigError
+    from phaselens.export import hf_series
+
+    real = hf_series._GPT2Writer.save
+
+    def save(self, step, folder):
+        if step == 20:
+            raise ConfigError("refused at step 20")
+        return real(self, step, folder)
+
+    monkeypatch.setattr(hf_series._GPT2Writer, "save", save)
+    result = CliRunner().invoke(app, ["export", str(induction_run), "--format", "hf-series", "--out", str(tmp_path / "series")])
+    assert result.exit_code != 0 and "refused at step 20" in result.output
+    assert not (tmp_path / "series").exists()
+    monkeypatch.setattr(hf_series._GPT2Writer, "save", real)
+    assert export(induction_run, tmp_path / "series").exit_code == 0  # the next try writes the whole series
+    assert sorted(p.name for p in (tmp_path / "series").iterdir() if p.is_dir()) == ["step0", "step10", "step20"]

@@ -78,16 +78,24 @@ def export_hf_series(run: Run, out: Path | str, progress: bool = False) -> HFSer
     _check_out(out)
     writer = _ReferenceWriter(run) if kind == "hf" else _GPT2Writer(run)
     result = HFSeriesExport(out=out, architecture=writer.architecture)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    with progress_bar("exporting checkpoints", len(steps), unit="revisions", enabled=progress) as update:
-        for step in steps:
-            folder = out / f"step{step}"
-            partial = out / f".step{step}.partial"  # renamed into place when whole, so a reader never sees half of one
-            shutil.rmtree(partial, ignore_errors=True)
-            writer.save(step, partial)
-            partial.rename(folder)
-            result.revisions[step] = folder.name
-            update(advance=1)
+    try:
+        with progress_bar("exporting checkpoints", len(steps), unit="revisions", enabled=progress) as update:
+            for step in steps:
+                folder = out / f"step{step}"
+                partial = out / f".step{step}.partial"  # renamed into place when whole, so a reader never sees half of one
+                shutil.rmtree(partial, ignore_errors=True)
+                writer.save(step, partial)
+                partial.rename(folder)
+                result.revisions[step] = folder.name
+                update(advance=1)
+    except BaseException:  # a refused or interrupted export leaves no half series (out was new or empty: all of it is ours)
+        for name in [*result.revisions.values(), *(f".step{s}.partial" for s in steps)]:
+            shutil.rmtree(out / name, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
     result.notes += writer.notes
     result.probe_text = writer.write_probe_text(out)
     result.card = out / CARD
