@@ -68,3 +68,17 @@ def test_a_checkpoint_whose_final_norm_bias_is_orthogonal_to_one_over_its_weight
         assert abs(float(b @ (1 / w))) < 1e-5 and model.b_U.abs().min() > 0
     tokens = torch.randint(0, 32, (4, 16), generator=torch.Generator().manual_seed(1))
     assert verify_logits(model, to_gpt2(model), tokens) <= LOGIT_TOLERANCE
+
+
+def test_a_missing_ray_is_said_before_any_checkpoint_is_started(run_copy, monkeypatch):
+    """The circuits page's `--backend ray` without Ray printed `probe run 0/3 checkpoints` first, then the install line."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from phaselens.cli import app
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    result = CliRunner().invoke(app, ["probe", str(run_copy), "--probes", "loss", "--backend", "ray"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert result.output.lstrip().startswith("error: --backend ray needs Ray: pip install 'phaselens[ray]'"), result.output

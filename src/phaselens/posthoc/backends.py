@@ -101,10 +101,7 @@ def ray_map(function: Callable[..., Any], calls: Sequence[tuple], workers: int =
 
     Connects to `address`, or starts a local cluster of `workers` CPUs (and shuts down what it started).
     """
-    try:
-        import ray
-    except ImportError:
-        raise PhaselensError("--backend ray needs Ray: pip install 'phaselens[ray]' (or pip install 'ray[default]')") from None
+    ray = _ray()
     started = False
     if not ray.is_initialized():
         if address:
@@ -132,8 +129,19 @@ def check_workers(workers: int) -> None:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
 
 
+def _ray() -> Any:
+    """The `ray` module, or one line saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise PhaselensError("--backend ray needs Ray: pip install 'phaselens[ray]' (or pip install 'ray[default]')") from None
+    return ray
+
+
 def get_backend(name: str) -> Callable[..., Iterator[Any]]:
-    """The map function of backend `name` ("local" or "ray")."""
+    """The map function of backend `name` ("local" or "ray"); a missing Ray is said here, before any work starts."""
     if name not in BACKENDS:
         raise PhaselensError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "ray":
+        _ray()
     return BACKENDS[name]

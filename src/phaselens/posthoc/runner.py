@@ -125,6 +125,7 @@ def _sweep(opened, probes, steps, backend, workers, address, progress, device, d
     imported = opened.info.get("imported") or {}
     device, dtype = device or imported.get("device"), dtype or imported.get("dtype")
     resolve_device(device), resolve_dtype(dtype)  # refuse bad values here, not in every worker
+    execute = get_backend(backend)  # an unknown backend or a missing Ray, before anything is written
     plan = opened.plan(list(probes) if probes else None, options).require("--probes")
     ensure_run_files(opened, plan)
     if "induction_batch" in plan.run_files:  # the probes read it only where it could be written
@@ -138,7 +139,6 @@ def _sweep(opened, probes, steps, backend, workers, address, progress, device, d
         store.close()
         raise
     tasks, skipped = pending(run_dir, store, plan.names, steps)
-    execute = get_backend(backend)
     measured, failures, n_rows = [], [], 0
     notes: list[str] = []
     hashes: dict[int, str] = {}
