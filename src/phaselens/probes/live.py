@@ -318,7 +318,8 @@ class Telemetry:
         with torch.no_grad():
             weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}  # the weights at `step`
         for p in probes:  # one fixed batch, so that the steps compare: the trainer's routed batch, else the first measured
-            self._copy_batches.setdefault(p.name, batch.clone())  # (in a run directory: its probe batch, `LoopRun.saw`)
+            if p.name not in self._copy_batches:  # (in a run directory: its probe batch, `LoopRun.saw`)
+                self._copy_batches[p.name] = batch.clone()
         batches = [(p, self._copy_batches[p.name]) for p in probes]
 
         artifacts: dict[str, Any] | None = {} if self.run is not None else None  # a run directory keeps them (`Run.edges()`)

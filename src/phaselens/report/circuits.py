@@ -254,9 +254,9 @@ def circuits_section(run: Run, out: Path) -> str | None:
     if not artifacts:
         if run.metrics(probe=PROBE).empty:
             return None
-        return (heading + "This run has `circuits` rows but no per-edge artifacts (measured live, which stores scalar rows "
-                "only); the artifacts this section reads are written by "
-                f"`phaselens probe {run.path} --probes circuits --remeasure`.")
+        return (heading + "This run has `circuits` rows but no per-edge artifacts (measured live between checkpoints, or "
+                "by a phaselens that stored scalar rows only); the artifacts this section reads are written at every "
+                f"checkpoint by `phaselens probe {run.path} --probes circuits --remeasure`.")
     steps = [a.step for a in artifacts]
     spacing = int(np.median(np.diff(steps))) if len(steps) > 1 else 0
     transitions = run.transitions(probe=PROBE)  # the edge-score series are the probe's own
