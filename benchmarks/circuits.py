@@ -37,6 +37,7 @@ import torch
 from phaselens.models.config import ModelConfig
 from phaselens.models.transformer import Transformer
 from phaselens.probes.circuits import study_pairs
+from phaselens.analysis.circuits import spearman
 from phaselens.probes.edge_graph import EdgeGraph, Pairs
 from phaselens.tasks.induction import induction_probe_batch
 from phaselens.training.config import load_config
@@ -111,11 +112,6 @@ def timed(call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]
     return out.cpu(), time.perf_counter() - began, time.process_time() - began_cpu
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    rank = lambda x: x.double().argsort().argsort().double()  # noqa: E731  (ties are rare in float scores)
-    return float(torch.corrcoef(torch.stack([rank(a), rank(b)]))[0, 1])
-
-
 def measure(model: torch.nn.Module, pairs: Pairs, steps: int, chunk: int, sample: int = 0) -> dict[str, Any]:
     """Every method's scores of every edge of `model`'s graph on `pairs`: seconds, CPU seconds, passes, agreement."""
     graph = EdgeGraph(model)
@@ -142,9 +138,9 @@ def measure(model: torch.nn.Module, pairs: Pairs, steps: int, chunk: int, sample
     if picked is not None:
         out["exact_measured_edges"] = len(picked)
         out["exact_s"], out["exact_cpu_s"] = out["exact_s"] * E / len(picked), out["exact_cpu_s"] * E / len(picked)
-    on = picked if picked is not None else slice(None)
-    for method in ("eap", "eap_ig"):
-        out[f"spearman_{method}_vs_exact"] = spearman(scores[method][on], scores["exact"])
+    measured = picked if picked is not None else slice(None)
+    for method in ("eap", "eap_ig"):  # the rank correlation the probe reports (`analysis.circuits.spearman`)
+        out[f"spearman_{method}_vs_exact"] = spearman(scores[method][measured].numpy(), scores["exact"].numpy())
     return out
 
 
