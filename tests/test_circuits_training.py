@@ -92,10 +92,11 @@ def test_after_the_first_drop_the_induction_heads_keys_read_the_previous_token_h
     for head in induction:
         k = into_k(scores, head)
         print(f"into L1H{head}.k:\n{k.round(3)}")
-        for step in k.index[k.index > first_end]:  # K-composition: the key's strongest input is the previous-token head
-            assert k.loc[step].idxmax() == f"L0H{prev}", (head, step)
-        for step in k.index[(k.index > first_end) & (k.index < second_start)]:  # alone, before the second drop
-            assert k.loc[step, f"L0H{prev}"] > 2 * k.loc[step].drop(f"L0H{prev}").max(), (head, step)
+        for step in k.index[(k.index > first_end) & (k.index < second_start)]:  # K-composition: the key's strongest
+            assert k.loc[step].idxmax() == f"L0H{prev}", (head, step)             # input is the previous-token head,
+            assert k.loc[step, f"L0H{prev}"] > 2 * k.loc[step].drop(f"L0H{prev}").max(), (head, step)  # by far
+        for step in k.index[k.index > second_start]:  # after the second drop the other layer-0 head joins it (the next
+            assert k.loc[step, f"L0H{prev}"] > 0.5 * k.loc[step].max(), (head, step)  # test); one seed-0 run: 2.66 vs 2.46
         edge, final = f"L0H{prev}->L1H{head}.k", k.loc[STEPS[-1], f"L0H{prev}"]
         assert final > 0.5  # nats of copy loss, 16 sequences
         for step in (500, 800):  # before the drop it carries nothing
